@@ -1,0 +1,9 @@
+// One pybind11 entry point; each subsystem registers itself here.
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "elasticep CPU data-plane kernel";
+  m.attr("ABI_VERSION") = 1;
+}

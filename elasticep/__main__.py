@@ -1,0 +1,5 @@
+import sys
+
+from elasticep.cli import main
+
+sys.exit(main())

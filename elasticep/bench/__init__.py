@@ -1,0 +1,1 @@
+"""Benchmarks behind ``elasticep bench <name>``; each prints figures and can write JSON."""

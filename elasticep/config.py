@@ -1,0 +1,136 @@
+"""One frozen configuration type with named profiles.
+
+Precedence, highest first: an explicit keyword argument to :meth:`Config.local` /
+:meth:`Config.cluster` (or :meth:`Config.replace`), then an environment variable
+``ELASTICEP_<FIELD NAME IN CAPITALS>``, then the profile's default.
+
+``local()`` is for ranks sharing one host (the reference engine, tests, the demo): loopback
+latencies of tens of microseconds let it detect in tens of milliseconds. ``cluster()`` is for
+ranks spread over hosts and switches, where pauses of a few hundred milliseconds (GC, page
+faults, a busy NIC) are normal and must not evict anyone.
+
+What each profile trades: a shorter ``heartbeat_interval_ms`` and lower ``phi_threshold`` detect
+a hang sooner but evict a merely slow rank more often. With heartbeats every ``I`` ms and a
+threshold ``phi``, a silent rank is suspected after about ``I * (1 + phi * ln 10 * cv)``
+(``cv`` the observed jitter ratio) and never before ``min_suspect_ms``; ``grace_ms`` is the
+shortest silence that can ever evict without a certain signal, so pauses below it are safe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- detection ---
+    heartbeat_interval_ms: float = 10.0
+    """Period of each rank's heartbeat on the bus, ms."""
+    phi_threshold: float = 8.0
+    """Phi-accrual level above which heartbeat silence becomes a suspicion (phi 8 ~ 1e-8 odds)."""
+    min_suspect_ms: float = 60.0
+    """Silence shorter than this is never suspected, whatever phi says, ms."""
+    grace_ms: float = 150.0
+    """Silence shorter than this never evicts without a certain signal (process exit), ms."""
+    corroboration_window_ms: float = 500.0
+    """Uncertain suspicions (silence, kernel timeout) need a second observer or signal within
+    this window to evict, ms."""
+    single_observer_evict_ms: float = 250.0
+    """A lone observer's suspicion still evicts once the silence it sees reaches this, ms
+    (covers the case where only one peer can observe, e.g. a two-rank cluster)."""
+    gray_slowness: float = 3.0
+    """A rank whose heartbeat lateness stays above this multiple of the median is reported gray."""
+    history_size: int = 100
+    """Heartbeat inter-arrival samples kept per peer for the phi estimate."""
+
+    # --- membership and store ---
+    store_timeout_s: float = 2.0
+    """Bound on one view-store operation; past it the rank fences itself, s."""
+    store_poll_ms: float = 5.0
+    """How often the membership service polls the store for a newer committed view, ms."""
+    join_timeout_s: float = 30.0
+    """How long a joining rank waits to be admitted before it gives up, s."""
+
+    # --- data plane ---
+    kernel_timeout_us: int = 200_000
+    """Bound on each wait for a peer inside dispatch/combine, us (SGLang+Mooncake EP use 10 s)."""
+
+    # --- bus ---
+    bus_hwm: int = 100_000
+    """ZeroMQ high-water mark per socket, messages; past it ZeroMQ drops and the bus reports a gap."""
+    subscriber_buffer: int = 10_000
+    """Default bounded buffer of one subscription, events."""
+
+    # --- reconfiguration ---
+    max_moves_factor: float = 4.0
+    """Move budget after a failure, as a multiple of the coverage-repair lower bound."""
+    transfer_timeout_s: float = 10.0
+    """Bound on one weight transfer before the next source is tried, s."""
+
+    @classmethod
+    def local(cls, **overrides: Any) -> "Config":
+        """Ranks on one host: detect in tens of milliseconds."""
+        return cls._build({}, overrides)
+
+    @classmethod
+    def cluster(cls, **overrides: Any) -> "Config":
+        """Ranks across hosts: detect in about a second, tolerate pauses of several hundred ms."""
+        profile = dict(
+            heartbeat_interval_ms=100.0,
+            phi_threshold=10.0,
+            min_suspect_ms=600.0,
+            grace_ms=1500.0,
+            corroboration_window_ms=3000.0,
+            single_observer_evict_ms=3000.0,
+            store_timeout_s=10.0,
+            store_poll_ms=20.0,
+            kernel_timeout_us=2_000_000,
+            transfer_timeout_s=30.0,
+        )
+        return cls._build(profile, overrides)
+
+    @classmethod
+    def _build(cls, profile: dict[str, Any], overrides: dict[str, Any]) -> "Config":
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(overrides) - set(known)
+        if unknown:
+            raise TypeError(f"unknown Config fields: {sorted(unknown)}")
+        values: dict[str, Any] = dict(profile)
+        for name, f in known.items():
+            env = os.environ.get(f"ELASTICEP_{name.upper()}")
+            if env is not None:
+                values[name] = _parse(env, type(cls.__dataclass_fields__[name].default), name)
+        values.update(overrides)
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def replace(self, **changes: Any) -> "Config":
+        config = dataclasses.replace(self, **changes)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for values that cannot work together."""
+        if self.heartbeat_interval_ms <= 0:
+            raise ValueError("heartbeat_interval_ms must be > 0")
+        if self.min_suspect_ms < self.heartbeat_interval_ms:
+            raise ValueError("min_suspect_ms must be at least one heartbeat interval")
+        if self.grace_ms < self.min_suspect_ms:
+            raise ValueError("grace_ms must be >= min_suspect_ms")
+        if self.single_observer_evict_ms < self.grace_ms:
+            raise ValueError("single_observer_evict_ms must be >= grace_ms")
+        if self.kernel_timeout_us <= 0:
+            raise ValueError("kernel_timeout_us must be > 0")
+        if self.phi_threshold <= 0:
+            raise ValueError("phi_threshold must be > 0")
+
+
+def _parse(text: str, kind: type, name: str) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"ELASTICEP_{name.upper()}={text!r} is not a valid {kind.__name__}") from None

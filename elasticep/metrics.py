@@ -1,0 +1,100 @@
+"""Prometheus metrics for every elasticep component, in one registry of elasticep's own.
+
+The registry is separate from ``prometheus_client.REGISTRY`` so that several elasticep runtimes in
+one process (tests, the launcher) never clash with an application's own metrics. Serve it with
+:func:`serve` (an optional HTTP port) or read it with :func:`sample` in tests.
+
+Every metric is listed on the docs page ``docs/metrics.md``; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# bus
+FRAMES_REFUSED = Counter(
+    "elasticep_frames_refused_total",
+    "Frames the bus refused, by reason (malformed, unknown_type, schema_too_new, oversize, "
+    "sender_mismatch, stale_epoch, duplicate).",
+    ["reason"],
+    registry=REGISTRY,
+)
+EVENTS_PUBLISHED = Counter(
+    "elasticep_events_published_total", "Events published, by type.", ["type"], registry=REGISTRY
+)
+EVENTS_RECEIVED = Counter(
+    "elasticep_events_received_total",
+    "Events accepted from the transport, by type.",
+    ["type"],
+    registry=REGISTRY,
+)
+SEQUENCE_GAPS = Counter(
+    "elasticep_bus_gaps_total", "Events lost in sequence gaps, by sender.", ["sender"], registry=REGISTRY
+)
+SUBSCRIBER_DROPPED = Counter(
+    "elasticep_subscriber_dropped_total",
+    "Events a subscriber's full buffer dropped (overflow policy), by subscription name.",
+    ["subscription"],
+    registry=REGISTRY,
+)
+QUEUE_DEPTH = Gauge(
+    "elasticep_subscriber_queue_depth",
+    "Events waiting in a subscriber's buffer.",
+    ["subscription"],
+    registry=REGISTRY,
+)
+
+# detection and membership
+SUSPICIONS = Counter(
+    "elasticep_suspicions_total", "Suspicions raised, by signal source.", ["source"], registry=REGISTRY
+)
+EVICTIONS = Counter(
+    "elasticep_evictions_total", "Ranks removed from the view, by cause.", ["cause"], registry=REGISTRY
+)
+VIEW_EPOCH = Gauge("elasticep_view_epoch", "Epoch of the installed view.", registry=REGISTRY)
+VIEW_MEMBERS = Gauge("elasticep_view_members", "Members of the installed view.", registry=REGISTRY)
+STORE_CONFLICTS = Counter(
+    "elasticep_view_store_conflicts_total",
+    "Proposals that lost the compare-and-set to a rival for the same epoch.",
+    registry=REGISTRY,
+)
+FENCED = Counter(
+    "elasticep_fenced_total", "Times this rank fenced itself, by reason.", ["reason"], registry=REGISTRY
+)
+
+# reconfiguration and data plane
+RECONFIG_PHASE_SECONDS = Histogram(
+    "elasticep_reconfig_phase_seconds",
+    "Duration of each reconfiguration phase.",
+    ["phase"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+STALE_EPOCH_REFUSED = Counter(
+    "elasticep_stale_epoch_refused_total",
+    "Messages, transfers or collectives refused for carrying an old epoch, by channel.",
+    ["channel"],
+    registry=REGISTRY,
+)
+EXPERTS_MOVED = Counter(
+    "elasticep_experts_moved_total", "Expert slots whose weights were moved, by source kind.", ["source"],
+    registry=REGISTRY,
+)
+REDUNDANCY_EXHAUSTED = Counter(
+    "elasticep_redundancy_exhausted_total",
+    "Views after which some logical expert had no live replica.",
+    registry=REGISTRY,
+)
+
+
+def serve(port: int, addr: str = "127.0.0.1") -> None:
+    """Serve ``/metrics`` over HTTP on ``addr:port`` from a daemon thread."""
+    start_http_server(port, addr=addr, registry=REGISTRY)
+
+
+def sample(name: str, labels: dict[str, str] | None = None) -> float:
+    """Current value of one sample (0.0 if it was never set); for tests and the CLI."""
+    value = REGISTRY.get_sample_value(name, labels or {})
+    return 0.0 if value is None else value

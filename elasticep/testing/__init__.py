@@ -1,0 +1,1 @@
+"""Fault injection and pytest fixtures for testing code built on elasticep."""

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Sets up a project-local virtual environment (.venv) on a fresh machine, fast when run again.
+# Order matters: torch==2.13.0 (a CPU wheel) goes in before the project, so that pip never
+# resolves a bare `torch` requirement to a multi-GB CUDA build.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+venv="$root/.venv"
+py="$venv/bin/python"
+stamp="$venv/.elasticep-setup"
+want="$(find pyproject.toml setup.py scripts/setup.sh csrc -type f -print0 | sort -z | xargs -0 cat | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+
+# System libraries the Mooncake transfer engine needs even over TCP.
+if ! ldconfig -p | grep -q libibverbs.so.1 || ! ldconfig -p | grep -q libnuma.so.1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libibverbs1 libnuma1 >/dev/null
+  else
+    echo "elasticep setup: libibverbs1 and libnuma1 are missing; install them (apt-get install libibverbs1 libnuma1)" >&2
+  fi
+fi
+
+[ -x "$py" ] || python3 -m venv "$venv"
+pip=("$py" -m pip install -q --disable-pip-version-check)
+"$py" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null \
+  || "${pip[@]}" torch==2.13.0
+"${pip[@]}" "setuptools>=68" wheel "pybind11>=2.12"
+"${pip[@]}" --no-build-isolation -e ".[dev,docs,mooncake]"
+# SGLang declares a CUDA torch pin; its EPLB and expert-location modules run on CPU without it.
+if ! "$py" -c 'import sglang' 2>/dev/null; then
+  "${pip[@]}" --no-deps "sglang==0.5.23"
+  "${pip[@]}" orjson psutil pybase64 requests triton packaging pillow starlette pydantic tqdm ipython aiohttp zstandard
+fi
+echo "$want" > "$stamp"
