@@ -22,8 +22,21 @@ if ! ldconfig -p | grep -q libibverbs.so.1 || ! ldconfig -p | grep -q libnuma.so
   fi
 fi
 
+# Quiet on success; the whole log on failure.
+run() {
+  local log
+  log="$(mktemp)"
+  if ! "$@" >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    return 1
+  fi
+  rm -f "$log"
+}
+
+echo "elasticep setup: preparing .venv (first run takes a few minutes)" >&2
 [ -x "$py" ] || python3 -m venv "$venv"
-pip=("$py" -m pip install -q --disable-pip-version-check)
+pip=(run "$py" -m pip install -q --disable-pip-version-check)
 "$py" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null \
   || "${pip[@]}" torch==2.13.0
 "${pip[@]}" "setuptools>=68" wheel "pybind11>=2.12"
