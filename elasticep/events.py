@@ -312,6 +312,7 @@ REFUSAL_REASONS: tuple[str, ...] = (
     "sender_mismatch",
     "stale_epoch",
     "duplicate",
+    "stale_incarnation",
 )
 
 

@@ -17,7 +17,7 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 FRAMES_REFUSED = Counter(
     "elasticep_frames_refused_total",
     "Frames the bus refused, by reason (malformed, unknown_type, schema_too_new, oversize, "
-    "sender_mismatch, stale_epoch, duplicate).",
+    "sender_mismatch, stale_epoch, duplicate, stale_incarnation).",
     ["reason"],
     registry=REGISTRY,
 )

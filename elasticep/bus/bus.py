@@ -1,0 +1,602 @@
+"""The event bus: typed publish/subscribe between ranks over a :class:`~elasticep.bus.Transport`.
+
+Every rank runs one :class:`EventBus`. ``publish`` wraps an event in an
+:class:`~elasticep.events.Envelope` (this rank, the current epoch, the next per-sender sequence
+number, wall and monotonic clocks), hands the encoded frame to the transport and delivers the
+envelope to this rank's own subscribers. One receive task decodes what peers send, enforces
+per-sender order, drops duplicates, reports gaps and fans envelopes out to subscriptions.
+
+Receive-side rules, per sender rank:
+
+* The first envelope seen from a sender incarnation sets the baseline (events it published
+  before this bus connected are not counted as lost).
+* ``seq == expected``: delivered. ``seq < expected``: a duplicate, dropped and counted under
+  ``elasticep_frames_refused_total{reason="duplicate"}``. ``seq > expected``: delivered, and the
+  lost range is published locally as a :class:`~elasticep.events.SequenceGap` and counted in
+  ``elasticep_bus_gaps_total``.
+* A larger transport incarnation (the sender restarted; its seq starts at 1 again) resets the
+  tracking; a smaller one (a zombie of a replaced process) is refused as ``stale_incarnation``.
+* Every frame the codec refuses is counted per reason and dropped; nothing stops the loop.
+
+Envelopes the bus makes for itself (``SequenceGap``) carry this rank as sender and ``seq == 0``:
+they are local only and never consume a wire sequence number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Iterable, Literal
+
+from anyio import EndOfStream, WouldBlock
+
+from elasticep import metrics
+from elasticep.bus.transport import Transport, TransportClosed
+from elasticep.events import (
+    EVENT_TAGS,
+    EVENT_TYPES,
+    SCHEMA_VERSION,
+    Codec,
+    Envelope,
+    Event,
+    FrameRefused,
+    SequenceGap,
+)
+
+log = logging.getLogger(__name__)
+
+Overflow = Literal["drop_oldest", "drop_newest", "block"]
+OVERFLOW_POLICIES: tuple[str, ...] = ("drop_oldest", "drop_newest", "block")
+
+DEFAULT_SUBSCRIPTION_MAXSIZE = 10_000
+"""Buffer of a subscription when ``maxsize`` is not given, events (``Config.subscriber_buffer``)."""
+
+
+class BusClosed(RuntimeError):
+    """The bus is not running (not started yet, or closed)."""
+
+
+@dataclass(frozen=True)
+class SubscriptionStatistics:
+    """A snapshot of one subscription (anyio's ``statistics()`` convention)."""
+
+    name: str
+    queued: int
+    """Envelopes waiting in the buffer."""
+    maxsize: int
+    """Buffer bound, envelopes."""
+    dropped: int
+    """Envelopes lost to the overflow policy since the subscription opened."""
+    delivered: int
+    """Envelopes handed to the consumer since the subscription opened."""
+    overflow: str
+    closed: bool
+
+
+@dataclass(frozen=True)
+class BusStatistics:
+    """A snapshot of one bus's counters (the process-wide totals are in :mod:`elasticep.metrics`)."""
+
+    published: int
+    received: int
+    """Envelopes accepted from the transport (not counting duplicates and refusals)."""
+    duplicates: int
+    gaps: int
+    """Gap reports (each covers one or more lost envelopes)."""
+    lost: int
+    """Envelopes lost in gaps."""
+    refused: dict[str, int]
+    """Refused frames by reason, duplicates included."""
+    senders: dict[int, tuple[int, int]]
+    """Per sender rank: ``(incarnation, last accepted seq)``."""
+
+
+class Subscription:
+    """A bounded buffer of envelopes from an :class:`EventBus`; an async iterator.
+
+    Made by :meth:`EventBus.subscribe`. ``receive_nowait`` holds the logic; ``receive`` waits on
+    it; ``async for env in sub`` ends when the subscription or the bus is closed and the buffer
+    is drained. Several tasks may receive from one subscription; each envelope goes to one.
+
+    Overflow policy when ``maxsize`` envelopes are queued and another arrives:
+
+    * ``"drop_oldest"`` (default): the oldest queued envelope is dropped. The receive loop never
+      waits, and the consumer sees the most recent state; right for heartbeats and monitors.
+    * ``"drop_newest"``: the arriving envelope is dropped; the consumer sees a prefix.
+    * ``"block"``: the bus waits for room. That stalls the bus's receive loop for every
+      subscriber (and ``publish`` on this rank), ZeroMQ then drops at its high-water mark and
+      the gaps are reported: use only for a consumer that must see everything and keeps up.
+
+    Drops are counted in ``statistics().dropped`` and in
+    ``elasticep_subscriber_dropped_total{subscription=name}``.
+    """
+
+    def __init__(
+        self,
+        bus: "EventBus",
+        types: frozenset[type] | None,
+        maxsize: int,
+        overflow: str,
+        name: str,
+    ) -> None:
+        self._bus = bus
+        self.types = types
+        """Event types delivered, or ``None`` for all."""
+        self.maxsize = maxsize
+        self.overflow = overflow
+        self.name = name
+        self._buffer: collections.deque[Envelope] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._space_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._dropped = 0
+        self._delivered = 0
+        self._closed = False
+        self._drop_counter = metrics.SUBSCRIBER_DROPPED.labels(name)
+        # Read at scrape time, so the hot path pays nothing for the gauge.
+        metrics.QUEUE_DEPTH.labels(name).set_function(self._buffer.__len__)
+
+    def __repr__(self) -> str:
+        return f"Subscription(name={self.name!r}, queued={len(self._buffer)}, maxsize={self.maxsize})"
+
+    # --- producer side (the bus) -------------------------------------------------------------
+
+    def _offer(self, env: Envelope) -> bool:
+        """Queue ``env`` under the overflow policy; ``False`` only for ``block`` when full."""
+        if self._closed:
+            return True
+        buffer = self._buffer
+        if len(buffer) >= self.maxsize:
+            if self.overflow == "drop_oldest":
+                buffer.popleft()
+            elif self.overflow == "drop_newest":
+                self._dropped += 1
+                self._drop_counter.inc()
+                return True
+            else:
+                return False
+            self._dropped += 1
+            self._drop_counter.inc()
+        buffer.append(env)
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+        return True
+
+    def _full(self) -> bool:
+        return len(self._buffer) >= self.maxsize and not self._closed
+
+    async def _wait_space(self) -> None:
+        """Wait until a ``block`` subscription has room (or is closed)."""
+        while self._full():
+            waiter = asyncio.get_running_loop().create_future()
+            self._space_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+
+    # --- consumer side -----------------------------------------------------------------------
+
+    def receive_nowait(self) -> Envelope:
+        """The next envelope, without waiting.
+
+        Raises:
+            anyio.WouldBlock: nothing is queued.
+            anyio.EndOfStream: the subscription is closed and drained.
+        """
+        if self._buffer:
+            env = self._buffer.popleft()
+            self._delivered += 1
+            space = self._space_waiters
+            while space:
+                waiter = space.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    break
+            return env
+        if self._closed:
+            raise EndOfStream
+        raise WouldBlock
+
+    async def receive(self) -> Envelope:
+        """The next envelope, waiting for one. Raises ``anyio.EndOfStream`` once closed and drained."""
+        while True:
+            try:
+                return self.receive_nowait()
+            except WouldBlock:
+                pass
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                # We may have been picked to take an envelope: pass the turn on.
+                if waiter.done() and not waiter.cancelled() and self._buffer:
+                    for other in self._waiters:
+                        if not other.done():
+                            other.set_result(None)
+                            break
+                raise
+
+    def __aiter__(self) -> AsyncIterator[Envelope]:
+        return self
+
+    async def __anext__(self) -> Envelope:
+        try:
+            return await self.receive()
+        except EndOfStream:
+            raise StopAsyncIteration from None
+
+    def statistics(self) -> SubscriptionStatistics:
+        return SubscriptionStatistics(
+            name=self.name,
+            queued=len(self._buffer),
+            maxsize=self.maxsize,
+            dropped=self._dropped,
+            delivered=self._delivered,
+            overflow=self.overflow,
+            closed=self._closed,
+        )
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stop receiving new envelopes. Queued ones can still be read; then iteration ends."""
+        if self._closed:
+            return
+        self._closed = True
+        self._bus._unsubscribe(self)
+        metrics.QUEUE_DEPTH.labels(self.name).set_function(lambda: 0.0)
+        for waiter in (*self._waiters, *self._space_waiters):
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+        self._space_waiters.clear()
+
+    def __enter__(self) -> "Subscription":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class EventBus:
+    """Typed events between ranks: ``publish`` to every peer, ``subscribe`` to what arrives.
+
+    Args:
+        transport: carries frames (:class:`~elasticep.bus.InProcessNetwork` transports in tests,
+            :class:`~elasticep.bus.ZmqTransport` between processes). The bus owns it: ``close``
+            closes it.
+        rank: this rank; must equal ``transport.rank``.
+        epoch: the view epoch stamped on outgoing envelopes; membership updates :attr:`epoch`.
+        codec: the codec to use (one per process is enough); a new one by default.
+        subscriber_maxsize: default buffer of a subscription, envelopes.
+
+    Use from one asyncio event loop. ``async with EventBus(...) as bus`` starts and closes it.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        rank: int,
+        *,
+        epoch: int = 0,
+        codec: Codec | None = None,
+        subscriber_maxsize: int = DEFAULT_SUBSCRIPTION_MAXSIZE,
+    ) -> None:
+        if transport.rank != rank:
+            raise ValueError(f"transport is for rank {transport.rank}, bus for rank {rank}")
+        if epoch < 0:
+            raise ValueError("epoch must be >= 0")
+        self.transport = transport
+        self.rank = rank
+        self._epoch = epoch
+        self.codec = codec if codec is not None else Codec()
+        self.subscriber_maxsize = subscriber_maxsize
+        self._seq = 0
+        self._subscriptions: list[Subscription] = []
+        self._routes: dict[type, tuple[Subscription, ...]] = {t: () for t in EVENT_TYPES}
+        # Per sender rank: [incarnation, next expected seq].
+        self._tracks: dict[int, list[int]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._state = "new"
+        self._published = 0
+        self._received = 0
+        self._duplicates = 0
+        self._gaps = 0
+        self._lost = 0
+        self._refused: collections.Counter[str] = collections.Counter()
+        self._published_by_type = {t: metrics.EVENTS_PUBLISHED.labels(EVENT_TAGS[t]) for t in EVENT_TYPES}
+        self._received_by_type = {t: metrics.EVENTS_RECEIVED.labels(EVENT_TAGS[t]) for t in EVENT_TYPES}
+        self._sender_event: asyncio.Event | None = None
+
+    def __repr__(self) -> str:
+        return f"EventBus(rank={self.rank}, epoch={self._epoch}, state={self._state})"
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the transport and the receive task."""
+        if self._state != "new":
+            raise BusClosed(f"bus is {self._state}; a bus starts once")
+        self._sender_event = asyncio.Event()
+        await self.transport.start()
+        self._task = asyncio.get_running_loop().create_task(
+            self._receive_loop(), name=f"elasticep-bus-rank{self.rank}"
+        )
+        self._state = "running"
+
+    async def close(self) -> None:
+        """Stop receiving, close the transport and end every subscription (queued envelopes stay
+        readable). Idempotent."""
+        if self._state == "closed":
+            return
+        self._state = "closed"
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        await self.transport.close()
+        for sub in list(self._subscriptions):
+            sub.close()
+
+    async def __aenter__(self) -> "EventBus":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def running(self) -> bool:
+        return self._state == "running"
+
+    # --- epoch -------------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        """View epoch stamped on every envelope this bus sends. Membership sets it; it never
+        goes down (``ValueError``)."""
+        return self._epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        if value < self._epoch:
+            raise ValueError(f"epoch cannot go back from {self._epoch} to {value}")
+        self._epoch = int(value)
+
+    # --- publish -----------------------------------------------------------------------------
+
+    def _envelope(self, event: Event) -> Envelope:
+        if type(event) not in EVENT_TAGS:
+            raise TypeError(f"{type(event).__name__} is not an elasticep event type")
+        self._seq += 1
+        return Envelope(SCHEMA_VERSION, self.rank, self._epoch, self._seq, time.time_ns(), time.monotonic_ns(), event)
+
+    def publish_nowait(self, event: Event) -> Envelope:
+        """Publish without waiting; returns the envelope sent.
+
+        Raises:
+            anyio.WouldBlock: a ``block``-policy local subscription for this type is full
+                (nothing was sent).
+            BusClosed: the bus is not running.
+        """
+        if self._state != "running":
+            raise BusClosed(f"bus is {self._state}")
+        subs = self._routes.get(type(event), ())
+        for sub in subs:
+            if sub.overflow == "block" and sub._full():
+                raise WouldBlock
+        env = self._envelope(event)
+        self.transport.send(self.codec.encode(env))
+        self._published += 1
+        self._published_by_type[type(event)].inc()
+        for sub in subs:
+            sub._offer(env)
+        return env
+
+    async def publish(self, event: Event) -> Envelope:
+        """Send ``event`` to every peer and deliver it to this rank's subscribers.
+
+        Returns the envelope. Waits only when a ``block``-policy local subscription is full;
+        the network send itself never waits (the transport drops past its high-water mark).
+        """
+        if self._state != "running":
+            raise BusClosed(f"bus is {self._state}")
+        subs = self._routes.get(type(event), ())
+        for sub in subs:
+            if sub.overflow == "block":
+                await sub._wait_space()
+        return self.publish_nowait(event)
+
+    def publish_many(self, events: Iterable[Event]) -> list[Envelope]:
+        """Publish several events in order with one transport call (the throughput path).
+
+        Local ``block`` subscriptions that are full get the usual ``drop_oldest`` treatment
+        here rather than stalling a synchronous caller.
+        """
+        if self._state != "running":
+            raise BusClosed(f"bus is {self._state}")
+        encode = self.codec.encode
+        envs = [self._envelope(e) for e in events]
+        self.transport.send_many([encode(env) for env in envs])
+        self._published += len(envs)
+        for env in envs:
+            t = type(env.event)
+            self._published_by_type[t].inc()
+            for sub in self._routes.get(t, ()):
+                if not sub._offer(env):
+                    sub._buffer.popleft()
+                    sub._dropped += 1
+                    sub._drop_counter.inc()
+                    sub._offer(env)
+        return envs
+
+    # --- subscribe ---------------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        *event_types: type,
+        maxsize: int | None = None,
+        overflow: Overflow = "drop_oldest",
+        name: str | None = None,
+    ) -> Subscription:
+        """A subscription to envelopes whose event is one of ``event_types`` (all when none given).
+
+        ``maxsize`` bounds the buffer (default ``subscriber_maxsize``); ``overflow`` is the policy
+        when it is full (see :class:`Subscription`); ``name`` labels its metrics (default: the
+        event tags joined by ``+``, or ``"all"``).
+        """
+        for t in event_types:
+            if t not in EVENT_TAGS:
+                raise TypeError(f"{t!r} is not an elasticep event type")
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, not {overflow!r}")
+        size = self.subscriber_maxsize if maxsize is None else maxsize
+        if size < 1:
+            raise ValueError("maxsize must be >= 1")
+        if self._state == "closed":
+            raise BusClosed("bus is closed")
+        if name is None:
+            name = "+".join(EVENT_TAGS[t] for t in event_types) or "all"
+        sub = Subscription(self, frozenset(event_types) or None, size, overflow, name)
+        self._subscriptions.append(sub)
+        self._rebuild_routes()
+        return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        if sub in self._subscriptions:
+            self._subscriptions.remove(sub)
+            self._rebuild_routes()
+
+    def _rebuild_routes(self) -> None:
+        self._routes = {
+            t: tuple(s for s in self._subscriptions if s.types is None or t in s.types) for t in EVENT_TYPES
+        }
+
+    # --- receive -----------------------------------------------------------------------------
+
+    async def _deliver(self, env: Envelope) -> None:
+        for sub in self._routes.get(type(env.event), ()):
+            while not sub._offer(env):
+                await sub._wait_space()
+
+    def _refuse(self, reason: str, sender: int | None) -> None:
+        self._refused[reason] += 1
+        metrics.FRAMES_REFUSED.labels(reason).inc()
+
+    async def _report_gap(self, sender: int, expected: int, got: int) -> None:
+        lost = got - expected
+        self._gaps += 1
+        self._lost += lost
+        metrics.SEQUENCE_GAPS.labels(str(sender)).inc(lost)
+        log.warning("bus rank %d: lost %d events from rank %d (seq %d..%d)", self.rank, lost, sender, expected, got - 1)
+        gap = SequenceGap(sender=sender, expected=expected, got=got)
+        env = Envelope(SCHEMA_VERSION, self.rank, self._epoch, 0, time.time_ns(), time.monotonic_ns(), gap)
+        await self._deliver(env)
+
+    async def _receive_loop(self) -> None:
+        transport = self.transport
+        decode = self.codec.decode
+        tracks = self._tracks
+        received_by_type = self._received_by_type
+        while True:
+            try:
+                frames = await transport.receive()
+            except TransportClosed:
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A transport fault must not end the bus; back off so it cannot spin.
+                log.exception("bus rank %d: transport receive failed", self.rank)
+                await asyncio.sleep(0.01)
+                continue
+            counts: dict[type, int] = {}
+            for sender, incarnation, data in frames:
+                try:
+                    env = decode(data, authenticated_sender=sender)
+                except FrameRefused as exc:
+                    self._refuse(exc.reason, sender)
+                    continue
+                except Exception:
+                    # The codec promises only FrameRefused; anything else is still bad input.
+                    log.exception("bus rank %d: decoder raised on a frame from rank %d", self.rank, sender)
+                    self._refuse("malformed", sender)
+                    continue
+                seq = env.seq
+                track = tracks.get(sender)
+                if track is None or incarnation > track[0]:
+                    tracks[sender] = [incarnation, seq + 1]
+                    assert self._sender_event is not None
+                    self._sender_event.set()
+                elif incarnation < track[0]:
+                    self._refuse("stale_incarnation", sender)
+                    continue
+                else:
+                    expected = track[1]
+                    if seq != expected:
+                        if seq < expected:
+                            self._duplicates += 1
+                            self._refuse("duplicate", sender)
+                            continue
+                        await self._report_gap(sender, expected, seq)
+                    track[1] = seq + 1
+                self._received += 1
+                t = type(env.event)
+                counts[t] = counts.get(t, 0) + 1
+                for sub in self._routes.get(t, ()):
+                    while not sub._offer(env):
+                        await sub._wait_space()
+            for t, n in counts.items():
+                received_by_type[t].inc(n)
+
+    # --- introspection -----------------------------------------------------------------------
+
+    def heard_from(self) -> set[int]:
+        """Ranks this bus has accepted at least one envelope from."""
+        return set(self._tracks)
+
+    async def wait_heard_from(self, ranks: Iterable[int], timeout: float) -> None:
+        """Wait until an envelope from each of ``ranks`` has arrived (bounded by ``timeout`` s).
+
+        Raises ``TimeoutError`` naming the ranks still silent.
+        """
+        wanted = set(ranks) - {self.rank}
+        assert self._sender_event is not None, "start() the bus first"
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not wanted <= self._tracks.keys():
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise TimeoutError(f"rank {self.rank} heard nothing from ranks {sorted(wanted - self._tracks.keys())}")
+            self._sender_event.clear()
+            try:
+                await asyncio.wait_for(self._sender_event.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+    def statistics(self) -> BusStatistics:
+        return BusStatistics(
+            published=self._published,
+            received=self._received,
+            duplicates=self._duplicates,
+            gaps=self._gaps,
+            lost=self._lost,
+            refused=dict(self._refused),
+            senders={r: (t[0], t[1] - 1) for r, t in self._tracks.items()},
+        )
+
+    def subscriptions(self) -> list[Subscription]:
+        return list(self._subscriptions)
