@@ -1,0 +1,151 @@
+"""Expert-parallel backends: how a MoE layer's tokens reach the physical slots that compute them.
+
+The interface mirrors the CPU kernel (and DeepEP / Mooncake EP on GPUs): ``dispatch`` sends each
+token to the physical slots it is routed to and returns, for each slot this process holds, the
+tokens that arrived; the caller runs the experts; ``combine`` returns each token's weighted sum
+of its experts' outputs. A backend also says which slots this process holds for a placement and
+accepts a new view (placement and live ranks) at a step boundary.
+
+:class:`LocalEP` plays every rank inside one process: it holds all slots and moves tokens with
+indexing. It is the reference for the kernel path (same routing, same slots, no processes) and
+what the single-process tests and a rank without the kernel use.
+
+Shapes: ``x`` ``[T, H]``; ``slots`` ``[T, k]`` ``torch.int64`` physical slot ids (rank of a slot is
+``slot // slots_per_rank``); ``weights`` ``[T, k]`` ``torch.float32``; ``recv_x[i]`` ``[n_i, H]`` for
+the i-th local slot; ``expert_out[i]`` the same shape as ``recv_x[i]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import torch
+
+from elasticep.eplb.placement import Placement
+
+__all__ = ["Dispatched", "ExpertParallel", "LocalEP", "DeadSlotRouted"]
+
+
+class DeadSlotRouted(RuntimeError):
+    """A token was routed to a slot that is empty or on a rank outside the live set.
+
+    A backend must never silently treat such a token as answered by nothing: its output would
+    be wrong. Raised by :class:`LocalEP`; the step fails and is replayed after reconfiguration.
+    """
+
+    def __init__(self, layer: int, slots: Sequence[int], reason: str):
+        self.layer = layer
+        self.slots = tuple(int(s) for s in slots)
+        super().__init__(f"moe layer {layer}: tokens routed to {reason} slots {list(self.slots[:8])}")
+
+
+@dataclass
+class Dispatched:
+    """What :meth:`ExpertParallel.dispatch` returns.
+
+    ``recv_x[i]``: ``[n_i, H]`` tokens for the i-th local slot (``local_slots`` order).
+    ``handle``: backend-private state that :meth:`ExpertParallel.combine` needs.
+    """
+
+    recv_x: list[torch.Tensor]
+    handle: Any = None
+
+
+@runtime_checkable
+class ExpertParallel(Protocol):
+    """The contract a :class:`~elasticep.engine.model.RankModel` needs from its EP backend."""
+
+    def local_slots(self, placement: Placement) -> Sequence[int]:
+        """Physical slot ids whose experts this process computes, in buffer order."""
+        ...
+
+    def set_view(self, placement: Placement, alive: torch.Tensor) -> None:
+        """Adopt a new placement and ``[num_ranks]`` bool live mask; called between steps."""
+        ...
+
+    def dispatch(self, x: torch.Tensor, slots: torch.Tensor, *, layer: int) -> Dispatched:
+        ...
+
+    def combine(
+        self,
+        expert_out: list[torch.Tensor],
+        slots: torch.Tensor,
+        weights: torch.Tensor,
+        handle: Dispatched,
+        *,
+        layer: int,
+    ) -> torch.Tensor:
+        ...
+
+
+class LocalEP:
+    """Every rank's slots in one process; tokens move by indexing.
+
+    ``dispatch`` refuses (:class:`DeadSlotRouted`) a token routed to an empty slot or to a rank
+    the current view marks dead, which is what a kernel must turn into a failed step. ``combine``
+    adds each slot's weighted outputs in ascending slot order, the order transformers' own MoE
+    adds experts in when slots ascend with experts.
+    """
+
+    def __init__(self) -> None:
+        self._placement: Placement | None = None
+        self._alive_slots: torch.Tensor | None = None
+        self._num_slots = 0
+
+    def local_slots(self, placement: Placement) -> Sequence[int]:
+        return range(placement.num_slots)
+
+    def set_view(self, placement: Placement, alive: torch.Tensor) -> None:
+        self._placement = placement
+        self._num_slots = placement.num_slots
+        self._alive_slots = placement.alive_slots(alive)
+
+    def dispatch(self, x: torch.Tensor, slots: torch.Tensor, *, layer: int) -> Dispatched:
+        if self._placement is None or self._alive_slots is None:
+            raise RuntimeError("LocalEP.dispatch before set_view")
+        if x.dim() != 2 or slots.dim() != 2 or slots.shape[0] != x.shape[0]:
+            raise ValueError(f"x {tuple(x.shape)} and slots {tuple(slots.shape)} must be [T, H] and [T, k]")
+        flat = slots.reshape(-1)
+        if flat.numel():
+            bad = (flat < 0) | (flat >= self._num_slots)
+            if bool(bad.any()):
+                raise DeadSlotRouted(layer, flat[bad].unique().tolist(), "masked or out-of-range")
+            dead = ~self._alive_slots[flat] | (self._placement.phy2log[layer, flat] < 0)
+            if bool(dead.any()):
+                raise DeadSlotRouted(layer, flat[dead].unique().tolist(), "dead or empty")
+        k = slots.shape[1]
+        # sort (token, k) pairs by slot once; each slot's tokens are then one contiguous run
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self._num_slots).tolist()
+        token_of = order // k
+        recv, routes, start = [], [], 0
+        for n in counts:
+            pairs = order[start : start + n]
+            tokens = token_of[start : start + n]
+            recv.append(x[tokens])
+            routes.append((tokens, pairs))
+            start += n
+        return Dispatched(recv_x=recv, handle=routes)
+
+    def combine(
+        self,
+        expert_out: list[torch.Tensor],
+        slots: torch.Tensor,
+        weights: torch.Tensor,
+        handle: Dispatched,
+        *,
+        layer: int,
+    ) -> torch.Tensor:
+        routes = handle.handle
+        if len(expert_out) != len(routes):
+            raise ValueError(f"{len(expert_out)} expert outputs for {len(routes)} slots")
+        t = slots.shape[0]
+        hidden = expert_out[0].shape[-1] if expert_out else 0
+        out = torch.zeros(t, hidden, dtype=expert_out[0].dtype if expert_out else torch.float32)
+        flat_w = weights.reshape(-1)
+        for y, (tokens, pairs) in zip(expert_out, routes):
+            if tokens.numel() == 0:
+                continue
+            out.index_add_(0, tokens, (y * flat_w[pairs].unsqueeze(1)).to(out.dtype))
+        return out
