@@ -39,6 +39,13 @@ SUBSCRIBER_DROPPED = Counter(
     ["subscription"],
     registry=REGISTRY,
 )
+BUS_HANDSHAKE_FAILURES = Counter(
+    "elasticep_bus_handshake_failures_total",
+    "CURVE handshakes that failed, by side: publisher (a subscriber without a cluster key was "
+    "refused) or subscriber (a peer's endpoint did not hold the pinned rank key).",
+    ["side"],
+    registry=REGISTRY,
+)
 QUEUE_DEPTH = Gauge(
     "elasticep_subscriber_queue_depth",
     "Events waiting in a subscriber's buffer.",
@@ -78,6 +85,12 @@ STALE_EPOCH_REFUSED = Counter(
     ["channel"],
     registry=REGISTRY,
 )
+KERNEL_PEER_TIMEOUTS = Counter(
+    "elasticep_kernel_peer_timeouts_total",
+    "Peers the dispatch/combine kernel gave up waiting on and marked inactive, by op.",
+    ["op"],
+    registry=REGISTRY,
+)
 EXPERTS_MOVED = Counter(
     "elasticep_experts_moved_total", "Expert slots whose weights were moved, by source kind.", ["source"],
     registry=REGISTRY,
@@ -98,3 +111,29 @@ def sample(name: str, labels: dict[str, str] | None = None) -> float:
     """Current value of one sample (0.0 if it was never set); for tests and the CLI."""
     value = REGISTRY.get_sample_value(name, labels or {})
     return 0.0 if value is None else value
+
+# reference engine
+ENGINE_REQUESTS = Counter(
+    "elasticep_engine_requests_total",
+    "Requests through the engine's front router, by outcome (submitted, completed, rejected, "
+    "duplicate_mismatch: two attempts of one greedy request disagreed).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+ENGINE_RETRIES = Counter(
+    "elasticep_engine_retries_total",
+    "Request attempts abandoned and routed again, by cause (rank_exit, evicted, timeout, unroutable).",
+    ["cause"],
+    registry=REGISTRY,
+)
+ENGINE_FRAMES_REFUSED = Counter(
+    "elasticep_engine_frames_refused_total",
+    "Frames on the engine's request channel that could not be decoded.",
+    registry=REGISTRY,
+)
+ENGINE_PROCESS_EXITS = Counter(
+    "elasticep_engine_process_exits_total",
+    "Rank processes the launcher saw exit, by kind (clean, error, signal).",
+    ["kind"],
+    registry=REGISTRY,
+)

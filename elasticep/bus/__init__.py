@@ -18,23 +18,35 @@ from elasticep.bus.bus import (
     SubscriptionStatistics,
 )
 from elasticep.bus.inprocess import InProcessNetwork, InProcessTransport
+from elasticep.bus.keys import KEYS_ENV, ClusterKeys, MissingKey
+from elasticep.bus.rendezvous import DEFAULT_PREFIX, Registration, StoreRendezvous, connect_store
 from elasticep.bus.transport import Frame, Transport, TransportClosed, new_incarnation
+from elasticep.bus.zmq_transport import MONITOR_RANK, ZmqTransport
 
 __all__ = [
+    "DEFAULT_PREFIX",
     "DEFAULT_SUBSCRIPTION_MAXSIZE",
+    "KEYS_ENV",
+    "MONITOR_RANK",
     "OVERFLOW_POLICIES",
     "BusClosed",
     "BusStatistics",
+    "ClusterKeys",
     "EndOfStream",
     "EventBus",
     "Frame",
     "InProcessNetwork",
     "InProcessTransport",
+    "MissingKey",
     "Overflow",
+    "Registration",
+    "StoreRendezvous",
     "Subscription",
     "SubscriptionStatistics",
     "Transport",
     "TransportClosed",
     "WouldBlock",
+    "ZmqTransport",
+    "connect_store",
     "new_incarnation",
 ]

@@ -1,0 +1,484 @@
+"""The ZeroMQ transport: one CURVE PUB socket per rank, one CURVE SUB socket per peer.
+
+Each rank binds one PUB socket (``tcp://127.0.0.1:*`` by default, or an ``ipc://`` path) that is
+a CURVE server; a ZAP handler lets only cluster members and the monitor key subscribe. For each
+peer it opens one SUB socket whose ``curve_serverkey`` is pinned to that peer's public key: only
+the holder of the peer's secret key completes the handshake, so every frame read from that socket
+is authenticated as that peer, and the bus passes the rank to the codec as
+``authenticated_sender`` (an envelope that claims another sender is refused as
+``sender_mismatch``).
+
+Endpoints come from a :class:`~elasticep.bus.rendezvous.StoreRendezvous` on a ``TCPStore``. A
+background watcher polls the store's registration counter every ``poll_interval_s`` (one cheap
+store round trip from a worker thread, never a busy loop) and connects to ranks that registered
+later (joiners, scale-up) or re-registered at a new endpoint (restarts); :meth:`refresh` does the
+same at once, for a membership service that knows a rank just joined.
+
+Wire frame: an 8-byte little-endian incarnation of the sending transport, then one encoded
+envelope. The incarnation lets receivers tell a restarted rank (sequence numbers start at 1 again)
+from duplicates. ZeroMQ drops frames past the high-water mark (``hwm``) on either side; the bus
+sees the hole in the sequence numbers and reports it.
+
+Socket monitors on every socket report handshakes and disconnects: :meth:`connected` lists peers
+whose handshake succeeded, failed CURVE handshakes are counted in
+``elasticep_bus_handshake_failures_total{side}``, and listeners added with :meth:`add_listener`
+hear ``(rank, "connected" | "disconnected" | "handshake_failed")`` within a millisecond on one
+host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+import tempfile
+import uuid
+from typing import Any, Callable
+
+import zmq
+import zmq.auth.thread
+from zmq.utils.monitor import recv_monitor_message
+
+from elasticep import metrics
+from elasticep.bus.keys import ClusterKeys, MissingKey, _require_curve
+from elasticep.bus.rendezvous import DEFAULT_PREFIX, Registration, StoreRendezvous
+from elasticep.bus.transport import Frame, Transport, TransportClosed, new_incarnation
+
+log = logging.getLogger(__name__)
+
+MONITOR_RANK = -1
+"""``rank`` of a read-only monitor transport (it has no PUB socket and cannot send)."""
+
+DEFAULT_HWM = 100_000
+"""High-water mark per socket, messages (``Config.bus_hwm``)."""
+
+_RECEIVE_BATCH = 4096
+_INCARNATION = struct.Struct("<Q")
+
+_SUB_MONITOR_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+_PUB_MONITOR_EVENTS = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+
+PeerListener = Callable[[int, str], None]
+
+
+class _AllowedKeys:
+    """ZAP credentials provider: a subscriber is let in only with a member or monitor public key."""
+
+    def __init__(self, allowed: frozenset[bytes]) -> None:
+        self.allowed = allowed
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.allowed
+
+
+class _Peer:
+    __slots__ = ("rank", "sock", "monitor", "endpoint", "incarnation")
+
+    def __init__(self, rank: int, sock: zmq.Socket, monitor: zmq.Socket, endpoint: str, incarnation: int) -> None:
+        self.rank = rank
+        self.sock = sock
+        self.monitor = monitor
+        self.endpoint = endpoint
+        self.incarnation = incarnation
+
+
+class ZmqTransport(Transport):
+    """CURVE-authenticated ZeroMQ PUB/SUB between ranks, found through a ``TCPStore``.
+
+    Args:
+        rank: this rank, or :data:`MONITOR_RANK` for a read-only monitor (see :meth:`monitor`).
+        keys: this process's credentials (``ClusterKeys.for_rank(rank)`` or ``.for_monitor()``).
+        store: a ``torch.distributed.TCPStore`` client (or anything with ``set/get/add/check``).
+        endpoint: where to bind the PUB socket: ``"tcp://HOST:PORT"`` (port ``*`` picks a free
+            one), ``"ipc://PATH"``, or ``"ipc"`` for a fresh path under the temp directory.
+            Default ``tcp://127.0.0.1:*``.
+        incarnation: this process's incarnation (default: :func:`new_incarnation`).
+        hwm: send and receive high-water mark per socket, messages.
+        prefix: store key prefix of the rendezvous.
+        poll_interval_s: how often the watcher looks for new registrations, s (0 disables it;
+            then call :meth:`refresh`).
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        keys: ClusterKeys,
+        store: Any,
+        *,
+        endpoint: str | None = None,
+        incarnation: int | None = None,
+        hwm: int = DEFAULT_HWM,
+        prefix: str = DEFAULT_PREFIX,
+        poll_interval_s: float = 0.05,
+    ) -> None:
+        _require_curve()
+        self.rank = rank
+        self.keys = keys
+        self.incarnation = new_incarnation() if incarnation is None else incarnation
+        if not 0 <= self.incarnation < 1 << 64:
+            raise ValueError("incarnation must fit in 64 unsigned bits")
+        self.hwm = hwm
+        self.rendezvous = StoreRendezvous(store, prefix)
+        self.poll_interval_s = poll_interval_s
+        self.read_only = rank == MONITOR_RANK
+        if self.read_only:
+            if keys.monitor_secret is None:
+                raise MissingKey("a monitor transport needs the monitor secret key")
+            self._public, self._secret = keys.monitor_public, keys.monitor_secret
+        else:
+            if rank < 0:
+                raise ValueError(f"rank must be >= 0 (or MONITOR_RANK), not {rank}")
+            self._public, self._secret = keys.rank_public(rank), keys.rank_secret(rank)
+        self._bind = endpoint or "tcp://127.0.0.1:*"
+        self._ipc_path: str | None = None
+        self.endpoint: str | None = None
+        """The endpoint this rank's PUB socket listens on, once started."""
+        self._prefix = _INCARNATION.pack(self.incarnation)
+        self._ctx: zmq.Context | None = None
+        self._auth: zmq.auth.thread.ThreadAuthenticator | None = None
+        self._pub: zmq.Socket | None = None
+        self._pub_monitor: zmq.Socket | None = None
+        self._peers: dict[int, _Peer] = {}
+        self._ready: set[int] = set()
+        self._connected: set[int] = set()
+        self._readable: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._refresh_lock: asyncio.Lock | None = None
+        self._seen_registrations = 0
+        self._listeners: list[PeerListener] = []
+        self._closed = False
+        self._started = False
+        self.handshake_failures = 0
+        """CURVE handshakes that failed on this transport's sockets (either side)."""
+
+    @classmethod
+    def monitor(cls, keys: ClusterKeys, store: Any, **kwargs: Any) -> "ZmqTransport":
+        """A read-only transport that subscribes to every rank with the monitor key."""
+        return cls(MONITOR_RANK, keys, store, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"ZmqTransport(rank={self.rank}, endpoint={self.endpoint!r}, peers={sorted(self._peers)})"
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._closed:
+            raise TransportClosed("transport is closed")
+        if self._started:
+            return
+        self._started = True
+        self._loop = asyncio.get_running_loop()
+        self._readable = asyncio.Event()
+        self._refresh_lock = asyncio.Lock()
+        self._ctx = zmq.Context(io_threads=1)
+        if not self.read_only:
+            # The ZAP handler must run before the PUB socket accepts its first connection.
+            self._auth = zmq.auth.thread.ThreadAuthenticator(self._ctx, log=logging.getLogger(__name__ + ".zap"))
+            self._auth.start()
+            self._auth.configure_curve_callback("*", _AllowedKeys(self.keys.allowed_subscribers()))
+            pub = self._ctx.socket(zmq.PUB)
+            pub.curve_server = True
+            pub.curve_publickey = self._public
+            pub.curve_secretkey = self._secret
+            pub.sndhwm = self.hwm
+            pub.linger = 0
+            self._pub_monitor = pub.get_monitor_socket(_PUB_MONITOR_EVENTS)
+            self._watch(self._pub_monitor, self._on_pub_monitor)
+            bind = self._bind
+            if bind == "ipc":
+                self._ipc_path = os.path.join(tempfile.gettempdir(), f"elasticep-bus-{uuid.uuid4().hex}.sock")
+                bind = "ipc://" + self._ipc_path
+            pub.bind(bind)
+            self._pub = pub
+            self.endpoint = pub.last_endpoint.decode()
+            await self._in_thread(self.rendezvous.register, self.rank, self.endpoint, self.incarnation)
+        await self.refresh()
+        if self.poll_interval_s > 0:
+            self._watcher = self._loop.create_task(self._watch_store(), name=f"elasticep-bus-watch-{self.rank}")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            try:
+                await self._watcher
+            except asyncio.CancelledError:
+                pass
+        for peer in list(self._peers.values()):
+            self._close_peer(peer)
+        self._peers.clear()
+        if self._pub_monitor is not None:
+            self._unwatch(self._pub_monitor)
+        if self._pub is not None:
+            self._pub.disable_monitor()
+            self._pub.close(linger=0)
+        if self._pub_monitor is not None:
+            self._pub_monitor.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+        if self._ctx is not None:
+            self._ctx.term()
+        if self._ipc_path is not None:
+            try:
+                os.unlink(self._ipc_path)
+            except FileNotFoundError:
+                pass
+        if self._readable is not None:
+            self._readable.set()
+
+    async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        assert self._loop is not None
+        return await self._loop.run_in_executor(None, fn, *args)
+
+    # --- peers -------------------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Read new registrations from the store now and connect to those ranks."""
+        if self._closed:
+            return
+        assert self._refresh_lock is not None
+        async with self._refresh_lock:
+            seen, found = await self._in_thread(self.rendezvous.changed_since, self._seen_registrations)
+            if self._closed:
+                return
+            self._seen_registrations = seen
+            for reg in found.values():
+                if reg.rank != self.rank:
+                    self._connect(reg)
+
+    async def _watch_store(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            try:
+                count = await self._in_thread(self.rendezvous.count)
+                if count != self._seen_registrations:
+                    await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # The store may be briefly unreachable; the next poll retries.
+                log.warning("bus rank %d: rendezvous poll failed: %s", self.rank, exc)
+
+    def _connect(self, reg: Registration) -> None:
+        peer = self._peers.get(reg.rank)
+        if peer is not None:
+            if peer.endpoint == reg.endpoint:
+                peer.incarnation = reg.incarnation  # same address: ZeroMQ reconnects by itself
+                return
+            log.info("bus rank %d: rank %d moved to %s", self.rank, reg.rank, reg.endpoint)
+            self._close_peer(peer)
+            del self._peers[reg.rank]
+        try:
+            server_key = self.keys.rank_public(reg.rank)
+        except MissingKey:
+            log.warning("bus rank %d: rank %d registered but has no cluster key; not connecting", self.rank, reg.rank)
+            return
+        assert self._ctx is not None
+        sock = self._ctx.socket(zmq.SUB)
+        sock.curve_serverkey = server_key
+        sock.curve_publickey = self._public
+        sock.curve_secretkey = self._secret
+        sock.rcvhwm = self.hwm
+        sock.linger = 0
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        monitor = sock.get_monitor_socket(_SUB_MONITOR_EVENTS)
+        sock.connect(reg.endpoint)
+        peer = _Peer(reg.rank, sock, monitor, reg.endpoint, reg.incarnation)
+        self._peers[reg.rank] = peer
+        self._watch(sock, lambda r=reg.rank, s=sock: self._on_sub_readable(r, s))
+        self._watch(monitor, lambda p=peer: self._on_sub_monitor(p))
+        self._ready.add(reg.rank)
+        assert self._readable is not None
+        self._readable.set()
+
+    def _close_peer(self, peer: _Peer) -> None:
+        self._unwatch(peer.sock)
+        self._unwatch(peer.monitor)
+        peer.sock.disable_monitor()
+        peer.sock.close(linger=0)
+        peer.monitor.close(linger=0)
+        self._ready.discard(peer.rank)
+        self._connected.discard(peer.rank)
+
+    def peers(self) -> set[int]:
+        return set(self._peers)
+
+    def connected(self) -> set[int]:
+        """Peers whose CURVE handshake succeeded and that have not disconnected since."""
+        return set(self._connected)
+
+    def add_listener(self, listener: PeerListener) -> None:
+        """Call ``listener(rank, kind)`` on ``"connected"``, ``"disconnected"``, ``"handshake_failed"``.
+
+        Runs synchronously in the event loop thread, one call at a time; it must not block.
+        ``rank`` is -1 for a refused subscriber on this rank's PUB socket (its identity is unknown).
+        """
+        self._listeners.append(listener)
+
+    async def wait_connected(self, ranks: set[int] | list[int], timeout: float) -> None:
+        """Wait until the handshake with each of ``ranks`` succeeded (bounded by ``timeout`` s).
+
+        A handshake precedes the subscription reaching the peer by a moment, so this is a
+        readiness hint; :meth:`EventBus.wait_heard_from` is the delivery proof.
+        """
+        wanted = set(ranks) - {self.rank}
+        assert self._loop is not None
+        deadline = self._loop.time() + timeout
+        while not wanted <= self._connected:
+            if self._loop.time() > deadline:
+                raise TimeoutError(f"no handshake with ranks {sorted(wanted - self._connected)}")
+            await asyncio.sleep(0.005)
+
+    # --- readiness plumbing ------------------------------------------------------------------
+
+    def _watch(self, sock: zmq.Socket, callback: Callable[[], None]) -> None:
+        assert self._loop is not None
+        self._loop.add_reader(sock.getsockopt(zmq.FD), callback)
+        # ZeroMQ signals its FD only on a state change it was asked about; until EVENTS has been
+        # read once, a first message may come without a wake-up, so look once now.
+        self._loop.call_soon(callback)
+
+    def _unwatch(self, sock: zmq.Socket) -> None:
+        if self._loop is not None and not sock.closed:
+            self._loop.remove_reader(sock.getsockopt(zmq.FD))
+
+    def _on_sub_readable(self, rank: int, sock: zmq.Socket) -> None:
+        # The ZeroMQ FD only signals "state changed"; reading EVENTS clears it (no spinning).
+        if sock.closed:
+            return
+        if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._ready.add(rank)
+            assert self._readable is not None
+            self._readable.set()
+
+    def _notify(self, rank: int, kind: str) -> None:
+        for listener in self._listeners:
+            try:
+                listener(rank, kind)
+            except Exception:
+                log.exception("bus rank %d: peer listener failed", self.rank)
+
+    def _on_sub_monitor(self, peer: _Peer) -> None:
+        monitor = peer.monitor
+        if monitor.closed:
+            return
+        while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                break
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._connected.add(peer.rank)
+                self._notify(peer.rank, "connected")
+            elif event == zmq.EVENT_DISCONNECTED:
+                if peer.rank in self._connected:
+                    self._connected.discard(peer.rank)
+                    self._notify(peer.rank, "disconnected")
+            elif event & _FAILED:
+                self.handshake_failures += 1
+                metrics.BUS_HANDSHAKE_FAILURES.labels("subscriber").inc()
+                log.warning("bus rank %d: CURVE handshake with rank %d at %s failed", self.rank, peer.rank, peer.endpoint)
+                self._notify(peer.rank, "handshake_failed")
+
+    def _on_pub_monitor(self) -> None:
+        monitor = self._pub_monitor
+        if monitor is None or monitor.closed:
+            return
+        while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                break
+            if event & _FAILED:
+                self.handshake_failures += 1
+                metrics.BUS_HANDSHAKE_FAILURES.labels("publisher").inc()
+                log.warning("bus rank %d: refused a subscriber (CURVE/ZAP handshake failed)", self.rank)
+                self._notify(-1, "handshake_failed")
+
+    # --- data path ---------------------------------------------------------------------------
+
+    def send(self, frame: bytes) -> None:
+        if self._pub is None:
+            if self.read_only:
+                raise PermissionError("a monitor transport is read-only")
+            raise TransportClosed("transport is not started")
+        try:
+            self._pub.send(self._prefix + frame, zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # PUB drops past its high-water mark; receivers see the gap
+
+    def send_many(self, frames: list[bytes]) -> None:
+        pub = self._pub
+        if pub is None:
+            if self.read_only:
+                raise PermissionError("a monitor transport is read-only")
+            raise TransportClosed("transport is not started")
+        prefix = self._prefix
+        send = pub.send
+        for frame in frames:
+            try:
+                send(prefix + frame, zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+
+    def _drain(self) -> list[Frame]:
+        out: list[Frame] = []
+        if not self._ready:
+            return out
+        peers = self._peers
+        for rank in list(self._ready):
+            peer = peers.get(rank)
+            if peer is None:
+                self._ready.discard(rank)
+                continue
+            recv = peer.sock.recv
+            incarnation = peer.incarnation
+            last_prefix = b""
+            while len(out) < _RECEIVE_BATCH:
+                try:
+                    data = recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    self._ready.discard(rank)
+                    break
+                head = data[:8]
+                if head != last_prefix:
+                    if len(head) < 8:
+                        out.append((rank, incarnation, b""))  # no room for a header: malformed
+                        continue
+                    last_prefix = head
+                    incarnation = _INCARNATION.unpack(head)[0]
+                out.append((rank, incarnation, data[8:]))
+            if len(out) >= _RECEIVE_BATCH:
+                break
+        return out
+
+    async def receive(self) -> list[Frame]:
+        if not self._started:
+            raise RuntimeError("start() the transport before receive()")
+        readable = self._readable
+        assert readable is not None
+        while True:
+            if self._closed:
+                raise TransportClosed("transport is closed")
+            frames = self._drain()
+            if frames:
+                return frames
+            readable.clear()
+            # A peer may have become readable between the drain and the clear.
+            frames = self._drain()
+            if frames:
+                return frames
+            await readable.wait()
