@@ -137,3 +137,20 @@ ENGINE_PROCESS_EXITS = Counter(
     ["kind"],
     registry=REGISTRY,
 )
+
+# SGLang adapter
+SGLANG_REBALANCES = Counter(
+    "elasticep_sglang_rebalances_total",
+    "SGLang EPLB rebalances served through the adapter's hook, by planner (elasticep: a rank was "
+    "dead and elasticep's planner moved only what it must; sglang: handed to SGLang's algorithm).",
+    ["planner"],
+    registry=REGISTRY,
+)
+SGLANG_VIEWS = Counter(
+    "elasticep_sglang_views_total",
+    "Membership views offered to SGLang's active-ranks state, by outcome (applied, duplicate, "
+    "stale: an epoch at or below the last applied one, never written twice; join_deferred: ranks "
+    "the view admits are left to SGLang's own recovery path).",
+    ["outcome"],
+    registry=REGISTRY,
+)
