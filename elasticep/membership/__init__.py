@@ -1,0 +1,53 @@
+"""Agreed membership views: the pure state machine, the view store and the async service.
+
+:class:`MembershipCore` decides (pure, ``step(input, now) -> actions``); a :class:`ViewStore`
+commits each view once by compare-and-set; :class:`MembershipService` drives both over the bus.
+"""
+
+from elasticep.membership.core import (
+    Action,
+    CasDone,
+    CompareAndSet,
+    Fence,
+    Install,
+    LeaveCommand,
+    Left,
+    MembershipCore,
+    Note,
+    Publish,
+    ReadView,
+    Refused,
+    Status,
+    StoreFailed,
+    Tick,
+    ViewRead,
+)
+from elasticep.membership.store import InMemoryViewStore, StoreUnavailable, TCPStoreViewStore, ViewStore
+from elasticep.membership.view import CorruptView, View, decode_view, encode_view
+
+__all__ = [
+    "Action",
+    "CasDone",
+    "CompareAndSet",
+    "CorruptView",
+    "Fence",
+    "InMemoryViewStore",
+    "Install",
+    "LeaveCommand",
+    "Left",
+    "MembershipCore",
+    "Note",
+    "Publish",
+    "ReadView",
+    "Refused",
+    "Status",
+    "StoreFailed",
+    "StoreUnavailable",
+    "TCPStoreViewStore",
+    "Tick",
+    "View",
+    "ViewRead",
+    "ViewStore",
+    "decode_view",
+    "encode_view",
+]

@@ -1,0 +1,628 @@
+"""``MembershipCore``: the pure membership state machine, ``step(input, now) -> list[Action]``.
+
+Like raft's ``RawNode``, the core does no I/O. The service (or a scenario test) feeds it
+
+* bus traffic: :class:`~elasticep.events.Envelope` objects (or bare events from a trusted local
+  source such as the launcher's :class:`~elasticep.events.ProcessExit`),
+* :class:`Tick` about once per heartbeat interval,
+* the results of the store operations it asked for: :class:`CasDone`, :class:`ViewRead`,
+  :class:`StoreFailed`,
+* local commands: :class:`LeaveCommand`,
+
+and carries out the actions it returns: :class:`Publish` an event, :class:`CompareAndSet` a
+proposed view, :class:`ReadView` an epoch, :class:`Install` a committed view, :class:`Fence`
+(stop serving), :class:`Left`, :class:`Note` (log a reason), :class:`Refused` (count bad input).
+
+Protocol. Views form a chain in the store, one key per epoch, each written once by
+compare-and-set, so two rival proposals for epoch ``N`` cannot both win and every rank installs
+the same sequence by reading the chain in order. The lowest member that this rank does not
+suspect proposes; if it does not commit within ``min_suspect_ms`` per place in line, the next one
+proposes too (the store picks one). A view is proposed only when the member set changes (the
+epoch never bumps otherwise), and evictions on uncertain evidence only when at least half of the
+members that are not certainly gone remain: a minority cut off from the rest never evicts the
+majority, it finds itself outside the majority's view (or loses the store) and fences itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+from elasticep.config import Config
+from elasticep.detect.fusion import FusionPolicy, Verdict
+from elasticep.detect.monitor import HeartbeatMonitor
+from elasticep.events import (
+    CollectiveError,
+    Envelope,
+    Event,
+    Fenced,
+    Gray,
+    Heartbeat,
+    JoinRequest,
+    LeaveRequest,
+    PeerTimeout,
+    ProcessExit,
+    Refute,
+    Suspicion,
+    TransferFailed,
+    ViewInstalled,
+    ViewProposal,
+)
+from elasticep.membership.view import View
+
+# --- inputs that are not bus events -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed; the service sends one about every ``heartbeat_interval_ms``."""
+
+
+@dataclass(frozen=True)
+class CasDone:
+    """The compare-and-set of ``proposed`` finished; ``committed`` is what the store now holds."""
+
+    proposed: View
+    committed: View
+
+
+@dataclass(frozen=True)
+class ViewRead:
+    """Reading epoch ``epoch`` from the store returned ``view`` (None: not committed yet)."""
+
+    epoch: int
+    view: View | None
+
+
+@dataclass(frozen=True)
+class StoreFailed:
+    """A store operation (``op``: ``"cas"`` or ``"read"``) failed or timed out."""
+
+    op: str
+    epoch: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class LeaveCommand:
+    """The local application asks this rank to leave gracefully."""
+
+    reason: str = "scale-down"
+
+
+Input = Union[Envelope, Event, Tick, CasDone, ViewRead, StoreFailed, LeaveCommand]
+
+# --- actions ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Publish:
+    event: Event
+
+
+@dataclass(frozen=True)
+class CompareAndSet:
+    """Commit ``view`` at key ``view.epoch`` if nothing is there; answer with :class:`CasDone`."""
+
+    view: View
+
+
+@dataclass(frozen=True)
+class ReadView:
+    """Read the view committed at ``epoch``; answer with :class:`ViewRead` or :class:`StoreFailed`."""
+
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Install:
+    """``view`` is committed and this rank is in it: switch to it (set ``bus.epoch``, reconfigure).
+
+    ``removed`` maps each rank that left since ``previous`` to the cause this rank knows
+    (``exit``, ``heartbeat``, ``kernel``, ``leave``, ... or ``committed`` when it only read it).
+    """
+
+    view: View
+    previous: View | None
+    removed: dict[int, str] = field(default_factory=dict)
+    added: tuple[int, ...] = ()
+    lost_race: bool = False
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Stop serving now; ``reason`` says why (outside the view, store lost, join timed out)."""
+
+    epoch: int
+    reason: str
+    label: str
+
+
+@dataclass(frozen=True)
+class Left:
+    """This rank's graceful leave is committed: it is outside view ``epoch`` as it asked."""
+
+    epoch: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Note:
+    """A readable reason for a decision (logged when it changes)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Input that was not applied; ``reason`` labels the metric."""
+
+    reason: str
+    detail: str
+
+
+Action = Union[Publish, CompareAndSet, ReadView, Install, Fence, Left, Note, Refused]
+
+
+class Status:
+    SYNCING = "syncing"  # reading the committed chain up to its head
+    MEMBER = "member"
+    JOINING = "joining"
+    FENCED = "fenced"
+    LEFT = "left"
+
+
+JOIN_RETRY_INTERVALS = 5
+"""A joining rank repeats its JoinRequest every this many heartbeat intervals."""
+
+
+class MembershipCore:
+    """One rank's membership state machine. Pure: ``now`` is seconds on a monotonic clock.
+
+    Args:
+        rank: this rank.
+        config: detection and store settings.
+        initial_members: the bootstrap view's members (every original rank passes the same);
+            None for a process that only joins.
+        incarnation: this process's incarnation (sent in heartbeats and join requests).
+        join: True for a restarted or new process: it asks to be admitted instead of assuming
+            the bootstrap membership.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        config: Config,
+        *,
+        initial_members: tuple[int, ...] | list[int] | None = None,
+        incarnation: int = 0,
+        join: bool = False,
+    ) -> None:
+        if initial_members is None and not join:
+            raise ValueError("a rank needs initial_members, or join=True to be admitted into a running cluster")
+        if initial_members is not None and rank not in initial_members and not join:
+            raise ValueError(f"rank {rank} is not among initial_members {tuple(initial_members)}")
+        self.rank = rank
+        self.config = config
+        self.incarnation = incarnation
+        self.initial = tuple(sorted(set(initial_members))) if initial_members is not None else None
+        self.join = join
+        # Processes of the initial view are recorded with incarnation 0; joiners with their own.
+        self.view_incarnation = incarnation if join else 0
+        self.view: View | None = None
+        self.status = Status.SYNCING
+        self.monitor = HeartbeatMonitor(rank, config)
+        self.fusion = FusionPolicy(config)
+        self.fence_reason = ""
+        self._started = False
+        self._cas: View | None = None
+        self._read: int | None = None
+        self._last_poll_s = -1e18
+        self._last_store_ok_s: float | None = None
+        self._last_heartbeat_s = -1e18
+        self._join_since_s: float | None = None
+        self._last_join_s = -1e18
+        self._joiners: dict[int, int] = {}  # rank -> incarnation asking to be admitted
+        self._seen_incarnation: dict[int, int] = {}  # rank -> process incarnation from heartbeats
+        self._causes: dict[int, str] = {}
+        self._leaving = False
+        self._change_since_s: float | None = None
+        self._notes: dict[str, str] = {}  # topic -> last note, to log a reason once per change
+        self.step_count = 0
+
+    # --- queries ----------------------------------------------------------------------------
+
+    @property
+    def is_member(self) -> bool:
+        return self.view is not None and self.view.has(self.rank, self.view_incarnation)
+
+    @property
+    def stopped(self) -> bool:
+        return self.status in (Status.FENCED, Status.LEFT)
+
+    # --- the one entry point ----------------------------------------------------------------
+
+    def start(self, now: float) -> list[Action]:
+        """First actions: commit (or read) the bootstrap view, then walk the chain to its head."""
+        if self._started:
+            return []
+        self._started = True
+        self._last_store_ok_s = now
+        if self.initial is not None and not self.join:
+            # Every original rank proposes the same bytes, so whoever lands first, all agree.
+            view = View.of(1, self.initial, reason="bootstrap")
+            self._cas = view
+            return [CompareAndSet(view)]
+        self._read = 1
+        return [ReadView(1)]
+
+    def step(self, item: Input, now: float, *, decide: bool = True) -> list[Action]:
+        """Apply one input at ``now``; return what to do. Never raises on bad bus input.
+
+        ``decide=False`` defers the proposal decision (see :meth:`step_many`).
+        """
+        self.step_count += 1
+        if not self._started:
+            out = self.start(now)
+        else:
+            out = []
+        if self.stopped:
+            return out
+        if isinstance(item, Tick):
+            out += self._tick(now)
+        elif isinstance(item, Envelope):
+            out += self._event(item.event, item.sender, now)
+        elif isinstance(item, CasDone):
+            out += self._cas_done(item, now)
+        elif isinstance(item, ViewRead):
+            out += self._view_read(item, now)
+        elif isinstance(item, StoreFailed):
+            out += self._store_failed(item, now)
+        elif isinstance(item, LeaveCommand):
+            out += self._leave(item, now)
+        else:
+            out += self._event(item, None, now)
+        if decide and self.status == Status.MEMBER and not self.stopped:
+            out += self._decide(now)
+        return out
+
+    def step_many(self, items: list[Input], now: float) -> list[Action]:
+        """Apply a batch received together, then decide once (two exits in one batch: one view)."""
+        out: list[Action] = []
+        for item in items:
+            out += self.step(item, now, decide=False)
+        if self.status == Status.MEMBER and not self.stopped:
+            out += self._decide(now)
+        return out
+
+    def tick(self, now: float) -> list[Action]:
+        return self.step(Tick(), now)
+
+    # --- time -------------------------------------------------------------------------------
+
+    def _tick(self, now: float) -> list[Action]:
+        cfg = self.config
+        out: list[Action] = []
+        if self._last_store_ok_s is not None and now - self._last_store_ok_s > cfg.store_timeout_s:
+            return self._fence(now, f"view store unreachable for {now - self._last_store_ok_s:.1f} s "
+                                    f"(store_timeout_s={cfg.store_timeout_s:g})", "store_unreachable")
+        if self.status in (Status.MEMBER, Status.JOINING) and now - self._last_heartbeat_s >= cfg.heartbeat_interval_ms / 1e3 * 0.5:
+            self._last_heartbeat_s = now
+            out.append(Publish(Heartbeat(rank=self.rank, incarnation=self.incarnation)))
+        if self.status == Status.JOINING:
+            if self._join_since_s is not None and now - self._join_since_s > cfg.join_timeout_s:
+                return out + self._fence(now, f"not admitted within join_timeout_s={cfg.join_timeout_s:g}",
+                                         "join_timeout")
+            if now - self._last_join_s >= JOIN_RETRY_INTERVALS * cfg.heartbeat_interval_ms / 1e3:
+                self._last_join_s = now
+                out.append(Publish(JoinRequest(rank=self.rank, incarnation=self.incarnation)))
+        if self.status == Status.MEMBER:
+            for event in self.monitor.check(now):
+                out.append(Publish(event))
+                out += self._event(event, self.rank, now)
+        if self._read is None and self._cas is None and now - self._last_poll_s >= cfg.store_poll_ms / 1e3:
+            out.append(self._read_next(now))
+        return out
+
+    def _read_next(self, now: float) -> ReadView:
+        epoch = (self.view.epoch if self.view else 0) + 1
+        self._read = epoch
+        self._last_poll_s = now
+        return ReadView(epoch)
+
+    # --- bus events -------------------------------------------------------------------------
+
+    def _event(self, event: Event, sender: int | None, now: float) -> list[Action]:
+        """``sender`` is the authenticated bus sender, or None for a trusted local source."""
+        members = set(self.view.members) if self.view else set()
+
+        def forged(claimed: int) -> list[Action]:
+            return [Refused("sender_mismatch", f"{type(event).__name__} claims rank {claimed} but came from rank {sender}")]
+
+        if isinstance(event, Heartbeat):
+            if sender is not None and sender != event.rank:
+                return forged(event.rank)
+            return self._heartbeat(event, now)
+        if isinstance(event, Suspicion):
+            if sender is not None and sender != event.observer:
+                return forged(event.observer)
+            if event.observer not in members or event.suspect not in members or event.suspect == event.observer:
+                return []
+            if event.source == "heartbeat":
+                vouched = (self.monitor.silence_ms(event.suspect, now)
+                           if event.observer == self.rank and event.suspect in self.monitor.peers
+                           else self.config.min_suspect_ms)
+            else:
+                vouched = 0.0
+            try:
+                self.fusion.suspect(event.observer, event.suspect, event.source, now, vouched)
+            except ValueError as exc:
+                return [Refused("bad_source", str(exc))]
+            return []
+        if isinstance(event, Refute):
+            if sender is not None and sender != event.observer:
+                return forged(event.observer)
+            self.fusion.refute(event.observer, event.suspect, event.source)
+            return []
+        if isinstance(event, PeerTimeout):
+            if sender is not None and sender != event.observer:
+                return forged(event.observer)
+            if event.observer in members and event.peer in members and event.peer != event.observer:
+                self.fusion.suspect(event.observer, event.peer, "kernel", now, event.waited_us / 1e3)
+            return []
+        if isinstance(event, CollectiveError):
+            if sender is not None and sender != event.observer:
+                return forged(event.observer)
+            if event.peer in members and event.observer in members and event.peer != event.observer:
+                self.fusion.suspect(event.observer, event.peer, "collective", now)
+            return []
+        if isinstance(event, TransferFailed):
+            observer = sender if sender is not None else self.rank
+            if event.src in members and observer in members and event.src != observer:
+                self.fusion.suspect(observer, event.src, "transfer", now)
+            return []
+        if isinstance(event, ProcessExit):
+            return self._exit(event)
+        if isinstance(event, JoinRequest):
+            if sender is not None and sender != event.rank:
+                return forged(event.rank)
+            return self._join_request(event)
+        if isinstance(event, LeaveRequest):
+            if sender is not None and sender != event.rank:
+                return forged(event.rank)
+            if event.rank in members:
+                self.fusion.certain(event.rank, "leave", f"rank {event.rank} asked to leave ({event.reason})")
+            return []
+        if isinstance(event, Fenced):
+            if sender is not None and sender != event.rank:
+                return forged(event.rank)
+            if event.rank in members and event.rank != self.rank:
+                self.fusion.certain(event.rank, "fenced", f"rank {event.rank} fenced itself: {event.reason}")
+            return []
+        if isinstance(event, (ViewProposal, ViewInstalled)):
+            current = self.view.epoch if self.view else 0
+            if event.epoch <= current:
+                if isinstance(event, ViewProposal):
+                    return [Refused("stale_proposal",
+                                    f"proposal for epoch {event.epoch} from rank {event.proposer} "
+                                    f"ignored: epoch {current} is installed")]
+                return []
+            # A rank installed something newer, so the store holds it: read now, not at the next poll.
+            # (A proposal is only a proposal; its commit is announced by ViewInstalled.)
+            if isinstance(event, ViewInstalled) and self._read is None and self._cas is None:
+                return [self._read_next(now)]
+            return []
+        if isinstance(event, Gray):
+            return []
+        return []
+
+    def _heartbeat(self, hb: Heartbeat, now: float) -> list[Action]:
+        out: list[Action] = []
+        seen = self._seen_incarnation.get(hb.rank)
+        if self.view is not None and hb.rank in self.view.members:
+            if seen is not None and hb.incarnation > seen:
+                self.fusion.certain(hb.rank, "restart", f"rank {hb.rank} restarted (incarnation {seen} -> {hb.incarnation})")
+            elif seen is not None and hb.incarnation < seen:
+                return [Refused("stale_incarnation", f"heartbeat from an old process of rank {hb.rank}")]
+            expected = self.view.incarnation_of(hb.rank)
+            if expected and hb.incarnation != expected:
+                self.fusion.certain(hb.rank, "restart", f"rank {hb.rank} is now incarnation {hb.incarnation}")
+        if seen is None or hb.incarnation > seen:
+            self._seen_incarnation[hb.rank] = hb.incarnation
+        for event in self.monitor.heartbeat(hb.rank, now, hb.incarnation):
+            out.append(Publish(event))
+            out += self._event(event, self.rank, now)
+        return out
+
+    def _exit(self, ev: ProcessExit) -> list[Action]:
+        if self.view is None or ev.rank not in self.view.members:
+            return []
+        if ev.rank == self.rank and ev.incarnation in (0, self.incarnation):
+            return []  # a report of our own death: evidently stale
+        seen = self._seen_incarnation.get(ev.rank)
+        if ev.incarnation and seen is not None and ev.incarnation < seen:
+            return [Note(f"ignored exit of an old process of rank {ev.rank} (incarnation {ev.incarnation})")]
+        how = f"signal {ev.signal}" if ev.signal is not None else f"exit code {ev.exitcode}"
+        self.fusion.certain(ev.rank, "exit", f"process {ev.pid} of rank {ev.rank} exited ({how})")
+        return []
+
+    def _join_request(self, ev: JoinRequest) -> list[Action]:
+        if self.view is None:
+            return []
+        if ev.rank in self.view.members:
+            if self.view.has(ev.rank, ev.incarnation) or ev.incarnation == 0:
+                return []  # already admitted (a repeated request)
+            self.fusion.certain(ev.rank, "restart", f"rank {ev.rank} restarted and asks to rejoin")
+        self._joiners[ev.rank] = ev.incarnation
+        return []
+
+    def _leave(self, cmd: LeaveCommand, now: float) -> list[Action]:
+        if self.status != Status.MEMBER:
+            return [Refused("not_member", f"rank {self.rank} cannot leave: it is {self.status}")]
+        self._leaving = True
+        event = LeaveRequest(rank=self.rank, reason=cmd.reason)
+        return [Publish(event)] + self._event(event, self.rank, now)
+
+    # --- store results ----------------------------------------------------------------------
+
+    def _store_ok(self, now: float) -> None:
+        self._last_store_ok_s = now
+        self._notes.pop("store", None)
+
+    def _cas_done(self, done: CasDone, now: float) -> list[Action]:
+        self._store_ok(now)
+        self._cas = None
+        lost = done.committed != done.proposed
+        out: list[Action] = []
+        if lost:
+            out.append(Note(f"lost epoch {done.proposed.epoch} to rank {done.committed.proposer}: "
+                            f"adopting {done.committed.describe()}"))
+        current = self.view.epoch if self.view else 0
+        if done.committed.epoch == current + 1:
+            out += self._adopt(done.committed, now, lost_race=lost)
+        if not self.stopped and self._read is None:
+            out.append(self._read_next(now))
+        return out
+
+    def _view_read(self, read: ViewRead, now: float) -> list[Action]:
+        self._store_ok(now)
+        if read.epoch == self._read:
+            self._read = None
+        out: list[Action] = []
+        current = self.view.epoch if self.view else 0
+        if read.view is None:
+            if self.status == Status.SYNCING and read.epoch == current + 1:
+                out += self._synced(now)
+            return out
+        if read.view.epoch != read.epoch:
+            return [Refused("corrupt_store", f"key for epoch {read.epoch} holds epoch {read.view.epoch}")]
+        if read.epoch == current + 1:
+            out += self._adopt(read.view, now)
+            if not self.stopped and self._read is None and self._cas is None:
+                out.append(self._read_next(now))  # keep walking the chain to its head
+        return out
+
+    def _store_failed(self, failed: StoreFailed, now: float) -> list[Action]:
+        if failed.op == "cas":
+            self._cas = None
+        elif failed.epoch == self._read:
+            self._read = None
+        since = self._last_store_ok_s if self._last_store_ok_s is not None else now
+        if now - since > self.config.store_timeout_s:
+            return self._fence(now, f"view store unreachable for {now - since:.1f} s: {failed.reason}",
+                               "store_unreachable")
+        return self._note(f"view store {failed.op} failed: {failed.reason}", "store")
+
+    def _synced(self, now: float) -> list[Action]:
+        """Reached the head of the chain: this process is a member, or must ask to join."""
+        if self.is_member:
+            self.status = Status.MEMBER
+            return []
+        self.status = Status.JOINING
+        self._join_since_s = now
+        self._last_join_s = now
+        return [Publish(JoinRequest(rank=self.rank, incarnation=self.incarnation)),
+                Note(f"rank {self.rank} asks to join at epoch {self.view.epoch if self.view else 0}")]
+
+    # --- installing -------------------------------------------------------------------------
+
+    def _adopt(self, view: View, now: float, lost_race: bool = False) -> list[Action]:
+        previous = self.view
+        was_member = self.is_member
+        self.view = view
+        self._change_since_s = None
+        old = set(previous.members) if previous else set()
+        new = set(view.members)
+        removed = {r: self._causes.pop(r, "committed") for r in sorted(old - new)}
+        for r in old - new:
+            self.fusion.forget(r)
+            self._seen_incarnation.pop(r, None)
+        for r in new:
+            if self._joiners.get(r) == view.incarnation_of(r):
+                del self._joiners[r]
+                self.fusion.forget(r)
+        added = tuple(sorted(new - old))
+        for r in added:
+            self._seen_incarnation.pop(r, None)
+        self.monitor.watch(view.members, now)
+        out: list[Action] = []
+        now_member = self.is_member
+        if now_member:
+            if self.status != Status.SYNCING:
+                self.status = Status.MEMBER
+            out.append(Install(view, previous, removed, added, lost_race))
+            if self.status == Status.MEMBER:
+                out.append(Publish(ViewInstalled(epoch=view.epoch, members=view.members, leader=view.leader,
+                                                 rank=self.rank, reason=view.reason)))
+        elif was_member:
+            if self._leaving:
+                self.status = Status.LEFT
+                out.append(Left(view.epoch, f"left the cluster as asked; {view.describe()}"))
+            else:
+                out += self._fence(now, f"outside committed {view.describe()} ({view.reason})", "evicted")
+        return out
+
+    def _fence(self, now: float, reason: str, label: str) -> list[Action]:
+        epoch = self.view.epoch if self.view else 0
+        self.status = Status.FENCED
+        self.fence_reason = reason
+        return [Publish(Fenced(rank=self.rank, epoch=epoch, reason=reason)), Fence(epoch, reason, label)]
+
+    # --- deciding ---------------------------------------------------------------------------
+
+    def _decide(self, now: float) -> list[Action]:
+        """Propose the next view if the member set should change and this rank is to propose."""
+        view = self.view
+        if view is None or self._cas is not None:
+            return []
+        members = set(view.members)
+        verdicts: dict[int, Verdict] = {v.rank: v for v in self.fusion.verdicts(now, members)}
+        joiners = {r: inc for r, inc in self._joiners.items() if r not in members}
+        if not verdicts and not joiners:
+            self._change_since_s = None
+            return []
+        target = (members - set(verdicts)) | set(joiners)
+        if target == members:
+            return []
+        if self._change_since_s is None:
+            self._change_since_s = now
+        certain_gone = {r for r, v in verdicts.items() if v.certain}
+        base = members - certain_gone
+        # Count every rank under any suspicion as gone: a minority whose peers go silent one by
+        # one must not evict the majority one rank at a time.
+        doubted = (set(verdicts) | set(self.fusion.pending()) | self.monitor.suspected()) & base
+        remaining = base - doubted
+        if set(verdicts) - certain_gone and 2 * len(remaining) < len(base):
+            return self._note(f"not evicting {sorted(doubted)}: only {len(remaining)} of {len(base)} members "
+                              f"would remain (a minority must not evict the majority)")
+        if not target:
+            return self._note("not proposing an empty view")
+        my_suspects = self.monitor.suspected()
+        in_line = sorted(m for m in members if m not in verdicts and (m == self.rank or m not in my_suspects))
+        if self.rank not in in_line:
+            return []
+        place = in_line.index(self.rank)
+        waited_ms = (now - self._change_since_s) * 1e3
+        if place > 0 and waited_ms < place * self.config.min_suspect_ms:
+            return []
+        parts = [f"-{r} ({v.cause}: {v.reason})" for r, v in sorted(verdicts.items())]
+        parts += [f"+{r} (join)" for r in sorted(joiners)]
+        reason = "; ".join(parts)
+        for r, v in verdicts.items():
+            self._causes[r] = v.cause
+        incarnations = {r: inc for r, inc in view.incarnation_map().items() if r in target}
+        incarnations.update(joiners)
+        proposal = View.of(view.epoch + 1, target, incarnations=incarnations, proposer=self.rank, reason=reason)
+        self._cas = proposal
+        return [
+            Note(f"rank {self.rank} proposes {proposal.describe()}: {reason}"),
+            CompareAndSet(proposal),
+            Publish(ViewProposal(epoch=proposal.epoch, members=proposal.members, leader=proposal.leader,
+                                 proposer=self.rank, reason=reason)),
+        ]
+
+    def _note(self, text: str, topic: str = "decide") -> list[Action]:
+        if self._notes.get(topic) == text:
+            return []
+        self._notes[topic] = text
+        return [Note(text)]

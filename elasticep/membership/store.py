@@ -1,0 +1,216 @@
+"""The view store: a chain of committed views, one key per epoch, each written once by CAS.
+
+``compare_and_set(view)`` writes ``view`` at its epoch's key only if the key is empty and returns
+whatever the key holds afterwards: the caller's view if it won, the rival's if it lost. Two
+proposals for one epoch therefore cannot both win, and the loser learns the winner in the same
+round trip. ``read(epoch)`` returns the committed view or None.
+
+Two implementations behind one interface:
+
+* :class:`TCPStoreViewStore` over ``torch.distributed.TCPStore.compare_set``; the store server
+  is hosted outside the ranks (by the launcher), so it outlives any of them.
+* :class:`InMemoryViewStore`, the in-process twin for tests and examples, with seeded fault
+  controls: unavailable (for everyone or for chosen ranks), slow, and a seeded random failure
+  rate.
+
+Both bound every operation by ``timeout_s`` and raise :class:`StoreUnavailable` past it; the
+membership service turns a store lost for longer than ``Config.store_timeout_s`` into a fence.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import datetime
+import random
+import threading
+
+from elasticep.membership.view import View, decode_view, encode_view
+
+_ABSENT = b"\x00elasticep-absent"
+
+
+class StoreUnavailable(RuntimeError):
+    """The view store did not answer within its bound (or is down)."""
+
+
+class ViewStore(abc.ABC):
+    """Where committed views live. Async; every call is bounded and may raise :class:`StoreUnavailable`.
+
+    Called by :class:`elasticep.membership.MembershipService`: one ``compare_and_set`` and one
+    ``read`` at most in flight per rank.
+    """
+
+    @abc.abstractmethod
+    async def compare_and_set(self, view: View, *, rank: int = -1) -> View:
+        """Commit ``view`` at ``view.epoch`` unless a view is already there; return the committed one."""
+
+    @abc.abstractmethod
+    async def read(self, epoch: int, *, rank: int = -1) -> View | None:
+        """The view committed at ``epoch``, or None if there is none yet."""
+
+    async def close(self) -> None:
+        """Release connections (default: nothing)."""
+
+
+class InMemoryViewStore(ViewStore):
+    """An in-process view store with fault controls; share one object between every rank's service.
+
+    Args:
+        seed: seeds the random failures drawn by :meth:`set_failure_rate`.
+        timeout_s: bound on one operation: a store slower than this raises :class:`StoreUnavailable`.
+
+    The sync methods :meth:`compare_and_set_nowait` and :meth:`read_nowait` hold the logic (the
+    scenario driver calls them directly); the async ones add the configured delay and faults.
+    """
+
+    def __init__(self, *, seed: int = 0, timeout_s: float = 2.0) -> None:
+        self._views: dict[int, bytes] = {}
+        self._random = random.Random(seed)
+        self.timeout_s = timeout_s
+        self.delay_s = 0.0
+        self.failure_rate = 0.0
+        self.down = False
+        self.down_for: set[int] = set()
+        self.operations = 0
+        self.conflicts = 0
+
+    # --- fault controls ---------------------------------------------------------------------
+
+    def set_down(self, down: bool = True, *, ranks: set[int] | None = None) -> None:
+        """Make the store unreachable for everyone, or (``ranks``) for those ranks only."""
+        if ranks is None:
+            self.down = down
+        elif down:
+            self.down_for |= set(ranks)
+        else:
+            self.down_for -= set(ranks)
+
+    def set_delay(self, delay_s: float) -> None:
+        """Answer every operation after ``delay_s`` seconds (past ``timeout_s`` it times out)."""
+        if delay_s < 0:
+            raise ValueError("delay_s must be >= 0")
+        self.delay_s = delay_s
+
+    def set_failure_rate(self, p: float) -> None:
+        """Fail each operation with probability ``p`` (seeded)."""
+        if not 0.0 <= p <= 1.0:
+            raise ValueError("failure rate must be in [0, 1]")
+        self.failure_rate = p
+
+    # --- logic ------------------------------------------------------------------------------
+
+    def _check(self, rank: int) -> None:
+        if self.down or rank in self.down_for:
+            raise StoreUnavailable(f"view store unreachable from rank {rank}")
+        if self.failure_rate and self._random.random() < self.failure_rate:
+            raise StoreUnavailable("view store operation failed (injected)")
+
+    def compare_and_set_nowait(self, view: View, *, rank: int = -1) -> View:
+        self._check(rank)
+        self.operations += 1
+        data = self._views.setdefault(view.epoch, encode_view(view))
+        committed = decode_view(data)
+        if committed != view:
+            self.conflicts += 1
+        return committed
+
+    def read_nowait(self, epoch: int, *, rank: int = -1) -> View | None:
+        self._check(rank)
+        self.operations += 1
+        data = self._views.get(epoch)
+        return None if data is None else decode_view(data)
+
+    def head(self) -> int:
+        """Highest committed epoch (0 when empty); for tests and tools."""
+        return max(self._views, default=0)
+
+    async def _delay(self) -> None:
+        if self.delay_s > self.timeout_s:
+            await asyncio.sleep(self.timeout_s)
+            raise StoreUnavailable(f"view store did not answer within {self.timeout_s:g} s")
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+
+    async def compare_and_set(self, view: View, *, rank: int = -1) -> View:
+        await self._delay()
+        return self.compare_and_set_nowait(view, rank=rank)
+
+    async def read(self, epoch: int, *, rank: int = -1) -> View | None:
+        await self._delay()
+        return self.read_nowait(epoch, rank=rank)
+
+
+class TCPStoreViewStore(ViewStore):
+    """Views in a ``torch.distributed.TCPStore``, committed with ``compare_set``.
+
+    Args:
+        host, port: the store server (hosted by the launcher, not by a rank).
+        timeout_s: bound on one operation (``Config.store_timeout_s``).
+        prefix: key prefix, so several clusters can share one store.
+        store: an existing client or server object to use instead of connecting.
+
+    Keys are ``{prefix}/view/{epoch}`` holding JSON views. A read is one ``compare_set`` with an
+    expected value no view can have, so it never writes and costs one round trip whether the key
+    exists or not (``get`` would block until the key appears). Blocking calls run on a worker
+    thread, one at a time per object.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        timeout_s: float = 2.0,
+        prefix: str = "elasticep",
+        store: object | None = None,
+    ) -> None:
+        self.host, self.port, self.timeout_s, self.prefix = host, port, timeout_s, prefix
+        self._store = store
+        self._lock = threading.Lock()
+
+    def _client(self):
+        if self._store is None:
+            from torch.distributed import TCPStore
+
+            try:
+                self._store = TCPStore(self.host, self.port, is_master=False, use_libuv=True,
+                                       timeout=datetime.timedelta(seconds=self.timeout_s))
+            except (RuntimeError, TimeoutError) as exc:
+                raise StoreUnavailable(f"cannot reach the view store at {self.host}:{self.port}: {exc}") from None
+        return self._store
+
+    def _key(self, epoch: int) -> str:
+        return f"{self.prefix}/view/{epoch}"
+
+    def compare_and_set_nowait(self, view: View, *, rank: int = -1) -> View:
+        """Blocking CAS (bounded by ``timeout_s``); see :meth:`ViewStore.compare_and_set`."""
+        with self._lock:
+            try:
+                data = self._client().compare_set(self._key(view.epoch), "", encode_view(view))
+            except (RuntimeError, TimeoutError) as exc:
+                raise StoreUnavailable(f"view store compare_set failed: {exc}") from None
+        return decode_view(data)
+
+    def read_nowait(self, epoch: int, *, rank: int = -1) -> View | None:
+        """Blocking read (bounded by ``timeout_s``); see :meth:`ViewStore.read`."""
+        with self._lock:
+            try:
+                data = self._client().compare_set(self._key(epoch), _ABSENT, _ABSENT)
+            except (RuntimeError, TimeoutError) as exc:
+                raise StoreUnavailable(f"view store read failed: {exc}") from None
+        if data == _ABSENT:
+            return None
+        return decode_view(data)
+
+    async def _run(self, fn, *args, **kwargs):
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise StoreUnavailable(f"view store did not answer within {self.timeout_s:g} s") from None
+
+    async def compare_and_set(self, view: View, *, rank: int = -1) -> View:
+        return await self._run(self.compare_and_set_nowait, view, rank=rank)
+
+    async def read(self, epoch: int, *, rank: int = -1) -> View | None:
+        return await self._run(self.read_nowait, epoch, rank=rank)
