@@ -1,9 +1,12 @@
 // One pybind11 entry point; each subsystem registers itself here.
 #include <pybind11/pybind11.h>
 
+#include "ep_kernel.h"
+
 namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "elasticep CPU data-plane kernel";
   m.attr("ABI_VERSION") = 1;
+  elasticep::register_ep_kernel(m);
 }

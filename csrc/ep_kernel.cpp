@@ -1,0 +1,687 @@
+// CPU expert-parallel dispatch/combine through POSIX shared memory, with bounded waits.
+//
+// Segment layout (one per cluster id and view epoch, every offset 64-byte aligned):
+//
+//   SegmentHeader
+//   Doorbell[num_ranks]                      one futex word per receiving rank
+//   Mailbox[2 phases][src][dst]              stamp (epoch << 32 | call seq), rows, dtype
+//   dispatch channel[src][dst]               meta [max_tokens][1 + topk] int32, rows [max_tokens][hidden]
+//   combine channel[owner][src]              rows [max_tokens * min(topk, slots_per_rank)][hidden]
+//
+// A channel is written by exactly one rank (its src/owner) and read by exactly one (dst/src), so
+// no locks are needed: the writer fills the rows, then publishes the mailbox stamp with a release
+// store and rings the reader's doorbell. One buffer per channel suffices because of causality:
+// src writes dispatch n+1 to dst only after src's combine n has received dst's combine n
+// message, which dst sends only after it has read all of dispatch n. Once a rank marks a peer
+// inactive it neither writes to nor reads from that peer again in this epoch, so a late peer can
+// never overwrite a buffer that is being read.
+//
+// Waiting: a receiver polls its mailboxes a few times (yielding the core between polls), then
+// sleeps on its doorbell with FUTEX_WAIT bounded by the call's deadline. Senders only issue
+// FUTEX_WAKE when the receiver has announced itself as a sleeper. Nothing ever spins without
+// bound: eight ranks share two cores on the machines this runs on in CI.
+
+#include "ep_kernel.h"
+
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <sched.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include <pybind11/stl.h>
+
+namespace py = pybind11;
+
+namespace elasticep {
+namespace {
+
+constexpr uint64_t kMagic = 0x5045434954534c45ULL;  // "ELSTICEP" little-endian
+constexpr uint32_t kLayoutVersion = 1;
+constexpr size_t kAlign = 64;
+// Polls (each followed by sched_yield) before a waiter sleeps on its doorbell. Small on purpose:
+// with more ranks than cores the peer we wait for usually needs our core to make progress.
+constexpr int kPollsBeforeSleep = 8;
+// Longest single futex sleep. The deadline bounds the total; this only makes a waiter re-read
+// the mask periodically, so a peer zeroed by another thread of the caller stops being waited on.
+constexpr int64_t kMaxSleepNs = 10'000'000;
+// Bound on waiting for another rank to finish initialising a freshly created segment header.
+constexpr int64_t kAttachTimeoutNs = 5'000'000'000;
+
+enum Phase : int { kDispatch = 0, kCombine = 1 };
+enum DType : uint32_t { kFloat32 = 0, kBFloat16 = 1 };
+
+struct SegmentHeader {
+  std::atomic<uint32_t> init_state;  // 0 fresh (ftruncate zeroes it), 1 initialising, 2 ready
+  uint32_t layout_version;
+  uint64_t magic;
+  uint32_t num_ranks;
+  uint32_t slots_per_rank;
+  uint32_t max_tokens;
+  uint32_t hidden;
+  uint32_t topk;
+  uint32_t creator_epoch;
+  uint64_t total_bytes;
+  std::atomic<uint32_t> attached;  // ranks mapped right now; the last to close unlinks
+};
+
+struct alignas(kAlign) Doorbell {
+  std::atomic<uint32_t> ring;      // bumped by every sender; the futex word
+  std::atomic<uint32_t> sleepers;  // > 0 while the owner may be in FUTEX_WAIT
+};
+
+struct alignas(kAlign) Mailbox {
+  std::atomic<uint64_t> stamp;  // (epoch << 32) | seq, 0 = never written
+  uint32_t rows;
+  uint32_t dtype;
+};
+
+static_assert(std::atomic<uint32_t>::is_always_lock_free, "shared-memory atomics must be lock-free");
+static_assert(std::atomic<uint64_t>::is_always_lock_free, "shared-memory atomics must be lock-free");
+
+constexpr size_t align_up(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
+
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+inline int32_t load_mask(const int32_t* active, int peer) {
+  return __atomic_load_n(active + peer, __ATOMIC_ACQUIRE);
+}
+
+inline void clear_mask(int32_t* active, int peer) { __atomic_store_n(active + peer, 0, __ATOMIC_RELEASE); }
+
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return static_cast<uint16_t>(u >> 16);
+}
+
+int futex_wait(std::atomic<uint32_t>* word, uint32_t expected, int64_t timeout_ns) {
+  struct timespec ts;
+  ts.tv_sec = timeout_ns / 1'000'000'000;
+  ts.tv_nsec = timeout_ns % 1'000'000'000;
+  // Not FUTEX_PRIVATE: the word lives in memory shared between processes.
+  return static_cast<int>(
+      syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT, expected, &ts, nullptr, 0));
+}
+
+void futex_wake_all(std::atomic<uint32_t>* word) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE, INT32_MAX, nullptr, nullptr, 0);
+}
+
+struct PeerTimeoutRecord {
+  int peer;
+  std::string op;
+  int layer;
+  int64_t waited_us;
+};
+
+}  // namespace
+
+// One rank's view of the shared segment, and the routing state of its last dispatch.
+class KernelRuntime {
+ public:
+  KernelRuntime(int rank, int num_ranks, int slots_per_rank, int max_tokens, int hidden, int topk,
+                int64_t epoch, std::string shm_name)
+      : rank_(rank),
+        num_ranks_(num_ranks),
+        slots_per_rank_(slots_per_rank),
+        max_tokens_(max_tokens),
+        hidden_(hidden),
+        topk_(topk),
+        epoch_(epoch),
+        shm_name_(std::move(shm_name)) {
+    if (num_ranks < 1 || num_ranks > 1024) throw std::invalid_argument("num_ranks must be in [1, 1024]");
+    if (rank < 0 || rank >= num_ranks) throw std::invalid_argument("rank must be in [0, num_ranks)");
+    if (slots_per_rank < 1) throw std::invalid_argument("slots_per_rank must be >= 1");
+    if (max_tokens < 1) throw std::invalid_argument("max_tokens must be >= 1");
+    if (hidden < 1) throw std::invalid_argument("hidden must be >= 1");
+    if (topk < 1) throw std::invalid_argument("topk must be >= 1");
+    if (epoch < 0 || epoch > 0xffffffffLL) throw std::invalid_argument("epoch must fit in 32 bits");
+    if (shm_name_.empty() || shm_name_[0] != '/' || shm_name_.find('/', 1) != std::string::npos ||
+        shm_name_.size() > 250)
+      throw std::invalid_argument("shm_name must look like '/name' (one leading slash, <= 250 chars)");
+    compute_layout();
+    attach();
+    got_dispatch_.assign(num_ranks_, 0);
+    sent_dispatch_.assign(num_ranks_, 0);
+    recv_records_.resize(num_ranks_);
+    counts_.assign(slots_per_rank_, 0);
+  }
+
+  ~KernelRuntime() { close(); }
+
+  KernelRuntime(const KernelRuntime&) = delete;
+  KernelRuntime& operator=(const KernelRuntime&) = delete;
+
+  // Drops the mapping; the last rank attached unlinks the segment name.
+  void close() {
+    if (base_ == nullptr) return;
+    if (header()->attached.fetch_sub(1, std::memory_order_acq_rel) == 1) shm_unlink(shm_name_.c_str());
+    munmap(base_, total_bytes_);
+    base_ = nullptr;
+    state_ = State::kClosed;
+  }
+
+  // Phase one of dispatch: posts this rank's tokens to every active rank, waits (bounded) for every
+  // active peer's tokens and returns the number of rows each local slot received.
+  std::vector<int64_t> dispatch_send_wait(uintptr_t x_ptr, int64_t tokens, int dtype, uintptr_t topk_ptr,
+                                          uintptr_t active_ptr, int64_t timeout_us, int layer) {
+    require_open();
+    if (state_ == State::kDispatched || state_ == State::kWaited)
+      throw std::runtime_error("dispatch called again before combine of the previous dispatch");
+    if (tokens < 0 || tokens > max_tokens_)
+      throw std::invalid_argument("tokens = " + std::to_string(tokens) + " outside [0, max_tokens = " +
+                                  std::to_string(max_tokens_) + "]");
+    if (dtype != kFloat32 && dtype != kBFloat16) throw std::invalid_argument("dtype code must be 0 or 1");
+    if (timeout_us < 0) throw std::invalid_argument("timeout_us must be >= 0");
+    if ((tokens > 0 && (x_ptr == 0 || topk_ptr == 0)) || active_ptr == 0)
+      throw std::invalid_argument("null tensor pointer");
+    const auto* x = reinterpret_cast<const uint8_t*>(x_ptr);
+    const auto* topk = reinterpret_cast<const int64_t*>(topk_ptr);
+    auto* active = reinterpret_cast<int32_t*>(active_ptr);
+    const int64_t num_slots = static_cast<int64_t>(num_ranks_) * slots_per_rank_;
+    for (int64_t i = 0; i < tokens * topk_; ++i) {
+      const int64_t slot = topk[i];
+      if (slot < -1 || slot >= num_slots)
+        throw std::invalid_argument("topk_idx[" + std::to_string(i / topk_) + ", " + std::to_string(i % topk_) +
+                                    "] = " + std::to_string(slot) + " is not -1 or a slot in [0, " +
+                                    std::to_string(num_slots) + ")");
+    }
+
+    ++seq_;
+    ++dispatch_calls_;
+    last_timeouts_.clear();
+    tokens_ = tokens;
+    dtype_ = static_cast<uint32_t>(dtype);
+    const size_t row_bytes = row_bytes_for(dtype_);
+    topk_copy_.assign(topk, topk + tokens * topk_);
+    comb_row_.assign(static_cast<size_t>(tokens * topk_), -1);
+    const uint64_t want = stamp_for(seq_);
+
+    // Send. Self goes through its own channel like any peer, so one code path serves all.
+    for (int dst = 0; dst < num_ranks_; ++dst) {
+      sent_dispatch_[dst] = 0;
+      if (dst != rank_ && load_mask(active, dst) == 0) continue;
+      int32_t* meta = dispatch_meta(rank_, dst);
+      uint8_t* data = dispatch_data(rank_, dst);
+      int32_t rows = 0, combine_rows = 0;
+      for (int64_t t = 0; t < tokens; ++t) {
+        const int64_t* row_slots = topk + t * topk_;
+        bool routed_here = false;
+        for (int k = 0; k < topk_; ++k) routed_here |= row_slots[k] >= 0 && row_slots[k] / slots_per_rank_ == dst;
+        if (!routed_here) continue;
+        int32_t* m = meta + static_cast<size_t>(rows) * (1 + topk_);
+        m[0] = static_cast<int32_t>(t);
+        for (int k = 0; k < topk_; ++k) {
+          const int64_t slot = row_slots[k];
+          if (slot >= 0 && slot / slots_per_rank_ == dst) {
+            m[1 + k] = static_cast<int32_t>(slot % slots_per_rank_);
+            comb_row_[t * topk_ + k] = combine_rows++;
+          } else {
+            m[1 + k] = -1;
+          }
+        }
+        std::memcpy(data + static_cast<size_t>(rows) * row_bytes, x + static_cast<size_t>(t) * row_bytes, row_bytes);
+        ++rows;
+      }
+      post(kDispatch, dst, rows, want);
+      sent_dispatch_[dst] = 1;
+    }
+
+    // Wait for every active peer's tokens addressed to this rank.
+    std::fill(got_dispatch_.begin(), got_dispatch_.end(), 0);
+    got_dispatch_[rank_] = 1;
+    wait_peers(kDispatch, want, active, timeout_us, "dispatch", layer, got_dispatch_);
+
+    std::fill(counts_.begin(), counts_.end(), 0);
+    for (int src = 0; src < num_ranks_; ++src) {
+      if (!got_dispatch_[src]) continue;
+      const Mailbox* mb = mailbox(kDispatch, src, rank_);
+      if (mb->dtype != dtype_) {
+        state_ = State::kIdle;
+        throw std::invalid_argument("rank " + std::to_string(src) + " dispatched " + dtype_name(mb->dtype) +
+                                    " rows but this rank dispatched " + dtype_name(dtype_));
+      }
+      const int32_t* meta = dispatch_meta(src, rank_);
+      for (uint32_t r = 0; r < mb->rows; ++r)
+        for (int k = 0; k < topk_; ++k) {
+          const int32_t e = meta[static_cast<size_t>(r) * (1 + topk_) + 1 + k];
+          if (e >= 0 && e < slots_per_rank_) ++counts_[e];
+        }
+    }
+    state_ = State::kWaited;
+    return std::vector<int64_t>(counts_.begin(), counts_.end());
+  }
+
+  // Phase two of dispatch: copies the received rows into recv_x
+  // ([slots_per_rank, capacity, hidden], rows of slot e at [e, :counts[e]]), ordered by source
+  // rank, then source token, then top-k position.
+  void dispatch_unpack(uintptr_t recv_ptr, int64_t capacity) {
+    require_open();
+    if (state_ != State::kWaited) throw std::runtime_error("dispatch_unpack needs a preceding dispatch_send_wait");
+    const int64_t need = counts_.empty() ? 0 : *std::max_element(counts_.begin(), counts_.end());
+    if (capacity < need)
+      throw std::invalid_argument("capacity " + std::to_string(capacity) + " < largest slot count " +
+                                  std::to_string(need));
+    if (recv_ptr == 0 && need > 0) throw std::invalid_argument("null tensor pointer");
+    auto* recv = reinterpret_cast<uint8_t*>(recv_ptr);
+    const size_t row_bytes = row_bytes_for(dtype_);
+    std::vector<int32_t> fill(slots_per_rank_, 0);
+    for (int src = 0; src < num_ranks_; ++src) {
+      auto& records = recv_records_[src];
+      records.clear();
+      if (!got_dispatch_[src]) continue;
+      const Mailbox* mb = mailbox(kDispatch, src, rank_);
+      const int32_t* meta = dispatch_meta(src, rank_);
+      const uint8_t* data = dispatch_data(src, rank_);
+      for (uint32_t r = 0; r < mb->rows; ++r)
+        for (int k = 0; k < topk_; ++k) {
+          const int32_t e = meta[static_cast<size_t>(r) * (1 + topk_) + 1 + k];
+          if (e < 0 || e >= slots_per_rank_) continue;
+          const int32_t pos = fill[e]++;
+          std::memcpy(recv + (static_cast<size_t>(e) * capacity + pos) * row_bytes, data + static_cast<size_t>(r) * row_bytes,
+                      row_bytes);
+          records.emplace_back(e, pos);
+        }
+    }
+    capacity_ = capacity;
+    state_ = State::kDispatched;
+  }
+
+  // Sends each received row's expert output back to its source rank, waits (bounded) for the
+  // outputs of this rank's own tokens and writes out[t] = sum_k w[t, k] * y[t, k] over the top-k
+  // positions whose slot's rank answered (others contribute nothing).
+  void combine(uintptr_t expert_out_ptr, int64_t capacity, uintptr_t weights_ptr, uintptr_t topk_ptr,
+               int64_t tokens, uintptr_t out_ptr, uintptr_t active_ptr, int64_t timeout_us, int layer) {
+    require_open();
+    if (state_ != State::kDispatched) throw std::runtime_error("combine needs a completed dispatch");
+    if (tokens != tokens_)
+      throw std::invalid_argument("combine got " + std::to_string(tokens) + " tokens, dispatch had " +
+                                  std::to_string(tokens_));
+    if (capacity != capacity_)
+      throw std::invalid_argument("expert_out capacity " + std::to_string(capacity) + " != dispatched " +
+                                  std::to_string(capacity_));
+    if (timeout_us < 0) throw std::invalid_argument("timeout_us must be >= 0");
+    if (active_ptr == 0 || (tokens > 0 && (weights_ptr == 0 || topk_ptr == 0 || out_ptr == 0)))
+      throw std::invalid_argument("null tensor pointer");
+    const auto* topk = reinterpret_cast<const int64_t*>(topk_ptr);
+    if (tokens > 0 && std::memcmp(topk, topk_copy_.data(), topk_copy_.size() * sizeof(int64_t)) != 0)
+      throw std::invalid_argument("topk_idx differs from the one passed to dispatch");
+    const bool has_rows = std::any_of(recv_records_.begin(), recv_records_.end(), [](auto& r) { return !r.empty(); });
+    if (expert_out_ptr == 0 && has_rows) throw std::invalid_argument("null tensor pointer");
+    const auto* expert_out = reinterpret_cast<const uint8_t*>(expert_out_ptr);
+    const auto* weights = reinterpret_cast<const float*>(weights_ptr);
+    auto* out = reinterpret_cast<uint8_t*>(out_ptr);
+    auto* active = reinterpret_cast<int32_t*>(active_ptr);
+    const size_t row_bytes = row_bytes_for(dtype_);
+    const uint64_t want = stamp_for(seq_);
+    ++combine_calls_;
+    last_timeouts_.clear();
+
+    // Send expert outputs back to every source whose tokens arrived, in the order that source
+    // numbered them (token, then top-k position), so it needs no index from us.
+    for (int src = 0; src < num_ranks_; ++src) {
+      if (!got_dispatch_[src]) continue;
+      if (src != rank_ && load_mask(active, src) == 0) continue;
+      uint8_t* data = combine_data(rank_, src);
+      const auto& records = recv_records_[src];
+      for (size_t i = 0; i < records.size(); ++i)
+        std::memcpy(data + i * row_bytes,
+                    expert_out + (static_cast<size_t>(records[i].first) * capacity + records[i].second) * row_bytes,
+                    row_bytes);
+      post(kCombine, src, static_cast<uint32_t>(records.size()), want);
+    }
+
+    // Wait for the owners this rank sent tokens to.
+    std::vector<uint8_t> got(num_ranks_, 0);
+    got[rank_] = 1;
+    for (int o = 0; o < num_ranks_; ++o)
+      if (!sent_dispatch_[o]) got[o] = 2;  // never asked: not waited on, contributes nothing
+    wait_peers(kCombine, want, active, timeout_us, "combine", layer, got);
+
+    // Weighted sum in top-k order, accumulated in float32.
+    std::vector<float> acc(hidden_);
+    for (int64_t t = 0; t < tokens; ++t) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int k = 0; k < topk_; ++k) {
+        const int64_t slot = topk[t * topk_ + k];
+        const int32_t r = comb_row_[t * topk_ + k];
+        if (slot < 0 || r < 0) continue;
+        const int owner = static_cast<int>(slot / slots_per_rank_);
+        if (got[owner] != 1) continue;
+        if (static_cast<uint32_t>(r) >= mailbox(kCombine, owner, rank_)->rows) continue;
+        const float w = weights[t * topk_ + k];
+        const uint8_t* y = combine_data(owner, rank_) + static_cast<size_t>(r) * row_bytes;
+        if (dtype_ == kFloat32) {
+          const auto* yf = reinterpret_cast<const float*>(y);
+          for (int h = 0; h < hidden_; ++h) acc[h] += w * yf[h];
+        } else {
+          const auto* yb = reinterpret_cast<const uint16_t*>(y);
+          for (int h = 0; h < hidden_; ++h) acc[h] += w * bf16_to_f32(yb[h]);
+        }
+      }
+      uint8_t* o = out + static_cast<size_t>(t) * row_bytes;
+      if (dtype_ == kFloat32) {
+        std::memcpy(o, acc.data(), row_bytes);
+      } else {
+        auto* ob = reinterpret_cast<uint16_t*>(o);
+        for (int h = 0; h < hidden_; ++h) ob[h] = f32_to_bf16(acc[h]);
+      }
+    }
+    state_ = State::kIdle;
+  }
+
+  // (peer, op, layer, waited_us) for every peer that timed out in the last dispatch or combine.
+  std::vector<std::tuple<int, std::string, int, int64_t>> last_timeouts() const {
+    std::vector<std::tuple<int, std::string, int, int64_t>> out;
+    for (const auto& r : last_timeouts_) out.emplace_back(r.peer, r.op, r.layer, r.waited_us);
+    return out;
+  }
+
+  py::dict stats() const {
+    py::dict d;
+    d["dispatch_calls"] = dispatch_calls_;
+    d["combine_calls"] = combine_calls_;
+    d["peer_timeouts"] = peer_timeouts_;
+    d["refused_stale_epoch"] = refused_stale_epoch_;
+    d["seq"] = seq_;
+    return d;
+  }
+
+  int rank() const { return rank_; }
+  int num_ranks() const { return num_ranks_; }
+  int slots_per_rank() const { return slots_per_rank_; }
+  int max_tokens() const { return max_tokens_; }
+  int hidden() const { return hidden_; }
+  int topk() const { return topk_; }
+  int64_t epoch() const { return epoch_; }
+  const std::string& shm_name() const { return shm_name_; }
+  uint64_t seq() const { return seq_; }
+  size_t segment_bytes() const { return total_bytes_; }
+  bool closed() const { return base_ == nullptr; }
+
+ private:
+  enum class State { kIdle, kWaited, kDispatched, kClosed };
+
+  void compute_layout() {
+    const size_t R = num_ranks_;
+    size_t off = align_up(sizeof(SegmentHeader));
+    doorbell_off_ = off;
+    off += align_up(sizeof(Doorbell) * R);
+    mailbox_off_ = off;
+    off += align_up(sizeof(Mailbox) * 2 * R * R);
+    // Rows are sized for float32 so one segment serves both dtypes.
+    const size_t row_max = static_cast<size_t>(hidden_) * 4;
+    dmeta_bytes_ = align_up(static_cast<size_t>(max_tokens_) * (1 + topk_) * sizeof(int32_t));
+    dchan_bytes_ = dmeta_bytes_ + align_up(static_cast<size_t>(max_tokens_) * row_max);
+    dispatch_off_ = off;
+    off += dchan_bytes_ * R * R;
+    const size_t combine_rows = static_cast<size_t>(max_tokens_) * std::min(topk_, slots_per_rank_);
+    cchan_bytes_ = align_up(combine_rows * row_max);
+    combine_off_ = off;
+    off += cchan_bytes_ * R * R;
+    total_bytes_ = off;
+  }
+
+  // Opens or creates the segment; whoever wins the header's init CAS writes the layout, the
+  // others wait for it (bounded) and check that they agree on it.
+  void attach() {
+    int fd = shm_open(shm_name_.c_str(), O_CREAT | O_RDWR, 0600);
+    if (fd < 0) throw std::runtime_error("shm_open(" + shm_name_ + "): " + std::strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+      ::close(fd);
+      throw std::runtime_error("fstat(" + shm_name_ + "): " + std::strerror(errno));
+    }
+    if (st.st_size == 0 && ftruncate(fd, static_cast<off_t>(total_bytes_)) != 0) {
+      const int err = errno;
+      ::close(fd);
+      throw std::runtime_error("ftruncate(" + shm_name_ + "): " + std::strerror(err));
+    }
+    if (fstat(fd, &st) != 0 || static_cast<size_t>(st.st_size) != total_bytes_) {
+      ::close(fd);
+      throw std::invalid_argument("shared segment " + shm_name_ + " exists with " + std::to_string(st.st_size) +
+                                  " bytes but this layout needs " + std::to_string(total_bytes_) +
+                                  " (ranks disagree on num_ranks/slots_per_rank/max_tokens/hidden/topk, or a "
+                                  "stale segment: unlink it)");
+    }
+    void* p = mmap(nullptr, total_bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    ::close(fd);
+    if (p == MAP_FAILED) throw std::runtime_error(std::string("mmap: ") + std::strerror(errno));
+    base_ = static_cast<uint8_t*>(p);
+
+    SegmentHeader* h = header();
+    uint32_t fresh = 0;
+    if (h->init_state.compare_exchange_strong(fresh, 1, std::memory_order_acq_rel)) {
+      h->layout_version = kLayoutVersion;
+      h->magic = kMagic;
+      h->num_ranks = num_ranks_;
+      h->slots_per_rank = slots_per_rank_;
+      h->max_tokens = max_tokens_;
+      h->hidden = hidden_;
+      h->topk = topk_;
+      h->creator_epoch = static_cast<uint32_t>(epoch_);
+      h->total_bytes = total_bytes_;
+      h->init_state.store(2, std::memory_order_release);
+    } else {
+      const int64_t deadline = now_ns() + kAttachTimeoutNs;
+      while (h->init_state.load(std::memory_order_acquire) != 2) {
+        if (now_ns() > deadline) {
+          munmap(base_, total_bytes_);
+          base_ = nullptr;
+          throw std::runtime_error("shared segment " + shm_name_ + " was never initialised (creator died?)");
+        }
+        std::this_thread::sleep_for(std::chrono::microseconds(100));
+      }
+      const bool same = h->magic == kMagic && h->layout_version == kLayoutVersion &&
+                        h->num_ranks == static_cast<uint32_t>(num_ranks_) &&
+                        h->slots_per_rank == static_cast<uint32_t>(slots_per_rank_) &&
+                        h->max_tokens == static_cast<uint32_t>(max_tokens_) &&
+                        h->hidden == static_cast<uint32_t>(hidden_) && h->topk == static_cast<uint32_t>(topk_) &&
+                        h->total_bytes == total_bytes_;
+      if (!same) {
+        munmap(base_, total_bytes_);
+        base_ = nullptr;
+        throw std::invalid_argument("shared segment " + shm_name_ +
+                                    " was created with a different layout (num_ranks, slots_per_rank, "
+                                    "max_tokens, hidden or topk differ)");
+      }
+    }
+    h->attached.fetch_add(1, std::memory_order_acq_rel);
+    state_ = State::kIdle;
+  }
+
+  void require_open() const {
+    if (base_ == nullptr) throw std::runtime_error("kernel runtime is closed");
+  }
+
+  SegmentHeader* header() const { return reinterpret_cast<SegmentHeader*>(base_); }
+  Doorbell* doorbell(int r) const { return reinterpret_cast<Doorbell*>(base_ + doorbell_off_) + r; }
+  Mailbox* mailbox(int phase, int src, int dst) const {
+    return reinterpret_cast<Mailbox*>(base_ + mailbox_off_) +
+           (static_cast<size_t>(phase) * num_ranks_ + src) * num_ranks_ + dst;
+  }
+  int32_t* dispatch_meta(int src, int dst) const {
+    return reinterpret_cast<int32_t*>(base_ + dispatch_off_ +
+                                      (static_cast<size_t>(src) * num_ranks_ + dst) * dchan_bytes_);
+  }
+  uint8_t* dispatch_data(int src, int dst) const {
+    return base_ + dispatch_off_ + (static_cast<size_t>(src) * num_ranks_ + dst) * dchan_bytes_ + dmeta_bytes_;
+  }
+  uint8_t* combine_data(int owner, int src) const {
+    return base_ + combine_off_ + (static_cast<size_t>(owner) * num_ranks_ + src) * cchan_bytes_;
+  }
+
+  size_t row_bytes_for(uint32_t dtype) const { return static_cast<size_t>(hidden_) * (dtype == kFloat32 ? 4 : 2); }
+  static std::string dtype_name(uint32_t d) {
+    return d == kFloat32 ? "float32" : d == kBFloat16 ? "bfloat16" : "dtype#" + std::to_string(d);
+  }
+  uint64_t stamp_for(uint64_t seq) const {
+    return (static_cast<uint64_t>(epoch_) << 32) | (seq & 0xffffffffULL);
+  }
+
+  // Publishes this rank's message of `phase` to `dst` and wakes dst if it sleeps.
+  void post(int phase, int dst, uint32_t rows, uint64_t stamp) {
+    Mailbox* mb = mailbox(phase, rank_, dst);
+    mb->rows = rows;
+    mb->dtype = dtype_;
+    mb->stamp.store(stamp, std::memory_order_release);
+    if (dst == rank_) return;
+    Doorbell* bell = doorbell(dst);
+    bell->ring.fetch_add(1, std::memory_order_seq_cst);
+    if (bell->sleepers.load(std::memory_order_seq_cst) > 0) futex_wake_all(&bell->ring);
+  }
+
+  // Waits until every peer p with got[p] == 0 and active[p] != 0 has posted `want` in `phase`
+  // to this rank (then got[p] = 1), or until timeout_us has passed since the call; each peer
+  // still missing then is marked 0 in `active`, recorded, and left at got[p] = 0. A message from
+  // another epoch is refused (counted once per message) and the wait goes on.
+  void wait_peers(int phase, uint64_t want, int32_t* active, int64_t timeout_us, const char* op, int layer,
+                  std::vector<uint8_t>& got) {
+    const int64_t start = now_ns();
+    const int64_t deadline = start + timeout_us * 1000;
+    std::vector<int> pending;
+    for (int p = 0; p < num_ranks_; ++p)
+      if (got[p] == 0 && load_mask(active, p) != 0) pending.push_back(p);
+    std::vector<uint64_t> refused(num_ranks_, 0);
+    Doorbell* bell = doorbell(rank_);
+    int polls = 0;
+    bool sleeping = false;
+    while (!pending.empty()) {
+      const uint32_t ring = bell->ring.load(std::memory_order_seq_cst);
+      for (size_t i = 0; i < pending.size();) {
+        const int p = pending[i];
+        const uint64_t s = mailbox(phase, p, rank_)->stamp.load(std::memory_order_acquire);
+        bool done = false;
+        if (s == want) {
+          got[p] = 1;
+          done = true;
+        } else if (s != 0 && (s >> 32) != static_cast<uint64_t>(epoch_) && s != refused[p]) {
+          refused[p] = s;
+          ++refused_stale_epoch_;
+        }
+        if (!done && load_mask(active, p) == 0) done = true;  // zeroed under us: skip it
+        if (done) {
+          pending[i] = pending.back();
+          pending.pop_back();
+        } else {
+          ++i;
+        }
+      }
+      if (pending.empty()) break;
+      const int64_t now = now_ns();
+      if (now >= deadline) {
+        const int64_t waited_us = (now - start) / 1000;
+        std::sort(pending.begin(), pending.end());
+        for (int p : pending) {
+          clear_mask(active, p);
+          last_timeouts_.push_back({p, op, layer, waited_us});
+          ++peer_timeouts_;
+        }
+        break;
+      }
+      if (polls < kPollsBeforeSleep) {
+        ++polls;
+        sched_yield();
+        continue;
+      }
+      if (!sleeping) {
+        // Announce before re-reading `ring`, so a sender that bumps it afterwards sees us.
+        bell->sleepers.fetch_add(1, std::memory_order_seq_cst);
+        sleeping = true;
+        continue;
+      }
+      futex_wait(&bell->ring, ring, std::min(deadline - now, kMaxSleepNs));
+    }
+    if (sleeping) bell->sleepers.fetch_sub(1, std::memory_order_seq_cst);
+  }
+
+  const int rank_, num_ranks_, slots_per_rank_, max_tokens_, hidden_, topk_;
+  const int64_t epoch_;
+  const std::string shm_name_;
+
+  uint8_t* base_ = nullptr;
+  size_t total_bytes_ = 0, doorbell_off_ = 0, mailbox_off_ = 0, dispatch_off_ = 0, combine_off_ = 0;
+  size_t dmeta_bytes_ = 0, dchan_bytes_ = 0, cchan_bytes_ = 0;
+
+  State state_ = State::kClosed;
+  uint64_t seq_ = 0;
+  int64_t tokens_ = 0;
+  int64_t capacity_ = 0;
+  uint32_t dtype_ = kFloat32;
+  std::vector<int64_t> topk_copy_;
+  std::vector<int32_t> comb_row_;      // [tokens * topk]: row in the owner's combine message, -1 none
+  std::vector<uint8_t> sent_dispatch_;  // [num_ranks]: a dispatch message was posted to that rank
+  std::vector<uint8_t> got_dispatch_;   // [num_ranks]: that rank's dispatch message was received
+  std::vector<std::vector<std::pair<int32_t, int32_t>>> recv_records_;  // per src: (slot, pos) in send order
+  std::vector<int32_t> counts_;
+
+  std::vector<PeerTimeoutRecord> last_timeouts_;
+  uint64_t dispatch_calls_ = 0, combine_calls_ = 0, peer_timeouts_ = 0, refused_stale_epoch_ = 0;
+};
+
+void register_ep_kernel(py::module_& m) {
+  py::class_<KernelRuntime>(m, "KernelRuntime",
+                            "One rank's attachment to the shared dispatch/combine segment. Use "
+                            "elasticep.kernel.EPBuffer rather than this class.")
+      .def(py::init<int, int, int, int, int, int, int64_t, std::string>(), py::arg("rank"), py::arg("num_ranks"),
+           py::arg("slots_per_rank"), py::arg("max_tokens"), py::arg("hidden"), py::arg("topk"), py::arg("epoch"),
+           py::arg("shm_name"))
+      .def("dispatch_send_wait", &KernelRuntime::dispatch_send_wait, py::arg("x_ptr"), py::arg("tokens"),
+           py::arg("dtype"), py::arg("topk_ptr"), py::arg("active_ptr"), py::arg("timeout_us"), py::arg("layer"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("dispatch_unpack", &KernelRuntime::dispatch_unpack, py::arg("recv_ptr"), py::arg("capacity"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("combine", &KernelRuntime::combine, py::arg("expert_out_ptr"), py::arg("capacity"), py::arg("weights_ptr"),
+           py::arg("topk_ptr"), py::arg("tokens"), py::arg("out_ptr"), py::arg("active_ptr"), py::arg("timeout_us"),
+           py::arg("layer"), py::call_guard<py::gil_scoped_release>())
+      .def("last_timeouts", &KernelRuntime::last_timeouts)
+      .def("stats", &KernelRuntime::stats)
+      .def("close", &KernelRuntime::close)
+      .def_property_readonly("rank", &KernelRuntime::rank)
+      .def_property_readonly("num_ranks", &KernelRuntime::num_ranks)
+      .def_property_readonly("slots_per_rank", &KernelRuntime::slots_per_rank)
+      .def_property_readonly("max_tokens", &KernelRuntime::max_tokens)
+      .def_property_readonly("hidden", &KernelRuntime::hidden)
+      .def_property_readonly("topk", &KernelRuntime::topk)
+      .def_property_readonly("epoch", &KernelRuntime::epoch)
+      .def_property_readonly("shm_name", &KernelRuntime::shm_name)
+      .def_property_readonly("seq", &KernelRuntime::seq)
+      .def_property_readonly("segment_bytes", &KernelRuntime::segment_bytes)
+      .def_property_readonly("closed", &KernelRuntime::closed);
+
+  m.def(
+      "shm_unlink",
+      [](const std::string& name) { return ::shm_unlink(name.c_str()) == 0; },
+      py::arg("name"), "Removes a shared segment name; True if it existed.");
+}
+
+}  // namespace elasticep
