@@ -149,8 +149,8 @@ SGLANG_REBALANCES = Counter(
 SGLANG_VIEWS = Counter(
     "elasticep_sglang_views_total",
     "Membership views offered to SGLang's active-ranks state, by outcome (applied, duplicate, "
-    "stale: an epoch at or below the last applied one, never written twice; join_deferred: ranks "
-    "the view admits are left to SGLang's own recovery path).",
+    "stale: an epoch at or below the last applied one, never written twice; invalid: names a rank "
+    "beyond the mask; join_deferred: ranks the view admits are left to SGLang's own recovery path).",
     ["outcome"],
     registry=REGISTRY,
 )
