@@ -34,7 +34,7 @@ from typing import AsyncIterator, Iterable, Literal
 from anyio import EndOfStream, WouldBlock
 
 from elasticep import metrics
-from elasticep.bus.transport import Transport, TransportClosed
+from elasticep.bus.transport import Frame, Transport, TransportClosed
 from elasticep.events import (
     EVENT_TAGS,
     EVENT_TYPES,
@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 Overflow = Literal["drop_oldest", "drop_newest", "block"]
 OVERFLOW_POLICIES: tuple[str, ...] = ("drop_oldest", "drop_newest", "block")
+
+_FLUSH_BYTES = 256 * 1024
+"""Queued outgoing bytes that trigger a send before the end of the event-loop iteration."""
 
 DEFAULT_SUBSCRIPTION_MAXSIZE = 10_000
 """Buffer of a subscription when ``maxsize`` is not given, events (``Config.subscriber_buffer``)."""
@@ -208,10 +211,8 @@ class Subscription:
     async def receive(self) -> Envelope:
         """The next envelope, waiting for one. Raises ``anyio.EndOfStream`` once closed and drained."""
         while True:
-            try:
+            if self._buffer or self._closed:
                 return self.receive_nowait()
-            except WouldBlock:
-                pass
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
@@ -318,6 +319,15 @@ class EventBus:
         self._published_by_type = {t: metrics.EVENTS_PUBLISHED.labels(EVENT_TAGS[t]) for t in EVENT_TYPES}
         self._received_by_type = {t: metrics.EVENTS_RECEIVED.labels(EVENT_TAGS[t]) for t in EVENT_TYPES}
         self._sender_event: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: list[bytes] = []
+        self._outbox_bytes = 0
+        self._flush_scheduled = False
+        self._unflushed_counts: dict[type, int] = {}
+        self._received_counts: dict[type, int] = {}
+        self._has_block = False
+        self._stall_task: asyncio.Task[None] | None = None
+        self._push = False
 
     def __repr__(self) -> str:
         return f"EventBus(rank={self.rank}, epoch={self._epoch}, state={self._state})"
@@ -329,25 +339,32 @@ class EventBus:
         if self._state != "new":
             raise BusClosed(f"bus is {self._state}; a bus starts once")
         self._sender_event = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        # Push delivery where the transport offers it (no task hop per batch), else a pull task.
+        self._push = self.transport.set_receiver(self._on_frames)
         await self.transport.start()
-        self._task = asyncio.get_running_loop().create_task(
-            self._receive_loop(), name=f"elasticep-bus-rank{self.rank}"
-        )
         self._state = "running"
+        if not self._push:
+            self._task = asyncio.get_running_loop().create_task(
+                self._receive_loop(), name=f"elasticep-bus-rank{self.rank}"
+            )
 
     async def close(self) -> None:
         """Stop receiving, close the transport and end every subscription (queued envelopes stay
         readable). Idempotent."""
         if self._state == "closed":
             return
+        if self._state == "running":
+            self._flush()  # what was published before close still goes out
         self._state = "closed"
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        for task in (self._task, self._stall_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._task = self._stall_task = None
         await self.transport.close()
         for sub in list(self._subscriptions):
             sub.close()
@@ -400,18 +417,56 @@ class EventBus:
             if sub.overflow == "block" and sub._full():
                 raise WouldBlock
         env = self._envelope(event)
-        self.transport.send(self.codec.encode(env))
-        self._published += 1
-        self._published_by_type[type(event)].inc()
+        self._queue_frame(self.codec.encode(env), type(event))
         for sub in subs:
             sub._offer(env)
         return env
+
+    def _queue_frame(self, frame: bytes, event_type: type) -> None:
+        # The first frame published in an event-loop iteration leaves at once (a lone event waits
+        # for nothing); frames published after it in the same iteration leave together at its end
+        # (one transport call, one ZeroMQ message), so a burst shares the per-message cost.
+        self._published += 1
+        counts = self._unflushed_counts
+        counts[event_type] = counts.get(event_type, 0) + 1
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._flush_scheduled_cb)
+            try:
+                self.transport.send(frame)
+            except TransportClosed:
+                log.warning("bus rank %d: event not sent, transport closed", self.rank)
+            return
+        self._outbox.append(frame)
+        self._outbox_bytes += len(frame)
+        if self._outbox_bytes >= _FLUSH_BYTES:
+            self._flush()
+
+    def _flush_scheduled_cb(self) -> None:
+        self._flush_scheduled = False
+        self._flush()
+
+    def _flush(self) -> None:
+        """Hand queued frames to the transport and publish-side counts to the metrics."""
+        if self._outbox:
+            frames, self._outbox, self._outbox_bytes = self._outbox, [], 0
+            try:
+                self.transport.send_many(frames)
+            except TransportClosed:
+                log.warning("bus rank %d: %d events not sent, transport closed", self.rank, len(frames))
+        if self._unflushed_counts:
+            counts, self._unflushed_counts = self._unflushed_counts, {}
+            for t, n in counts.items():
+                self._published_by_type[t].inc(n)
 
     async def publish(self, event: Event) -> Envelope:
         """Send ``event`` to every peer and deliver it to this rank's subscribers.
 
         Returns the envelope. Waits only when a ``block``-policy local subscription is full;
         the network send itself never waits (the transport drops past its high-water mark).
+        The frame leaves at the end of the current event-loop iteration, together with every
+        other event published in it (or at once when 256 KiB are queued).
         """
         if self._state != "running":
             raise BusClosed(f"bus is {self._state}")
@@ -422,7 +477,7 @@ class EventBus:
         return self.publish_nowait(event)
 
     def publish_many(self, events: Iterable[Event]) -> list[Envelope]:
-        """Publish several events in order with one transport call (the throughput path).
+        """Publish several events in order, without waiting.
 
         Local ``block`` subscriptions that are full get the usual ``drop_oldest`` treatment
         here rather than stalling a synchronous caller.
@@ -431,11 +486,9 @@ class EventBus:
             raise BusClosed(f"bus is {self._state}")
         encode = self.codec.encode
         envs = [self._envelope(e) for e in events]
-        self.transport.send_many([encode(env) for env in envs])
-        self._published += len(envs)
         for env in envs:
             t = type(env.event)
-            self._published_by_type[t].inc()
+            self._queue_frame(encode(env), t)
             for sub in self._routes.get(t, ()):
                 if not sub._offer(env):
                     sub._buffer.popleft()
@@ -485,19 +538,97 @@ class EventBus:
         self._routes = {
             t: tuple(s for s in self._subscriptions if s.types is None or t in s.types) for t in EVENT_TYPES
         }
+        self._has_block = any(s.overflow == "block" for s in self._subscriptions)
 
     # --- receive -----------------------------------------------------------------------------
-
-    async def _deliver(self, env: Envelope) -> None:
-        for sub in self._routes.get(type(env.event), ()):
-            while not sub._offer(env):
-                await sub._wait_space()
 
     def _refuse(self, reason: str, sender: int | None) -> None:
         self._refused[reason] += 1
         metrics.FRAMES_REFUSED.labels(reason).inc()
 
-    async def _report_gap(self, sender: int, expected: int, got: int) -> None:
+    def _blocked_by(self, event_type: type, gap: bool) -> Subscription | None:
+        """A full ``block`` subscription that an envelope of ``event_type`` (and a gap report)
+        would go to, if any: the envelope must wait for it."""
+        for sub in self._routes.get(event_type, ()):
+            if sub.overflow == "block" and sub.maxsize - len(sub._buffer) < 1 + (gap and sub in self._routes[SequenceGap]):
+                if not sub._closed:
+                    return sub
+        if gap:
+            for sub in self._routes[SequenceGap]:
+                if sub.overflow == "block" and sub._full():
+                    return sub
+        return None
+
+    def _accept(self, frames: list[Frame], start: int) -> tuple[int, Subscription] | None:
+        """Decode, order and deliver ``frames[start:]``; the receive path's whole logic.
+
+        Synchronous, so a transport can call it straight from its reader callback. Returns
+        ``None`` when every frame was handled, or ``(index, subscription)`` when frame ``index``
+        must wait for room in a full ``block`` subscription; nothing about that frame has been
+        recorded yet, so calling again from ``index`` once there is room is exact.
+        """
+        decode = self.codec.decode
+        tracks = self._tracks
+        routes = self._routes
+        counts = self._received_counts
+        has_block = self._has_block
+        for index in range(start, len(frames)):
+            sender, incarnation, data = frames[index]
+            try:
+                env = decode(data, authenticated_sender=sender)
+            except FrameRefused as exc:
+                self._refuse(exc.reason, sender)
+                continue
+            except Exception:
+                # The codec promises only FrameRefused; anything else is still bad input.
+                log.exception("bus rank %d: decoder raised on a frame from rank %d", self.rank, sender)
+                self._refuse("malformed", sender)
+                continue
+            seq = env.seq
+            t = type(env.event)
+            track = tracks.get(sender)
+            gap_from = 0
+            if track is None or incarnation > track[0]:
+                new_sender = True
+            elif incarnation < track[0]:
+                self._refuse("stale_incarnation", sender)
+                continue
+            else:
+                new_sender = False
+                expected = track[1]
+                if seq != expected:
+                    if seq < expected:
+                        self._duplicates += 1
+                        self._refuse("duplicate", sender)
+                        continue
+                    gap_from = expected
+            if has_block:
+                blocked = self._blocked_by(t, gap_from > 0)
+                if blocked is not None:
+                    return index, blocked
+            if new_sender:
+                tracks[sender] = [incarnation, seq + 1]
+                assert self._sender_event is not None
+                self._sender_event.set()
+            else:
+                assert track is not None
+                track[1] = seq + 1
+                if gap_from:
+                    self._report_gap(sender, gap_from, seq)
+            self._received += 1
+            counts[t] = counts.get(t, 0) + 1
+            for sub in routes[t]:
+                sub._offer(env)
+        self._flush_received_counts()
+        return None
+
+    def _flush_received_counts(self) -> None:
+        if self._received_counts:
+            counts, self._received_counts = self._received_counts, {}
+            for t, n in counts.items():
+                self._received_by_type[t].inc(n)
+
+    def _report_gap(self, sender: int, expected: int, got: int) -> None:
         lost = got - expected
         self._gaps += 1
         self._lost += lost
@@ -505,13 +636,32 @@ class EventBus:
         log.warning("bus rank %d: lost %d events from rank %d (seq %d..%d)", self.rank, lost, sender, expected, got - 1)
         gap = SequenceGap(sender=sender, expected=expected, got=got)
         env = Envelope(SCHEMA_VERSION, self.rank, self._epoch, 0, time.time_ns(), time.monotonic_ns(), gap)
-        await self._deliver(env)
+        for sub in self._routes[SequenceGap]:
+            sub._offer(env)
+
+    def _on_frames(self, frames: list[Frame]) -> None:
+        """Push-mode entry: the transport calls this from its reader callback."""
+        if self._state == "closed":
+            return
+        stalled = self._accept(frames, 0)
+        if stalled is not None:
+            # Stop reading (ZeroMQ then queues, and past its high-water mark drops: a gap), and
+            # let a task finish this batch once the subscription has room.
+            self.transport.pause_receiving()
+            assert self._loop is not None
+            self._stall_task = self._loop.create_task(self._finish_stalled(frames, *stalled))
+
+    async def _finish_stalled(self, frames: list[Frame], index: int, sub: Subscription) -> None:
+        stalled: tuple[int, Subscription] | None = (index, sub)
+        while stalled is not None:
+            await stalled[1]._wait_space()
+            stalled = self._accept(frames, stalled[0])
+        self._stall_task = None
+        self.transport.resume_receiving()
 
     async def _receive_loop(self) -> None:
+        """Pull-mode driver, for transports without push delivery (the in-process network)."""
         transport = self.transport
-        decode = self.codec.decode
-        tracks = self._tracks
-        received_by_type = self._received_by_type
         while True:
             try:
                 frames = await transport.receive()
@@ -524,44 +674,10 @@ class EventBus:
                 log.exception("bus rank %d: transport receive failed", self.rank)
                 await asyncio.sleep(0.01)
                 continue
-            counts: dict[type, int] = {}
-            for sender, incarnation, data in frames:
-                try:
-                    env = decode(data, authenticated_sender=sender)
-                except FrameRefused as exc:
-                    self._refuse(exc.reason, sender)
-                    continue
-                except Exception:
-                    # The codec promises only FrameRefused; anything else is still bad input.
-                    log.exception("bus rank %d: decoder raised on a frame from rank %d", self.rank, sender)
-                    self._refuse("malformed", sender)
-                    continue
-                seq = env.seq
-                track = tracks.get(sender)
-                if track is None or incarnation > track[0]:
-                    tracks[sender] = [incarnation, seq + 1]
-                    assert self._sender_event is not None
-                    self._sender_event.set()
-                elif incarnation < track[0]:
-                    self._refuse("stale_incarnation", sender)
-                    continue
-                else:
-                    expected = track[1]
-                    if seq != expected:
-                        if seq < expected:
-                            self._duplicates += 1
-                            self._refuse("duplicate", sender)
-                            continue
-                        await self._report_gap(sender, expected, seq)
-                    track[1] = seq + 1
-                self._received += 1
-                t = type(env.event)
-                counts[t] = counts.get(t, 0) + 1
-                for sub in self._routes.get(t, ()):
-                    while not sub._offer(env):
-                        await sub._wait_space()
-            for t, n in counts.items():
-                received_by_type[t].inc(n)
+            stalled = self._accept(frames, 0)
+            while stalled is not None:
+                await stalled[1]._wait_space()
+                stalled = self._accept(frames, stalled[0])
 
     # --- introspection -----------------------------------------------------------------------
 

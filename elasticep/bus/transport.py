@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import abc
 import time
-from typing import Tuple
+from typing import Callable, Tuple
 
 Frame = Tuple[int, int, bytes]
 """A received frame: ``(sender_rank, sender_incarnation, data)``; ``data`` is one encoded envelope."""
@@ -75,6 +75,21 @@ class Transport(abc.ABC):
 
         Raises :class:`TransportClosed` once the transport is closed.
         """
+
+    def set_receiver(self, receiver: Callable[[list[Frame]], None]) -> bool:
+        """Offer push delivery: call ``receiver(frames)`` from the event loop as frames arrive.
+
+        Called once by the bus before :meth:`start`. Return ``True`` if this transport will push
+        (then the bus never calls :meth:`receive`), ``False`` to be pulled (the default).
+        """
+        return False
+
+    def pause_receiving(self) -> None:
+        """Push mode: stop calling the receiver until :meth:`resume_receiving` (frames wait in the
+        transport's own buffers, which drop past their high-water mark)."""
+
+    def resume_receiving(self) -> None:
+        """Push mode: deliver again, starting with whatever arrived while paused."""
 
     async def refresh(self) -> None:
         """Look for peers that registered since the last look and connect to them (default: none)."""

@@ -14,10 +14,15 @@ store round trip from a worker thread, never a busy loop) and connects to ranks 
 later (joiners, scale-up) or re-registered at a new endpoint (restarts); :meth:`refresh` does the
 same at once, for a membership service that knows a rank just joined.
 
-Wire frame: an 8-byte little-endian incarnation of the sending transport, then one encoded
-envelope. The incarnation lets receivers tell a restarted rank (sequence numbers start at 1 again)
-from duplicates. ZeroMQ drops frames past the high-water mark (``hwm``) on either side; the bus
-sees the hole in the sequence numbers and reports it.
+Wire message: the sending transport's incarnation (8 bytes, little-endian), then one or more
+envelopes, each as a 4-byte little-endian length and the encoded envelope. The bus hands all
+envelopes it published in one event-loop iteration to :meth:`ZmqTransport.send_many` and they
+leave as one ZeroMQ message (up to ``MAX_MESSAGE_BYTES``): per-message costs in libzmq (pipe
+signalling, CURVE boxing, a syscall) are paid once per batch, not per event. The incarnation lets
+receivers tell a restarted rank (sequence numbers start at 1 again) from duplicates. A message
+whose lengths do not add up is refused as ``malformed`` from the bad length on. ZeroMQ drops
+messages past the high-water mark (``hwm``) on either side; the bus sees the hole in the sequence
+numbers and reports it.
 
 Socket monitors on every socket report handshakes and disconnects: :meth:`connected` lists peers
 whose handshake succeeded, failed CURVE handshakes are counted in
@@ -53,8 +58,12 @@ MONITOR_RANK = -1
 DEFAULT_HWM = 100_000
 """High-water mark per socket, messages (``Config.bus_hwm``)."""
 
+MAX_MESSAGE_BYTES = 256 * 1024
+"""A batch of envelopes is split into ZeroMQ messages of at most about this many bytes."""
+
 _RECEIVE_BATCH = 4096
 _INCARNATION = struct.Struct("<Q")
+_LENGTH = struct.Struct("<I")
 
 _SUB_MONITOR_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -157,6 +166,9 @@ class ZmqTransport(Transport):
         self._refresh_lock: asyncio.Lock | None = None
         self._seen_registrations = 0
         self._listeners: list[PeerListener] = []
+        self._receiver: Callable[[list[Frame]], None] | None = None
+        self._paused = False
+        self._pump_scheduled = False
         self._closed = False
         self._started = False
         self.handshake_failures = 0
@@ -300,9 +312,6 @@ class ZmqTransport(Transport):
         self._peers[reg.rank] = peer
         self._watch(sock, lambda r=reg.rank, s=sock: self._on_sub_readable(r, s))
         self._watch(monitor, lambda p=peer: self._on_sub_monitor(p))
-        self._ready.add(reg.rank)
-        assert self._readable is not None
-        self._readable.set()
 
     def _close_peer(self, peer: _Peer) -> None:
         self._unwatch(peer.sock)
@@ -361,8 +370,38 @@ class ZmqTransport(Transport):
             return
         if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             self._ready.add(rank)
-            assert self._readable is not None
-            self._readable.set()
+            if self._receiver is None:
+                assert self._readable is not None
+                self._readable.set()
+            elif not self._paused:
+                self._pump()
+
+    def _pump(self) -> None:
+        """Push mode: hand one batch to the receiver; come back next iteration if more is ready
+        (so one flooding peer cannot starve the event loop)."""
+        self._pump_scheduled = False
+        if self._paused or self._closed or self._receiver is None:
+            return
+        frames = self._drain()
+        if frames:
+            self._receiver(frames)
+        if self._ready and not self._pump_scheduled and not self._paused:
+            self._pump_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._pump)
+
+    def set_receiver(self, receiver: Callable[[list[Frame]], None]) -> bool:
+        self._receiver = receiver
+        return True
+
+    def pause_receiving(self) -> None:
+        self._paused = True
+
+    def resume_receiving(self) -> None:
+        self._paused = False
+        if not self._pump_scheduled and self._loop is not None and not self._closed:
+            self._pump_scheduled = True
+            self._loop.call_soon(self._pump)
 
     def _notify(self, rank: int, kind: str) -> None:
         for listener in self._listeners:
@@ -411,14 +450,7 @@ class ZmqTransport(Transport):
     # --- data path ---------------------------------------------------------------------------
 
     def send(self, frame: bytes) -> None:
-        if self._pub is None:
-            if self.read_only:
-                raise PermissionError("a monitor transport is read-only")
-            raise TransportClosed("transport is not started")
-        try:
-            self._pub.send(self._prefix + frame, zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # PUB drops past its high-water mark; receivers see the gap
+        self.send_many([frame])
 
     def send_many(self, frames: list[bytes]) -> None:
         pub = self._pub
@@ -426,41 +458,64 @@ class ZmqTransport(Transport):
             if self.read_only:
                 raise PermissionError("a monitor transport is read-only")
             raise TransportClosed("transport is not started")
-        prefix = self._prefix
-        send = pub.send
+        pack = _LENGTH.pack
+        parts = [self._prefix]
+        size = 8
         for frame in frames:
-            try:
-                send(prefix + frame, zmq.NOBLOCK)
-            except zmq.Again:
-                pass
+            parts.append(pack(len(frame)))
+            parts.append(frame)
+            size += 4 + len(frame)
+            if size >= MAX_MESSAGE_BYTES:
+                self._send_message(pub, b"".join(parts))
+                parts = [self._prefix]
+                size = 8
+        if len(parts) > 1:
+            self._send_message(pub, b"".join(parts))
+
+    @staticmethod
+    def _send_message(pub: zmq.Socket, message: bytes) -> None:
+        try:
+            pub.send(message, zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # PUB drops past its high-water mark; receivers see the gap
 
     def _drain(self) -> list[Frame]:
         out: list[Frame] = []
         if not self._ready:
             return out
         peers = self._peers
+        unpack_length = _LENGTH.unpack_from
         for rank in list(self._ready):
             peer = peers.get(rank)
             if peer is None:
                 self._ready.discard(rank)
                 continue
-            recv = peer.sock.recv
-            incarnation = peer.incarnation
-            last_prefix = b""
+            sock = peer.sock
+            recv = sock.recv
+            getsockopt = sock.getsockopt
             while len(out) < _RECEIVE_BATCH:
-                try:
-                    data = recv(zmq.NOBLOCK)
-                except zmq.Again:
+                # Asking EVENTS is much cheaper than provoking zmq.Again, and it re-arms the FD.
+                if not getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     self._ready.discard(rank)
                     break
-                head = data[:8]
-                if head != last_prefix:
-                    if len(head) < 8:
-                        out.append((rank, incarnation, b""))  # no room for a header: malformed
-                        continue
-                    last_prefix = head
-                    incarnation = _INCARNATION.unpack(head)[0]
-                out.append((rank, incarnation, data[8:]))
+                data = recv(zmq.NOBLOCK)
+                end = len(data)
+                if end < 12:
+                    out.append((rank, peer.incarnation, b""))  # no room for a header: malformed
+                    continue
+                incarnation = _INCARNATION.unpack_from(data)[0]
+                offset = 8
+                while offset < end:
+                    if offset + 4 > end:
+                        out.append((rank, incarnation, b""))
+                        break
+                    length = unpack_length(data, offset)[0]
+                    offset += 4
+                    if offset + length > end:
+                        out.append((rank, incarnation, b""))  # lengths overrun the message
+                        break
+                    out.append((rank, incarnation, data[offset : offset + length]))
+                    offset += length
             if len(out) >= _RECEIVE_BATCH:
                 break
         return out

@@ -1,0 +1,354 @@
+"""``elasticep bench bus``: the event bus against raw pyzmq, between two processes on loopback.
+
+In one run, for each of
+
+* **elasticep**: :class:`~elasticep.bus.EventBus` over :class:`~elasticep.bus.ZmqTransport`
+  (CURVE on, endpoints from a ``TCPStore`` rendezvous), events read by the subscriber through
+  ``async for env in bus.subscribe(Heartbeat)``;
+* **raw_zmq**: a plain pyzmq PUB socket and a SUB socket reading with blocking ``recv`` (no
+  CURVE, no asyncio, no decoding), frames of the same size as elasticep's;
+
+it measures
+
+* one-way latency: the publisher sends one frame every ``--interval-us``; the subscriber takes
+  ``time.monotonic_ns()`` when the event reaches it and subtracts the send time carried in the
+  frame (one host, one monotonic clock), p50 and p99 in microseconds;
+* sustained throughput: the publisher sends ``--events`` frames as fast as it can; the subscriber
+  counts what arrives between the first and the last, events per second.
+
+The publisher is this process; each subscriber is a child process. ``--json PATH`` writes the
+figures with the keys ``elasticep_p50_us``, ``elasticep_p99_us``, ``raw_zmq_p50_us``,
+``raw_zmq_p99_us``, ``elasticep_events_per_s``, ``raw_zmq_events_per_s`` (plus details).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+from typing import Any
+
+_PROBE, _LATENCY, _THROUGHPUT = 0, 1, 2
+_RAW_HEAD = struct.Struct("<Bq")
+_READY_KEY = "elasticep/bench/bus/ready/"
+_RESULT_KEY = "elasticep/bench/bus/result/"
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    if not samples:
+        return float("nan")
+    ordered = sorted(samples)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def _summary(latencies_ns: list[int], count: int, span_ns: int, sent: int) -> dict[str, Any]:
+    us = [x / 1e3 for x in latencies_ns]
+    return {
+        "p50_us": _percentile(us, 50),
+        "p99_us": _percentile(us, 99),
+        "latency_samples": len(us),
+        "events_per_s": (count - 1) / (span_ns / 1e9) if count > 1 and span_ns > 0 else 0.0,
+        "throughput_received": count,
+        "throughput_sent": sent,
+    }
+
+
+# --- subscriber processes ------------------------------------------------------------------------
+
+
+async def _elasticep_subscriber(args: argparse.Namespace) -> dict[str, Any]:
+    from elasticep.bus import ClusterKeys, EventBus, ZmqTransport, connect_store
+    from elasticep.events import Heartbeat
+
+    store = connect_store(args.store)
+    keys = ClusterKeys.from_env()
+    transport = ZmqTransport(1, keys, store, hwm=args.hwm, endpoint=args.endpoint)
+    latencies: list[int] = []
+    count = 0
+    first = last = 0
+    loop = asyncio.get_running_loop()
+    async with EventBus(transport, 1) as bus:
+        sub = bus.subscribe(Heartbeat, maxsize=1 << 20)
+
+        async def consume() -> None:
+            nonlocal count, first, last
+            ready = False
+            async for env in sub:
+                now = time.monotonic_ns()
+                step = env.event.step
+                if step == _LATENCY:
+                    latencies.append(now - env.mono_ns)
+                elif step == _THROUGHPUT:
+                    if count == 0:
+                        first = now
+                    count += 1
+                    last = now
+                    if count >= args.events:
+                        return
+                elif not ready:
+                    ready = True
+                    await loop.run_in_executor(None, store.set, _READY_KEY + "elasticep", "1")
+
+        consumer = loop.create_task(consume())
+        deadline = time.monotonic() + args.timeout
+        # A watchdog, not a per-event timeout: the hot loop stays a plain ``async for``.
+        while not consumer.done():
+            await asyncio.sleep(0.2)
+            quiet = count and time.monotonic_ns() - last > 1e9
+            if quiet or time.monotonic() > deadline:
+                sub.close()
+                break
+        await consumer
+        lost = bus.statistics().lost
+    result = _summary(latencies, count, last - first, args.events)
+    result["lost_in_gaps"] = lost
+    return result
+
+
+def _raw_subscriber(args: argparse.Namespace) -> dict[str, Any]:
+    import zmq
+
+    from elasticep.bus import connect_store
+
+    store = connect_store(args.store)
+    ctx = zmq.Context(io_threads=1)
+    sock = ctx.socket(zmq.SUB)
+    sock.rcvhwm = args.hwm
+    sock.linger = 0
+    sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.connect(store.get("elasticep/bench/bus/raw_endpoint").decode())
+    latencies: list[int] = []
+    count = 0
+    first = last = 0
+    ready = False
+    deadline = time.monotonic() + args.timeout
+    sock.rcvtimeo = 200
+    try:
+        while time.monotonic() < deadline:
+            try:
+                data = sock.recv()
+            except zmq.Again:
+                if count:
+                    break  # the throughput burst is over
+                continue
+            now = time.monotonic_ns()
+            phase, sent = _RAW_HEAD.unpack_from(data)
+            if phase == _PROBE:
+                if not ready:
+                    ready = True
+                    store.set(_READY_KEY + "raw", "1")
+            elif phase == _LATENCY:
+                latencies.append(now - sent)
+            elif phase == _THROUGHPUT:
+                if count == 0:
+                    first = now
+                    sock.rcvtimeo = 1000
+                count += 1
+                last = now
+                if count >= args.events:
+                    break
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+    return _summary(latencies, count, last - first, args.events)
+
+
+def _subscriber_main(args: argparse.Namespace) -> int:
+    from elasticep.bus import connect_store
+
+    if args.role == "elasticep-sub":
+        result = asyncio.run(_elasticep_subscriber(args))
+    else:
+        result = _raw_subscriber(args)
+    connect_store(args.store).set(_RESULT_KEY + args.role, json.dumps(result))
+    return 0
+
+
+# --- publisher (this process) --------------------------------------------------------------------
+
+
+def _spawn(role: str, store_addr: str, args: argparse.Namespace, env: dict[str, str] | None = None) -> subprocess.Popen:
+    cmd = [
+        sys.executable, "-m", "elasticep.bench.bus", "--role", role, "--store", store_addr,
+        "--events", str(args.events), "--hwm", str(args.hwm), "--timeout", str(args.timeout),
+    ]
+    if args.endpoint:
+        cmd += ["--endpoint", args.endpoint]
+    return subprocess.Popen(cmd, env=env)
+
+
+def _wait_key(store: Any, key: str, timeout: float, probe: Any) -> None:
+    """Call ``probe()`` every 10 ms until ``key`` appears in the store (the subscriber is ready)."""
+    deadline = time.monotonic() + timeout
+    while not store.check([key]):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"subscriber did not become ready ({key})")
+        probe()
+        time.sleep(0.01)
+
+
+def _result(store: Any, role: str, proc: subprocess.Popen, timeout: float) -> dict[str, Any]:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"{role} subscriber exited with {proc.returncode}")
+    return json.loads(store.get(_RESULT_KEY + role))
+
+
+async def _elasticep_publisher(args: argparse.Namespace, store: Any, store_addr: str) -> tuple[dict[str, Any], int]:
+    from elasticep.bus import ClusterKeys, EventBus, ZmqTransport
+    from elasticep.events import Heartbeat, envelope
+
+    keys = ClusterKeys.generate(2)
+    proc = _spawn("elasticep-sub", store_addr, args, env=keys.for_rank(1).to_env())
+    try:
+        transport = ZmqTransport(0, keys.for_rank(0), store, hwm=args.hwm, endpoint=args.endpoint)
+        async with EventBus(transport, 0) as bus:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + args.timeout
+            probe = Heartbeat(rank=0, step=_PROBE)
+            while not await loop.run_in_executor(None, store.check, [_READY_KEY + "elasticep"]):
+                if loop.time() > deadline or proc.poll() is not None:
+                    raise TimeoutError("elasticep subscriber did not become ready")
+                await bus.publish(probe)
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            frame_bytes = 8 + 4 + len(bus.codec.encode(envelope(probe, sender=0, epoch=0, seq=1)))
+            interval = args.interval_us / 1e6
+            latency_event = Heartbeat(rank=0, step=_LATENCY)
+            for _ in range(args.samples):
+                await bus.publish(latency_event)
+                await asyncio.sleep(interval)
+            await asyncio.sleep(0.05)
+            burst = Heartbeat(rank=0, step=_THROUGHPUT)
+            publish = bus.publish
+            t0 = time.perf_counter()
+            for i in range(args.events):
+                await publish(burst)
+                if i % 4096 == 4095:
+                    await asyncio.sleep(0)  # let the loop breathe (watcher, monitors)
+            send_s = time.perf_counter() - t0
+            result = await loop.run_in_executor(None, _result, store, "elasticep-sub", proc, args.timeout + 30)
+        result["publisher_events_per_s"] = args.events / send_s
+        return result, frame_bytes
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _raw_publisher(args: argparse.Namespace, store: Any, store_addr: str, frame_bytes: int) -> dict[str, Any]:
+    import zmq
+
+    ctx = zmq.Context(io_threads=1)
+    pub = ctx.socket(zmq.PUB)
+    pub.sndhwm = args.hwm
+    pub.linger = 0
+    if args.endpoint and args.endpoint.startswith("ipc"):
+        path = f"/tmp/elasticep-bench-raw-{os.getpid()}.sock"
+        pub.bind("ipc://" + path)
+    else:
+        pub.bind("tcp://127.0.0.1:*")
+    store.set("elasticep/bench/bus/raw_endpoint", pub.last_endpoint)
+    pad = b"\0" * max(0, frame_bytes - _RAW_HEAD.size)
+    proc = _spawn("raw-sub", store_addr, args)
+    try:
+        _wait_key(store, _READY_KEY + "raw", args.timeout, lambda: pub.send(_RAW_HEAD.pack(_PROBE, 0) + pad))
+        time.sleep(0.05)
+        interval = args.interval_us / 1e6
+        for _ in range(args.samples):
+            pub.send(_RAW_HEAD.pack(_LATENCY, time.monotonic_ns()) + pad)
+            time.sleep(interval)
+        time.sleep(0.05)
+        frame = _RAW_HEAD.pack(_THROUGHPUT, 0) + pad
+        send = pub.send
+        t0 = time.perf_counter()
+        for _ in range(args.events):
+            send(frame)
+        send_s = time.perf_counter() - t0
+        result = _result(store, "raw-sub", proc, args.timeout + 30)
+        result["publisher_events_per_s"] = args.events / send_s
+        return result
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        pub.close(linger=0)
+        ctx.term()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from torch.distributed import TCPStore
+
+    from elasticep.testing.fixtures import free_port
+
+    port = free_port()
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, use_libuv=True)
+    store_addr = f"127.0.0.1:{port}"
+    ours, frame_bytes = asyncio.run(_elasticep_publisher(args, store, store_addr))
+    raw = _raw_publisher(args, store, store_addr, frame_bytes)
+    out: dict[str, Any] = {
+        "elasticep_p50_us": ours["p50_us"],
+        "elasticep_p99_us": ours["p99_us"],
+        "raw_zmq_p50_us": raw["p50_us"],
+        "raw_zmq_p99_us": raw["p99_us"],
+        "elasticep_events_per_s": ours["events_per_s"],
+        "raw_zmq_events_per_s": raw["events_per_s"],
+        "frame_bytes": frame_bytes,
+        "transport": args.endpoint or "tcp://127.0.0.1",
+        "latency_samples": args.samples,
+        "interval_us": args.interval_us,
+        "events": args.events,
+        "elasticep": ours,
+        "raw_zmq": raw,
+    }
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="elasticep bench bus", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", metavar="PATH", help="write the figures as JSON to PATH")
+    p.add_argument("--samples", type=int, default=3000, help="latency samples per system (default 3000)")
+    p.add_argument("--interval-us", type=float, default=500.0, help="gap between latency samples, us")
+    p.add_argument("--events", type=int, default=300_000, help="events in the throughput burst")
+    p.add_argument("--hwm", type=int, default=1_000_000, help="ZeroMQ high-water mark for the run")
+    p.add_argument("--endpoint", default=None, help="elasticep PUB bind endpoint (default tcp://127.0.0.1:*; 'ipc')")
+    p.add_argument("--tiny", action="store_true", help="a few hundred events only (for tests)")
+    p.add_argument("--timeout", type=float, default=60.0, help="bound on each phase, s")
+    p.add_argument("--role", choices=["elasticep-sub", "raw-sub"], help=argparse.SUPPRESS)
+    p.add_argument("--store", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.role:
+        return _subscriber_main(args)
+    if args.tiny:
+        args.samples, args.events, args.timeout = 50, 2000, 20.0
+    out = run(args)
+    print(f"frame {out['frame_bytes']} B over {out['transport']}, {args.samples} latency samples, "
+          f"{args.events} events burst")
+    print(f"{'':12}{'p50 us':>10}{'p99 us':>10}{'events/s':>12}")
+    for name in ("elasticep", "raw_zmq"):
+        print(f"{name:12}{out[name + '_p50_us']:>10.1f}{out[name + '_p99_us']:>10.1f}{out[name + '_events_per_s']:>12,.0f}")
+    print(f"p50 ratio elasticep/raw: {out['elasticep_p50_us'] / out['raw_zmq_p50_us']:.2f} (target <= 1.5); "
+          f"elasticep lost {out['elasticep']['lost_in_gaps']} events in gaps")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
