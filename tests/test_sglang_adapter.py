@@ -295,15 +295,81 @@ class RecordingEPLBManager:
         yield
 
 
-def _views(*views: View):
-    async def gen():
-        for v in views:
-            yield v
-    return gen()
-
-
 @pytest.mark.asyncio
-async def test_a_view_updates_sglang_active_ranks_once_never_twice_for_one_epoch() -> None:
+@pytest.mark.timeout(60)
+async def test_a_membership_change_updates_sglang_active_ranks_once() -> None:
+    """A rank dies: Mooncake's mask on rank 0 marks it, elasticep's membership agrees on a view
+    without it, the view is written into SGLang's active-ranks state once, and SGLang rebalances
+    once, on the agreed member set, through elasticep's planner."""
+    from sglang.srt.elastic_ep import elastic_ep
+
+    from elasticep.bus import EventBus, InProcessNetwork
+    from elasticep.config import Config
+    from elasticep.membership import InMemoryViewStore
+    from elasticep.membership.service import MembershipService
+    from elasticep_sglang import ActiveRanksFeed, install_hooks, mooncake_mask_source
+    from elasticep_sglang.testing import sglang_cpu_runtime
+
+    R, S, E = 4, 8, 16
+    load = _load(2, E)
+    net, store = InProcessNetwork(), InMemoryViewStore()
+    services = [
+        MembershipService(r, EventBus(net.transport(r), r), store, Config.local(), initial_members=tuple(range(R)))
+        for r in range(R)
+    ]
+    loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Task] = []
+    with sglang_cpu_runtime(ep_size=R, num_redundant_experts=R * S - E, ep_dispatch_algorithm="dynamic") as rt:
+        from sglang.srt.runtime_context import get_resources
+
+        get_resources().expert_location_metadata = _metadata_from_eplb(*_sglang_rebalance(load, R, S)[:2], R)
+        try:
+            await asyncio.gather(*(s.start(ready_timeout=5) for s in services))
+            feed = ActiveRanksFeed()
+            # two subscriptions deliver every view twice; each epoch must still be written once
+            tasks = [asyncio.create_task(feed.run(services[0].views())) for _ in range(2)]
+            timeouts: list = []
+
+            def to_membership(events: list) -> None:  # the scheduler thread hands kernel timeouts over
+                timeouts.extend(events)
+                for event in events:
+                    loop.call_soon_threadsafe(services[0].report, event)
+
+            hooks = install_hooks(feed=feed, mask_source=mooncake_mask_source(0, feed=feed, num_ranks=R),
+                                  on_peer_timeout=to_membership, view_wait_s=10.0)
+            manager = RecordingEPLBManager(R, S, load)
+
+            def step() -> bool:  # the model runner, after each forward pass, on its own thread
+                return elastic_ep.maybe_rebalance_after_rank_fault(eplb_manager=manager)
+
+            await asyncio.sleep(0.05)
+            assert await asyncio.to_thread(step) is False
+            assert feed.applied == [1] and manager.rebalanced == []
+
+            # rank 2 dies: its heartbeats stop and rank 0's Mooncake kernel marks it
+            await services[2].close()
+            rt.state.active_ranks[2] = 0
+            assert await asyncio.to_thread(step) is True
+            assert [e.peer for e in timeouts] == [2]
+            assert feed.applied == [1, 2] and feed.members == {0, 1, 3}
+            assert services[0].current.epoch == 2 and services[0].current.members == (0, 1, 3)
+            assert rt.state.active_ranks.tolist() == [1, 1, 0, 1]
+            assert len(manager.rebalanced) == 1
+            assert hooks.rebalance.records[-1].planner == "elasticep" and hooks.rebalance.records[-1].dead == (2,)
+
+            await asyncio.sleep(0.05)  # the second subscription's copy of epoch 2 has arrived
+            assert await asyncio.to_thread(step) is False
+            assert feed.applied == [1, 2] and len(manager.rebalanced) == 1
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for s in services:
+                await s.close()
+                await s.bus.close()
+
+
+def test_a_view_is_never_written_twice_for_one_epoch() -> None:
     from sglang.srt.elastic_ep import elastic_ep
 
     from elasticep_sglang import ActiveRanksFeed, install_hooks, mooncake_mask_source
@@ -316,34 +382,29 @@ async def test_a_view_updates_sglang_active_ranks_once_never_twice_for_one_epoch
 
         get_resources().expert_location_metadata = _metadata_from_eplb(*_sglang_rebalance(load, R, S)[:2], R)
         feed = ActiveRanksFeed()
-        source = mooncake_mask_source(0, feed=feed, num_ranks=R)
         timeouts: list = []
-        hooks = install_hooks(feed=feed, mask_source=source, on_peer_timeout=timeouts.extend, view_wait_s=0.5)
-        assert elastic_ep.maybe_rebalance_after_rank_fault is hooks.step
+        install_hooks(feed=feed, mask_source=mooncake_mask_source(0, feed=feed, num_ranks=R),
+                      on_peer_timeout=timeouts.extend, view_wait_s=0.2)
         manager = RecordingEPLBManager(R, S, load)
 
-        def step() -> bool:  # what the model runner does after each forward pass
+        def step() -> bool:
             return elastic_ep.maybe_rebalance_after_rank_fault(eplb_manager=manager)
 
         applied0 = metrics.sample("elasticep_sglang_views_total", {"outcome": "applied"})
         dup0 = metrics.sample("elasticep_sglang_views_total", {"outcome": "duplicate"})
         stale0 = metrics.sample("elasticep_sglang_views_total", {"outcome": "stale"})
-
         v1 = View(epoch=1, members=(0, 1, 2, 3), leader=0)
         v2 = View(epoch=2, members=(0, 1, 3), leader=0)
-        # the membership side delivers epoch 2 twice (a second subscription, a replayed stream)
-        await feed.run(_views(v1, v2, v2))
-        assert step() is True  # rank 2 left: SGLang rebalances, once, on the agreed member set
-        assert feed.applied == [1, 2]
+        for v in (v1, v2, v2):
+            feed.offer(v)
+        assert step() is True and feed.applied == [1, 2] and len(manager.rebalanced) == 1
         assert rt.state.active_ranks.tolist() == [1, 1, 0, 1]
-        assert len(manager.rebalanced) == 1 and hooks.rebalance.records[-1].dead == (2,)
-        assert not step() and len(manager.rebalanced) == 1
 
         # the kernel marks rank 1 during a step; epoch 2 arrives once more: rank 1 must stay marked
         rt.state.active_ranks[1] = 0
         feed.offer(v2)
         feed.offer(v1)
-        assert step() is True  # no newer view came: SGLang acts on the local mask, and re-runs
+        assert step() is True  # no newer view in time: SGLang acts on the local mask, and re-runs
         assert [e.peer for e in timeouts] == [1] and timeouts[0].waited_us == 10_000_000
         assert feed.applied == [1, 2], "an epoch was written twice"
         assert rt.state.active_ranks.tolist() == [1, 0, 0, 1]
@@ -353,9 +414,8 @@ async def test_a_view_updates_sglang_active_ranks_once_never_twice_for_one_epoch
         assert metrics.sample("elasticep_sglang_views_total", {"outcome": "stale"}) == stale0 + 1
 
         # the next view (rank 1 evicted) is written once; the feed's own write is no kernel timeout
-        v3 = View(epoch=3, members=(0, 3), leader=0)
-        feed.offer(v3)
-        assert not step()  # the mask already showed rank 1 down: nothing new to rebalance
+        feed.offer(View(epoch=3, members=(0, 3), leader=0))
+        assert step() is False  # the mask already showed rank 1 down: nothing new to rebalance
         assert feed.applied == [1, 2, 3] and len(timeouts) == 1
 
 
