@@ -95,6 +95,23 @@ EXPERTS_MOVED = Counter(
     "elasticep_experts_moved_total", "Expert slots whose weights were moved, by source kind.", ["source"],
     registry=REGISTRY,
 )
+COLLECTIVE_FAILURES = Counter(
+    "elasticep_collective_failures_total",
+    "Collectives on a healthy-rank group that failed or timed out, by op.",
+    ["op"],
+    registry=REGISTRY,
+)
+TRANSFER_FAILURES = Counter(
+    "elasticep_transfer_failures_total",
+    "Expert weight transfers from one source that failed (the next source is tried), by source kind "
+    "and reason.",
+    ["source", "reason"],
+    registry=REGISTRY,
+)
+TRANSFER_BYTES = Counter(
+    "elasticep_transfer_bytes_total", "Expert weight bytes moved into this rank, by source kind.", ["source"],
+    registry=REGISTRY,
+)
 REDUNDANCY_EXHAUSTED = Counter(
     "elasticep_redundancy_exhausted_total",
     "Views after which some logical expert had no live replica.",
