@@ -135,9 +135,15 @@ def install_hooks(
     """Install the hooks in this process (idempotent: a second call returns the first install).
 
     Args:
-        periodic, max_moves: see :class:`~elasticep_sglang.rebalance.ElasticRebalance`.
-        feed, mask_source, on_peer_timeout, view_wait_s: see :class:`StepBoundary`; without a
-            feed or a mask source the step boundary is left as SGLang has it.
+        periodic: who plans while every rank is alive (see
+            :class:`~elasticep_sglang.rebalance.ElasticRebalance`).
+        max_moves: the planner's move budget (see ``ElasticRebalance``).
+        feed: the view feed applied at each step boundary (see :class:`StepBoundary`).
+        mask_source: the Mooncake mask source read at each step boundary.
+        on_peer_timeout: receives the kernel timeouts the mask source found.
+        view_wait_s: how long a step waits for a view after a kernel timeout.
+
+    Without a feed or a mask source the step boundary is left as SGLang has it.
 
     Raises:
         UnsupportedSGLangVersion: the installed SGLang is outside ``SUPPORTED_SGLANG``.
