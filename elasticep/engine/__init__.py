@@ -1,1 +1,58 @@
-"""The reference engine."""
+"""The reference engine: a tiny DeepSeek-V3 served by rank processes with expert parallelism.
+
+See ``docs/engine.md``. Heavy dependencies (transformers) are imported only when a model is built
+or loaded, so importing this package is cheap.
+"""
+
+from elasticep.engine.ep import DeadSlotRouted, Dispatched, ExpertParallel, LocalEP
+from elasticep.engine.launcher import Launcher, LauncherError, RankInfo, RankNotRunning
+from elasticep.engine.model import (
+    TINY_DEFAULTS,
+    DecodeState,
+    EPExperts,
+    ExpertCheckpoint,
+    PlacementMismatch,
+    RankModel,
+    SlotNotLoaded,
+    load_config,
+    make_tiny_model,
+    moe_layer_ids,
+    round_robin_placement,
+    tiny_config,
+)
+from elasticep.engine.oracle import Oracle
+from elasticep.engine.protocol import FaultPlan, RankSpec
+from elasticep.engine.router import RequestRejected, RequestResult, Router, RouterClosed
+from elasticep.engine.zygote import Zygote, ZygoteError
+
+__all__ = [
+    "TINY_DEFAULTS",
+    "DeadSlotRouted",
+    "DecodeState",
+    "Dispatched",
+    "EPExperts",
+    "ExpertCheckpoint",
+    "ExpertParallel",
+    "FaultPlan",
+    "Launcher",
+    "LauncherError",
+    "LocalEP",
+    "Oracle",
+    "PlacementMismatch",
+    "RankInfo",
+    "RankModel",
+    "RankNotRunning",
+    "RankSpec",
+    "RequestRejected",
+    "RequestResult",
+    "Router",
+    "RouterClosed",
+    "SlotNotLoaded",
+    "Zygote",
+    "ZygoteError",
+    "load_config",
+    "make_tiny_model",
+    "moe_layer_ids",
+    "round_robin_placement",
+    "tiny_config",
+]

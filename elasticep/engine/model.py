@@ -640,8 +640,7 @@ class RankModel:
         try:
             logits = self.forward(torch.tensor([ids], dtype=torch.int64), seq.cache)
         except BaseException:
-            if seq.cache.get_seq_length() > before:
-                seq.cache.crop(before)
+            _rollback(seq, before)
             raise
         token = int(torch.argmax(logits[0, -1]).item())
         seq.generated.append(token)
@@ -662,6 +661,20 @@ class RankModel:
             f"RankModel(rank={self.rank}, moe_layers={len(self.moe_layers)}, local_slots={len(self._local)}, "
             f"experts={self.config.n_routed_experts}, backend={type(self.backend).__name__})"
         )
+
+
+def _rollback(seq: DecodeState, length: int) -> None:
+    """Cut every layer of ``seq``'s KV cache back to ``length`` tokens after a failed step.
+
+    A step that failed inside layer L has appended to the caches of layers 0..L only, so each
+    layer is cut on its own; a failed prefill drops the cache."""
+    if length == 0:
+        seq.cache = None
+        return
+    for layer in seq.cache.layers:
+        extra = layer.get_seq_length() - length
+        if extra > 0:
+            layer.crop(-extra)
 
 
 def describe(path: str | Path) -> dict[str, Any]:

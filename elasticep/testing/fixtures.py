@@ -24,3 +24,43 @@ def tcp_store():
     store.set_timeout(__import__("datetime").timedelta(seconds=10))
     yield store
     del store
+
+
+# --- reference engine ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory):
+    """Path of a tiny DeepSeek-V3 (seed 0, :data:`elasticep.engine.TINY_DEFAULTS`), written once
+    per session as ``config.json`` + ``model.safetensors``."""
+    from elasticep.engine.model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-deepseek-v3"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def oracle(tiny_model):
+    """transformers' own ``DeepseekV3ForCausalLM`` on ``tiny_model``'s weights (memoised greedy)."""
+    from elasticep.engine.oracle import Oracle
+
+    return Oracle(tiny_model)
+
+
+@pytest.fixture
+def launcher(tiny_model):
+    """A started :class:`~elasticep.engine.launcher.Launcher` with 2 ranks on ``tiny_model``;
+    every rank is killed at teardown. For other shapes, build one in the test with ``with``."""
+    from elasticep.engine.launcher import Launcher
+
+    with Launcher(tiny_model, 2, attempt_timeout_s=5.0) as launched:
+        yield launched
+
+
+@pytest.fixture
+def fault_injector(launcher):
+    """A :class:`~elasticep.testing.FaultInjector` on the ``launcher`` fixture."""
+    from elasticep.testing.faults import FaultInjector
+
+    injector = FaultInjector(launcher)
+    yield injector
+    injector.cancel()
