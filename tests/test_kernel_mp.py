@@ -8,8 +8,8 @@ Each test kills every process it started and unlinks its segment in a ``finally`
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
-import queue
 import signal
 import time
 import uuid
@@ -66,7 +66,7 @@ def _moe_rank(rank: int, num_ranks: int, cluster_id: str, job: dict[str, Any], r
             routed = buf.combine(expert_out, idx, w, handle=handle)
             shared = _expert(x, job["shared_gate_up"], job["shared_down"])
             outs.append((routed + shared).numpy())  # by value: the parent reads after we exit
-        results.put((rank, {"outs": outs, "mask": buf.active_ranks.tolist(), "stats": buf.stats()}))
+        results.send((rank, {"outs": outs, "mask": buf.active_ranks.tolist(), "stats": buf.stats()}))
 
 
 def _fault_rank(rank: int, num_ranks: int, cluster_id: str, job: dict[str, Any], results: Any) -> None:
@@ -77,15 +77,18 @@ def _fault_rank(rank: int, num_ranks: int, cluster_id: str, job: dict[str, Any],
         rank, num_ranks, slots_per_rank=spr, max_tokens=TOKENS_PER_RANK, hidden=HIDDEN, topk=TOPK,
         cluster_id=cluster_id, timeout_us=job["timeout_us"],
     )
-    results.put((rank, "ready"))
-    job["go"].wait(10)
+    results.send((rank, "ready"))
+    go = job["go"][rank]
+    if not go.poll(20):
+        return
+    go.recv()
     if rank == job.get("late_rank"):
         time.sleep(job["late_s"])
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(TOKENS_PER_RANK, HIDDEN, generator=gen)
     idx = torch.rand(TOKENS_PER_RANK, NUM_EXPERTS, generator=gen).argsort(dim=1)[:, :TOPK].contiguous()
     w = torch.rand(TOKENS_PER_RANK, TOPK, generator=gen)
-    results.put((rank, "entering"))
+    results.send((rank, "entering"))
     t0 = time.monotonic()
     recv_x, _, handle = buf.dispatch(x, idx, layer=3)
     t1 = time.monotonic()
@@ -93,7 +96,7 @@ def _fault_rank(rank: int, num_ranks: int, cluster_id: str, job: dict[str, Any],
     buf.combine(recv_x.clone(), idx, w, handle=handle, layer=3)
     t2 = time.monotonic()
     timeouts += buf.last_timeouts()
-    results.put((rank, {
+    results.send((rank, {
         "dispatch_s": t1 - t0, "combine_s": t2 - t1, "mask": buf.active_ranks.tolist(),
         "timeouts": [(t.peer, t.op, t.layer, t.waited_us) for t in timeouts], "stats": buf.stats(),
     }))
@@ -110,14 +113,19 @@ class RankGroup:
         ctx = _ctx()
         self.cluster_id = "t" + uuid.uuid4().hex[:10]
         self.epoch = epoch
-        self.results = ctx.Queue()
+        # One pipe per rank, not a shared mp.Queue: a rank killed while it holds the queue's write
+        # lock would silence every other rank.
+        pipes = [ctx.Pipe(duplex=False) for _ in range(num_ranks)]
+        self.readers = [r for r, _ in pipes]
         self.inbox: dict[int, list[Any]] = {r: [] for r in range(num_ranks)}
         self.procs = [
-            ctx.Process(target=target, args=(r, num_ranks, self.cluster_id, jobs[r], self.results), daemon=True)
+            ctx.Process(target=target, args=(r, num_ranks, self.cluster_id, jobs[r], pipes[r][1]), daemon=True)
             for r in range(num_ranks)
         ]
         for p in self.procs:
             p.start()
+        for _, w in pipes:
+            w.close()
 
     def collect(self, want: dict[int, int], deadline_s: float, kind: type = dict) -> dict[int, Any]:
         """Wait until each rank in ``want`` has posted ``want[rank]`` messages of ``kind`` (str or
@@ -127,18 +135,21 @@ class RankGroup:
         def have(r: int) -> list[Any]:
             return [m for m in self.inbox[r] if isinstance(m, kind)]
 
+        open_readers = {id(c): (r, c) for r, c in enumerate(self.readers) if not c.closed}
         while any(len(have(r)) < n for r, n in want.items()):
             left = end - time.monotonic()
             if left <= 0:
                 raise AssertionError(f"ranks did not report in {deadline_s}s: have {self.inbox}")
-            try:
-                rank, msg = self.results.get(timeout=min(left, 0.5))
-            except queue.Empty:
-                dead = [r for r in want if self.procs[r].exitcode not in (0, None)]
-                if dead:
-                    raise AssertionError(f"ranks {dead} died: exit codes {[self.procs[r].exitcode for r in dead]}")
-                continue
-            self.inbox[rank].append(msg)
+            for conn in mp_connection.wait([c for _, c in open_readers.values()], timeout=min(left, 0.5)):
+                rank, c = open_readers[id(conn)]
+                try:
+                    _, msg = c.recv()
+                except EOFError:
+                    del open_readers[id(conn)]
+                    if rank in want and len(have(rank)) < want[rank]:
+                        raise AssertionError(f"rank {rank} exited before reporting: {self.procs[rank].exitcode}")
+                    continue
+                self.inbox[rank].append(msg)
         return {r: have(r)[-1] for r in want}
 
     def stop(self) -> None:
@@ -148,8 +159,8 @@ class RankGroup:
                 p.kill()
         for p in self.procs:
             p.join(5)
-        self.results.close()
-        self.results.join_thread()
+        for c in self.readers:
+            c.close()
         unlink_segment(self.cluster_id, self.epoch)
 
 
@@ -238,19 +249,33 @@ def test_dispatch_compute_combine_equals_transformers_moe(num_ranks: int) -> Non
             torch.testing.assert_close(torch.from_numpy(got), want[rows], rtol=1e-5, atol=1e-5)
 
 
-def _fault_jobs(num_ranks: int, timeout_us: int, **extra: Any) -> tuple[list[dict[str, Any]], Any]:
-    go = _ctx().Event()
-    return [dict(timeout_us=timeout_us, go=go, **extra) for _ in range(num_ranks)], go
+class _Go:
+    """A start signal per rank over its own pipe (an mp.Event deadlocks its setter if a waiter is
+    killed or stopped)."""
+
+    def __init__(self, num_ranks: int) -> None:
+        pipes = [_ctx().Pipe(duplex=False) for _ in range(num_ranks)]
+        self.readers = [r for r, _ in pipes]
+        self.writers = [w for _, w in pipes]
+
+    def set(self, ranks: list[int] | None = None) -> None:
+        for r in range(len(self.writers)) if ranks is None else ranks:
+            self.writers[r].send("go")
 
 
-TIMEOUT_US = 300_000
+def _fault_jobs(num_ranks: int, timeout_us: int, **extra: Any) -> tuple[list[dict[str, Any]], _Go]:
+    go = _Go(num_ranks)
+    return [dict(timeout_us=timeout_us, go=go.readers, **extra) for _ in range(num_ranks)], go
+
+
+TIMEOUT_US = 400_000
 BOUND_S = 0.25  # slack over timeout_us for scheduling on two shared cores
 
 
 def _check_survivors(res: dict[int, Any], victim: int, num_ranks: int, late_s: float = 0.0) -> None:
     want_mask = [0 if r == victim else 1 for r in range(num_ranks)]
     for rank, r in res.items():
-        assert r["mask"] == want_mask, f"rank {rank}: mask {r['mask']}"
+        assert r["mask"] == want_mask, f"rank {rank}: {res}"
         peers = {t[0] for t in r["timeouts"]}
         assert peers == {victim}, f"rank {rank}: timeouts {r['timeouts']}"
         for peer, op, layer, waited_us in r["timeouts"]:
@@ -285,14 +310,14 @@ def test_sigkill_before_dispatch(num_ranks: int) -> None:
 def test_sigkill_during_dispatch(num_ranks: int) -> None:
     # Rank 0 starts its dispatch late, so the victim is blocked inside dispatch (having posted its
     # tokens) when it is killed; the survivors then lose it in combine.
-    victim, late_s = num_ranks - 1, 0.3
+    victim, late_s = num_ranks - 1, 0.1
     jobs, go = _fault_jobs(num_ranks, TIMEOUT_US, late_rank=0, late_s=late_s)
     group = RankGroup(_fault_rank, num_ranks, jobs)
     try:
         group.collect({r: 1 for r in range(num_ranks)}, deadline_s=30, kind=str)
         go.set()
         group.collect({victim: 2}, deadline_s=10, kind=str)  # "ready", then "entering"
-        time.sleep(0.05)
+        time.sleep(0.03)
         assert group.procs[victim].is_alive()
         os.kill(group.procs[victim].pid, signal.SIGKILL)
         survivors = [r for r in range(num_ranks) if r != victim]
