@@ -22,6 +22,7 @@ from elasticep.membership.core import (
     Tick,
     ViewRead,
 )
+from elasticep.membership.service import MembershipService, RankFenced
 from elasticep.membership.store import InMemoryViewStore, StoreUnavailable, TCPStoreViewStore, ViewStore
 from elasticep.membership.view import CorruptView, View, decode_view, encode_view
 
@@ -36,8 +37,10 @@ __all__ = [
     "LeaveCommand",
     "Left",
     "MembershipCore",
+    "MembershipService",
     "Note",
     "Publish",
+    "RankFenced",
     "ReadView",
     "Refused",
     "Status",

@@ -1,0 +1,262 @@
+"""``LocalCluster``: a launcher for membership-only rank processes on one host.
+
+It hosts the ``TCPStore`` (so the store outlives every rank), generates the bus keys, starts
+``python -m elasticep.membership.worker`` per rank, reads their JSON reports, and plays the
+launcher: when a child exits it tells every other child over its stdin pipe (``exit RANK SIG``),
+which the child feeds to its membership core as a certain :class:`~elasticep.events.ProcessExit`.
+Used by the multi-process tests and ``elasticep bench detect``.
+
+Example::
+
+    with LocalCluster(4) as cluster:
+        cluster.wait_ready(timeout=60)
+        cluster.kill(2)                               # SIGKILL
+        cluster.wait_view(lambda v: 2 not in v["members"], timeout=5)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from elasticep.testing.fixtures import free_port
+
+
+@dataclass
+class RankProcess:
+    rank: int
+    proc: subprocess.Popen
+    incarnation: int
+    reports: list[dict] = field(default_factory=list)
+    stopped: bool = False
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+class LocalCluster:
+    """``world`` membership worker processes on loopback around a launcher-hosted ``TCPStore``.
+
+    Args:
+        world: ranks of the bootstrap view.
+        config: ``FIELD=VALUE`` overrides passed to every worker (``Config.local`` profile).
+        report_exits: tell the survivors when a child exits (the launcher's certain signal).
+        log_level: the workers' stderr log level.
+    """
+
+    def __init__(self, world: int, *, config: dict[str, object] | None = None, report_exits: bool = True,
+                 log_level: str = "WARNING") -> None:
+        from torch.distributed import TCPStore
+
+        from elasticep.bus import ClusterKeys
+
+        self.world = world
+        self.config = dict(config or {})
+        self.report_exits = report_exits
+        self.log_level = log_level
+        self.port = free_port()
+        self.store = TCPStore("127.0.0.1", self.port, is_master=True, wait_for_workers=False, use_libuv=True)
+        self.keys = ClusterKeys.generate(world)
+        self.ranks: dict[int, RankProcess] = {}
+        self.exits: list[tuple[int, int, int]] = []  # (rank, returncode, wall_ns)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._incarnations: dict[int, int] = {}
+        self._closed = False
+        for rank in range(world):
+            self.spawn(rank)
+
+    # --- processes --------------------------------------------------------------------------
+
+    def spawn(self, rank: int, *, join: bool = False) -> RankProcess:
+        """Start a process for ``rank`` (``join=True`` for a restart or a new rank)."""
+        incarnation = self._incarnations.get(rank, 0) + 1
+        self._incarnations[rank] = incarnation
+        cmd = [sys.executable, "-m", "elasticep.membership.worker", "--rank", str(rank), "--world", str(self.world),
+               "--store", f"127.0.0.1:{self.port}", "--incarnation", str(time.time_ns()),
+               "--log-level", self.log_level]
+        if join:
+            cmd.append("--join")
+        for name, value in self.config.items():
+            cmd += ["--config", f"{name}={value}"]
+        env = self.keys.for_rank(rank).to_env()
+        env["PYTHONUNBUFFERED"] = "1"
+        env.pop("PYTHONASYNCIODEBUG", None)  # debug mode slows every callback; ranks run as in production
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
+        rp = RankProcess(rank, proc, incarnation)
+        with self._lock:
+            self.ranks[rank] = rp
+        threading.Thread(target=self._read, args=(rp,), daemon=True, name=f"rank{rank}-reader").start()
+        return rp
+
+    def _read(self, rp: RankProcess) -> None:
+        assert rp.proc.stdout is not None
+        for line in rp.proc.stdout:
+            try:
+                report = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            with self._cond:
+                rp.reports.append(report)
+                self._cond.notify_all()
+        code = rp.proc.wait()
+        wall_ns = time.time_ns()
+        rp.proc.stdout.close()
+        with self._cond:
+            self.exits.append((rp.rank, code, wall_ns))
+            self._cond.notify_all()
+            survivors = [p for p in self.ranks.values() if p is not rp and p.alive]
+        if self.report_exits and not self._closed and self.ranks.get(rp.rank) is rp:
+            sig = -code if code < 0 else 0
+            for other in survivors:
+                self.send(other.rank, f"exit {rp.rank} {sig} {rp.proc.pid}")
+
+    def send(self, rank: int, line: str) -> None:
+        """Write one command line to ``rank``'s stdin (ignored if it is gone)."""
+        rp = self.ranks.get(rank)
+        if rp is None or rp.proc.stdin is None:
+            return
+        try:
+            rp.proc.stdin.write(line + "\n")
+            rp.proc.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            pass
+
+    def kill(self, rank: int) -> int:
+        """SIGKILL ``rank``'s process; returns the wall-clock ns just before the signal."""
+        t = time.time_ns()
+        os.kill(self.ranks[rank].proc.pid, signal.SIGKILL)
+        return t
+
+    def stop(self, rank: int) -> int:
+        """SIGSTOP (hang) ``rank``; returns the wall-clock ns just before the signal."""
+        t = time.time_ns()
+        os.kill(self.ranks[rank].proc.pid, signal.SIGSTOP)
+        self.ranks[rank].stopped = True
+        return t
+
+    def cont(self, rank: int) -> None:
+        os.kill(self.ranks[rank].proc.pid, signal.SIGCONT)
+        self.ranks[rank].stopped = False
+
+    def restart(self, rank: int) -> RankProcess:
+        """Kill ``rank`` if it still runs, wait for it, and start a joining process for it."""
+        old = self.ranks[rank]
+        if old.alive:
+            if old.stopped:
+                self.cont(rank)
+            old.proc.kill()
+        old.proc.wait(timeout=10)
+        self._close_stdin(old)
+        return self.spawn(rank, join=True)
+
+    @staticmethod
+    def _close_stdin(rp: RankProcess) -> None:
+        try:
+            if rp.proc.stdin is not None and not rp.proc.stdin.closed:
+                rp.proc.stdin.close()
+        except OSError:
+            pass
+
+    # --- reports ----------------------------------------------------------------------------
+
+    def installs(self, rank: int) -> list[dict]:
+        with self._lock:
+            return [r for r in self.ranks[rank].reports if r["kind"] == "install"]
+
+    def live(self) -> list[int]:
+        """Ranks whose process runs, is not stopped and has not fenced or left."""
+        with self._lock:
+            return sorted(r for r, p in self.ranks.items()
+                          if p.alive and not p.stopped and not any(x["kind"] in ("fenced", "left") for x in p.reports))
+
+    def wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+                self._cond.wait(min(left, 0.1))
+
+    def _unlocked_latest(self, rank: int) -> dict | None:
+        installs = [r for r in self.ranks[rank].reports if r["kind"] == "install"]
+        return installs[-1] if installs else None
+
+    def wait_ready(self, timeout: float, ranks: list[int] | None = None) -> None:
+        """Wait until ``ranks`` (default: all) reported ready."""
+        wanted = list(self.ranks) if ranks is None else ranks
+        self.wait(lambda: all(any(x["kind"] == "ready" for x in self.ranks[r].reports) for r in wanted),
+                  timeout, f"ranks {wanted} to be ready")
+
+    def wait_view(self, predicate: Callable[[dict], bool], timeout: float, ranks: list[int] | None = None) -> dict[int, dict]:
+        """Wait until every rank in ``ranks`` (default: the live ones) installed a view matching
+        ``predicate``; returns each rank's first matching install report."""
+        def matched() -> dict[int, dict] | None:
+            wanted = ranks if ranks is not None else [
+                r for r, p in self.ranks.items()
+                if p.alive and not p.stopped and not any(x["kind"] in ("fenced", "left") for x in p.reports)
+            ]
+            found: dict[int, dict] = {}
+            for r in wanted:
+                hit = next((x for x in self.ranks[r].reports if x["kind"] == "install" and predicate(x)), None)
+                if hit is None:
+                    return None
+                found[r] = hit
+            return found
+        self.wait(lambda: matched() is not None, timeout, "a view")
+        with self._lock:
+            result = matched()
+        assert result is not None
+        return result
+
+    def wait_report(self, rank: int, kind: str, timeout: float) -> dict:
+        self.wait(lambda: any(x["kind"] == kind for x in self.ranks[rank].reports), timeout, f"rank {rank} {kind}")
+        with self._lock:
+            return next(x for x in self.ranks[rank].reports if x["kind"] == kind)
+
+    def sequences(self, ranks: list[int]) -> dict[int, list[tuple[int, tuple[int, ...]]]]:
+        """Each rank's installed ``(epoch, members)`` sequence."""
+        with self._lock:
+            return {r: [(x["epoch"], tuple(x["members"])) for x in self.ranks[r].reports if x["kind"] == "install"]
+                    for r in ranks}
+
+    # --- teardown ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop every process (SIGCONT, then end of stdin, then SIGKILL after 2 s) and the store."""
+        self._closed = True
+        procs = [p for p in self.ranks.values()]
+        for p in procs:
+            if p.alive and p.stopped:
+                try:
+                    os.kill(p.proc.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+            self._close_stdin(p)
+        deadline = time.monotonic() + 2.0
+        for p in procs:
+            try:
+                p.proc.wait(timeout=max(0.05, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.proc.kill()
+                p.proc.wait()
+        # The reader threads close each stdout at end of file; give them a moment.
+        for t in threading.enumerate():
+            if t.name.startswith("rank") and t.name.endswith("-reader") and t is not threading.current_thread():
+                t.join(timeout=1.0)
+        del self.store
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

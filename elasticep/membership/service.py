@@ -1,0 +1,397 @@
+"""``MembershipService``: drives a :class:`MembershipCore` with the bus, the view store and a clock.
+
+One per rank, in the rank's event loop. It subscribes to the bus, batches what arrives into the
+core (``step_many``), ticks the core every heartbeat interval, runs the store operations the core
+asks for and feeds their results back, and carries out the rest: publishing events, installing
+views (``bus.epoch``, metrics, :meth:`views`), fencing. If the bus transport reports socket
+disconnects (the ZeroMQ transport's ``add_listener``), each becomes a ``disconnect`` suspicion:
+on one host a killed process's sockets close at once, so the survivors agree within milliseconds.
+
+Example (two ranks in one process)::
+
+    net, store = InProcessNetwork(seed=1), InMemoryViewStore()
+    buses = [EventBus(net.transport(r), r) for r in (0, 1)]
+    services = [MembershipService(r, buses[r], store, Config.local(), initial_members=(0, 1)) for r in (0, 1)]
+    for b in buses: await b.start()
+    await asyncio.gather(*(s.start() for s in services))
+    print(services[0].current)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import AsyncIterator, Callable
+
+from anyio import WouldBlock
+
+from elasticep import metrics
+from elasticep.config import Config
+from elasticep.events import Envelope, Heartbeat, Suspicion
+from elasticep.membership.core import (
+    CasDone,
+    CompareAndSet,
+    Fence,
+    Install,
+    LeaveCommand,
+    Left,
+    MembershipCore,
+    Note,
+    Publish,
+    ReadView,
+    Refused,
+    Status,
+    StoreFailed,
+    Tick,
+    ViewRead,
+)
+from elasticep.membership.store import StoreUnavailable, ViewStore
+from elasticep.membership.view import CorruptView, View
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+class RankFenced(RuntimeError):
+    """This rank fenced itself and stopped serving; ``reason`` says why."""
+
+    def __init__(self, rank: int, epoch: int, reason: str) -> None:
+        super().__init__(f"rank {rank} fenced at epoch {epoch}: {reason}")
+        self.rank, self.epoch, self.reason = rank, epoch, reason
+
+
+class MembershipService:
+    """Agreed membership for one rank, over an :class:`~elasticep.bus.EventBus` and a :class:`ViewStore`.
+
+    Args:
+        rank: this rank.
+        bus: a started or not-yet-started bus for ``rank`` (the service does not own it; it sets
+            ``bus.epoch`` on every install).
+        store: the view store shared by the cluster.
+        config: detection and store settings (default ``Config.local()``).
+        initial_members: the bootstrap view; every original rank passes the same.
+        incarnation: this process's incarnation (default: the bus transport's).
+        join: True for a restarted or new process, which asks to be admitted.
+        clock: monotonic seconds (``time.monotonic``); replaceable for tests.
+        on_install: optional plain callback ``on_install(view, wall_ns)`` run on the event loop
+            right after each install (not concurrently with itself).
+
+    Use ``await start()`` / ``await close()`` (or ``async with``).
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        bus,
+        store: ViewStore,
+        config: Config | None = None,
+        *,
+        initial_members: tuple[int, ...] | list[int] | None = None,
+        incarnation: int | None = None,
+        join: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        on_install: Callable[[View, int], None] | None = None,
+    ) -> None:
+        self.rank = rank
+        self.bus = bus
+        self.store = store
+        self.config = config if config is not None else Config.local()
+        if incarnation is None:
+            incarnation = int(getattr(getattr(bus, "transport", None), "incarnation", 0) or 0)
+        self.core = MembershipCore(rank, self.config, initial_members=initial_members,
+                                   incarnation=incarnation, join=join)
+        self.clock = clock
+        self.on_install = on_install
+        self.history: list[View] = []
+        """Every view this rank installed, in order."""
+        self.fenced: RankFenced | None = None
+        self._streams: list[asyncio.Queue] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._sub = None
+        self._state = "new"
+        self._changed = asyncio.Event()
+        self._subscribed_disconnects = False
+
+    # --- public API -------------------------------------------------------------------------
+
+    @property
+    def current(self) -> View | None:
+        """The installed view while this rank is a member; None before, and after fence or leave."""
+        return self.core.view if self.core.is_member and not self.core.stopped else None
+
+    @property
+    def status(self) -> str:
+        return self.core.status
+
+    def views(self) -> AsyncIterator[View]:
+        """Every view installed from now on, starting with the current one.
+
+        Ends after a graceful leave; raises :class:`RankFenced` once this rank fenced itself.
+        """
+        queue: asyncio.Queue = asyncio.Queue(maxsize=10_000)
+        if self.current is not None:
+            queue.put_nowait(self.current)
+        if self.core.stopped:
+            queue.put_nowait(self.fenced or _END)
+        else:
+            self._streams.append(queue)
+        return self._iterate(queue)
+
+    async def _iterate(self, queue: asyncio.Queue) -> AsyncIterator[View]:
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, RankFenced):
+                    raise item
+                yield item
+        finally:
+            if queue in self._streams:
+                self._streams.remove(queue)
+
+    async def wait_member(self, timeout: float) -> View:
+        """Wait until this rank is in an installed view (bootstrap or admitted after a join)."""
+        async def member() -> View:
+            while self.current is None:
+                if self.fenced is not None:
+                    raise self.fenced
+                self._changed.clear()
+                await self._changed.wait()
+            return self.current
+        return await asyncio.wait_for(member(), timeout)
+
+    async def wait_view(self, predicate: Callable[[View], bool], timeout: float) -> View:
+        """Wait until the installed view satisfies ``predicate``; raises :class:`RankFenced` if fenced."""
+        async def until() -> View:
+            while True:
+                if self.fenced is not None:
+                    raise self.fenced
+                view = self.current
+                if view is not None and predicate(view):
+                    return view
+                self._changed.clear()
+                await self._changed.wait()
+        return await asyncio.wait_for(until(), timeout)
+
+    def report(self, event, *, publish: bool = False) -> None:
+        """Feed a signal from a trusted local source into the core at once.
+
+        For what this process learns outside the bus: its launcher reporting a
+        :class:`~elasticep.events.ProcessExit`, a kernel :class:`~elasticep.events.PeerTimeout`
+        from :class:`~elasticep.detect.MaskSource`, a collective error. ``publish=True`` also
+        sends it to the other ranks (do that for signals only this rank can see).
+        """
+        if self._state != "running" or self.core.stopped:
+            return
+        actions = self.core.step(event, self.clock())
+        self._apply(([Publish(event)] if publish else []) + actions)
+
+    async def leave(self, reason: str = "scale-down", timeout: float | None = None) -> View:
+        """Leave gracefully: returns the committed view without this rank (scale-down).
+
+        This rank keeps serving until that view is committed; then :meth:`views` ends.
+        """
+        self._apply(self.core.step(LeaveCommand(reason), self.clock()))
+        bound = self.config.join_timeout_s if timeout is None else timeout
+
+        async def left() -> View:
+            while self.core.status != Status.LEFT:
+                if self.fenced is not None:
+                    raise self.fenced
+                self._changed.clear()
+                await self._changed.wait()
+            assert self.core.view is not None
+            return self.core.view
+        return await asyncio.wait_for(left(), bound)
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self, *, ready_timeout: float | None = None) -> None:
+        """Subscribe, wait for the initial members to be heard (bootstrap only), then run.
+
+        Bootstrapping ranks first exchange heartbeats until each has heard every initial member
+        (bounded by ``ready_timeout``, default ``join_timeout_s``), so that a slow-starting peer
+        is not suspected before it ever spoke.
+        """
+        if self._state != "new":
+            raise RuntimeError("a MembershipService starts once")
+        self._state = "running"
+        if not self.bus.running:
+            await self.bus.start()
+        self._sub = self.bus.subscribe(maxsize=self.config.subscriber_buffer, name=f"membership-{self.rank}")
+        transport = getattr(self.bus, "transport", None)
+        if hasattr(transport, "add_listener"):
+            transport.add_listener(self._on_peer)
+            self._subscribed_disconnects = True
+        core = self.core
+        if core.initial is not None and not core.join:
+            await self._await_peers(core.initial, self.config.join_timeout_s if ready_timeout is None else ready_timeout)
+        self._apply(core.start(self.clock()))
+        self._spawn(self._receive_loop(), "receive")
+        self._spawn(self._tick_loop(), "tick")
+
+    async def _await_peers(self, members: tuple[int, ...], timeout: float) -> None:
+        hb = Heartbeat(rank=self.rank, incarnation=self.core.incarnation)
+        deadline = self.clock() + timeout
+        waiter = asyncio.ensure_future(self.bus.wait_heard_from(members, timeout))
+        try:
+            while not waiter.done() and self.clock() < deadline:
+                self.bus.publish_nowait(hb)
+                await asyncio.wait({waiter}, timeout=self.config.heartbeat_interval_ms / 1e3)
+            if waiter.done() and waiter.exception() is not None:
+                log.warning("rank %d: %s; starting anyway", self.rank, waiter.exception())
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+                try:
+                    await waiter
+                except (asyncio.CancelledError, TimeoutError):
+                    pass
+
+    async def close(self) -> None:
+        """Stop the service (heartbeats stop; the bus stays open). Idempotent."""
+        if self._state == "closed":
+            return
+        self._state = "closed"
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._sub is not None:
+            self._sub.close()
+        self._end_streams(_END)
+
+    async def __aenter__(self) -> "MembershipService":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # --- loops ------------------------------------------------------------------------------
+
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=f"elasticep-membership-{self.rank}-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _receive_loop(self) -> None:
+        sub = self._sub
+        assert sub is not None
+        async for env in sub:
+            batch: list[Envelope] = [env]
+            while True:
+                try:
+                    batch.append(sub.receive_nowait())
+                except (WouldBlock, Exception):
+                    break
+            batch = [e for e in batch if e.sender != self.rank]
+            if batch:
+                self._apply(self.core.step_many(batch, self.clock()))
+            if self.core.stopped:
+                return
+
+    async def _tick_loop(self) -> None:
+        interval = self.config.heartbeat_interval_ms / 1e3
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while not self.core.stopped:
+            self._apply(self.core.step(Tick(), self.clock()))
+            next_at += interval
+            now = loop.time()
+            if next_at < now:  # we fell behind (a stall): do not fire a burst of ticks
+                next_at = now + interval
+            await asyncio.sleep(next_at - now)
+
+    def _on_peer(self, rank: int, kind: str) -> None:
+        if kind != "disconnected" or self.core.stopped or rank < 0:
+            return
+        view = self.core.view
+        if view is None or rank not in view.members or rank == self.rank:
+            return
+        event = Suspicion(observer=self.rank, suspect=rank, source="disconnect", detail="bus socket closed")
+        self._apply([Publish(event)] + self.core.step(event, self.clock()))
+
+    async def _store_op(self, op: CompareAndSet | ReadView) -> None:
+        try:
+            if isinstance(op, CompareAndSet):
+                committed = await self.store.compare_and_set(op.view, rank=self.rank)
+                if committed != op.view:
+                    metrics.STORE_CONFLICTS.inc()
+                result: object = CasDone(op.view, committed)
+            else:
+                result = ViewRead(op.epoch, await self.store.read(op.epoch, rank=self.rank))
+        except (StoreUnavailable, CorruptView) as exc:
+            kind = "cas" if isinstance(op, CompareAndSet) else "read"
+            epoch = op.view.epoch if isinstance(op, CompareAndSet) else op.epoch
+            result = StoreFailed(kind, epoch, str(exc))
+        if self._state == "running" and not self.core.stopped:
+            self._apply(self.core.step(result, self.clock()))
+
+    # --- actions ----------------------------------------------------------------------------
+
+    def _apply(self, actions: list) -> None:
+        for action in actions:
+            if isinstance(action, Publish):
+                event = action.event
+                if isinstance(event, Suspicion) and event.observer == self.rank:
+                    metrics.SUSPICIONS.labels(event.source).inc()
+                    log.info("rank %d suspects rank %d (%s): %s", self.rank, event.suspect, event.source, event.detail)
+                try:
+                    self.bus.publish_nowait(event)
+                except WouldBlock:
+                    metrics.FRAMES_REFUSED.labels("local_backpressure").inc()
+                except Exception as exc:  # a closed bus must not kill the membership loop
+                    log.debug("rank %d: publish failed: %s", self.rank, exc)
+            elif isinstance(action, (CompareAndSet, ReadView)):
+                self._spawn(self._store_op(action), "store")
+            elif isinstance(action, Install):
+                self._install(action)
+            elif isinstance(action, Fence):
+                metrics.FENCED.labels(action.label).inc()
+                log.warning("rank %d fenced at epoch %d: %s", self.rank, action.epoch, action.reason)
+                self.fenced = RankFenced(self.rank, action.epoch, action.reason)
+                self._end_streams(self.fenced)
+            elif isinstance(action, Left):
+                log.info("rank %d left at epoch %d", self.rank, action.epoch)
+                self._end_streams(_END)
+            elif isinstance(action, Note):
+                log.info("rank %d: %s", self.rank, action.text)
+            elif isinstance(action, Refused):
+                metrics.FRAMES_REFUSED.labels(action.reason).inc()
+                log.warning("rank %d refused input (%s): %s", self.rank, action.reason, action.detail)
+        self._changed.set()
+
+    def _install(self, action: Install) -> None:
+        view = action.view
+        wall_ns = time.time_ns()
+        if view.epoch > self.bus.epoch:
+            self.bus.epoch = view.epoch
+        self.history.append(view)
+        metrics.VIEW_EPOCH.set(view.epoch)
+        metrics.VIEW_MEMBERS.set(len(view.members))
+        for rank, cause in action.removed.items():
+            metrics.EVICTIONS.labels(cause).inc()
+        log.info("rank %d installed %s (%s)", self.rank, view.describe(), view.reason)
+        for queue in self._streams:
+            try:
+                queue.put_nowait(view)
+            except asyncio.QueueFull:
+                log.error("rank %d: a views() consumer is 10000 views behind; dropping", self.rank)
+        if self.on_install is not None:
+            self.on_install(view, wall_ns)
+
+    def _end_streams(self, item: object) -> None:
+        for queue in self._streams:
+            try:
+                queue.put_nowait(item)
+            except asyncio.QueueFull:
+                pass
+        self._streams.clear()

@@ -1,0 +1,142 @@
+"""A rank process that runs only membership: ZeroMQ bus, TCPStore view store, the service.
+
+Used by the multi-process tests and ``elasticep bench detect``, and handy for trying detection
+settings on a real cluster without an engine::
+
+    python -m elasticep.membership.worker --rank 0 --world 4 --store 127.0.0.1:29500
+
+The launcher hosts the ``TCPStore`` and hands each rank its bus keys in ``ELASTICEP_BUS_KEYS``
+(:meth:`elasticep.bus.ClusterKeys.to_env`). The process reports on stdout, one JSON object per
+line: ``{"kind": "ready" | "install" | "fenced" | "left", "rank", "epoch", "members",
+"wall_ns", "reason"}``. It reads commands from stdin, one per line: ``leave``, and
+``exit RANK [SIGNAL [PID]]`` with which its launcher reports that a process of ``RANK`` exited (the
+launcher's certain signal, delivered over the pipe it already has to each child). End of stdin
+stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+
+from elasticep.config import Config
+from elasticep.events import ProcessExit
+
+log = logging.getLogger("elasticep.membership.worker")
+
+
+def _emit(kind: str, **fields: object) -> None:
+    sys.stdout.write(json.dumps({"kind": kind, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def _parse_overrides(items: list[str]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        kind = type(getattr(Config, name))
+        out[name] = kind(value)
+    return out
+
+
+async def run(args: argparse.Namespace) -> int:
+    from elasticep.bus import ClusterKeys, EventBus, ZmqTransport, connect_store
+    from elasticep.membership.service import MembershipService, RankFenced
+    from elasticep.membership.store import TCPStoreViewStore
+
+    profile = Config.cluster if args.profile == "cluster" else Config.local
+    config = profile(**_parse_overrides(args.config))
+    keys = ClusterKeys.from_env()
+    bus_store = connect_store(args.store, timeout_s=config.store_timeout_s * 5)
+    host, _, port = args.store.rpartition(":")
+    view_store = TCPStoreViewStore(host, int(port), timeout_s=config.store_timeout_s)
+    transport = ZmqTransport(args.rank, keys, bus_store, incarnation=args.incarnation or None,
+                             poll_interval_s=0.05)
+    bus = EventBus(transport, args.rank)
+
+    def on_install(view, wall_ns: int) -> None:
+        _emit("install", rank=args.rank, epoch=view.epoch, members=list(view.members), wall_ns=wall_ns,
+              reason=view.reason)
+
+    initial = None if args.join else tuple(range(args.world))
+    service = MembershipService(args.rank, bus, view_store, config, initial_members=initial, join=args.join,
+                                on_install=on_install)
+    await bus.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_stdin() -> None:
+        line = sys.stdin.readline()
+        if not line:
+            stop.set()
+            return
+        words = line.split()
+        if not words:
+            return
+        if words[0] == "leave":
+            loop.create_task(_leave())
+        elif words[0] == "exit" and len(words) >= 2:
+            sig = int(words[2]) if len(words) > 2 and words[2] != "0" else None
+            pid = int(words[3]) if len(words) > 3 else 0
+            service.report(ProcessExit(rank=int(words[1]), pid=pid, signal=sig))
+
+    async def _leave() -> None:
+        try:
+            view = await service.leave()
+            _emit("left", rank=args.rank, epoch=view.epoch, members=list(view.members), wall_ns=time.time_ns(),
+                  reason="left")
+        except (RankFenced, asyncio.TimeoutError) as exc:
+            log.warning("leave failed: %s", exc)
+        stop.set()
+
+    loop.add_reader(sys.stdin.fileno(), on_stdin)
+    try:
+        await service.start(ready_timeout=args.ready_timeout)
+        _emit("ready", rank=args.rank, pid=os.getpid(), incarnation=service.core.incarnation, wall_ns=time.time_ns())
+        watcher = loop.create_task(stop.wait())
+        fenced = loop.create_task(_until_fenced(service))
+        await asyncio.wait({watcher, fenced}, return_when=asyncio.FIRST_COMPLETED)
+        if service.fenced is not None:
+            f = service.fenced
+            _emit("fenced", rank=args.rank, epoch=f.epoch, reason=f.reason, wall_ns=time.time_ns())
+        for task in (watcher, fenced):
+            task.cancel()
+    finally:
+        loop.remove_reader(sys.stdin.fileno())
+        await service.close()
+        await bus.close()
+        await view_store.close()
+    return 0
+
+
+async def _until_fenced(service) -> None:
+    while service.fenced is None:
+        service._changed.clear()
+        await service._changed.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m elasticep.membership.worker", description=__doc__.split("\n")[0])
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world", type=int, required=True, help="ranks of the bootstrap view (0..world-1)")
+    parser.add_argument("--store", required=True, help="HOST:PORT of the launcher's TCPStore")
+    parser.add_argument("--join", action="store_true", help="a restarted or new process: ask to be admitted")
+    parser.add_argument("--incarnation", type=int, default=0, help="0: the bus picks one (wall-clock ns)")
+    parser.add_argument("--profile", choices=("local", "cluster"), default="local")
+    parser.add_argument("--config", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--ready-timeout", type=float, default=30.0, help="wait for the bootstrap peers, s")
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    import torch.distributed  # noqa: F401  (the TCPStore client; import it before the loop runs)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format=f"%(asctime)s rank{args.rank} %(name)s %(levelname)s %(message)s")
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
