@@ -1,0 +1,292 @@
+"""The CPU kernel within one process: math, input checks, epochs, timeouts and the mask source.
+
+Ranks here are buffers in one process (or two threads of it); the segment is real POSIX shared
+memory. Multi-process behaviour (kills, hangs, R = 2, 4, 8) is in test_kernel_mp.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+import uuid
+from typing import Any
+
+import pytest
+import torch
+
+from elasticep import metrics
+from elasticep.events import PeerTimeout
+from elasticep.kernel import DispatchHandle, EPBuffer, KernelMaskSource, KernelTimeout, segment_name, unlink_segment
+
+HIDDEN, TOPK, SPR, MAX_TOKENS = 32, 3, 4, 16
+
+
+@pytest.fixture
+def cluster_id() -> Any:
+    cid = "u" + uuid.uuid4().hex[:10]
+    yield cid
+    for epoch in range(4):
+        unlink_segment(cid, epoch)
+
+
+def _buffer(rank: int, num_ranks: int, cluster_id: str, **kw: Any) -> EPBuffer:
+    kw.setdefault("timeout_us", 2_000_000)
+    return EPBuffer(
+        rank, num_ranks, slots_per_rank=SPR, max_tokens=MAX_TOKENS, hidden=HIDDEN, topk=TOPK,
+        cluster_id=cluster_id, **kw,
+    )
+
+
+def _routing(tokens: int, num_slots: int, seed: int, masked: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.rand(tokens, num_slots, generator=gen).argsort(dim=1)[:, :TOPK].contiguous()
+    idx[torch.rand(tokens, TOPK, generator=gen) < masked] = -1
+    w = torch.rand(tokens, TOPK, generator=gen)
+    return idx, w
+
+
+def _reference(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, expert: Any, live: set[int]) -> torch.Tensor:
+    """out[t] = sum_k w[t, k] * expert(slot, x[t]) over unmasked slots on live ranks, in float32."""
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for t in range(x.shape[0]):
+        for k in range(TOPK):
+            s = int(idx[t, k])
+            if s >= 0 and s // SPR in live:
+                out[t] += w[t, k] * expert(s, x[t : t + 1].float())[0]
+    return out
+
+
+def _scale(slot: int, h: torch.Tensor) -> torch.Tensor:
+    return h * (slot + 1) - slot  # a cheap, slot-dependent "expert"
+
+
+def _run_local_experts(rank: int, recv_x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(recv_x)
+    for e in range(SPR):
+        n = int(counts[e])
+        out[e, :n] = _scale(rank * SPR + e, recv_x[e, :n].float()).to(recv_x.dtype)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_single_rank_round_trip(cluster_id: str, dtype: torch.dtype) -> None:
+    x = torch.randn(MAX_TOKENS, HIDDEN).to(dtype)
+    idx, w = _routing(MAX_TOKENS, SPR, seed=1)
+    with _buffer(0, 1, cluster_id) as buf:
+        for _ in range(3):  # the same buffers are reused call after call
+            recv_x, counts, handle = buf.dispatch(x, idx)
+            assert recv_x.dtype == dtype and counts.dtype == torch.int64
+            assert recv_x.shape == (SPR, int(counts.max()), HIDDEN)
+            assert counts.tolist() == [int((idx == e).sum()) for e in range(SPR)]
+            out = buf.combine(_run_local_experts(0, recv_x, counts), idx, w, handle=handle)
+        assert out.dtype == dtype and out.shape == x.shape
+        want = _reference(x, idx, w, lambda s, h: _scale(s, h.to(dtype).float()).to(dtype).float(), {0})
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+        torch.testing.assert_close(out.float(), want, **tol)
+        assert buf.stats()["dispatch_calls"] == 3 and buf.stats()["combine_calls"] == 3
+
+
+def test_zero_tokens_and_all_masked(cluster_id: str) -> None:
+    with _buffer(0, 1, cluster_id) as buf:
+        recv_x, counts, handle = buf.dispatch(torch.empty(0, HIDDEN), torch.empty(0, TOPK, dtype=torch.int64))
+        assert counts.tolist() == [0] * SPR and recv_x.shape == (SPR, 0, HIDDEN)
+        out = buf.combine(recv_x, torch.empty(0, TOPK, dtype=torch.int64), torch.empty(0, TOPK), handle=handle)
+        assert out.shape == (0, HIDDEN)
+        x = torch.randn(2, HIDDEN)
+        idx = torch.full((2, TOPK), -1, dtype=torch.int64)
+        recv_x, counts, handle = buf.dispatch(x, idx)
+        out = buf.combine(recv_x, idx, torch.ones(2, TOPK), handle=handle)
+        assert counts.sum() == 0 and torch.equal(out, torch.zeros(2, HIDDEN))
+
+
+def _two_rank_step(bufs: list[EPBuffer], xs: list[torch.Tensor], routes: list[Any], outs: list[Any]) -> None:
+    def run(rank: int) -> None:
+        idx, w = routes[rank]
+        recv_x, counts, handle = bufs[rank].dispatch(xs[rank], idx)
+        outs[rank] = bufs[rank].combine(_run_local_experts(rank, recv_x, counts), idx, w, handle=handle)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+
+
+def test_two_ranks_on_two_threads_release_the_gil(cluster_id: str) -> None:
+    # Each rank blocks in the kernel until the other has posted: this only finishes if the GIL
+    # is released while waiting.
+    bufs = [_buffer(r, 2, cluster_id) for r in range(2)]
+    try:
+        xs = [torch.randn(MAX_TOKENS, HIDDEN) for _ in range(2)]
+        routes = [_routing(MAX_TOKENS, 2 * SPR, seed=10 + r) for r in range(2)]
+        outs: list[Any] = [None, None]
+        for _ in range(2):
+            _two_rank_step(bufs, xs, routes, outs)
+        for r in range(2):
+            want = _reference(xs[r], *routes[r], _scale, {0, 1})
+            torch.testing.assert_close(outs[r], want, rtol=1e-5, atol=1e-5)
+            assert bufs[r].active_ranks.tolist() == [1, 1]
+    finally:
+        for b in bufs:
+            b.close()
+    assert not os.path.exists("/dev/shm" + segment_name(cluster_id, 0)), "last close must unlink the segment"
+
+
+def test_silent_peer_times_out_and_is_marked(cluster_id: str) -> None:
+    before = metrics.sample("elasticep_kernel_peer_timeouts_total", {"op": "dispatch"})
+    published: list[PeerTimeout] = []
+    with _buffer(0, 2, cluster_id, timeout_us=50_000) as buf, _buffer(1, 2, cluster_id):
+        source = KernelMaskSource(buf, publish=published.append)
+        x = torch.randn(4, HIDDEN)
+        idx, w = _routing(4, 2 * SPR, seed=3, masked=0.0)
+        t0 = time.monotonic()
+        recv_x, counts, handle = buf.dispatch(x, idx, layer=7)
+        elapsed = time.monotonic() - t0
+        assert 0.05 <= elapsed < 1.0
+        assert buf.active_ranks.tolist() == [1, 0]
+        (timeout,) = buf.last_timeouts()
+        assert timeout.peer == 1 and timeout.op == "dispatch" and timeout.layer == 7 and timeout.waited_us >= 50_000
+        # Rank 1 is now skipped: combine does not wait on it, and its slots contribute nothing.
+        t0 = time.monotonic()
+        out = buf.combine(_run_local_experts(0, recv_x, counts), idx, w, handle=handle, layer=7)
+        assert time.monotonic() - t0 < 0.05
+        assert buf.last_timeouts() == []
+        torch.testing.assert_close(out, _reference(x, idx, w, _scale, {0}), rtol=1e-5, atol=1e-5)
+        asyncio.run(source.publish_new())
+        assert published == [PeerTimeout(observer=0, peer=1, op="dispatch", layer=7, waited_us=timeout.waited_us)]
+        assert source.poll() == []  # each timeout is reported once
+    assert metrics.sample("elasticep_kernel_peer_timeouts_total", {"op": "dispatch"}) == before + 1
+
+
+def test_mask_source_awaits_a_coroutine_publisher(cluster_id: str) -> None:
+    got: list[PeerTimeout] = []
+
+    async def publish(event: PeerTimeout) -> None:
+        await asyncio.sleep(0)
+        got.append(event)
+
+    with _buffer(0, 3, cluster_id, timeout_us=20_000) as buf, _buffer(1, 3, cluster_id), _buffer(2, 3, cluster_id):
+        source = KernelMaskSource(buf, publish)
+        x = torch.randn(2, HIDDEN)
+        idx, w = _routing(2, 3 * SPR, seed=4, masked=0.0)
+        recv_x, _, handle = buf.dispatch(x, idx)
+        buf.combine(recv_x, idx, w, handle=handle)
+        events = asyncio.run(source.publish_new())
+    assert [(e.peer, e.op) for e in events] == [(1, "dispatch"), (2, "dispatch")]
+    assert got == events and source.reported == 2
+
+
+def test_inactive_peer_is_skipped_without_waiting(cluster_id: str) -> None:
+    with _buffer(0, 2, cluster_id, timeout_us=10_000_000) as buf, _buffer(1, 2, cluster_id):
+        mask = torch.tensor([1, 0], dtype=torch.int32)
+        x = torch.randn(3, HIDDEN)
+        idx, w = _routing(3, 2 * SPR, seed=5, masked=0.0)
+        t0 = time.monotonic()
+        recv_x, counts, handle = buf.dispatch(x, idx, mask)
+        out = buf.combine(_run_local_experts(0, recv_x, counts), idx, w, mask, handle=handle)
+        assert time.monotonic() - t0 < 1.0
+        assert buf.last_timeouts() == [] and buf.active_ranks.tolist() == [1, 1]  # the buffer's own mask untouched
+        torch.testing.assert_close(out, _reference(x, idx, w, _scale, {0}), rtol=1e-5, atol=1e-5)
+
+
+def test_message_from_another_epoch_is_refused_and_counted(cluster_id: str) -> None:
+    # Two views sharing one segment name: only the message epoch keeps them apart.
+    name = segment_name(cluster_id, 3)
+    before = metrics.sample("elasticep_stale_epoch_refused_total", {"channel": "kernel"})
+    current = _buffer(0, 2, cluster_id, epoch=2, shm_name=name, timeout_us=30_000)
+    stale = _buffer(1, 2, cluster_id, epoch=1, shm_name=name, timeout_us=30_000)
+    try:
+        idx, w = _routing(4, 2 * SPR, seed=6, masked=0.0)
+        x_stale = torch.randn(4, HIDDEN)
+        recv_x, counts, handle = stale.dispatch(x_stale, idx)  # posts epoch-1 tokens, then times out
+        stale.combine(recv_x, idx, w, handle=handle)
+        x = torch.randn(4, HIDDEN)
+        recv_x, counts, handle = current.dispatch(x, idx)
+        assert current.stats()["refused_stale_epoch"] == 1
+        assert current.active_ranks.tolist() == [1, 0]
+        own = int((idx // SPR == 0).sum())  # this rank's own (token, slot) pairs on its slots
+        assert own > 0 and int(counts.sum()) == own  # nothing of rank 1's was applied
+        out = current.combine(_run_local_experts(0, recv_x, counts), idx, w, handle=handle)
+        torch.testing.assert_close(out, _reference(x, idx, w, _scale, {0}), rtol=1e-5, atol=1e-5)
+    finally:
+        current.close()
+        stale.close()
+    assert metrics.sample("elasticep_stale_epoch_refused_total", {"channel": "kernel"}) == before + 1
+
+
+def test_layout_disagreement_is_refused(cluster_id: str) -> None:
+    with _buffer(0, 2, cluster_id):
+        with pytest.raises(ValueError, match="layout|bytes"):
+            EPBuffer(1, 2, slots_per_rank=SPR, max_tokens=MAX_TOKENS, hidden=HIDDEN * 2, topk=TOPK, cluster_id=cluster_id)
+
+
+def test_bad_inputs_raise_typed_errors(cluster_id: str) -> None:
+    with _buffer(0, 1, cluster_id) as buf:
+        x = torch.randn(4, HIDDEN)
+        idx, w = _routing(4, SPR, seed=7)
+        with pytest.raises(TypeError, match="x must have dtype"):
+            buf.dispatch(x.double(), idx)
+        with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+            buf.dispatch(x.numpy(), idx)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"x must have shape \[num_tokens, 32\]"):
+            buf.dispatch(torch.randn(4, HIDDEN + 1), idx)
+        with pytest.raises(ValueError, match="contiguous"):
+            buf.dispatch(torch.randn(HIDDEN, 4).t(), idx)
+        with pytest.raises(ValueError, match="more than max_tokens"):
+            buf.dispatch(torch.randn(MAX_TOKENS + 1, HIDDEN), torch.zeros(MAX_TOKENS + 1, TOPK, dtype=torch.int64))
+        with pytest.raises(TypeError, match="topk_idx must have dtype torch.int64"):
+            buf.dispatch(x, idx.int())
+        with pytest.raises(ValueError, match=r"topk_idx must have shape \[4, 3\]"):
+            buf.dispatch(x, idx[:, :2].contiguous())
+        with pytest.raises(ValueError, match=r"topk_idx\[1, 2\] = 4 is not -1 or a slot in \[0, 4\)"):
+            bad = idx.clone()
+            bad[1, 2] = SPR
+            buf.dispatch(x, bad)
+        with pytest.raises(TypeError, match="active_ranks must have dtype torch.int32"):
+            buf.dispatch(x, idx, torch.ones(1, dtype=torch.int64))
+        with pytest.raises(ValueError, match=r"active_ranks must have shape \[1\]"):
+            buf.dispatch(x, idx, torch.ones(2, dtype=torch.int32))
+        with pytest.raises(ValueError, match="timeout_us"):
+            buf.dispatch(x, idx, timeout_us=-1)
+        assert buf.stats()["dispatch_calls"] == 0  # nothing was sent by a refused call
+
+        recv_x, counts, handle = buf.dispatch(x, idx)
+        with pytest.raises(RuntimeError, match="before combine"):
+            buf.dispatch(x, idx)
+        with pytest.raises(ValueError, match="needs the handle"):
+            buf.combine(recv_x, idx, w)
+        with pytest.raises(TypeError, match="DispatchHandle"):
+            buf.combine(recv_x, idx, w, handle=object())  # type: ignore[arg-type]
+        forged = DispatchHandle(seq=99, epoch=0, num_tokens=4, capacity=handle.capacity, dtype=torch.float32)
+        with pytest.raises(ValueError, match="does not belong"):
+            buf.combine(recv_x, idx, w, handle=forged)
+        with pytest.raises(TypeError, match="expert_out must have dtype torch.float32"):
+            buf.combine(recv_x.bfloat16(), idx, w, handle=handle)
+        with pytest.raises(ValueError, match="expert_out must have shape"):
+            buf.combine(recv_x[:, :1].contiguous(), idx, w, handle=handle)
+        with pytest.raises(TypeError, match="topk_weights must have dtype torch.float32"):
+            buf.combine(recv_x, idx, w.double(), handle=handle)
+        with pytest.raises(ValueError, match="topk_weights must have shape"):
+            buf.combine(recv_x, idx, w[:2].contiguous(), handle=handle)
+        changed = idx.clone()
+        changed[0, 0] = (int(changed[0, 0]) + 1) % SPR
+        with pytest.raises(ValueError, match="differs from the one passed to dispatch"):
+            buf.combine(recv_x, changed, w, handle=handle)
+        out = buf.combine(recv_x, idx, w, handle=handle)  # the refusals left the call intact
+        assert out.shape == (4, HIDDEN)
+        with pytest.raises(ValueError, match="does not belong"):
+            buf.combine(recv_x, idx, w, handle=handle)  # a handle is answered once
+
+
+def test_constructor_checks(cluster_id: str) -> None:
+    with pytest.raises(ValueError, match="rank must be"):
+        EPBuffer(2, 2, slots_per_rank=1, max_tokens=1, hidden=1, topk=1, cluster_id=cluster_id)
+    with pytest.raises(ValueError, match="cluster_id"):
+        EPBuffer(0, 1, slots_per_rank=1, max_tokens=1, hidden=1, topk=1, cluster_id="a/b")
+    with pytest.raises(ValueError, match="active_ranks must have shape"):
+        EPBuffer(0, 2, slots_per_rank=1, max_tokens=1, hidden=1, topk=1, cluster_id=cluster_id,
+                 active_ranks=torch.ones(3, dtype=torch.int32))
+    assert KernelTimeout(1, "combine", 2, 3).waited_us == 3
