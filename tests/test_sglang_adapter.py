@@ -525,3 +525,28 @@ def test_launch_wrapper_hands_the_rest_to_sglang_launch_server() -> None:
     assert "--elastic-ep-backend" in result.stdout and "--eplb-algorithm" in result.stdout
     ours = _wrapper("--elasticep-help", timeout=60)
     assert ours.returncode == 0 and "--elasticep-max-moves" in ours.stdout
+
+
+def test_environment_and_plugin_activation() -> None:
+    from sglang.srt.eplb import eplb_algorithms
+
+    from elasticep_sglang import ElasticRebalance, install_from_env, installed_hooks
+    from elasticep_sglang.plugin import load
+
+    assert install_from_env({}) is None and installed_hooks() is None
+    hooks = install_from_env({"ELASTICEP_SGLANG_HOOKS": "1", "ELASTICEP_SGLANG_MAX_MOVES": "none",
+                              "ELASTICEP_SGLANG_PERIODIC": "elasticep"})
+    assert isinstance(eplb_algorithms.rebalance_experts, ElasticRebalance)
+    assert hooks.rebalance.max_moves is None and hooks.rebalance.periodic == "elasticep"
+    load()  # SGLang's plugin loader calling it again changes nothing
+    assert installed_hooks() is hooks
+    with pytest.raises(ValueError, match="max_moves"):
+        ElasticRebalance(eplb_algorithms.rebalance_experts, max_moves=-1)
+
+
+def test_public_names() -> None:
+    import elasticep_sglang
+
+    assert sorted(elasticep_sglang.__all__) == sorted(set(elasticep_sglang.__all__))
+    for name in elasticep_sglang.__all__:
+        assert getattr(elasticep_sglang, name) is not None, name
