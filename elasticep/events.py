@@ -208,10 +208,15 @@ class ExpertLoad(msgspec.Struct, tag="expert_load", **_STRUCT):
 
 
 class Custom(msgspec.Struct, tag="custom", **_STRUCT):
-    """An application-defined event: ``kind`` names it, ``data`` is msgpack-able."""
+    """An application-defined event: ``kind`` names it, ``data`` is a msgpack-encoded payload.
+
+    Build it with ``Custom(kind="x", data=msgspec.Raw(msgspec.msgpack.encode(payload)))`` and
+    read it with ``msgspec.msgpack.decode(event.data)``; the default is msgpack nil. (A
+    ``Raw | None`` field cannot be decoded by msgspec, so absence is nil, not ``None``.)
+    """
 
     kind: str
-    data: msgspec.Raw | None = None
+    data: msgspec.Raw = msgspec.Raw(b"\xc0")
 
 
 Event = Union[

@@ -38,6 +38,7 @@ import logging
 import os
 import struct
 import tempfile
+import time
 import uuid
 from typing import Any, Callable
 
@@ -91,7 +92,7 @@ class _AllowedKeys:
 
 
 class _Peer:
-    __slots__ = ("rank", "sock", "monitor", "endpoint", "incarnation")
+    __slots__ = ("rank", "sock", "monitor", "endpoint", "incarnation", "failing")
 
     def __init__(self, rank: int, sock: zmq.Socket, monitor: zmq.Socket, endpoint: str, incarnation: int) -> None:
         self.rank = rank
@@ -99,6 +100,7 @@ class _Peer:
         self.monitor = monitor
         self.endpoint = endpoint
         self.incarnation = incarnation
+        self.failing = False  # in a streak of failed handshakes (logged once per streak)
 
 
 class ZmqTransport(Transport):
@@ -169,6 +171,7 @@ class ZmqTransport(Transport):
         self._receiver: Callable[[list[Frame]], None] | None = None
         self._paused = False
         self._pump_scheduled = False
+        self._last_refusal_log = -1e9
         self._closed = False
         self._started = False
         self.handshake_failures = 0
@@ -305,6 +308,9 @@ class ZmqTransport(Transport):
         sock.curve_secretkey = self._secret
         sock.rcvhwm = self.hwm
         sock.linger = 0
+        # Reconnect fast to a restarted peer, back off from one that keeps failing.
+        sock.reconnect_ivl = 20
+        sock.reconnect_ivl_max = 1000
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         monitor = sock.get_monitor_socket(_SUB_MONITOR_EVENTS)
         sock.connect(reg.endpoint)
@@ -420,6 +426,7 @@ class ZmqTransport(Transport):
             except zmq.Again:
                 break
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                peer.failing = False
                 self._connected.add(peer.rank)
                 self._notify(peer.rank, "connected")
             elif event == zmq.EVENT_DISCONNECTED:
@@ -429,8 +436,14 @@ class ZmqTransport(Transport):
             elif event & _FAILED:
                 self.handshake_failures += 1
                 metrics.BUS_HANDSHAKE_FAILURES.labels("subscriber").inc()
-                log.warning("bus rank %d: CURVE handshake with rank %d at %s failed", self.rank, peer.rank, peer.endpoint)
-                self._notify(peer.rank, "handshake_failed")
+                if not peer.failing:
+                    # ZeroMQ retries every reconnect interval: log the streak once, count each try.
+                    peer.failing = True
+                    log.warning(
+                        "bus rank %d: CURVE handshake with rank %d at %s failed (the endpoint does not "
+                        "hold rank %d's key)", self.rank, peer.rank, peer.endpoint, peer.rank,
+                    )
+                    self._notify(peer.rank, "handshake_failed")
 
     def _on_pub_monitor(self) -> None:
         monitor = self._pub_monitor
@@ -444,7 +457,10 @@ class ZmqTransport(Transport):
             if event & _FAILED:
                 self.handshake_failures += 1
                 metrics.BUS_HANDSHAKE_FAILURES.labels("publisher").inc()
-                log.warning("bus rank %d: refused a subscriber (CURVE/ZAP handshake failed)", self.rank)
+                now = time.monotonic()
+                if now - self._last_refusal_log > 1.0:  # a refused client retries: log at most 1/s
+                    self._last_refusal_log = now
+                    log.warning("bus rank %d: refused a subscriber (CURVE/ZAP handshake failed)", self.rank)
                 self._notify(-1, "handshake_failed")
 
     # --- data path ---------------------------------------------------------------------------
