@@ -3,7 +3,7 @@
 Importing torch and transformers' DeepSeek-V3 code costs several seconds of CPU per fresh
 interpreter; on a 2-core host, starting 8 ranks that way takes most of a minute, and a
 restarted rank would rejoin seconds late. The zygote pays the import once: it is a process
-(``python -m elasticep.engine.zygote``) that imports :mod:`elasticep.engine._preload` and then
+(started by :class:`Zygote`) that imports :mod:`elasticep.engine._preload` and then
 forks one child per request. Each child runs :func:`elasticep.engine.rank.run_rank` and is a real,
 separate process (its own pid, killable and stoppable on its own).
 
@@ -88,7 +88,8 @@ class Zygote:
         parent, child = socket.socketpair()
         self._sock = parent
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "elasticep.engine.zygote", str(child.fileno())],
+            # -c rather than -m: the package __init__ imports this module, and runpy would warn
+            [sys.executable, "-c", f"from elasticep.engine.zygote import _serve; _serve({child.fileno()})"],
             pass_fds=(child.fileno(),),
             close_fds=True,
         )
@@ -279,6 +280,3 @@ def _serve(fd: int) -> None:
             except ChildProcessError:
                 pass
 
-
-if __name__ == "__main__":
-    _serve(int(sys.argv[1]))
