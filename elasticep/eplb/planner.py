@@ -1,0 +1,836 @@
+"""The EPLB planner: a balanced first placement, and replanning from the current one.
+
+Everything here is pure: tensors in, a :class:`Placement` and a move list out; no clock, no I/O.
+Shapes use ``L`` layers, ``E`` logical experts, ``R`` ranks, ``S`` slots per rank and
+``N = R * S`` physical slots per layer.
+
+Replanning after a membership change works in two phases, each vectorised over all layers:
+
+1. **Coverage repair** moves the fewest experts possible: every logical expert that lost its last
+   replica on a target rank (alive and not leaving) gets exactly one slot, taken from an empty
+   live slot or from a redundant replica (an expert with two or more replicas). Heaviest missing
+   expert first, each goes where it leaves the lowest peak: the slot's rank after the exchange,
+   and the worst host of the evicted expert, whose remaining replicas take over its share. That
+   is one move per missing (layer, expert) pair: the lower bound.
+2. **Rebalance** is a local search within the move budget. Each round pairs, in every layer, the
+   k-th most loaded rank with the k-th least loaded one and tries, per pair, to *replicate* an
+   expert of the hot rank into a slot of the cold rank (one changed slot: the hot rank and every
+   other host of that expert shed load) or to *swap* an expert of the hot rank for a lighter one
+   of the cold rank (two changed slots). Steps are scored by how much they lower the sum of
+   squared rank loads per changed slot, may never lift a rank to the hot rank's level, and are
+   checked exactly before they are applied. With a budget, the steps on the ranks that stand out
+   most across all layers go first. A layer stops when it is within ``tolerance`` of perfect
+   balance or nothing improves it. Its peak never rises, so the result is never less balanced
+   than the repair alone.
+
+Who calls it: the reconfiguration pipeline on every new view (``replan``), the engines at start
+(``initial``), ``elasticep plan`` and ``elasticep bench plan``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from elasticep.eplb.placement import EMPTY, Placement, RedundancyExhausted
+
+__all__ = [
+    "Move",
+    "Plan",
+    "initial",
+    "replan",
+    "balance",
+    "layer_balance",
+    "moved_slots",
+    "lower_bound",
+]
+
+_INF = np.inf
+# relative improvement below which a move is not worth a weight transfer
+_MIN_GAIN = 1e-9
+
+
+# ---------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Move:
+    """One physical slot that must load a new expert's weights.
+
+    Attributes:
+        layer: MoE layer index.
+        slot: physical slot id (rank = ``slot // slots_per_rank``).
+        expert: logical expert the slot holds after the plan (the weights to load).
+        previous: logical expert it held before (-1 if it was empty).
+        sources: slots of the *current* placement, on live ranks, that hold ``expert`` (read them
+            before the commit overwrites anything); slots that keep their expert come first.
+            Empty when no live rank has it: load from a host copy or from disk.
+    """
+
+    layer: int
+    slot: int
+    expert: int
+    previous: int
+    sources: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A planner's decision. ``placement`` is the new placement; ``moves`` lists its changed slots.
+
+    Attributes:
+        placement: the new :class:`Placement` (slots of dead and leaving ranks are -1).
+        current: the placement planned from (grown to ``placement.num_ranks`` for scale-up).
+        alive: ``[R]`` bool, ranks alive for this plan (leaving ranks included).
+        target: ``[R]`` bool, ranks that hold experts after the plan (alive and not leaving).
+        lower_bound: moves any valid plan needs: (layer, expert) pairs with no replica on a target
+            rank.
+        repair_moves: moves spent on coverage (equals ``lower_bound``).
+        rebalance_moves: further changed slots spent on balance (at most ``max_moves``).
+        balance_before: mean over layers of max/mean live-rank load after the repair alone.
+        balance_after: the same for ``placement``.
+        reason: one readable line saying what happened and why.
+        move_layer, move_slot, move_expert: ``[M]`` int64, the moves in tensor form (layer-major,
+            ascending slot), for callers that do not want Python objects.
+    """
+
+    placement: Placement
+    current: Placement
+    alive: torch.Tensor
+    target: torch.Tensor
+    lower_bound: int
+    repair_moves: int
+    rebalance_moves: int
+    balance_before: float
+    balance_after: float
+    reason: str
+    move_layer: torch.Tensor = field(repr=False)
+    move_slot: torch.Tensor = field(repr=False)
+    move_expert: torch.Tensor = field(repr=False)
+
+    @property
+    def num_moves(self) -> int:
+        return int(self.move_slot.numel())
+
+    @cached_property
+    def moves(self) -> list[Move]:
+        """The changed slots as :class:`Move` objects, layer-major, ascending slot."""
+        cur = self.current.phy2log
+        new = self.placement.phy2log
+        live_src = self.current.alive_slots(self.alive).unsqueeze(0) & (cur >= 0)
+        # sources that keep their expert after the commit are the safest to read from
+        keeps = live_src & (cur == new)
+        out: list[Move] = []
+        layers = self.move_layer.tolist()
+        slots = self.move_slot.tolist()
+        experts = self.move_expert.tolist()
+        cur_np = cur.numpy()
+        live_np = live_src.numpy()
+        keeps_np = keeps.numpy()
+        for layer, slot, expert in zip(layers, slots, experts):
+            holders = np.flatnonzero((cur_np[layer] == expert) & live_np[layer])
+            if holders.size > 1:
+                holders = holders[np.argsort(~keeps_np[layer, holders], kind="stable")]
+            out.append(Move(layer, slot, expert, int(cur_np[layer, slot]), tuple(int(s) for s in holders)))
+        return out
+
+    def summary(self) -> dict:
+        """JSON-ready summary (no per-slot data)."""
+        return {
+            "layers": self.placement.num_layers,
+            "experts": self.placement.num_experts,
+            "ranks": self.placement.num_ranks,
+            "slots_per_rank": self.placement.slots_per_rank,
+            "alive_ranks": int(self.alive.sum()),
+            "target_ranks": int(self.target.sum()),
+            "lower_bound": self.lower_bound,
+            "repair_moves": self.repair_moves,
+            "rebalance_moves": self.rebalance_moves,
+            "moves": self.num_moves,
+            "balance_before": self.balance_before,
+            "balance_after": self.balance_after,
+            "reason": self.reason,
+        }
+
+
+# ---------------------------------------------------------------------------------- inputs
+#
+# The planner computes in numpy: its arrays are small (tens of thousands of elements), where
+# numpy's single-threaded kernels beat torch's intra-op thread pool, and it must not compete for
+# cores with the engine it runs inside. Placements and plans still speak torch.
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _load_array(load: Any, num_layers: int | None, num_experts: int | None) -> np.ndarray:
+    w = np.array(_to_numpy(load), dtype=np.float64)
+    if w.ndim == 1:
+        w = w[None, :]
+    if w.ndim != 2:
+        raise ValueError(f"load must be [layers, experts], got shape {tuple(w.shape)}")
+    if num_layers is not None and w.shape[0] == 1 and num_layers > 1:
+        w = np.repeat(w, num_layers, axis=0)
+    if num_layers is not None and w.shape[0] != num_layers:
+        raise ValueError(f"load has {w.shape[0]} layers, the placement {num_layers}")
+    if num_experts is not None and w.shape[1] != num_experts:
+        raise ValueError(f"load has {w.shape[1]} experts, the placement {num_experts}")
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError("load must be finite and non-negative")
+    return np.ascontiguousarray(w)
+
+
+def _rank_mask(x: Any, num_ranks: int, what: str) -> np.ndarray:
+    """A ``[num_ranks]`` bool mask from a bool mask or a collection of rank ids."""
+    if x is None:
+        return np.zeros(num_ranks, dtype=bool)
+    a = _to_numpy(x) if isinstance(x, (torch.Tensor, np.ndarray)) else np.asarray(list(x))
+    a = a.reshape(-1)
+    if a.dtype == bool:
+        if a.size != num_ranks:
+            raise ValueError(f"{what} has {a.size} entries, expected {num_ranks}")
+        return a.copy()
+    if a.size == 0:
+        return np.zeros(num_ranks, dtype=bool)
+    if not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{what} must be a bool mask or rank ids, got dtype {a.dtype}")
+    if a.min() < 0 or a.max() >= num_ranks:
+        raise ValueError(f"{what} names ranks outside 0..{num_ranks - 1}")
+    mask = np.zeros(num_ranks, dtype=bool)
+    mask[a] = True
+    return mask
+
+
+def _mask_len(x: Any) -> int | None:
+    """Length of ``x`` if it is a bool mask (which fixes the rank count), else None."""
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        a = _to_numpy(x)
+        return int(a.size) if a.dtype == bool else None
+    if isinstance(x, (list, tuple)) and x and all(isinstance(v, (bool, np.bool_)) for v in x):
+        return len(x)
+    return None
+
+
+def _speed(rank_speed: Any, num_ranks: int) -> np.ndarray:
+    if rank_speed is None:
+        return np.ones(num_ranks, dtype=np.float64)
+    s = np.array(_to_numpy(rank_speed), dtype=np.float64).reshape(-1)
+    if s.size != num_ranks:
+        raise ValueError(f"rank_speed has {s.size} entries, expected {num_ranks}")
+    if not np.isfinite(s).all() or (s <= 0).any():
+        raise ValueError("rank_speed must be finite and positive (mark a rank dead instead of speed 0)")
+    return s
+
+
+# ---------------------------------------------------------------------------------- metrics
+
+
+def _take(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``a[l, idx[l, ...]]`` for each row ``l``: ``np.take_along_axis`` on axis 1 without its
+    per-call overhead (this runs a few hundred times per plan)."""
+    L, n = a.shape
+    offs = (np.arange(L) * n).reshape((L,) + (1,) * (idx.ndim - 1))
+    return np.take(a.reshape(-1), idx + offs)
+
+
+def _counts(idx: np.ndarray, E1: int) -> np.ndarray:
+    """``[L, E1]`` occurrences of each value of ``idx`` ``[L, N]`` (values in ``0..E1-1``)."""
+    L = idx.shape[0]
+    flat = (idx + (np.arange(L) * E1)[:, None]).ravel()
+    return np.bincount(flat, minlength=L * E1).reshape(L, E1)
+
+
+def _rank_loads(p: np.ndarray, w: np.ndarray, S: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(rank_load [L, R], count [L, E])`` with each expert's load split evenly over the replicas
+    present in ``p`` (empty slots and experts without a replica carry nothing)."""
+    L, N = p.shape
+    E = w.shape[1]
+    idx = np.where(p < 0, E, p)
+    cnt = _counts(idx, E + 1)[:, :E]
+    u = np.zeros((L, E + 1))
+    u[:, :E] = w / np.maximum(cnt, 1)
+    slot_load = _take(u, idx)
+    return slot_load.reshape(L, N // S, S).sum(-1), cnt
+
+
+def _layer_balance(rank_load: np.ndarray, target: np.ndarray, speed: np.ndarray) -> np.ndarray:
+    """``[L]`` max over target ranks of load/speed, over total load / total target speed."""
+    eff = (rank_load / speed)[:, target]
+    total = rank_load[:, target].sum(1)
+    mean = total / speed[target].sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = eff.max(1) / mean
+    return np.where(total > 0, out, 1.0)
+
+
+def layer_balance(placement: Placement, load: Any, alive: Any | None = None, rank_speed: Any | None = None) -> torch.Tensor:
+    """``[layers]`` ``torch.float64``: per layer, the largest live-rank load over the mean
+    live-rank load.
+
+    Each expert's load (``load[l, e]``, any unit, e.g. tokens per step) is split evenly over its
+    replicas on live ranks; an expert with no live replica contributes nothing. With
+    ``rank_speed`` (``[R]``, relative throughput) a rank's load is divided by its speed and the
+    mean is the total over the total live speed. A layer without load has balance 1.0.
+    """
+    R = placement.num_ranks
+    alive_m = np.ones(R, dtype=bool) if alive is None else _rank_mask(alive, R, "alive")
+    if not alive_m.any():
+        raise ValueError("no live rank")
+    w = _load_array(load, placement.num_layers, placement.num_experts)
+    p = placement.masked(torch.from_numpy(alive_m)).phy2log.numpy()
+    rank_load, _ = _rank_loads(p, w, placement.slots_per_rank)
+    return torch.from_numpy(_layer_balance(rank_load, alive_m, _speed(rank_speed, R)))
+
+
+def balance(placement: Placement, load: Any, alive: Any | None = None, rank_speed: Any | None = None) -> float:
+    """A placement's balance: the mean over layers of :func:`layer_balance` (1.0 is perfect)."""
+    return float(layer_balance(placement, load, alive, rank_speed).mean())
+
+
+def moved_slots(a: Placement, b: Placement, alive: Any | None = None) -> int:
+    """Slots on live ranks whose logical expert differs between ``a`` and ``b`` and that hold an
+    expert in ``b``: each is one expert's weights crossing the network. A slot emptied (a leaving
+    rank's) loads nothing and is not counted. The placement with fewer ranks is grown with empty
+    ranks first."""
+    if a.slots_per_rank != b.slots_per_rank:
+        raise ValueError("placements differ in slots_per_rank")
+    if a.num_layers != b.num_layers:
+        raise ValueError("placements differ in layers")
+    if a.num_ranks < b.num_ranks:
+        a = a.with_ranks(b.num_ranks)
+    elif a.num_ranks > b.num_ranks:
+        b = b.with_ranks(a.num_ranks)
+    live = torch.ones(a.num_slots, dtype=torch.bool) if alive is None else a.alive_slots(alive)
+    changed = (a.phy2log != b.phy2log) & (b.phy2log >= 0) & live.unsqueeze(0)
+    return int(changed.sum())
+
+
+def lower_bound(current: Placement, alive: Any, leaving: Any | None = None) -> int:
+    """Moves any valid plan needs: (layer, expert) pairs with no replica on a rank that is alive
+    and not leaving."""
+    R = max(current.num_ranks, _mask_len(alive) or 0)
+    cur = current.with_ranks(R) if R > current.num_ranks else current
+    target = _rank_mask(alive, R, "alive") & ~_rank_mask(leaving, R, "leaving")
+    return int((cur.masked(torch.from_numpy(target)).logcnt == 0).sum())
+
+
+# ---------------------------------------------------------------------------------- initial
+
+
+def _replicate(w: np.ndarray, num_slots: int) -> np.ndarray:
+    """``[B, E]`` replica counts summing to ``num_slots`` per row, minimising the largest
+    per-replica load: each extra replica goes to the expert with the largest load per replica
+    (ties to the lowest id)."""
+    B, E = w.shape
+    cnt = np.ones((B, E), dtype=np.int64)
+    rows = np.arange(B)
+    for _ in range(num_slots - E):
+        e = (w / cnt).argmax(1)
+        cnt[rows, e] += 1
+    return cnt
+
+
+def _pack(items_load: np.ndarray, num_packs: int, capacity: int) -> np.ndarray:
+    """Greedy longest-processing-time packing, vectorised over rows.
+
+    ``items_load`` ``[B, n]`` with ``n == num_packs * capacity``; returns ``[B, n]``, the pack of
+    each item: items in descending load each go to the lightest pack with room (ties to the lowest
+    pack id), then swaps with the heaviest pack improve the result (:func:`_improve_packing`).
+    """
+    B, n = items_load.shape
+    order = np.argsort(-items_load, axis=1, kind="stable")
+    pack_load = np.zeros((B, num_packs))
+    pack_fill = np.zeros((B, num_packs), dtype=np.int64)
+    pack_of = np.empty((B, n), dtype=np.int64)
+    rows = np.arange(B)
+    for k in range(n):
+        item = order[:, k]
+        pk = np.where(pack_fill < capacity, pack_load, _INF).argmin(1)
+        pack_of[rows, item] = pk
+        pack_load[rows, pk] += items_load[rows, item]
+        pack_fill[rows, pk] += 1
+    return _improve_packing(items_load, pack_of, num_packs, capacity)
+
+
+def _improve_packing(items_load: np.ndarray, pack_of: np.ndarray, num_packs: int, capacity: int, rounds: int = 64) -> np.ndarray:
+    """Swap an item of the heaviest pack with an item of another pack while that strictly lowers
+    the largest pack load (both packs of the swap end below the old maximum, and so does every
+    other pack); vectorised over rows, at most ``rounds`` swaps."""
+    B, n = items_load.shape
+    if num_packs < 2 or capacity == 0:
+        return pack_of
+    rows = np.arange(B)
+    pack_of = pack_of.copy()
+    active = np.ones(B, dtype=bool)
+    for _ in range(rounds):
+        pack_load = _counts_weighted(pack_of, items_load, num_packs)
+        order = np.argsort(-pack_load, axis=1, kind="stable")[:, :3]
+        top = _take(pack_load, order)
+        hmax, h = top[:, 0], order[:, 0]
+        hot = np.argsort(pack_of != h[:, None], axis=1, kind="stable")[:, :capacity]  # items of h
+        wi = _take(items_load, hot)
+        other = _take(pack_load, pack_of)  # [B, n] load of each item's pack
+        d = items_load[:, None, :] - wi[:, :, None]  # [B, i, j]: w_j - w_i
+        third = top[:, 2:3] if num_packs > 2 else np.full((B, 1), -_INF)
+        rest = np.where(pack_of == order[:, 1:2], third, top[:, 1:2])  # max over packs but h, j's
+        score = np.maximum(np.maximum(hmax[:, None, None] + d, other[:, None, :] - d), rest[:, None, :])
+        ok = (pack_of != h[:, None])[:, None, :] & (d < 0)
+        score = np.where(ok, score, _INF).reshape(B, -1)
+        arg = score.argmin(1)
+        best = score[rows, arg]
+        apply = active & (best < hmax - _MIN_GAIN * np.abs(hmax))
+        active = apply
+        if not apply.any():
+            break
+        i = hot[rows, arg // n]
+        j = arg % n
+        pi, pj = pack_of[rows, i], pack_of[rows, j]
+        pack_of[rows, i] = np.where(apply, pj, pi)
+        pack_of[rows, j] = np.where(apply, pi, pj)
+    return pack_of
+
+
+def _counts_weighted(idx: np.ndarray, weights: np.ndarray, K: int) -> np.ndarray:
+    L = idx.shape[0]
+    flat = (idx + (np.arange(L) * K)[:, None]).ravel()
+    return np.bincount(flat, weights=weights.ravel(), minlength=L * K).reshape(L, K)
+
+
+def initial(load: Any, num_ranks: int, slots_per_rank: int, num_groups: int | None = None, num_nodes: int = 1) -> Placement:
+    """A balanced first placement for ``load`` ``[layers, experts]`` (or ``[experts]``).
+
+    Hierarchical when ``num_groups`` is given, ``num_nodes > 1`` and the groups divide evenly over
+    the nodes (DeepSeek's policy: pack expert groups onto nodes, replicate within each node, then
+    pack each node's replicas onto its ranks, so that group-limited routing stays inside a node);
+    global otherwise (replicate over all slots, pack onto all ranks). Replica counts minimise the
+    largest per-replica load; packing is greedy by descending load, then improved by swaps with
+    the heaviest rank, so it is never less balanced than the greedy packing alone.
+
+    Raises :class:`RedundancyExhausted` if ``num_ranks * slots_per_rank < experts``.
+    """
+    w = _load_array(load, None, None)
+    L, E = w.shape
+    R, S = int(num_ranks), int(slots_per_rank)
+    if R <= 0 or S <= 0:
+        raise ValueError("num_ranks and slots_per_rank must be positive")
+    N = R * S
+    if N < E:
+        raise RedundancyExhausted(E, N, detail=f"{R} ranks x {S} slots for {E} experts")
+    hierarchical = (
+        num_groups is not None and num_nodes > 1 and num_groups % num_nodes == 0
+        and E % num_groups == 0 and R % num_nodes == 0
+    )
+    if hierarchical:
+        phy2log = _initial_hierarchical(w, R, S, int(num_groups), int(num_nodes))
+    else:
+        phy2log = _assemble(w, R, S)
+    return Placement(torch.from_numpy(phy2log), S, E)
+
+
+def _assemble(w: np.ndarray, R: int, S: int) -> np.ndarray:
+    """Replicate experts ``w`` ``[B, E]`` onto ``R * S`` slots and pack them onto ``R`` ranks;
+    ``[B, R*S]`` expert of each slot, each rank's slots in ascending expert order."""
+    B, E = w.shape
+    N = R * S
+    cnt = _replicate(w, N)
+    rep = np.repeat(np.tile(np.arange(E), B), cnt.ravel()).reshape(B, N)
+    rep_load = _take(w / cnt, rep)
+    pack_of = _pack(rep_load, R, S)
+    order = np.argsort(pack_of * (E + 1) + rep, axis=1, kind="stable")
+    return _take(rep, order)
+
+
+def _initial_hierarchical(w: np.ndarray, R: int, S: int, G: int, nodes: int) -> np.ndarray:
+    L, E = w.shape
+    gsize = E // G
+    node_of_group = _pack(w.reshape(L, G, gsize).sum(-1), nodes, G // nodes)  # [L, G]
+    node_of_expert = np.repeat(node_of_group, gsize, axis=1)
+    order = np.argsort(node_of_expert * E + np.arange(E), axis=1, kind="stable")  # node-major
+    E_node, R_node = E // nodes, R // nodes
+    node_experts = order.reshape(L * nodes, E_node)
+    node_load = _take(w, order).reshape(L * nodes, E_node)
+    local = _assemble(node_load, R_node, S)  # [L*nodes, R_node*S], index into node_experts
+    return _take(node_experts, local).reshape(L, R * S)
+
+
+# ---------------------------------------------------------------------------------- replan
+
+
+def replan(
+    current: Placement,
+    load: Any,
+    alive: Any,
+    *,
+    max_moves: int | None = None,
+    rank_speed: Any | None = None,
+    leaving: Any | None = None,
+    tolerance: float = 0.01,
+) -> Plan:
+    """Plan the placement for a new membership, starting from ``current``.
+
+    Args:
+        current: the placement in force (slots of dead ranks may still show their old expert;
+            they are ignored).
+        load: ``[layers, experts]`` (or ``[experts]``, the same for every layer) non-negative
+            expected load per expert, e.g. tokens routed to it over the last window.
+        alive: ``[R]`` bool mask, or the ids of the live ranks (then ``R = current.num_ranks``).
+            ``R`` may exceed ``current.num_ranks`` (scale-up: the new ranks start empty). A rank
+            alive again after a failure (rejoin) holds what ``current`` says for it; pass its
+            slots as -1 if its weights were lost.
+        max_moves: live slots that may change beyond the coverage repair (None: no limit; 0:
+            repair only). The repair itself always takes exactly ``lower_bound`` moves.
+        rank_speed: ``[R]`` positive relative throughput; a rank at 0.5 is given about half the
+            load of a rank at 1.0 (gray, slow ranks).
+        leaving: ``[R]`` bool mask or rank ids of ranks that are alive but leaving (graceful
+            scale-down): their slots become -1, every expert only they held is re-homed on the
+            remaining ranks, and moves may copy from them while they are still up.
+        tolerance: a layer whose most loaded rank is within this fraction of the mean is left as
+            it is: one more expert crossing the network would buy less than it costs.
+
+    Returns:
+        a :class:`Plan`; the same inputs always give the same plan.
+
+    Raises:
+        RedundancyExhausted: the remaining ranks have fewer slots than there are experts
+            (counted in ``elasticep_redundancy_exhausted_total``).
+        ValueError: inconsistent shapes or values.
+    """
+    from elasticep import metrics
+
+    S = current.slots_per_rank
+    R = max(current.num_ranks, _mask_len(alive) or 0)
+    cur = current.with_ranks(R) if R > current.num_ranks else current
+    alive_m = _rank_mask(alive, R, "alive")
+    leaving_m = _rank_mask(leaving, R, "leaving")
+    target = alive_m & ~leaving_m
+    speed = _speed(rank_speed, R)
+    L, E, N = cur.num_layers, cur.num_experts, cur.num_slots
+    w = _load_array(load, L, E)
+    live_slots = int(target.sum()) * S
+    if live_slots < E:
+        metrics.REDUNDANCY_EXHAUSTED.inc()
+        raise RedundancyExhausted(
+            E, live_slots,
+            detail=f"{int(target.sum())} ranks to hold experts x {S} slots "
+            f"({int(alive_m.sum())} alive, {int((alive_m & leaving_m).sum())} of them leaving)",
+        )
+    if max_moves is not None and int(max_moves) < 0:
+        raise ValueError("max_moves must be >= 0 or None")
+    budget = None if max_moves is None else int(max_moves)
+
+    tslot = np.repeat(target, S)  # [N]
+    cur_p = cur.phy2log.numpy()
+    p = np.where(tslot[None, :], cur_p, EMPTY)
+    p, lb = _repair(p, w, tslot, target, speed, S)
+    before = float(_layer_balance(_rank_loads(p, w, S)[0], target, speed).mean())
+    p = _rebalance(p, cur_p, w, tslot, target, speed, S, budget, float(tolerance))
+    rank_load, cnt = _rank_loads(p, w, S)
+    after = float(_layer_balance(rank_load, target, speed).mean())
+    if (cnt == 0).any():  # impossible when live_slots >= E: a guard on invariant 4
+        raise AssertionError("planner left an expert without a live replica")
+
+    move_layer, move_slot = np.nonzero((p != cur_p) & (p >= 0))
+    move_expert = p[move_layer, move_slot]
+    rebalance_moves = int(move_slot.size) - lb
+    return Plan(
+        placement=Placement(torch.from_numpy(p), S, E),
+        current=cur,
+        alive=torch.from_numpy(alive_m),
+        target=torch.from_numpy(target),
+        lower_bound=lb,
+        repair_moves=lb,
+        rebalance_moves=rebalance_moves,
+        balance_before=before,
+        balance_after=after,
+        reason=_reason(cur, alive_m, leaving_m, lb, rebalance_moves, budget, before, after),
+        move_layer=torch.from_numpy(move_layer.astype(np.int64)),
+        move_slot=torch.from_numpy(move_slot.astype(np.int64)),
+        move_expert=torch.from_numpy(move_expert.astype(np.int64)),
+    )
+
+
+def _reason(cur: Placement, alive: np.ndarray, leaving: np.ndarray, lb: int, reb: int, budget: int | None, before: float, after: float) -> str:
+    parts = [f"{int(alive.sum())}/{cur.num_ranks} ranks alive"]
+    dead = np.flatnonzero(~alive).tolist()
+    left = np.flatnonzero(alive & leaving).tolist()
+    if dead:
+        parts.append(f"dead {_ranks(dead)}")
+    if left:
+        parts.append(f"leaving {_ranks(left)}")
+    live_slot = np.repeat(alive & ~leaving, cur.slots_per_rank)
+    empty_live = int(((cur.phy2log.numpy() < 0) & live_slot[None, :]).sum())
+    if empty_live:
+        parts.append(f"{empty_live} empty live slots")
+    budget_s = "unlimited" if budget is None else str(budget)
+    return (
+        f"{', '.join(parts)}: {lb} moves restore every expert (the lower bound), {reb} more "
+        f"rebalance (budget {budget_s}); balance {before:.3f} -> {after:.3f}"
+    )
+
+
+def _ranks(ids: list[int]) -> str:
+    return "[" + ",".join(str(i) for i in ids[:8]) + (",..." if len(ids) > 8 else "") + "]"
+
+
+class _State:
+    """Per-slot and per-rank quantities of a working placement ``p`` ``[L, N]``, recomputed from
+    scratch each round: cheap at these sizes, and no incremental bookkeeping to get wrong."""
+
+    def __init__(self, p: np.ndarray, w_ext: np.ndarray, tslot: np.ndarray, target: np.ndarray, speed: np.ndarray, S: int):
+        L, N = p.shape
+        E = w_ext.shape[1] - 1
+        R = N // S
+        self.idx = idx = np.where(p < 0, E, p)
+        cnt = _counts(idx, E + 1).astype(np.float64)
+        cnt[:, E] = 0
+        self.cnt = cnt
+        self.u = w_ext / np.maximum(cnt, 1)  # [L, E+1] load per replica now
+        self.u_plus = w_ext / (cnt + 1)  # with one more replica
+        # rise of each remaining replica's load if one replica goes; inf where none may go
+        with np.errstate(divide="ignore", invalid="ignore"):
+            delta = np.where(cnt >= 2, w_ext / np.maximum(cnt - 1, 1) - self.u, _INF)
+        delta[:, E] = 0.0  # an empty slot can always be taken
+        self.delta = delta
+        self.slot_u = _take(self.u, idx)  # [L, N]
+        self.load = self.slot_u.reshape(L, R, S).sum(-1)  # [L, R]
+        self.eff = self.load / speed
+        slot_rank = np.arange(N) // S
+        self.eff_slot = np.repeat(self.eff, S, axis=1)  # [L, N] effective load of each slot's rank
+        self.slot_delta = _take(delta, idx)
+        self.spd_slot = speed[slot_rank]
+        # worst host of each expert once it loses one replica (a rank holding two replicas is
+        # counted once: an estimate; every step is checked exactly before it is applied)
+        filled = (p >= 0) & tslot[None, :]
+        host_val = np.where(filled, self.eff_slot + np.where(filled, self.slot_delta, 0.0) / self.spd_slot, -_INF)
+        # per expert, over its replicas' ranks: sum of eff/speed and of 1/speed^2, so that the
+        # change in the sum of squared rank loads when every replica's share moves by d is
+        # -2 d A1 + d^2 A2 (d > 0 a drop) or 2 d A1 + d^2 A2 (a rise)
+        inv = np.where(filled, 1.0 / self.spd_slot, 0.0)
+        self.A1 = _counts_weighted(idx, self.eff_slot * inv, E + 1)
+        self.A2 = _counts_weighted(idx, inv * inv, E + 1)
+        host_max = np.full(L * (E + 1), -_INF)
+        np.maximum.at(host_max, (idx + (np.arange(L) * (E + 1))[:, None]).ravel(), host_val.ravel())
+        self.host_max = host_max.reshape(L, E + 1)
+        self.host_max[:, E] = -_INF
+
+
+def _max_eff(p: np.ndarray, w: np.ndarray, target: np.ndarray, speed: np.ndarray, S: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``[L]`` each: the max effective load over target ranks, the sum of squared effective
+    loads, and whether every expert still has a replica."""
+    load, cnt = _rank_loads(p, w, S)
+    eff = (load / speed)[:, target]
+    return eff.max(1), (eff * eff).sum(1), (cnt > 0).all(1)
+
+
+def _repair(p: np.ndarray, w: np.ndarray, tslot: np.ndarray, target: np.ndarray, speed: np.ndarray, S: int) -> tuple[np.ndarray, int]:
+    """Give every uncovered expert one slot: exactly one move per uncovered (layer, expert).
+
+    Heaviest missing expert first, into the legal slot (an empty target slot, or a replica of an
+    expert that keeps another) that leaves the lowest peak: the slot's rank after the exchange,
+    and the worst host of the evicted expert, whose remaining replicas take over its share.
+    """
+    L, N = p.shape
+    E = w.shape[1]
+    _, cnt = _rank_loads(p, w, S)
+    missing = cnt == 0  # [L, E]
+    per_layer = missing.sum(1)
+    lb = int(per_layer.sum())
+    if lb == 0:
+        return p, 0
+    p = p.copy()
+    rows = np.arange(L)
+    w_ext = np.concatenate([w, np.zeros((L, 1))], 1)
+    miss_order = np.argsort(-np.where(missing, w, -1.0), axis=1, kind="stable")
+    for k in range(int(per_layer.max())):
+        act = per_layer > k
+        e = miss_order[:, k]
+        st = _State(p, w_ext, tslot, target, speed, S)
+        new_q = st.eff_slot + (w[rows, e][:, None] - st.slot_u) / st.spd_slot
+        x_host = _take(st.host_max, st.idx)
+        legal = tslot[None, :] & np.isfinite(st.slot_delta)
+        t = np.where(legal, np.maximum(new_q, x_host), _INF).argmin(1)
+        p[rows[act], t[act]] = e[act]
+    return p, lb
+
+
+def _rebalance(
+    p: np.ndarray,
+    cur_p: np.ndarray,
+    w: np.ndarray,
+    tslot: np.ndarray,
+    target: np.ndarray,
+    speed: np.ndarray,
+    S: int,
+    budget: int | None,
+    tolerance: float,
+    max_pairs: int = 8,
+) -> np.ndarray:
+    """Pairwise local search within ``budget`` changed slots.
+
+    Each round pairs, in every layer, the k-th most loaded target rank with the k-th least loaded
+    one (k < ``max_pairs``) and scores two kinds of step for each pair: *replicate* (one changed
+    slot) puts one more replica of an expert of the hot rank into a slot of the cold rank that is
+    empty or holds a replica its expert can spare; *swap* (two changed slots) trades an expert of
+    the hot rank for a lighter one of the cold rank. A step must bring the hot rank down without
+    lifting anything to its level; among those, the one that lowers the sum of squared rank loads
+    the most per changed slot wins. A layer's steps are checked exactly (its peak may not rise,
+    its sum of squares must fall, every expert keeps a replica) before they are applied; when
+    they fail together, the hottest pair's step alone is tried, and when that fails too its cold
+    slot is set aside. A layer stops when nothing is left to try or it is within ``tolerance``.
+    With a budget, steps go first to the pairs whose hot rank stands out most.
+    """
+    L, N = p.shape
+    E = w.shape[1]
+    n_target = int(target.sum())
+    K = min(max_pairs, n_target // 2)
+    if budget == 0 or K == 0:
+        return p
+    p = p.copy()
+    rows = np.arange(L)
+    rows1 = rows[:, None]
+    w_ext = np.concatenate([w, np.zeros((L, 1))], 1)
+    active = np.ones(L, dtype=bool)
+    banned = np.zeros((L, N), dtype=bool)  # cold slots whose step failed the exact check
+    remaining = budget
+    ar_s = np.arange(S)
+    tgt_ids = np.flatnonzero(target)
+    mean = w.sum(1) / speed[target].sum()  # [L] mean effective rank load
+    scale = np.maximum(mean, 1e-300)
+    eps = _MIN_GAIN * scale
+    eps4 = eps[:, None, None, None]
+    KS = K * S
+    for _ in range(4 * N):
+        st = _State(p, w_ext, tslot, target, speed, S)
+        eff_t = st.eff[:, tgt_ids]
+        old_max = eff_t.max(1)
+        old_ss = (eff_t * eff_t).sum(1)
+        # a layer within `tolerance` of perfect balance is not worth another transfer
+        active &= old_max > (1.0 + tolerance) * mean
+        if not active.any():
+            break
+        order = tgt_ids[np.argsort(-eff_t, axis=1, kind="stable")]  # [L, n_target], hottest first
+        hot, cold = order[:, :K], order[:, ::-1][:, :K]  # [L, K]
+        e_h = _take(st.eff, hot)
+        e_q = _take(st.eff, cold)
+        sp_h, sp_q = speed[hot][:, :, None], speed[cold][:, :, None]  # [L, K, 1]
+        hs = (hot[:, :, None] * S + ar_s).reshape(L, KS)
+        qs = (cold[:, :, None] * S + ar_s).reshape(L, KS)
+        a = _take(st.idx, hs).reshape(L, K, S)
+        ua = _take(st.slot_u, hs).reshape(L, K, S)
+        ua_plus = _take(st.u_plus, a.reshape(L, KS)).reshape(L, K, S)
+        x = _take(st.idx, qs).reshape(L, K, S)
+        ux = _take(st.slot_u, qs).reshape(L, K, S)
+        dx = _take(st.slot_delta, qs).reshape(L, K, S)
+        x_host = _take(st.host_max, x.reshape(L, KS)).reshape(L, K, S)
+        # scores are [L, K, i (hot slot), j (cold slot)]
+        eh = e_h[:, :, None, None]
+        eq = e_q[:, :, None, None]
+        n_a = (a[:, :, :, None] == a[:, :, None, :]).sum(-1)  # replicas of a on the hot rank
+        # replicate a into j: the hot rank sheds part of a's share, j's rank trades x for a,
+        # and x's worst other host takes x's freed share (nothing for an empty slot)
+        nh1 = e_h[:, :, None] - n_a * (ua - ua_plus) / sp_h  # [L, K, S]
+        dq1 = (ua_plus[:, :, :, None] - ux[:, :, None, :]) / sp_q[:, :, :, None]
+        nq1 = eq + dq1
+        can_x = np.isfinite(dx) & ~_take(banned, qs).reshape(L, K, S)
+        x_rise = np.where(np.isfinite(x_host) & np.isfinite(dx), dx / sp_q, 0.0)
+        xh = np.where(x_rise > 0, x_host, -_INF)
+        xterm = x_rise * (2.0 * np.where(x_rise > 0, x_host, 0.0) - x_rise)  # new^2 - old^2
+        # every replica of a elsewhere sheds d_a too; every other replica of x takes dx more
+        d_a = ua - ua_plus
+        a_flat = a.reshape(L, KS)
+        a_rest = (-2.0 * d_a * _take(st.A1, a_flat).reshape(L, K, S) + d_a * d_a * _take(st.A2, a_flat).reshape(L, K, S)
+                  - n_a * (-2.0 * e_h[:, :, None] * d_a / sp_h + d_a * d_a / (sp_h * sp_h)))
+        x_flat = x.reshape(L, KS)
+        dxf = np.where(np.isfinite(dx), dx, 0.0)
+        x_rest = (2.0 * dxf * _take(st.A1, x_flat).reshape(L, K, S) + dxf * dxf * _take(st.A2, x_flat).reshape(L, K, S)
+                  - (2.0 * e_q[:, :, None] * dxf / sp_q + dxf * dxf / (sp_q * sp_q)))
+        dphi1 = (nh1 * nh1 - e_h[:, :, None] ** 2 + a_rest)[:, :, :, None] + dq1 * (2.0 * eq + dq1) + x_rest[:, :, None, :]
+        peak1 = np.maximum(nq1, np.maximum(nh1, -_INF)[:, :, :, None])
+        peak1 = np.maximum(peak1, xh[:, :, None, :])
+        ok1 = (a < E)[:, :, :, None] & can_x[:, :, None, :] & (peak1 < eh - eps4)
+        # swap a and x
+        d2 = (ux[:, :, None, :] - ua[:, :, :, None])  # load the hot rank gains (negative)
+        nh2 = eh + d2 / sp_h[:, :, :, None]
+        nq2 = eq - d2 / sp_q[:, :, :, None]
+        dphi2 = 0.5 * (nh2 * nh2 - eh * eh + nq2 * nq2 - eq * eq)
+        ok2 = (~_take(banned, qs).reshape(L, K, S))[:, :, None, :] & (np.maximum(nh2, nq2) < eh - eps4)
+        differ = a[:, :, :, None] != x[:, :, None, :]
+        score = np.empty((L, K, 2, S, S))
+        np.copyto(score[:, :, 0], np.where(ok1 & differ, dphi1, _INF))
+        np.copyto(score[:, :, 1], np.where(ok2 & differ, dphi2, _INF))
+        score = score.reshape(L, K, 2 * S * S)
+        arg = score.argmin(-1)  # [L, K]
+        best = score.reshape(L * K, -1)[np.arange(L * K), arg.ravel()].reshape(L, K)
+        good = active[:, None] & (best < -eps[:, None] * scale[:, None])
+        active &= good.any(1)  # nothing left to try in these layers
+        if not good.any():
+            break
+        kind = arg // (S * S)
+        i_col, j_col = (arg % (S * S)) // S, arg % S
+        kk = np.arange(K) * S
+        slot_i = _take(hs, kk + i_col)
+        slot_j = _take(qs, kk + j_col)
+        e_i = _take(p, slot_i)
+        e_j = _take(p, slot_j)
+        new_j = np.where(good, e_i, e_j)  # slot j takes the hot rank's expert
+        new_i = np.where(good & (kind == 1), e_j, e_i)  # and on a swap slot i the cold one's
+        if remaining is not None:
+            cost = _slot_cost(_take(cur_p, slot_j), e_j, new_j) + _slot_cost(_take(cur_p, slot_i), e_i, new_i)
+            # the budget goes first to the pairs whose hot rank stands out most, over all layers
+            pri = e_h / scale[:, None]
+            pri = np.where(good, pri, -_INF).ravel()
+            ordr = np.argsort(-pri, kind="stable")
+            ordr = ordr[good.ravel()[ordr]]
+            take = np.cumprod(np.cumsum(cost.ravel()[ordr]) <= remaining).astype(bool)
+            chosen = np.zeros(L * K, dtype=bool)
+            chosen[ordr[take]] = True
+            good &= chosen.reshape(L, K)
+            if not good.any():
+                break
+            new_j = np.where(good, new_j, e_j)
+            new_i = np.where(good, new_i, e_i)
+        trial = p.copy()
+        trial[rows1, slot_j] = new_j
+        trial[rows1, slot_i] = new_i
+        t_max, t_ss, t_cov = _max_eff(trial, w, target, speed, S)
+        some = good.any(1)
+        passed = some & t_cov & (t_max <= old_max) & (t_ss < old_ss - eps * scale)
+        retry = some & ~passed
+        if retry.any():
+            # where the layer's steps fail together, try the first good pair's step alone
+            first = np.argmax(good, axis=1)
+            solo = np.zeros_like(good)
+            solo[rows, first] = True
+            solo &= good & retry[:, None]
+            trial2 = p.copy()
+            trial2[rows1, slot_j] = np.where(solo, new_j, e_j)
+            trial2[rows1, slot_i] = np.where(solo, new_i, e_i)
+            t2_max, t2_ss, t2_cov = _max_eff(trial2, w, target, speed, S)
+            ok_solo = retry & t2_cov & (t2_max <= old_max) & (t2_ss < old_ss - eps * scale)
+            trial[ok_solo] = trial2[ok_solo]
+            passed |= ok_solo
+            good = np.where(ok_solo[:, None], solo, good)
+            # a step that fails alone too sets its cold slot aside; the layer tries again
+            failed = retry & ~ok_solo
+            fl = rows[failed]
+            banned[fl, slot_j[fl, first[fl]]] = True
+        if remaining is not None:
+            remaining -= int(cost[passed[:, None] & good].sum())
+        p[passed] = trial[passed]
+    return p
+
+
+def _slot_cost(cur: np.ndarray, now: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Change in moved slots when slots holding ``now`` take ``new`` (``cur``: what they hold in
+    the current placement): +1 for a slot still unchanged, 0 for one changed already, -1 for one
+    going back to what it held."""
+    before = (now != cur) & (now >= 0)
+    after = (new != cur) & (new >= 0)
+    return after.astype(np.int64) - before.astype(np.int64)
