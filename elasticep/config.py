@@ -27,18 +27,19 @@ from typing import Any
 @dataclass(frozen=True)
 class Config:
     # --- detection ---
-    heartbeat_interval_ms: float = 10.0
-    """Period of each rank's heartbeat on the bus, ms."""
+    heartbeat_interval_ms: float = 20.0
+    """Period of each rank's heartbeat on the bus, ms. Every rank hears every other, so the bus
+    carries ``N * (N - 1) * 1000 / heartbeat_interval_ms`` heartbeats per second."""
     phi_threshold: float = 8.0
     """Phi-accrual level above which heartbeat silence becomes a suspicion (phi 8 ~ 1e-8 odds)."""
     min_suspect_ms: float = 60.0
     """Silence shorter than this is never suspected, whatever phi says, ms."""
-    grace_ms: float = 150.0
+    grace_ms: float = 200.0
     """Silence shorter than this never evicts without a certain signal (process exit), ms."""
     corroboration_window_ms: float = 500.0
     """Uncertain suspicions (silence, kernel timeout) need a second observer or signal within
     this window to evict, ms."""
-    single_observer_evict_ms: float = 250.0
+    single_observer_evict_ms: float = 300.0
     """A lone observer's suspicion still evicts once the silence it sees reaches this, ms
     (covers the case where only one peer can observe, e.g. a two-rank cluster)."""
     gray_slowness: float = 3.0
@@ -49,8 +50,10 @@ class Config:
     # --- membership and store ---
     store_timeout_s: float = 2.0
     """Bound on one view-store operation; past it the rank fences itself, s."""
-    store_poll_ms: float = 5.0
-    """How often the membership service polls the store for a newer committed view, ms."""
+    store_poll_ms: float = 50.0
+    """How often the membership service polls the store for a newer committed view, ms. A backup
+    only: a rank that installs a view announces it on the bus and peers read it at once; the poll
+    also proves the store is reachable (see ``store_timeout_s``)."""
     join_timeout_s: float = 30.0
     """How long a joining rank waits to be admitted before it gives up, s."""
 
@@ -86,7 +89,7 @@ class Config:
             corroboration_window_ms=3000.0,
             single_observer_evict_ms=3000.0,
             store_timeout_s=10.0,
-            store_poll_ms=20.0,
+            store_poll_ms=200.0,
             kernel_timeout_us=2_000_000,
             transfer_timeout_s=30.0,
         )

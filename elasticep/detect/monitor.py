@@ -28,6 +28,8 @@ GRAY_RECENT = 10
 """Recent gaps averaged to judge lateness."""
 GRAY_RECOVER = 0.7
 """A gray peer recovers when its slowness falls below this fraction of ``gray_slowness``."""
+GRAY_EVERY_CHECKS = 10
+"""Lateness is judged on every this many checks (about every 10 heartbeat intervals)."""
 MIN_STD_MS = 1.0
 """Standard deviation floor for the phi estimate, ms (see :mod:`elasticep.detect.phi`)."""
 
@@ -58,6 +60,7 @@ class HeartbeatMonitor:
     _last_check_s: float | None = None
     stalls: int = 0
     """How many times ``check`` found the observer itself had stalled."""
+    _checks: int = 0
 
     # --- inputs -----------------------------------------------------------------------------
 
@@ -128,7 +131,9 @@ class HeartbeatMonitor:
                         detail=f"silent for {elapsed_ms:.0f} ms",
                     )
                 )
-        out.extend(self._gray(now))
+        self._checks += 1
+        if self._checks % GRAY_EVERY_CHECKS == 0:
+            out.extend(self._gray(now))
         return out
 
     # --- queries ----------------------------------------------------------------------------

@@ -282,16 +282,25 @@ class MembershipCore:
             out += self._leave(item, now)
         else:
             out += self._event(item, None, now)
-        if decide and self.status == Status.MEMBER and not self.stopped:
+        if decide and self.status == Status.MEMBER and not self.stopped and self._may_change(item, out):
             out += self._decide(now)
         return out
+
+    @staticmethod
+    def _may_change(item: Input, out: list[Action]) -> bool:
+        # A plain heartbeat changes no evidence (a Refute in ``out`` does); ticks let time pass.
+        event = item.event if isinstance(item, Envelope) else item
+        return not isinstance(event, Heartbeat) or bool(out)
 
     def step_many(self, items: list[Input], now: float) -> list[Action]:
         """Apply a batch received together, then decide once (two exits in one batch: one view)."""
         out: list[Action] = []
+        changed = False
         for item in items:
-            out += self.step(item, now, decide=False)
-        if self.status == Status.MEMBER and not self.stopped:
+            acts = self.step(item, now, decide=False)
+            changed = changed or self._may_change(item, acts)
+            out += acts
+        if changed and self.status == Status.MEMBER and not self.stopped:
             out += self._decide(now)
         return out
 

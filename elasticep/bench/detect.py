@@ -1,0 +1,187 @@
+"""``elasticep bench detect``: time from a rank's death or hang to every survivor's new view.
+
+Starts ``--ranks`` real rank processes (``python -m elasticep.membership.worker``: ZeroMQ bus with
+CURVE, ``TCPStore`` view store hosted by this process, which also plays the launcher). Then:
+
+* **kill series**: ``--trials`` times, SIGKILL a random rank and measure from the signal to the
+  moment the last survivor installed a view without it (install wall-clock times are reported by
+  the ranks themselves); the rank is restarted and re-admitted before the next trial.
+* **hang series**: the same with SIGSTOP (the process stays, silent); then it is killed and
+  restarted.
+* **soak** (``--soak-s``): a CPU hog beside the ranks and random SIGSTOP pauses shorter than the
+  grace period; every rank removed from a view during the soak is a false eviction.
+
+Baselines measured in the same run: how long the launcher takes to see a SIGKILLed child exit
+(the floor for the certain signal), and the configured ``grace_ms`` (the floor for silence).
+
+``--json PATH`` writes ``ranks``, ``trials``, ``kill_to_view_p50_ms``, ``kill_to_view_p99_ms``,
+``hang_to_view_p50_ms``, ``hang_to_view_p99_ms``, ``false_evictions`` plus the baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+from elasticep.config import Config
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile ``q`` in [0, 100]; NaN for no values."""
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _epoch(cluster, rank: int) -> int:
+    installs = cluster.installs(rank)
+    return installs[-1]["epoch"] if installs else 0
+
+
+def _readmit(cluster, rank: int, world: int, timeout: float) -> None:
+    cluster.restart(rank)
+    cluster.wait_view(lambda v: len(v["members"]) == world and rank in v["members"] and v["epoch"] > 1,
+                      timeout, ranks=list(range(world)))
+
+
+def _trial(cluster, rng: random.Random, world: int, how: str, timeout: float) -> tuple[float, int, str]:
+    live = cluster.live()
+    victim = rng.choice(live)
+    survivors = [r for r in live if r != victim]
+    floor = max(_epoch(cluster, r) for r in survivors)
+    t0 = cluster.kill(victim) if how == "kill" else cluster.stop(victim)
+    got = cluster.wait_view(lambda v: v["epoch"] > floor and victim not in v["members"], timeout, ranks=survivors)
+    ms = (max(v["wall_ns"] for v in got.values()) - t0) / 1e6
+    return ms, victim, next(iter(got.values()))["reason"]
+
+
+def _hog() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "while True:\n    pass\n"])
+
+
+def _soak(cluster, rng: random.Random, world: int, seconds: float, grace_ms: float) -> tuple[int, int, int]:
+    """Returns (false evictions, fences, pauses)."""
+    start_epochs = {r: _epoch(cluster, r) for r in range(world)}
+    hog = _hog()
+    pauses = 0
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(rng.uniform(0.2, 1.0))
+            victim = rng.randrange(world)
+            pause_s = rng.uniform(0.1, 0.66) * grace_ms / 1e3
+            cluster.stop(victim)
+            time.sleep(pause_s)
+            cluster.cont(victim)
+            pauses += 1
+    finally:
+        hog.send_signal(signal.SIGKILL)
+        hog.wait()
+    time.sleep(0.5)  # let a late eviction, if any, land before counting
+    removed: set[tuple[int, int]] = set()
+    fences = 0
+    for r in range(world):
+        for report in cluster.ranks[r].reports:
+            if report["kind"] == "install" and report["epoch"] > start_epochs[r]:
+                for gone in set(range(world)) - set(report["members"]):
+                    removed.add((report["epoch"], gone))
+            if report["kind"] == "fenced":
+                fences += 1
+    return len(removed), fences, pauses
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="elasticep bench detect", description=__doc__.split("\n")[0])
+    parser.add_argument("--ranks", type=int, default=8)
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--soak-s", type=float, default=0.0)
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-launcher", action="store_true",
+                        help="do not report exits to the ranks (detect kills from the ranks' own signals)")
+    parser.add_argument("--config", action="append", default=[], metavar="FIELD=VALUE",
+                        help="Config.local overrides passed to every rank")
+    args = parser.parse_args(argv)
+    from elasticep.membership.local_cluster import LocalCluster
+
+    overrides = dict(item.split("=", 1) for item in args.config)
+    config = Config.local(**{k: type(getattr(Config, k))(v) for k, v in overrides.items()})
+    rng = random.Random(args.seed)
+    world = args.ranks
+    kills: list[float] = []
+    hangs: list[float] = []
+    exit_seen: list[float] = []
+    t_start = time.monotonic()
+    with LocalCluster(world, config=overrides, report_exits=not args.no_launcher) as cluster:
+        cluster.wait_ready(timeout=60 + 15 * world)
+        cluster.wait_view(lambda v: v["epoch"] >= 1, 30, ranks=list(range(world)))
+        print(f"{world} ranks up in {time.monotonic() - t_start:.1f} s", flush=True)
+        time.sleep(0.5)
+        for i in range(args.trials):
+            ms, victim, reason = _trial(cluster, rng, world, "kill", timeout=10)
+            kills.append(ms)
+            print(f"kill  {i + 1:3d}/{args.trials}: rank {victim} -> view in {ms:7.1f} ms  [{reason}]", flush=True)
+            _readmit(cluster, victim, world, timeout=120)
+            time.sleep(0.3)
+        for i in range(args.trials):
+            ms, victim, reason = _trial(cluster, rng, world, "hang", timeout=10)
+            hangs.append(ms)
+            print(f"hang  {i + 1:3d}/{args.trials}: rank {victim} -> view in {ms:7.1f} ms  [{reason}]", flush=True)
+            _readmit(cluster, victim, world, timeout=120)
+            time.sleep(0.3)
+        # Baseline: how soon the launcher itself sees a SIGKILLed child exit (no membership).
+        for _ in range(min(3, args.trials) or 1):
+            victim = rng.choice(cluster.live())
+            n_exits = len(cluster.exits)
+            t0 = cluster.kill(victim)
+            cluster.wait(lambda: len(cluster.exits) > n_exits, 10, "the exit")
+            exit_seen.append((cluster.exits[-1][2] - t0) / 1e6)
+            cluster.wait_view(lambda v, victim=victim: victim not in v["members"], 10,
+                              ranks=[r for r in cluster.live() if r != victim])
+            _readmit(cluster, victim, world, timeout=120)
+        false_evictions = fences = pauses = 0
+        if args.soak_s > 0:
+            time.sleep(0.5)
+            print(f"soak: {args.soak_s:g} s with a CPU hog and SIGSTOP pauses < {0.66 * config.grace_ms:.0f} ms",
+                  flush=True)
+            false_evictions, fences, pauses = _soak(cluster, rng, world, args.soak_s, config.grace_ms)
+    result = {
+        "ranks": world,
+        "trials": args.trials,
+        "kill_to_view_p50_ms": round(_percentile(kills, 50), 2),
+        "kill_to_view_p99_ms": round(_percentile(kills, 99), 2),
+        "hang_to_view_p50_ms": round(_percentile(hangs, 50), 2),
+        "hang_to_view_p99_ms": round(_percentile(hangs, 99), 2),
+        "false_evictions": false_evictions,
+        "soak_s": args.soak_s,
+        "soak_pauses": pauses,
+        "soak_fences": fences,
+        "baseline_exit_seen_p50_ms": round(_percentile(exit_seen, 50), 2),
+        "baseline_grace_ms": config.grace_ms,
+        "launcher_reports_exits": not args.no_launcher,
+        "kill_to_view_ms": [round(x, 2) for x in kills],
+        "hang_to_view_ms": [round(x, 2) for x in hangs],
+    }
+    print(f"kill -> view: p50 {result['kill_to_view_p50_ms']:.1f} ms, p99 {result['kill_to_view_p99_ms']:.1f} ms "
+          f"(launcher sees the exit after {result['baseline_exit_seen_p50_ms']:.1f} ms p50)")
+    print(f"hang -> view: p50 {result['hang_to_view_p50_ms']:.1f} ms, p99 {result['hang_to_view_p99_ms']:.1f} ms "
+          f"(grace_ms {config.grace_ms:g})")
+    if args.soak_s > 0:
+        print(f"soak: {false_evictions} false evictions, {fences} fences in {pauses} pauses over {args.soak_s:g} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
