@@ -1,0 +1,221 @@
+"""``elasticep bench plan``: the EPLB planner against SGLang's ``elasticity_aware`` rebalance.
+
+DeepSeek-V3's shape: 58 MoE layers x 256 routed experts on 32 ranks x 9 slots (288 physical
+experts per layer, 32 redundant). The load is skewed and synthetic: per layer, each expert's
+load is drawn from a log-normal distribution (``--sigma``, default 0.8: the hottest expert of a
+layer carries about six times the mean), seeded. The starting placement is
+:func:`elasticep.eplb.initial` on that load (balanced, every rank within a fraction of a percent).
+
+Cases, each from its own ``current`` placement:
+
+* ``one_dead``: rank 7 dies.
+* ``four_dead``: ranks 3, 11, 19, 27 die. On 32 x 9 slots that leaves 252 live slots for 256
+  experts: no planner can cover every expert, elasticep raises ``RedundancyExhausted`` and
+  SGLang's algorithm fails; the row ``four_dead_9_slots`` records that, and ``four_dead`` runs on
+  32 ranks x 10 slots (64 redundant experts) instead.
+* ``rejoin``: rank 7 comes back with empty slots, starting from elasticep's unlimited plan for
+  ``one_dead``. The lower bound is 0 there, so budgets are multiples of the rejoined rank's empty
+  slots instead (the moves needed to use it at all); ``budget_moves`` says what was allowed.
+
+For elasticep, budgets of 2x and 4x the lower bound (``max_moves`` = 1x and 3x, on top of the
+repair) and unlimited; SGLang's ``elasticity_aware`` (a full replan over the live ranks) once
+per case, in the same run. For each: planning time (median of ``--repeat`` runs, wall clock,
+``replan`` returning the new placement and its move table), moved slots (live slots whose
+expert changes and that hold an expert afterwards) and balance (mean over layers of the most
+loaded live rank over the mean live rank, each expert's load split evenly over its live
+replicas).
+
+``--json PATH`` writes ``{"cases": [{"name", "budget", "elasticep_ms", "elasticep_moved_slots",
+"elasticep_balance", "lower_bound_moves", "sglang_ms", "sglang_moved_slots", "sglang_balance",
+...}]}`` (plus ``budget_moves``, ``num_slots_per_rank`` and ``error`` where a case cannot be
+planned), and a ``targets`` section with the one-dead targets and whether they were met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from elasticep.eplb import Placement, RedundancyExhausted, balance, initial, lower_bound, moved_slots, replan
+
+LAYERS, EXPERTS, RANKS, SLOTS = 58, 256, 32, 9
+
+
+def skewed_load(layers: int, experts: int, sigma: float, seed: int) -> torch.Tensor:
+    """``[layers, experts]`` float64 log-normal loads (mean-one scale), seeded."""
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.lognormal(0.0, sigma, size=(layers, experts)))
+
+
+def _median_ms(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
+    times, out = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), out
+
+
+def _sglang():
+    try:
+        from sglang.srt.eplb.eplb_algorithms import elasticity_aware
+    except Exception as exc:  # the sglang extra is optional
+        return None, f"{type(exc).__name__}: {exc}"
+    return elasticity_aware, None
+
+
+def _sglang_plan(mod, load: torch.Tensor, alive: torch.Tensor, slots_per_rank: int) -> Placement:
+    """Run SGLang's elasticity_aware rebalance on the live ranks; returns its placement with the
+    dead ranks' slots empty (SGLang lists them nowhere in its logical-to-physical map)."""
+    R = alive.numel()
+    phy2log, log2phy, logcnt = mod.rebalance_experts(
+        load.float(), R * slots_per_rank, 1, 1, R, False, alive.to(torch.bool)
+    )
+    return Placement.from_sglang(phy2log, log2phy, logcnt, slots_per_rank=slots_per_rank)
+
+
+def run(sigma: float = 0.8, seed: int = 0, repeat: int = 3, with_sglang: bool = True) -> dict:
+    load = skewed_load(LAYERS, EXPERTS, sigma, seed)
+    sg_mod, sg_err = _sglang() if with_sglang else (None, "disabled")
+    cases: list[dict] = []
+
+    def alive_without(R: int, dead: list[int]) -> torch.Tensor:
+        a = torch.ones(R, dtype=torch.bool)
+        a[dead] = False
+        return a
+
+    def one_case(name: str, current: Placement, alive: torch.Tensor, ref: int | None = None) -> dict[str, Placement]:
+        lb = lower_bound(current, alive)
+        unit = lb if ref is None else ref
+        sg = {"sglang_ms": None, "sglang_moved_slots": None, "sglang_balance": None}
+        if sg_mod is not None:
+            ms, sp = _median_ms(lambda: _sglang_plan(sg_mod, load, alive, current.slots_per_rank), repeat)
+            sg = {
+                "sglang_ms": ms,
+                "sglang_moved_slots": moved_slots(current, sp, alive),
+                "sglang_balance": balance(sp, load, alive),
+            }
+        plans = {}
+        for budget, max_moves in (("2x", unit), ("4x", 3 * unit), ("unlimited", None)):
+            ms, plan = _median_ms(lambda: replan(current, load, alive, max_moves=max_moves), repeat)
+            plans[budget] = plan.placement
+            cases.append({
+                "name": name,
+                "budget": budget,
+                "budget_moves": None if max_moves is None else lb + max_moves,
+                "num_slots_per_rank": current.slots_per_rank,
+                "elasticep_ms": ms,
+                "elasticep_moved_slots": moved_slots(current, plan.placement, alive),
+                "elasticep_balance": balance(plan.placement, load, alive),
+                "lower_bound_moves": lb,
+                **sg,
+            })
+        return plans
+
+    start = initial(load, RANKS, SLOTS)
+    one = alive_without(RANKS, [7])
+    plans_one = one_case("one_dead", start, one)
+
+    four_dead = [3, 11, 19, 27]
+    four = alive_without(RANKS, four_dead)
+    error = None
+    try:
+        replan(start, load, four)
+    except RedundancyExhausted as exc:
+        error = str(exc)
+    sg_error = None
+    if sg_mod is not None:
+        try:
+            _sglang_plan(sg_mod, load, four, SLOTS)
+        except Exception as exc:  # SGLang asserts when slots are fewer than experts
+            sg_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    cases.append({
+        "name": "four_dead_9_slots", "budget": "any", "budget_moves": None, "num_slots_per_rank": SLOTS,
+        "elasticep_ms": None, "elasticep_moved_slots": None, "elasticep_balance": None,
+        "lower_bound_moves": None, "sglang_ms": None, "sglang_moved_slots": None, "sglang_balance": None,
+        "error": f"elasticep: {error}; sglang: {sg_error or sg_err}",
+    })
+    start10 = initial(load, RANKS, SLOTS + 1)
+    one_case("four_dead", start10, four)
+
+    back = torch.ones(RANKS, dtype=torch.bool)
+    after_failure = plans_one["unlimited"]
+    one_case("rejoin", after_failure, back, ref=int((after_failure.phy2log < 0).sum()))
+
+    report = {
+        "shape": {"layers": LAYERS, "experts": EXPERTS, "ranks": RANKS, "slots_per_rank": SLOTS},
+        "load": {"distribution": "lognormal", "sigma": sigma, "seed": seed},
+        "repeat": repeat,
+        "sglang": "elasticity_aware" if sg_mod is not None else f"unavailable ({sg_err})",
+        "cases": cases,
+    }
+    report["targets"] = _targets(cases)
+    return report
+
+
+def _targets(cases: list[dict]) -> dict:
+    rows = {c["budget"]: c for c in cases if c["name"] == "one_dead"}
+    out: dict[str, Any] = {
+        "balance_2x_max_1.15": rows["2x"]["elasticep_balance"] <= 1.15,
+        "balance_4x_max_1.05": rows["4x"]["elasticep_balance"] <= 1.05,
+    }
+    un = rows["unlimited"]
+    if un["sglang_balance"] is not None:
+        out["unlimited_balance_within_0.01_of_sglang"] = un["elasticep_balance"] <= un["sglang_balance"] + 0.01
+        out["unlimited_moves_at_most_quarter_of_sglang"] = un["elasticep_moved_slots"] <= un["sglang_moved_slots"] / 4
+        out["time_at_most_third_of_sglang"] = all(
+            r["elasticep_ms"] <= r["sglang_ms"] / 3 for r in rows.values()
+        )
+    return out
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(report: dict, out=sys.stdout) -> None:
+    print(f"elasticep bench plan: {report['shape']['layers']} layers x {report['shape']['experts']} experts, "
+          f"{report['shape']['ranks']} ranks, lognormal load sigma={report['load']['sigma']}, "
+          f"median of {report['repeat']}; baseline: SGLang {report['sglang']}", file=out)
+    head = f"{'case':<18}{'slots':>5} {'budget':<10}{'lower':>6}{'allowed':>8} | {'ms':>7}{'moved':>7}{'balance':>9} | {'sglang ms':>9}{'moved':>7}{'balance':>9}"
+    print(head, file=out)
+    print("-" * len(head), file=out)
+    for c in report["cases"]:
+        if c.get("error"):
+            print(f"{c['name']:<18}{c['num_slots_per_rank']:>5} {c['error']}", file=out)
+            continue
+        print(
+            f"{c['name']:<18}{c['num_slots_per_rank']:>5} {c['budget']:<10}{c['lower_bound_moves']:>6}"
+            f"{_fmt(c['budget_moves'], 'd'):>8} | {c['elasticep_ms']:>7.1f}{c['elasticep_moved_slots']:>7d}"
+            f"{c['elasticep_balance']:>9.4f} | {_fmt(c['sglang_ms'], '.1f'):>9}{_fmt(c['sglang_moved_slots'], 'd'):>7}"
+            f"{_fmt(c['sglang_balance'], '.4f'):>9}",
+            file=out,
+        )
+    print("targets (one_dead): " + ", ".join(f"{k}={'met' if v else 'MISSED'}" for k, v in report["targets"].items()), file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="elasticep bench plan", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    ap.add_argument("--sigma", type=float, default=0.8, help="log-normal sigma of the expert loads (default 0.8)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per planner and case; the median is reported")
+    ap.add_argument("--no-sglang", action="store_true", help="skip the SGLang baseline")
+    args = ap.parse_args(argv)
+    report = run(args.sigma, args.seed, args.repeat, with_sglang=not args.no_sglang)
+    print_table(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
