@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from elasticep import metrics
+from elasticep.eplb.placement import RedundancyExhausted
 from elasticep.events import Event, ReconfigPhase
 
 PHASES: tuple[str, ...] = ("plan", "groups", "weights", "commit", "resume")
@@ -282,6 +283,11 @@ class ReconfigPipeline:
             result.status = "committed"
         except Superseded as exc:
             result.status = "abandoned"
+            result.error = exc
+        except RedundancyExhausted as exc:
+            # Invariant 4: no live replica for some expert; the engine must not serve on.
+            # (The planner counts it in elasticep_redundancy_exhausted_total.)
+            result.status = "failed"
             result.error = exc
         except Exception as exc:  # a failed phase is reported, and the next view retries
             result.status = "failed"
