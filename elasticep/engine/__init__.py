@@ -5,7 +5,7 @@ or loaded, so importing this package is cheap.
 """
 
 from elasticep.engine.ep import DeadSlotRouted, Dispatched, ExpertParallel, LocalEP
-from elasticep.engine.launcher import Launcher, LauncherError, RankInfo, RankNotRunning
+from elasticep.engine.launcher import Launcher, LauncherError, RankInfo, RankNotRunning, prewarm
 from elasticep.engine.model import (
     TINY_DEFAULTS,
     DecodeState,
@@ -53,6 +53,7 @@ __all__ = [
     "load_config",
     "make_tiny_model",
     "moe_layer_ids",
+    "prewarm",
     "round_robin_placement",
     "tiny_config",
 ]

@@ -45,7 +45,16 @@ from elasticep.engine.router import RequestResult, Router
 from elasticep.engine.zygote import Zygote
 from elasticep.events import ProcessExit
 
-__all__ = ["Launcher", "RankInfo", "RankNotRunning", "LauncherError"]
+__all__ = ["Launcher", "RankInfo", "RankNotRunning", "LauncherError", "prewarm"]
+
+def prewarm() -> None:
+    """Start this process's rank zygote now, in the background.
+
+    Its imports (seconds of CPU) then overlap with the caller's own work, e.g. building the model
+    and the oracle, instead of delaying the first :meth:`Launcher.start`. Returns at once.
+    """
+    Zygote.shared()
+
 
 class LauncherError(RuntimeError):
     """A launcher operation could not complete (a rank did not start or stop in time)."""
