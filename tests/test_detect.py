@@ -154,7 +154,11 @@ def test_monitor_reports_a_persistently_late_peer_gray_and_its_recovery() -> Non
         events += mon.check(t)
     grays = [e for e in events if isinstance(e, Gray)]
     assert grays and grays[0].rank == 3 and grays[0].slowness >= CFG.gray_slowness
-    assert not [e for e in events if isinstance(e, Suspicion)]
+    # Its first long gaps, before the history knew its pace, may raise a suspicion; the next
+    # heartbeat refutes it, and once its pace is known it is no longer suspected at all.
+    sus = [e for e in events if isinstance(e, Suspicion)]
+    refutes = [e for e in events if isinstance(e, Refute)]
+    assert len(refutes) == len(sus) and len(sus) <= 2
     for _ in range(100):  # peer 3 recovers
         t = round(t + step, 9)
         events = mon.heartbeat(1, t) + mon.heartbeat(2, t) + mon.heartbeat(3, t) + mon.check(t)
