@@ -429,13 +429,17 @@ class MembershipCore:
         out: list[Action] = []
         seen = self._seen_incarnation.get(hb.rank)
         if self.view is not None and hb.rank in self.view.members:
+            restarted = ""
             if seen is not None and hb.incarnation > seen:
-                self.fusion.certain(hb.rank, "restart", f"rank {hb.rank} restarted (incarnation {seen} -> {hb.incarnation})")
+                restarted = f"rank {hb.rank} restarted (incarnation {seen} -> {hb.incarnation})"
             elif seen is not None and hb.incarnation < seen:
                 return [Refused("stale_incarnation", f"heartbeat from an old process of rank {hb.rank}")]
             expected = self.view.incarnation_of(hb.rank)
             if expected and hb.incarnation != expected:
-                self.fusion.certain(hb.rank, "restart", f"rank {hb.rank} is now incarnation {hb.incarnation}")
+                restarted = f"rank {hb.rank} is now incarnation {hb.incarnation}"
+            if restarted and hb.rank not in self.fusion._certain:
+                self.fusion.certain(hb.rank, "restart", restarted)
+                out.append(Note(restarted))
         if seen is None or hb.incarnation > seen:
             self._seen_incarnation[hb.rank] = hb.incarnation
         for event in self.monitor.heartbeat(hb.rank, now, hb.incarnation):
