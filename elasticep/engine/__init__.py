@@ -4,7 +4,7 @@ See ``docs/engine.md``. Heavy dependencies (transformers) are imported only when
 or loaded, so importing this package is cheap.
 """
 
-from elasticep.engine.ep import DeadSlotRouted, Dispatched, ExpertParallel, LocalEP
+from elasticep.engine.ep import DeadSlotRouted, Dispatched, ExpertParallel, KernelEP, LocalEP, PeersLost
 from elasticep.engine.launcher import Launcher, LauncherError, RankInfo, RankNotRunning, prewarm
 from elasticep.engine.model import (
     TINY_DEFAULTS,
@@ -34,10 +34,12 @@ __all__ = [
     "ExpertCheckpoint",
     "ExpertParallel",
     "FaultPlan",
+    "KernelEP",
     "Launcher",
     "LauncherError",
     "LocalEP",
     "Oracle",
+    "PeersLost",
     "PlacementMismatch",
     "RankInfo",
     "RankModel",

@@ -24,7 +24,7 @@ import torch
 
 from elasticep.eplb.placement import Placement
 
-__all__ = ["Dispatched", "ExpertParallel", "LocalEP", "DeadSlotRouted"]
+__all__ = ["Dispatched", "ExpertParallel", "LocalEP", "KernelEP", "DeadSlotRouted", "PeersLost"]
 
 
 class DeadSlotRouted(RuntimeError):
@@ -38,6 +38,19 @@ class DeadSlotRouted(RuntimeError):
         self.layer = layer
         self.slots = tuple(int(s) for s in slots)
         super().__init__(f"moe layer {layer}: tokens routed to {reason} slots {list(self.slots[:8])}")
+
+
+class PeersLost(RuntimeError):
+    """Ranks of the current view stopped answering during a step (the kernel marked them inactive).
+
+    The step's outputs left those ranks' experts out, so they are wrong: the caller rolls the step
+    back, moves to a view without ``ranks`` and replays it. Raised by :meth:`KernelEP.check_step`.
+    """
+
+    def __init__(self, ranks: Sequence[int], epoch: int):
+        self.ranks = tuple(int(r) for r in ranks)
+        self.epoch = epoch
+        super().__init__(f"ranks {list(self.ranks)} stopped answering during a step of epoch {epoch}")
 
 
 @dataclass
@@ -60,8 +73,12 @@ class ExpertParallel(Protocol):
         """Physical slot ids whose experts this process computes, in buffer order."""
         ...
 
-    def set_view(self, placement: Placement, alive: torch.Tensor) -> None:
-        """Adopt a new placement and ``[num_ranks]`` bool live mask; called between steps."""
+    def set_view(self, placement: Placement, alive: torch.Tensor, epoch: int | None = None) -> None:
+        """Adopt a new placement, ``[num_ranks]`` bool live mask and view epoch; between steps."""
+        ...
+
+    def check_step(self) -> None:
+        """Raise (e.g. :class:`PeersLost`) if the step just run cannot be trusted."""
         ...
 
     def dispatch(self, x: torch.Tensor, slots: torch.Tensor, *, layer: int) -> Dispatched:
@@ -96,10 +113,13 @@ class LocalEP:
     def local_slots(self, placement: Placement) -> Sequence[int]:
         return range(placement.num_slots)
 
-    def set_view(self, placement: Placement, alive: torch.Tensor) -> None:
+    def set_view(self, placement: Placement, alive: torch.Tensor, epoch: int | None = None) -> None:
         self._placement = placement
         self._num_slots = placement.num_slots
         self._alive_slots = placement.alive_slots(alive)
+
+    def check_step(self) -> None:
+        """Nothing to check: every slot is in this process, and dispatch refuses dead ones."""
 
     def dispatch(self, x: torch.Tensor, slots: torch.Tensor, *, layer: int) -> Dispatched:
         if self._placement is None or self._alive_slots is None:
@@ -149,3 +169,116 @@ class LocalEP:
                 continue
             out.index_add_(0, tokens, (y * flat_w[pairs].unsqueeze(1)).to(out.dtype))
         return out
+
+
+class KernelEP:
+    """Expert parallelism across the rank processes of one host through the CPU kernel.
+
+    Wraps :class:`elasticep.kernel.EPBuffer` (shared memory, bounded waits, an ``active_ranks``
+    mask). This process holds the slots of its own rank. Each :meth:`set_view` with a new epoch
+    opens the buffer of that epoch (the kernel refuses messages of any other); the live mask is
+    the view's. A peer that does not answer within ``timeout_us`` is marked 0 by the kernel and
+    treated as sending nothing, so every call returns; :meth:`check_step`, called by
+    :meth:`RankModel.step` after the forward, then raises :class:`PeersLost` and the step is
+    rolled back and replayed under a view without that peer.
+
+    Args:
+        rank: this process's EP rank.
+        cluster_id: names the launch (with the epoch, the shared-memory segment).
+        max_tokens: the most tokens this rank passes to one dispatch (longest prefill).
+        hidden, topk: the model's hidden size and experts per token.
+        timeout_us: bound on each wait for a peer (``Config.kernel_timeout_us``).
+
+    Every rank of the view must call dispatch/combine for every MoE layer of every step, in the
+    same order (a rank without tokens calls :meth:`RankModel.idle_step`).
+    """
+
+    def __init__(self, rank: int, *, cluster_id: str, max_tokens: int, hidden: int, topk: int, timeout_us: int = 200_000):
+        self.rank = int(rank)
+        self.cluster_id = cluster_id
+        self.max_tokens = int(max_tokens)
+        self.hidden = int(hidden)
+        self.topk = int(topk)
+        self.timeout_us = int(timeout_us)
+        self.epoch = -1
+        self._buffer = None
+        self._view_alive: torch.Tensor | None = None
+        self._shape: tuple[int, int] | None = None
+
+    @property
+    def buffer(self):
+        """The :class:`elasticep.kernel.EPBuffer` of the current epoch (None before a view)."""
+        return self._buffer
+
+    def local_slots(self, placement: Placement) -> Sequence[int]:
+        return placement.slots_of_rank(self.rank)
+
+    def set_view(self, placement: Placement, alive: torch.Tensor, epoch: int | None = None) -> None:
+        from elasticep.kernel import EPBuffer
+
+        epoch = self.epoch if epoch is None else int(epoch)
+        epoch = max(epoch, 0)
+        shape = (placement.num_ranks, placement.slots_per_rank)
+        mask = torch.as_tensor(alive).to(torch.int32).reshape(-1).contiguous()
+        if self._buffer is None or epoch != self.epoch or shape != self._shape:
+            if self._buffer is not None:
+                self._buffer.close()
+            self._buffer = EPBuffer(
+                self.rank,
+                shape[0],
+                slots_per_rank=shape[1],
+                max_tokens=self.max_tokens,
+                hidden=self.hidden,
+                topk=self.topk,
+                cluster_id=self.cluster_id,
+                epoch=epoch,
+                timeout_us=self.timeout_us,
+                active_ranks=mask,
+            )
+            self.epoch = epoch
+            self._shape = shape
+        else:
+            self._buffer.active_ranks.copy_(mask)
+        self._view_alive = mask.clone()
+
+    def dispatch(self, x: torch.Tensor, slots: torch.Tensor, *, layer: int) -> Dispatched:
+        if self._buffer is None:
+            raise RuntimeError("KernelEP.dispatch before set_view")
+        recv_x, counts, handle = self._buffer.dispatch(x.contiguous(), slots.contiguous(), layer=layer)
+        recv = [recv_x[e, : int(counts[e])] for e in range(recv_x.shape[0])]
+        return Dispatched(recv_x=recv, handle=(handle, recv_x.shape))
+
+    def combine(
+        self,
+        expert_out: list[torch.Tensor],
+        slots: torch.Tensor,
+        weights: torch.Tensor,
+        handle: Dispatched,
+        *,
+        layer: int,
+    ) -> torch.Tensor:
+        kernel_handle, shape = handle.handle
+        out = torch.zeros(shape, dtype=kernel_handle.dtype)
+        for e, y in enumerate(expert_out):
+            if y.shape[0]:
+                out[e, : y.shape[0]] = y
+        return self._buffer.combine(
+            out, slots.contiguous(), weights.to(torch.float32).contiguous(), handle=kernel_handle, layer=layer
+        )
+
+    def lost_ranks(self) -> list[int]:
+        """Ranks live in the current view that the kernel has since marked inactive."""
+        if self._buffer is None or self._view_alive is None:
+            return []
+        now = self._buffer.active_ranks
+        return [r for r in range(now.numel()) if int(self._view_alive[r]) == 1 and int(now[r]) == 0]
+
+    def check_step(self) -> None:
+        lost = self.lost_ranks()
+        if lost:
+            raise PeersLost(lost, self.epoch)
+
+    def close(self) -> None:
+        if self._buffer is not None:
+            self._buffer.close()
+            self._buffer = None

@@ -338,7 +338,8 @@ class RankModel:
             kernel's); ``backend.local_slots(placement)`` names the physical slots this process
             computes, and only their experts are read from disk.
         alive: ``[num_ranks]`` bool, the ranks whose slots may receive tokens; all when None.
-        rank: this process's EP rank (used only to spread decode tokens over replicas).
+        rank: this process's EP rank (also spreads decode tokens over replicas).
+        epoch: the view epoch the backend starts in.
 
     Thread-safety: :meth:`step`, :meth:`set_placement` and :meth:`load_slot` take one lock, so a
     placement swap happens between steps, never inside one.
@@ -352,6 +353,7 @@ class RankModel:
         *,
         alive: Any | None = None,
         rank: int = 0,
+        epoch: int = 0,
         dtype: torch.dtype = torch.float32,
     ):
         from transformers import DeepseekV3ForCausalLM
@@ -396,7 +398,7 @@ class RankModel:
                 if expert != EMPTY:
                     self._write_slot(layer, i, expert, self.checkpoint.expert(layer, expert))
         self._table = placement.dispatch_table(self._alive)
-        self.backend.set_view(placement, self._alive)
+        self.backend.set_view(placement, self._alive, epoch)
 
     # -------------------------------------------------------------- placement and weights
 
@@ -459,8 +461,9 @@ class RankModel:
         with self._lock:
             ref.staged[self._slot_index[slot]] = (int(expert), w13.clone(), w2.clone())
 
-    def set_placement(self, placement: Placement, alive: Any | None = None) -> None:
-        """Switch atomically to ``placement`` (and the ``alive`` mask) between two steps.
+    def set_placement(self, placement: Placement, alive: Any | None = None, *, epoch: int | None = None) -> None:
+        """Switch atomically to ``placement`` (and the ``alive`` mask, and view ``epoch`` for
+        backends that stamp it) between two steps.
 
         Every local slot must end up holding the expert ``placement`` names: either it already
         does, or weights for it were staged with :meth:`load_slot`. Otherwise
@@ -502,7 +505,7 @@ class RankModel:
             self._placement = placement
             self._alive = alive_t
             self._table = table
-            self.backend.set_view(placement, alive_t)
+            self.backend.set_view(placement, alive_t, epoch)
 
     def _check_fits(self, placement: Placement) -> None:
         if placement.num_layers != len(self.moe_layers):
@@ -639,6 +642,8 @@ class RankModel:
             ids = (seq.prompt + seq.generated)[before:]
         try:
             logits = self.forward(torch.tensor([ids], dtype=torch.int64), seq.cache)
+            # a backend that lost a peer mid-step returned incomplete sums: do not keep them
+            self.backend.check_step()
         except BaseException:
             _rollback(seq, before)
             raise
