@@ -215,6 +215,16 @@ def test_fusion_lone_observer_waits_for_single_observer_evict_ms() -> None:
     assert "lone observer" in v.reason
 
 
+def test_fusion_lone_observer_never_decides_while_others_could_confirm() -> None:
+    f = FusionPolicy(CFG)
+    f.suspect(2, 3, "heartbeat", 0.0, CFG.min_suspect_ms)  # only rank 2 cannot hear rank 3
+    assert f.verdicts(10.0, {0, 1, 2, 3}) == []
+    f.suspect(2, 0, "heartbeat", 0.0, CFG.min_suspect_ms)
+    f.suspect(2, 1, "heartbeat", 0.0, CFG.min_suspect_ms)
+    # Now rank 2 hears nobody: every other member is under suspicion, so it may decide alone.
+    assert {v.rank for v in f.verdicts(10.0, {0, 1, 2, 3})} == {0, 1, 3}
+
+
 def test_fusion_refute_withdraws_and_point_signals_expire() -> None:
     f = FusionPolicy(CFG)
     f.suspect(0, 3, "heartbeat", 0.0, CFG.min_suspect_ms)

@@ -12,8 +12,9 @@ Signals differ in speed and certainty, and the policy uses each for what it is:
 
 An uncertain case evicts when the rank's silence has reached ``grace_ms`` *and* the evidence is
 corroborated: two distinct observers, or two distinct kinds of signal. A lone observer still
-evicts once the silence reaches ``single_observer_evict_ms`` (a two-rank cluster has only one
-observer). Below ``grace_ms`` nothing but a certain signal evicts: slow is not dead.
+evicts once the silence reaches ``single_observer_evict_ms`` when no other member could
+corroborate (a two-rank cluster has only one observer; so has the last survivor of a group).
+Below ``grace_ms`` nothing but a certain signal evicts: slow is not dead.
 
 The silence a remote observer vouches for is a lower bound: a heartbeat suspicion is raised only
 after ``min_suspect_ms`` of silence, so ``min_suspect_ms + (now - received)`` has certainly passed
@@ -139,12 +140,19 @@ class FusionPolicy:
                     Verdict(rank, cause, False,
                             f"silent >= {silence:.0f} ms, {_sources(per)} from {_ranks(observers)}")
                 )
-            elif silence >= cfg.single_observer_evict_ms:
+            elif silence >= cfg.single_observer_evict_ms and self._nobody_else(rank, observers, members):
                 out.append(
                     Verdict(rank, cause, False,
                             f"silent >= {silence:.0f} ms, lone observer {_ranks(observers)} ({_sources(per)})")
                 )
         return out
+
+    def _nobody_else(self, suspect: int, observers: set[int], members) -> bool:
+        # A lone observer decides alone only when no other member could confirm or deny: every
+        # other member is itself under suspicion or certainly gone (a two-rank cluster, or the
+        # last survivor). Otherwise one rank with a broken link would evict a healthy peer.
+        others = set(members) - {suspect} - observers
+        return all(r in self._certain or r in self._evidence for r in others)
 
     def pending(self) -> dict[int, str]:
         """Suspects with evidence that does not (yet) evict, with a readable summary."""

@@ -88,7 +88,9 @@ class HeartbeatMonitor:
             state.window = ArrivalWindow(self.config.history_size)
             state.heard = False
         gap_ms = (now - state.last_s) * 1e3
-        if state.heard and gap_ms >= 0.0:
+        # A gap as long as the grace period is an outage (a partition, a stopped process), not
+        # the peer's pace: keeping it would blunt phi and paint the peer gray for a while.
+        if state.heard and 0.0 <= gap_ms < self.config.grace_ms:
             state.window.add(gap_ms)
         state.last_s = max(state.last_s, now)
         state.heard = True

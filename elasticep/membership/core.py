@@ -589,7 +589,13 @@ class MembershipCore:
         if view is None or self._cas is not None:
             return []
         members = set(view.members)
-        verdicts: dict[int, Verdict] = {v.rank: v for v in self.fusion.verdicts(now, members)}
+        heard = set(self.monitor.peers) - self.monitor.suspected()
+        # Silence that others report about a rank this rank hears itself is not enough: the link
+        # between them is what failed (kernel timeouts and certain signals still count).
+        verdicts: dict[int, Verdict] = {
+            v.rank: v for v in self.fusion.verdicts(now, members)
+            if v.certain or v.cause != "heartbeat" or v.rank not in heard
+        }
         joiners = {r: inc for r, inc in self._joiners.items() if r not in members}
         if not verdicts and not joiners:
             self._change_since_s = None
