@@ -23,7 +23,12 @@ REBUILD_BOUND_S = 3.0
 
 
 def _rank_main(rank: int, port: int, results: mp.Queue, views: mp.Queue) -> None:
+    import faulthandler
+
     from elasticep.groups import CollectiveFailed, GlooGroups
+
+    # A rank that hangs dumps its threads' stacks and exits, rather than outliving the test.
+    faulthandler.dump_traceback_later(40, exit=True)
 
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=10))
     # A long op timeout: the in-flight collective on the old group must end because rebuild
@@ -77,26 +82,28 @@ def _rank_main(rank: int, port: int, results: mp.Queue, views: mp.Queue) -> None
     os._exit(0)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(100)
 def test_kill_one_of_four_survivors_rebuild_and_all_reduce(tcp_store: dist.TCPStore) -> None:
     # fork: the children start in milliseconds instead of importing torch again each
     ctx = mp.get_context("fork")
-    results: mp.Queue = ctx.Queue()
+    # One result queue per rank: a rank killed while its queue's feeder holds the write lock
+    # would leave a shared queue locked for everyone.
+    results = [ctx.Queue() for _ in range(4)]
     view_queues = [ctx.Queue() for _ in range(4)]
     procs = [
-        ctx.Process(target=_rank_main, args=(r, tcp_store.port, results, view_queues[r]), daemon=True)
+        ctx.Process(target=_rank_main, args=(r, tcp_store.port, results[r], view_queues[r]), daemon=True)
         for r in range(4)
     ]
     try:
         for p in procs:
             p.start()
-        first = sorted(results.get(timeout=60) for _ in range(4))
+        first = [results[r].get(timeout=60) for r in range(4)]
         assert [r[2] for r in first] == [[10.0] * 4] * 4
         os.kill(procs[3].pid, signal.SIGKILL)
         procs[3].join(5)
         for r in range(3):
             view_queues[r].put((2, [0, 1, 2]))
-        second = sorted((results.get(timeout=20) for _ in range(3)), key=lambda r: r[1])
+        second = [results[r].get(timeout=45) for r in range(3)]
         for kind, rank, values, elapsed, group_rank, to_global, stuck, old_aborted in second:
             assert kind == "epoch2"
             assert values == [6.0, 6.0], f"rank {rank} reduced to {values}"
