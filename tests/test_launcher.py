@@ -215,3 +215,13 @@ def test_subprocess_start_method(tiny_model, oracle) -> None:
         _check(results, oracle, PROMPTS[:2], 3)
         ev = launcher.kill(0)
         assert ev.signal == signal.SIGKILL
+
+
+def test_rank_spec_in_the_store_carries_extra_keys(tiny_model) -> None:
+    from elasticep.engine import protocol as P
+
+    with Launcher(tiny_model, 1, rank_extra=lambda r, i: {"bus": f"tcp://127.0.0.1:{9000 + r}"}) as launcher:
+        spec = P.decode_spec(launcher.store.get(P.spec_key(launcher.cluster, 0, 0)))
+        assert spec.extra == {"bus": "tcp://127.0.0.1:9000"}
+        assert spec.frontend == launcher.router.endpoint and spec.rank == 0 and spec.incarnation == 0
+        assert launcher.store_address[1] == launcher.store.port

@@ -22,7 +22,7 @@ from elasticep.engine.model import (
 )
 from elasticep.engine.oracle import Oracle
 from elasticep.engine.protocol import FaultPlan, RankSpec
-from elasticep.engine.router import RequestRejected, RequestResult, Router, RouterClosed
+from elasticep.engine.router import PeerInfo, RequestRejected, RequestResult, Router, RouterClosed
 from elasticep.engine.zygote import Zygote, ZygoteError
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "LauncherError",
     "LocalEP",
     "Oracle",
+    "PeerInfo",
     "PeersLost",
     "PlacementMismatch",
     "RankInfo",

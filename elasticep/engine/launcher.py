@@ -154,6 +154,9 @@ class Launcher:
         start_timeout_s: how long :meth:`start`, :meth:`restart` and :meth:`add_rank` wait for
             a rank's hello.
         host: loopback address for the store and the router.
+        cluster: names this launch (store keys, shared-memory segments); random by default.
+        rank_extra: ``(rank, incarnation) -> {key: value}`` merged into each rank's
+            ``RankSpec.extra`` (bus endpoints, CURVE keys: whatever a subsystem hands out).
 
     Use as a context manager, or call :meth:`start` and :meth:`close`. Methods are thread-safe.
     """
@@ -173,6 +176,7 @@ class Launcher:
         start_timeout_s: float = 60.0,
         host: str = "127.0.0.1",
         cluster: str | None = None,
+        rank_extra: Callable[[int, int], dict[str, str]] | None = None,
     ):
         from elasticep.engine.model import load_config, moe_layer_ids, round_robin_placement
 
@@ -196,6 +200,7 @@ class Launcher:
         self.start_timeout_s = start_timeout_s
         self.host = host
         self.cluster = cluster or uuid.uuid4().hex[:12]
+        self._rank_extra = rank_extra
         self._attempt_timeout_s = attempt_timeout_s
         self._max_inflight = max_inflight_per_rank
         self._lock = threading.RLock()
@@ -340,6 +345,7 @@ class Launcher:
                 backend=self.backend,
                 torch_threads=self.torch_threads,
                 faults=faults or P.FaultPlan(),
+                extra=dict(self._rank_extra(rank, inc)) if self._rank_extra is not None else {},
             )
             self.store.set(P.spec_key(self.cluster, rank, inc), P.encode(spec))
             proc = self._start_process(rank, inc)
