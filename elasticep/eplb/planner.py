@@ -505,7 +505,12 @@ def replan(
     from elasticep import metrics
 
     S = current.slots_per_rank
-    R = max(current.num_ranks, _mask_len(alive) or 0)
+    n_mask = _mask_len(alive)
+    if n_mask is not None and n_mask < current.num_ranks:
+        raise ValueError(
+            f"alive has {n_mask} ranks but current has {current.num_ranks}; mark ranks dead, never drop them"
+        )
+    R = max(current.num_ranks, n_mask or 0)
     cur = current.with_ranks(R) if R > current.num_ranks else current
     alive_m = _rank_mask(alive, R, "alive")
     leaving_m = _rank_mask(leaving, R, "leaving")
@@ -760,7 +765,8 @@ def _rebalance(
         nh2 = eh + d2 / sp_h[:, :, :, None]
         nq2 = eq - d2 / sp_q[:, :, :, None]
         dphi2 = 0.5 * (nh2 * nh2 - eh * eh + nq2 * nq2 - eq * eq)
-        ok2 = (~_take(banned, qs).reshape(L, K, S))[:, :, None, :] & (np.maximum(nh2, nq2) < eh - eps4)
+        # (never into an empty slot: that would leave a live slot empty; replicate fills those)
+        ok2 = ((x < E) & ~_take(banned, qs).reshape(L, K, S))[:, :, None, :] & (np.maximum(nh2, nq2) < eh - eps4)
         differ = a[:, :, :, None] != x[:, :, None, :]
         score = np.empty((L, K, 2, S, S))
         np.copyto(score[:, :, 0], np.where(ok1 & differ, dphi1, _INF))
