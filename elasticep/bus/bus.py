@@ -112,6 +112,8 @@ class Subscription:
     * ``"block"``: the bus waits for room. That stalls the bus's receive loop for every
       subscriber (and ``publish`` on this rank), ZeroMQ then drops at its high-water mark and
       the gaps are reported: use only for a consumer that must see everything and keeps up.
+      A :class:`~elasticep.events.SequenceGap` report is queued even past the bound (a loss
+      report is never itself lost), so the buffer can briefly hold ``maxsize + 1``.
 
     Drops are counted in ``statistics().dropped`` and in
     ``elasticep_subscriber_dropped_total{subscription=name}``.
@@ -169,6 +171,18 @@ class Subscription:
             if not waiter.done():
                 waiter.set_result(None)
                 break
+        return True
+
+    def _push(self, env: Envelope) -> bool:
+        """Queue ``env`` even past ``maxsize`` (for ``block`` subscriptions, by the bus only)."""
+        if not self._closed:
+            self._buffer.append(env)
+            waiters = self._waiters
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    break
         return True
 
     def _full(self) -> bool:
@@ -494,7 +508,7 @@ class EventBus:
                     sub._buffer.popleft()
                     sub._dropped += 1
                     sub._drop_counter.inc()
-                    sub._offer(env)
+                    sub._push(env)
         return envs
 
     # --- subscribe ---------------------------------------------------------------------------
@@ -546,17 +560,11 @@ class EventBus:
         self._refused[reason] += 1
         metrics.FRAMES_REFUSED.labels(reason).inc()
 
-    def _blocked_by(self, event_type: type, gap: bool) -> Subscription | None:
-        """A full ``block`` subscription that an envelope of ``event_type`` (and a gap report)
-        would go to, if any: the envelope must wait for it."""
-        for sub in self._routes.get(event_type, ()):
-            if sub.overflow == "block" and sub.maxsize - len(sub._buffer) < 1 + (gap and sub in self._routes[SequenceGap]):
-                if not sub._closed:
-                    return sub
-        if gap:
-            for sub in self._routes[SequenceGap]:
-                if sub.overflow == "block" and sub._full():
-                    return sub
+    def _blocked_by(self, event_type: type) -> Subscription | None:
+        """A full ``block`` subscription that an envelope of ``event_type`` would go to, if any."""
+        for sub in self._routes[event_type]:
+            if sub.overflow == "block" and sub._full():
+                return sub
         return None
 
     def _accept(self, frames: list[Frame], start: int) -> tuple[int, Subscription] | None:
@@ -603,7 +611,7 @@ class EventBus:
                         continue
                     gap_from = expected
             if has_block:
-                blocked = self._blocked_by(t, gap_from > 0)
+                blocked = self._blocked_by(t)
                 if blocked is not None:
                     return index, blocked
             if new_sender:
@@ -618,7 +626,8 @@ class EventBus:
             self._received += 1
             counts[t] = counts.get(t, 0) + 1
             for sub in routes[t]:
-                sub._offer(env)
+                # Room was checked above; only a gap report just queued can have taken it.
+                sub._offer(env) or sub._push(env)
         self._flush_received_counts()
         return None
 
@@ -637,7 +646,8 @@ class EventBus:
         gap = SequenceGap(sender=sender, expected=expected, got=got)
         env = Envelope(SCHEMA_VERSION, self.rank, self._epoch, 0, time.time_ns(), time.monotonic_ns(), gap)
         for sub in self._routes[SequenceGap]:
-            sub._offer(env)
+            # A loss report is never itself lost: past a ``block`` bound it is queued anyway.
+            sub._offer(env) or sub._push(env)
 
     def _on_frames(self, frames: list[Frame]) -> None:
         """Push-mode entry: the transport calls this from its reader callback."""

@@ -245,7 +245,7 @@ class ZmqTransport(Transport):
         if self._auth is not None:
             self._auth.stop()
         if self._ctx is not None:
-            self._ctx.term()
+            self._ctx.destroy(linger=0)  # closes anything still open, so term() cannot hang
         if self._ipc_path is not None:
             try:
                 os.unlink(self._ipc_path)
@@ -425,6 +425,7 @@ class ZmqTransport(Transport):
                 event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
             except zmq.Again:
                 break
+            log.debug("bus rank %d: socket event %r for rank %d", self.rank, event, peer.rank)
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 peer.failing = False
                 self._connected.add(peer.rank)
