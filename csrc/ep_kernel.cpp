@@ -25,7 +25,6 @@
 
 #include <fcntl.h>
 #include <linux/futex.h>
-#include <sched.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -54,9 +53,12 @@ namespace {
 constexpr uint64_t kMagic = 0x5045434954534c45ULL;  // "ELSTICEP" little-endian
 constexpr uint32_t kLayoutVersion = 1;
 constexpr size_t kAlign = 64;
-// Polls (each followed by sched_yield) before a waiter sleeps on its doorbell. Small on purpose:
-// with more ranks than cores the peer we wait for usually needs our core to make progress.
+// Polls before a waiter sleeps on its doorbell, each after a short pause (a few microseconds in
+// all). Small on purpose: with more ranks than cores the peer we wait for usually needs our core.
+// No sched_yield: on a loaded host it sends the waiter to the back of the run queue for many
+// milliseconds, while a futex sleeper is woken with the scheduler's wake-up preference.
 constexpr int kPollsBeforeSleep = 8;
+constexpr int kPausesPerPoll = 16;
 // Longest single futex sleep. The deadline bounds the total; this only makes a waiter re-read
 // the mask periodically, so a peer zeroed by another thread of the caller stops being waited on.
 constexpr int64_t kMaxSleepNs = 10'000'000;
@@ -100,6 +102,16 @@ inline int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              std::chrono::steady_clock::now().time_since_epoch())
       .count();
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#else
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+#endif
 }
 
 inline int32_t load_mask(const int32_t* active, int peer) {
@@ -282,15 +294,16 @@ class KernelRuntime {
   }
 
   // Phase two of dispatch: copies the received rows into recv_x
-  // ([slots_per_rank, capacity, hidden], rows of slot e at [e, :counts[e]]), ordered by source
-  // rank, then source token, then top-k position.
-  void dispatch_unpack(uintptr_t recv_ptr, int64_t capacity) {
+  // ([slots_per_rank, capacity, hidden], rows of slot e at [e, :counts[e]], slot e starting
+  // slot_stride rows after slot e - 1), ordered by source rank, source token, top-k position.
+  void dispatch_unpack(uintptr_t recv_ptr, int64_t capacity, int64_t slot_stride) {
     require_open();
     if (state_ != State::kWaited) throw std::runtime_error("dispatch_unpack needs a preceding dispatch_send_wait");
     const int64_t need = counts_.empty() ? 0 : *std::max_element(counts_.begin(), counts_.end());
     if (capacity < need)
       throw std::invalid_argument("capacity " + std::to_string(capacity) + " < largest slot count " +
                                   std::to_string(need));
+    if (slot_stride < capacity) throw std::invalid_argument("slot_stride must be >= capacity");
     if (recv_ptr == 0 && need > 0) throw std::invalid_argument("null tensor pointer");
     auto* recv = reinterpret_cast<uint8_t*>(recv_ptr);
     const size_t row_bytes = row_bytes_for(dtype_);
@@ -307,7 +320,7 @@ class KernelRuntime {
           const int32_t e = meta[static_cast<size_t>(r) * (1 + topk_) + 1 + k];
           if (e < 0 || e >= slots_per_rank_) continue;
           const int32_t pos = fill[e]++;
-          std::memcpy(recv + (static_cast<size_t>(e) * capacity + pos) * row_bytes, data + static_cast<size_t>(r) * row_bytes,
+          std::memcpy(recv + (static_cast<size_t>(e) * slot_stride + pos) * row_bytes, data + static_cast<size_t>(r) * row_bytes,
                       row_bytes);
           records.emplace_back(e, pos);
         }
@@ -319,7 +332,7 @@ class KernelRuntime {
   // Sends each received row's expert output back to its source rank, waits (bounded) for the
   // outputs of this rank's own tokens and writes out[t] = sum_k w[t, k] * y[t, k] over the top-k
   // positions whose slot's rank answered (others contribute nothing).
-  void combine(uintptr_t expert_out_ptr, int64_t capacity, uintptr_t weights_ptr, uintptr_t topk_ptr,
+  void combine(uintptr_t expert_out_ptr, int64_t capacity, int64_t slot_stride, uintptr_t weights_ptr, uintptr_t topk_ptr,
                int64_t tokens, uintptr_t out_ptr, uintptr_t active_ptr, int64_t timeout_us, int layer) {
     require_open();
     if (state_ != State::kDispatched) throw std::runtime_error("combine needs a completed dispatch");
@@ -329,6 +342,7 @@ class KernelRuntime {
     if (capacity != capacity_)
       throw std::invalid_argument("expert_out capacity " + std::to_string(capacity) + " != dispatched " +
                                   std::to_string(capacity_));
+    if (slot_stride < capacity) throw std::invalid_argument("slot_stride must be >= capacity");
     if (timeout_us < 0) throw std::invalid_argument("timeout_us must be >= 0");
     if (active_ptr == 0 || (tokens > 0 && (weights_ptr == 0 || topk_ptr == 0 || out_ptr == 0)))
       throw std::invalid_argument("null tensor pointer");
@@ -355,7 +369,7 @@ class KernelRuntime {
       const auto& records = recv_records_[src];
       for (size_t i = 0; i < records.size(); ++i)
         std::memcpy(data + i * row_bytes,
-                    expert_out + (static_cast<size_t>(records[i].first) * capacity + records[i].second) * row_bytes,
+                    expert_out + (static_cast<size_t>(records[i].first) * slot_stride + records[i].second) * row_bytes,
                     row_bytes);
       post(kCombine, src, static_cast<uint32_t>(records.size()), want);
     }
@@ -367,10 +381,12 @@ class KernelRuntime {
       if (!sent_dispatch_[o]) got[o] = 2;  // never asked: not waited on, contributes nothing
     wait_peers(kCombine, want, active, timeout_us, "combine", layer, got);
 
-    // Weighted sum in top-k order, accumulated in float32.
-    std::vector<float> acc(hidden_);
+    // Weighted sum in top-k order, accumulated in float32 (in the output row itself for float32).
+    std::vector<float> scratch(dtype_ == kFloat32 ? 0 : hidden_);
     for (int64_t t = 0; t < tokens; ++t) {
-      std::fill(acc.begin(), acc.end(), 0.0f);
+      float* __restrict acc =
+          dtype_ == kFloat32 ? reinterpret_cast<float*>(out + static_cast<size_t>(t) * row_bytes) : scratch.data();
+      bool first = true;
       for (int k = 0; k < topk_; ++k) {
         const int64_t slot = topk[t * topk_ + k];
         const int32_t r = comb_row_[t * topk_ + k];
@@ -381,18 +397,25 @@ class KernelRuntime {
         const float w = weights[t * topk_ + k];
         const uint8_t* y = combine_data(owner, rank_) + static_cast<size_t>(r) * row_bytes;
         if (dtype_ == kFloat32) {
-          const auto* yf = reinterpret_cast<const float*>(y);
-          for (int h = 0; h < hidden_; ++h) acc[h] += w * yf[h];
+          const float* __restrict yf = reinterpret_cast<const float*>(y);
+          if (first) {
+            for (int h = 0; h < hidden_; ++h) acc[h] = w * yf[h];
+          } else {
+            for (int h = 0; h < hidden_; ++h) acc[h] += w * yf[h];
+          }
         } else {
-          const auto* yb = reinterpret_cast<const uint16_t*>(y);
-          for (int h = 0; h < hidden_; ++h) acc[h] += w * bf16_to_f32(yb[h]);
+          const uint16_t* __restrict yb = reinterpret_cast<const uint16_t*>(y);
+          if (first) {
+            for (int h = 0; h < hidden_; ++h) acc[h] = w * bf16_to_f32(yb[h]);
+          } else {
+            for (int h = 0; h < hidden_; ++h) acc[h] += w * bf16_to_f32(yb[h]);
+          }
         }
+        first = false;
       }
-      uint8_t* o = out + static_cast<size_t>(t) * row_bytes;
-      if (dtype_ == kFloat32) {
-        std::memcpy(o, acc.data(), row_bytes);
-      } else {
-        auto* ob = reinterpret_cast<uint16_t*>(o);
+      if (first) std::fill(acc, acc + hidden_, 0.0f);
+      if (dtype_ != kFloat32) {
+        auto* ob = reinterpret_cast<uint16_t*>(out + static_cast<size_t>(t) * row_bytes);
         for (int h = 0; h < hidden_; ++h) ob[h] = f32_to_bf16(acc[h]);
       }
     }
@@ -416,6 +439,8 @@ class KernelRuntime {
     return d;
   }
 
+  size_t last_timeout_count() const { return last_timeouts_.size(); }
+  uint64_t refused_stale_epoch() const { return refused_stale_epoch_; }
   int rank() const { return rank_; }
   int num_ranks() const { return num_ranks_; }
   int slots_per_rank() const { return slots_per_rank_; }
@@ -610,7 +635,7 @@ class KernelRuntime {
       }
       if (polls < kPollsBeforeSleep) {
         ++polls;
-        sched_yield();
+        for (int i = 0; i < kPausesPerPoll; ++i) cpu_relax();
         continue;
       }
       if (!sleeping) {
@@ -659,11 +684,15 @@ void register_ep_kernel(py::module_& m) {
            py::arg("dtype"), py::arg("topk_ptr"), py::arg("active_ptr"), py::arg("timeout_us"), py::arg("layer"),
            py::call_guard<py::gil_scoped_release>())
       .def("dispatch_unpack", &KernelRuntime::dispatch_unpack, py::arg("recv_ptr"), py::arg("capacity"),
+           py::arg("slot_stride"),
            py::call_guard<py::gil_scoped_release>())
-      .def("combine", &KernelRuntime::combine, py::arg("expert_out_ptr"), py::arg("capacity"), py::arg("weights_ptr"),
+      .def("combine", &KernelRuntime::combine, py::arg("expert_out_ptr"), py::arg("capacity"),
+           py::arg("slot_stride"), py::arg("weights_ptr"),
            py::arg("topk_ptr"), py::arg("tokens"), py::arg("out_ptr"), py::arg("active_ptr"), py::arg("timeout_us"),
            py::arg("layer"), py::call_guard<py::gil_scoped_release>())
       .def("last_timeouts", &KernelRuntime::last_timeouts)
+      .def_property_readonly("last_timeout_count", &KernelRuntime::last_timeout_count)
+      .def_property_readonly("refused_stale_epoch", &KernelRuntime::refused_stale_epoch)
       .def("stats", &KernelRuntime::stats)
       .def("close", &KernelRuntime::close)
       .def_property_readonly("rank", &KernelRuntime::rank)

@@ -133,6 +133,7 @@ class EPBuffer:
         self._runtime = _C.KernelRuntime(rank, num_ranks, slots_per_rank, max_tokens, hidden, topk, epoch, name)
         self._lock = threading.Lock()
         self._pending: DispatchHandle | None = None
+        self._recv_pool: torch.Tensor | None = None
         self._refused_reported = 0
         self._log: list[tuple[int, KernelTimeout]] = []
         self._log_seq = 0
@@ -174,8 +175,11 @@ class EPBuffer:
         Returns:
             ``(recv_x, recv_count, handle)``: ``recv_x`` is ``[slots_per_rank, capacity, hidden]``
             of ``x.dtype``, rows of local slot ``e`` at ``recv_x[e, :recv_count[e]]`` ordered by
-            source rank, source token, top-k position (rows past the count are unspecified);
-            ``recv_count`` is ``[slots_per_rank]`` ``torch.int64``; ``handle`` goes to :meth:`combine`.
+            source rank, source token, top-k position (rows past the count are unspecified).
+            ``recv_x`` is a view of a buffer this object reuses: it is valid until the next
+            :meth:`dispatch` (clone it to keep it longer); its rows are contiguous, its slots may
+            not be. ``recv_count`` is ``[slots_per_rank]`` ``torch.int64``; ``handle`` goes to
+            :meth:`combine`.
         """
         mask = self.active_ranks if active_ranks is None else active_ranks
         timeout = self.timeout_us if timeout_us is None else int(timeout_us)
@@ -193,8 +197,13 @@ class EPBuffer:
                 x.data_ptr(), x.shape[0], _DTYPE_CODES[x.dtype], topk_idx.data_ptr(), mask.data_ptr(), timeout, layer
             )
             capacity = max(counts) if counts else 0
-            recv_x = torch.empty(self.slots_per_rank, capacity, self.hidden, dtype=x.dtype)
-            self._runtime.dispatch_unpack(recv_x.data_ptr(), capacity)
+            pool = self._recv_pool
+            if pool is None or pool.dtype != x.dtype or pool.shape[1] < capacity:
+                # Grow with headroom so that step-to-step variation in the counts does not reallocate.
+                rows = max(capacity + capacity // 4, 1)
+                pool = self._recv_pool = torch.empty(self.slots_per_rank, rows, self.hidden, dtype=x.dtype)
+            recv_x = pool[:, :capacity]
+            self._runtime.dispatch_unpack(pool.data_ptr(), capacity, pool.shape[1])
         self._after_call()
         handle = DispatchHandle(
             seq=self._runtime.seq, epoch=self.epoch, num_tokens=x.shape[0], capacity=capacity, dtype=x.dtype
@@ -217,7 +226,8 @@ class EPBuffer:
 
         Args:
             expert_out: ``[slots_per_rank, capacity, hidden]`` of the dispatch's dtype: the expert
-                output of each row of ``recv_x`` at the same position.
+                output of each row of ``recv_x`` at the same position. Rows must be contiguous
+                (``recv_x`` itself, a contiguous tensor or any view with ``stride(1) == hidden``).
             topk_idx: the ``[num_tokens, topk]`` ``torch.int64`` tensor given to :meth:`dispatch`
                 (same values; a different one is refused).
             topk_weights: ``[num_tokens, topk]`` ``torch.float32``.
@@ -240,9 +250,14 @@ class EPBuffer:
         timeout = self.timeout_us if timeout_us is None else int(timeout_us)
         _check_mask(mask, self.num_ranks)
         expected = (self.slots_per_rank, handle.capacity, self.hidden)
-        _check_tensor("expert_out", expert_out, (handle.dtype,))
+        _check_tensor("expert_out", expert_out, (handle.dtype,), contiguous=False)
         if tuple(expert_out.shape) != expected:
             raise ValueError(f"expert_out must have shape {list(expected)}, got {list(expert_out.shape)}")
+        slot_stride = expert_out.stride(0) // self.hidden if self.hidden else 0
+        if expert_out.stride(2) != 1 or expert_out.stride(1) != self.hidden or (
+            expert_out.stride(0) % self.hidden or slot_stride < handle.capacity
+        ):
+            raise ValueError(f"expert_out rows must be contiguous, got strides {expert_out.stride()}")
         _check_topk(topk_idx, handle.num_tokens, self.topk)
         _check_tensor("topk_weights", topk_weights, (torch.float32,))
         if tuple(topk_weights.shape) != (handle.num_tokens, self.topk):
@@ -256,6 +271,7 @@ class EPBuffer:
             self._runtime.combine(
                 expert_out.data_ptr(),
                 handle.capacity,
+                max(slot_stride, handle.capacity),
                 topk_weights.data_ptr(),
                 topk_idx.data_ptr(),
                 handle.num_tokens,
@@ -304,11 +320,12 @@ class EPBuffer:
         )
 
     def _after_call(self) -> None:
-        stats = self._runtime.stats()
-        refused = stats["refused_stale_epoch"]
+        refused = self._runtime.refused_stale_epoch
         if refused > self._refused_reported:
             metrics.STALE_EPOCH_REFUSED.labels(channel="kernel").inc(refused - self._refused_reported)
             self._refused_reported = refused
+        if not self._runtime.last_timeout_count:
+            return
         for t in self.last_timeouts():
             metrics.KERNEL_PEER_TIMEOUTS.labels(op=t.op).inc()
             self._log_seq += 1
@@ -317,7 +334,7 @@ class EPBuffer:
             del self._log[: len(self._log) - 1024]
 
 
-def _check_tensor(name: str, t: object, dtypes: tuple[torch.dtype, ...]) -> None:
+def _check_tensor(name: str, t: object, dtypes: tuple[torch.dtype, ...], contiguous: bool = True) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
@@ -325,7 +342,7 @@ def _check_tensor(name: str, t: object, dtypes: tuple[torch.dtype, ...]) -> None
         raise TypeError(f"{name} must have dtype {allowed}, got {t.dtype}")
     if t.device.type != "cpu":
         raise ValueError(f"{name} must be on the CPU, got {t.device}")
-    if not t.is_contiguous():
+    if contiguous and not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
 
 
