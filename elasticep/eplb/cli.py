@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--groups", type=int, help="expert groups (hierarchical first placement)")
     ap.add_argument("--nodes", type=int, default=1, help="nodes (hierarchical first placement)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a summary")
-    ap.add_argument("--moves", action="store_true", help="with --json, include every move")
+    ap.add_argument("--moves", action="store_true", help="with --json, list every move under \"move_list\"")
     ap.add_argument("--out", help="write the new placement as JSON (input for --current)")
     args = ap.parse_args(argv)
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             placement = plan.placement
             result: dict[str, Any] = {"mode": "replan", **plan.summary()}
             if args.moves:
-                result["moves"] = [
+                result["move_list"] = [
                     {"layer": m.layer, "slot": m.slot, "expert": m.expert, "previous": m.previous, "sources": list(m.sources)}
                     for m in plan.moves
                 ]
