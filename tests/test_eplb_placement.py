@@ -118,3 +118,13 @@ def test_redundancy_exhausted_pickles():
     back = pickle.loads(pickle.dumps(exc))
     assert (back.needed, back.live, back.missing, back.detail) == (256, 252, ((0, 3),), "28 ranks")
     assert "256 slots needed per layer, 252 live" in str(back)
+
+
+def test_package_exports():
+    import elasticep.eplb as eplb
+
+    assert sorted(eplb.__all__) == sorted(set(eplb.__all__))
+    for name in eplb.__all__:
+        assert getattr(eplb, name) is not None, name
+    public = {n for n in dir(eplb) if not n.startswith("_") and n not in {"placement", "planner", "cli"}}
+    assert public <= set(eplb.__all__), public - set(eplb.__all__)
