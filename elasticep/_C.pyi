@@ -1,0 +1,76 @@
+"""Type stub for the native extension built from csrc/ (pybind11, no torch headers).
+
+Tensors cross as raw ``data_ptr()`` integers plus shapes; :class:`elasticep.kernel.EPBuffer` does
+the checking and owns the one :class:`KernelRuntime` of a rank.
+"""
+
+ABI_VERSION: int
+
+class KernelRuntime:
+    """One rank's attachment to the shared dispatch/combine segment ``shm_name``."""
+
+    def __init__(
+        self,
+        rank: int,
+        num_ranks: int,
+        slots_per_rank: int,
+        max_tokens: int,
+        hidden: int,
+        topk: int,
+        epoch: int,
+        shm_name: str,
+    ) -> None: ...
+    def dispatch_send_wait(
+        self, x_ptr: int, tokens: int, dtype: int, topk_ptr: int, active_ptr: int, timeout_us: int, layer: int
+    ) -> list[int]:
+        """Post ``x`` ([tokens, hidden], dtype 0 = float32, 1 = bfloat16) routed by ``topk_idx``
+        ([tokens, topk] int64) to every active rank; wait for theirs; return rows per local slot."""
+    def dispatch_unpack(self, recv_ptr: int, capacity: int, slot_stride: int) -> None:
+        """Copy the received rows into ``recv`` ([slots_per_rank, slot_stride, hidden])."""
+    def combine(
+        self,
+        expert_out_ptr: int,
+        capacity: int,
+        slot_stride: int,
+        weights_ptr: int,
+        topk_ptr: int,
+        tokens: int,
+        out_ptr: int,
+        active_ptr: int,
+        timeout_us: int,
+        layer: int,
+    ) -> None:
+        """Return expert outputs to their sources and write ``out`` ([tokens, hidden])."""
+    def last_timeouts(self) -> list[tuple[int, str, int, int]]:
+        """``(peer, op, layer, waited_us)`` for each peer that timed out in the last call."""
+    def stats(self) -> dict[str, int]: ...
+    def close(self) -> None: ...
+    @property
+    def last_timeout_count(self) -> int: ...
+    @property
+    def refused_stale_epoch(self) -> int: ...
+    @property
+    def rank(self) -> int: ...
+    @property
+    def num_ranks(self) -> int: ...
+    @property
+    def slots_per_rank(self) -> int: ...
+    @property
+    def max_tokens(self) -> int: ...
+    @property
+    def hidden(self) -> int: ...
+    @property
+    def topk(self) -> int: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def shm_name(self) -> str: ...
+    @property
+    def seq(self) -> int: ...
+    @property
+    def segment_bytes(self) -> int: ...
+    @property
+    def closed(self) -> bool: ...
+
+def shm_unlink(name: str) -> bool:
+    """Remove a shared segment name; True if it existed."""
