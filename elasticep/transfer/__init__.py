@@ -1,0 +1,51 @@
+"""Moving expert weights between ranks: the Mooncake transfer engine, sources ranked by cost.
+
+- :class:`ExpertLayout` / :class:`ExpertWeights`: where each slot's tensors live in the
+  registered per-rank buffers;
+- :class:`MooncakeTransport`: the transfer engine (TCP here, RDMA where the cluster has it);
+- :class:`TransferExecutor`: loads a plan's moves into this rank, live replica > host copy > disk,
+  batched, asynchronous, epoch-tagged, optionally checksummed;
+- :class:`HostBackup`: a process keeping experts in RAM for the ranks of other hosts;
+- :class:`DiskSource`: safetensors on disk, reading only the tensors needed.
+"""
+
+from elasticep.transfer.backup import HostBackup, host_backup_rank, is_host_backup, run_host_backup
+from elasticep.transfer.executor import (
+    ExpertMove,
+    MoveLike,
+    MoveResult,
+    SourcesExhausted,
+    StaleEpoch,
+    TransferExecutor,
+    TransferJob,
+    TransferReport,
+)
+from elasticep.transfer.layout import ExpertLayout, ExpertTensor, ExpertWeights, Extent, expert_crc32
+from elasticep.transfer.sources import SOURCE_KINDS, TRANSFORMERS_EXPERT_KEY, DiskSource
+from elasticep.transfer.transport import MooncakeTransport, TransportError, mooncake_te_unavailable_reason
+
+__all__ = [
+    "SOURCE_KINDS",
+    "TRANSFORMERS_EXPERT_KEY",
+    "DiskSource",
+    "ExpertLayout",
+    "ExpertMove",
+    "ExpertTensor",
+    "ExpertWeights",
+    "Extent",
+    "HostBackup",
+    "MooncakeTransport",
+    "MoveLike",
+    "MoveResult",
+    "SourcesExhausted",
+    "StaleEpoch",
+    "TransferExecutor",
+    "TransferJob",
+    "TransferReport",
+    "TransportError",
+    "expert_crc32",
+    "host_backup_rank",
+    "is_host_backup",
+    "mooncake_te_unavailable_reason",
+    "run_host_backup",
+]
