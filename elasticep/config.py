@@ -27,12 +27,12 @@ from typing import Any
 @dataclass(frozen=True)
 class Config:
     # --- detection ---
-    heartbeat_interval_ms: float = 20.0
+    heartbeat_interval_ms: float = 40.0
     """Period of each rank's heartbeat on the bus, ms. Every rank hears every other, so the bus
     carries ``N * (N - 1) * 1000 / heartbeat_interval_ms`` heartbeats per second."""
     phi_threshold: float = 8.0
     """Phi-accrual level above which heartbeat silence becomes a suspicion (phi 8 ~ 1e-8 odds)."""
-    min_suspect_ms: float = 60.0
+    min_suspect_ms: float = 100.0
     """Silence shorter than this is never suspected, whatever phi says, ms."""
     grace_ms: float = 200.0
     """Silence shorter than this never evicts without a certain signal (process exit), ms."""

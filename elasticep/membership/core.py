@@ -307,6 +307,15 @@ class MembershipCore:
     def tick(self, now: float) -> list[Action]:
         return self.step(Tick(), now)
 
+    def tick_interval(self) -> float:
+        """Seconds until the next :class:`Tick` is useful: one heartbeat interval normally, a
+        quarter of it (at most 10 ms) while some rank is under suspicion, so that an eviction is
+        proposed within milliseconds of its silence reaching ``grace_ms``."""
+        interval = self.config.heartbeat_interval_ms / 1e3
+        if self.status == Status.MEMBER and (self.fusion.pending() or self.monitor.suspected()):
+            return min(interval / 4, 0.01)
+        return interval
+
     # --- time -------------------------------------------------------------------------------
 
     def _tick(self, now: float) -> list[Action]:
@@ -315,7 +324,8 @@ class MembershipCore:
         if self._last_store_ok_s is not None and now - self._last_store_ok_s > cfg.store_timeout_s:
             return self._fence(now, f"view store unreachable for {now - self._last_store_ok_s:.1f} s "
                                     f"(store_timeout_s={cfg.store_timeout_s:g})", "store_unreachable")
-        if self.status in (Status.MEMBER, Status.JOINING) and now - self._last_heartbeat_s >= cfg.heartbeat_interval_ms / 1e3 * 0.5:
+        # Ticks come faster than heartbeats while a suspicion is pending (see ``tick_interval``).
+        if self.status in (Status.MEMBER, Status.JOINING) and now - self._last_heartbeat_s >= cfg.heartbeat_interval_ms / 1e3 * 0.9:
             self._last_heartbeat_s = now
             out.append(Publish(Heartbeat(rank=self.rank, incarnation=self.incarnation)))
         if self.status == Status.JOINING:

@@ -1,8 +1,9 @@
 """``LocalCluster``: a launcher for membership-only rank processes on one host.
 
-It hosts the ``TCPStore`` (so the store outlives every rank), generates the bus keys, starts
-``python -m elasticep.membership.worker`` per rank, reads their JSON reports, and plays the
-launcher: when a child exits it tells every other child over its stdin pipe (``exit RANK SIG``),
+It hosts the ``TCPStore`` (so the store outlives every rank), generates the bus keys, starts one
+:mod:`elasticep.membership.worker` process per rank (forked from a forkserver that has torch
+imported already), reads their JSON reports over a socket pair, and plays the
+launcher: when a child exits it tells every other child over its channel (``exit RANK SIG PID``),
 which the child feeds to its membership core as a certain :class:`~elasticep.events.ProcessExit`.
 Used by the multi-process tests and ``elasticep bench detect``.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,10 +31,77 @@ from typing import Callable
 from elasticep.testing.fixtures import free_port
 
 
+_PRELOAD = ["torch.distributed", "elasticep.bus", "elasticep.membership", "elasticep.membership.worker"]
+_context = None
+
+
+def _forkserver():
+    """A forkserver context with torch preloaded: a rank process then starts in milliseconds
+    instead of importing torch again (seconds on a loaded two-core machine)."""
+    global _context
+    if _context is None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(_PRELOAD)
+        _context = ctx
+    return _context
+
+
+def _child_main(argv: list[str], env: dict[str, str], channel: socket.socket) -> None:
+    """Entry of a rank process: its stdin and stdout become ``channel``, then the worker runs."""
+    os.environ.update(env)
+    os.environ.pop("PYTHONASYNCIODEBUG", None)  # ranks run as in production
+    fd = channel.fileno()
+    os.dup2(fd, 0)
+    os.dup2(fd, 1)
+    channel.close()
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    from elasticep.membership.worker import main
+
+    main(argv)
+
+
+class _Child:
+    """A rank process started from the forkserver, with a ``subprocess.Popen``-like surface."""
+
+    def __init__(self, process, channel: socket.socket) -> None:
+        self._process = process
+        self.channel = channel
+        self.pid: int = process.pid
+        self.lines = channel.makefile("r", encoding="utf-8", errors="replace")
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def kill(self) -> None:
+        self._process.kill()
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired("rank process", timeout or 0.0)
+        return self._process.exitcode
+
+    def write(self, line: str) -> None:
+        self.channel.sendall(line.encode())
+
+    def close_input(self) -> None:
+        try:
+            self.channel.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.lines.close()
+        self.channel.close()
+        self._process.close()
+
+
 @dataclass
 class RankProcess:
     rank: int
-    proc: subprocess.Popen
+    proc: _Child
     incarnation: int
     reports: list[dict] = field(default_factory=list)
     stopped: bool = False
@@ -80,26 +149,25 @@ class LocalCluster:
         """Start a process for ``rank`` (``join=True`` for a restart or a new rank)."""
         incarnation = self._incarnations.get(rank, 0) + 1
         self._incarnations[rank] = incarnation
-        cmd = [sys.executable, "-m", "elasticep.membership.worker", "--rank", str(rank), "--world", str(self.world),
-               "--store", f"127.0.0.1:{self.port}", "--incarnation", str(time.time_ns()),
-               "--log-level", self.log_level]
+        argv = ["--rank", str(rank), "--world", str(self.world), "--store", f"127.0.0.1:{self.port}",
+                "--incarnation", str(time.time_ns()), "--log-level", self.log_level]
         if join:
-            cmd.append("--join")
+            argv.append("--join")
         for name, value in self.config.items():
-            cmd += ["--config", f"{name}={value}"]
-        env = self.keys.for_rank(rank).to_env()
-        env["PYTHONUNBUFFERED"] = "1"
-        env.pop("PYTHONASYNCIODEBUG", None)  # debug mode slows every callback; ranks run as in production
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
-        rp = RankProcess(rank, proc, incarnation)
+            argv += ["--config", f"{name}={value}"]
+        env = {"ELASTICEP_BUS_KEYS": self.keys.for_rank(rank).to_json(), "PYTHONUNBUFFERED": "1"}
+        ours, theirs = socket.socketpair()
+        process = _forkserver().Process(target=_child_main, args=(argv, env, theirs), name=f"elasticep-rank{rank}")
+        process.start()
+        theirs.close()
+        rp = RankProcess(rank, _Child(process, ours), incarnation)
         with self._lock:
             self.ranks[rank] = rp
         threading.Thread(target=self._read, args=(rp,), daemon=True, name=f"rank{rank}-reader").start()
         return rp
 
     def _read(self, rp: RankProcess) -> None:
-        assert rp.proc.stdout is not None
-        for line in rp.proc.stdout:
+        for line in rp.proc.lines:
             try:
                 report = json.loads(line)
             except json.JSONDecodeError:
@@ -109,7 +177,6 @@ class LocalCluster:
                 self._cond.notify_all()
         code = rp.proc.wait()
         wall_ns = time.time_ns()
-        rp.proc.stdout.close()
         with self._cond:
             self.exits.append((rp.rank, code, wall_ns))
             self._cond.notify_all()
@@ -122,12 +189,11 @@ class LocalCluster:
     def send(self, rank: int, line: str) -> None:
         """Write one command line to ``rank``'s stdin (ignored if it is gone)."""
         rp = self.ranks.get(rank)
-        if rp is None or rp.proc.stdin is None:
+        if rp is None:
             return
         try:
-            rp.proc.stdin.write(line + "\n")
-            rp.proc.stdin.flush()
-        except (BrokenPipeError, ValueError, OSError):
+            rp.proc.write(line + "\n")
+        except OSError:
             pass
 
     def kill(self, rank: int) -> int:
@@ -155,16 +221,8 @@ class LocalCluster:
                 self.cont(rank)
             old.proc.kill()
         old.proc.wait(timeout=10)
-        self._close_stdin(old)
+        old.proc.close_input()
         return self.spawn(rank, join=True)
-
-    @staticmethod
-    def _close_stdin(rp: RankProcess) -> None:
-        try:
-            if rp.proc.stdin is not None and not rp.proc.stdin.closed:
-                rp.proc.stdin.close()
-        except OSError:
-            pass
 
     # --- reports ----------------------------------------------------------------------------
 
@@ -241,7 +299,7 @@ class LocalCluster:
                     os.kill(p.proc.pid, signal.SIGCONT)
                 except ProcessLookupError:
                     pass
-            self._close_stdin(p)
+            p.proc.close_input()
         deadline = time.monotonic() + 2.0
         for p in procs:
             try:
@@ -249,10 +307,12 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 p.proc.kill()
                 p.proc.wait()
-        # The reader threads close each stdout at end of file; give them a moment.
+        # The reader threads finish at end of file; then the channels can go.
         for t in threading.enumerate():
             if t.name.startswith("rank") and t.name.endswith("-reader") and t is not threading.current_thread():
                 t.join(timeout=1.0)
+        for p in procs:
+            p.proc.close()
         del self.store
 
     def __enter__(self) -> "LocalCluster":

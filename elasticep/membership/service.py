@@ -299,11 +299,11 @@ class MembershipService:
                 return
 
     async def _tick_loop(self) -> None:
-        interval = self.config.heartbeat_interval_ms / 1e3
         loop = asyncio.get_running_loop()
         next_at = loop.time()
         while not self.core.stopped:
             self._apply(self.core.step(Tick(), self.clock()))
+            interval = self.core.tick_interval()
             next_at += interval
             now = loop.time()
             if next_at < now:  # we fell behind (a stall): do not fire a burst of ticks

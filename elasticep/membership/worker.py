@@ -70,11 +70,22 @@ async def run(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
+    pending = bytearray()
+
     def on_stdin() -> None:
-        line = sys.stdin.readline()
-        if not line:
+        # Raw reads: a buffered readline could keep a second command in its buffer unseen.
+        data = os.read(0, 65536)
+        if not data:
+            loop.remove_reader(0)  # end of file stays readable: stop watching
             stop.set()
             return
+        pending.extend(data)
+        while b"\n" in pending:
+            line, _, rest = bytes(pending).partition(b"\n")
+            pending[:] = rest
+            command(line.decode(errors="replace"))
+
+    def command(line: str) -> None:
         words = line.split()
         if not words:
             return
@@ -94,7 +105,7 @@ async def run(args: argparse.Namespace) -> int:
             log.warning("leave failed: %s", exc)
         stop.set()
 
-    loop.add_reader(sys.stdin.fileno(), on_stdin)
+    loop.add_reader(0, on_stdin)
     try:
         await service.start(ready_timeout=args.ready_timeout)
         _emit("ready", rank=args.rank, pid=os.getpid(), incarnation=service.core.incarnation, wall_ns=time.time_ns())
@@ -107,11 +118,19 @@ async def run(args: argparse.Namespace) -> int:
         for task in (watcher, fenced):
             task.cancel()
     finally:
-        loop.remove_reader(sys.stdin.fileno())
-        await service.close()
-        await bus.close()
-        await view_store.close()
+        loop.remove_reader(0)
+        try:
+            # Bounded: with the store's host gone, closing must not hang the process.
+            await asyncio.wait_for(_shutdown(service, bus, view_store), 3.0)
+        except asyncio.TimeoutError:
+            log.warning("shutdown did not finish within 3 s")
     return 0
+
+
+async def _shutdown(service, bus, view_store) -> None:
+    await service.close()
+    await bus.close()
+    await view_store.close()
 
 
 async def _until_fenced(service) -> None:
@@ -121,6 +140,7 @@ async def _until_fenced(service) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one rank until end of stdin or a fence, then exit the process (never returns)."""
     parser = argparse.ArgumentParser(prog="python -m elasticep.membership.worker", description=__doc__.split("\n")[0])
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world", type=int, required=True, help="ranks of the bootstrap view (0..world-1)")
@@ -135,7 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed  # noqa: F401  (the TCPStore client; import it before the loop runs)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format=f"%(asctime)s rank{args.rank} %(name)s %(levelname)s %(message)s")
-    return asyncio.run(run(args))
+    loop = asyncio.new_event_loop()
+    code = 1
+    try:
+        code = loop.run_until_complete(run(args))
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Worker threads may still wait on a store whose host is gone; do not join them.
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 No sockets, no threads, no sleeps: the driver owns the clock (1 ms steps), a network between the
 cores (1 ms per hop, FIFO per link, with cuts and partitions), an :class:`InMemoryViewStore`
 (1 ms per operation, can be held, or down for some ranks) and the launcher (which reports a
-crashed process to every live rank). Each core ticks once per heartbeat interval, at a phase
-given by its rank.
+crashed process to every live rank). Each core ticks as often as it asks
+(:meth:`MembershipCore.tick_interval`), starting at a phase given by its rank.
 
 Commands (one per line, ``#`` starts a comment)::
 
@@ -13,7 +13,7 @@ Commands (one per line, ``#`` starts a comment)::
     fail 3                             SIGKILL: the process is gone, the launcher reports it
     hang 3 / resume 3                  SIGSTOP / SIGCONT: silent, no report; messages queue up
     pause 3 100ms                      hang now, resume 100 ms later (the clock does not move)
-    slow 3 interval=40ms               rank 3 ticks (and so heartbeats) only every 40 ms
+    slow 3 interval=160ms              rank 3 ticks (and so heartbeats) only every 160 ms
     partition 0,1,2 | 3,4 / heal       nothing crosses between the groups
     deliver drop=(2,3) / deliver all   cut / restore the link between two ranks (both ways)
     store down [ranks=3,4] / store up [ranks=3,4] / store hold / store release
@@ -72,6 +72,7 @@ class Rank:
     state: str = "up"  # up, hung, crashed
     resume_at: float | None = None
     tick_every_ms: int = 0
+    next_tick: float = 0.0
     installed: dict[int, tuple[int, ...]] = field(default_factory=dict)
     seq: itertools.count = field(default_factory=lambda: itertools.count(1))
 
@@ -185,11 +186,12 @@ class Sim:
                 heapq.heappush(self._queue, p)
         # ticks
         for rank, r in self.ranks.items():
-            if r.state != "up":
+            if r.state != "up" or self.now < r.next_tick - 1e-9:
                 continue
-            every = r.tick_every_ms or int(self.config.heartbeat_interval_ms)
-            if (round(self.now * 1e3) + rank) % every == 0:
-                self.handle(rank, r.core.tick(self.now))
+            self.handle(rank, r.core.tick(self.now))
+            # The core asks for faster ticks while it suspects someone; a slow rank ticks late.
+            every_s = r.tick_every_ms / 1e3 if r.tick_every_ms else r.core.tick_interval()
+            r.next_tick = self.now + max(STEP_S, round(every_s, 3))
 
     def check_agreement(self) -> None:
         seen: dict[int, tuple[int, tuple[int, ...]]] = {}
@@ -227,7 +229,7 @@ class Sim:
             self.config = Config.local(**overrides)
             for rank in range(n):
                 core = MembershipCore(rank, self.config, initial_members=tuple(range(n)))
-                self.ranks[rank] = Rank(core)
+                self.ranks[rank] = Rank(core, next_tick=self.now + rank * STEP_S)
                 self.handle(rank, core.start(self.now))
         elif cmd == "tick":
             for _ in range(round(_duration(pos[0]) / STEP_S)):
@@ -275,7 +277,7 @@ class Sim:
             if old.state != "crashed":
                 raise ScenarioError(f"r{rank} must be failed before it restarts")
             core = MembershipCore(rank, self.config, incarnation=old.core.incarnation + 1, join=True)
-            self.ranks[rank] = Rank(core)
+            self.ranks[rank] = Rank(core, next_tick=self.now)
             self.log(f"r{rank} restarted as incarnation {core.incarnation}")
             self.handle(rank, core.start(self.now))
         elif cmd == "leave":
