@@ -230,6 +230,7 @@ class KernelRuntime {
 
     ++seq_;
     ++dispatch_calls_;
+    x_ = x;
     last_timeouts_.clear();
     tokens_ = tokens;
     dtype_ = static_cast<uint32_t>(dtype);
@@ -261,7 +262,9 @@ class KernelRuntime {
             m[1 + k] = -1;
           }
         }
-        std::memcpy(data + static_cast<size_t>(rows) * row_bytes, x + static_cast<size_t>(t) * row_bytes, row_bytes);
+        // Rows for this rank itself stay in x: dispatch_unpack reads them from there.
+        if (dst != rank_)
+          std::memcpy(data + static_cast<size_t>(rows) * row_bytes, x + static_cast<size_t>(t) * row_bytes, row_bytes);
         ++rows;
       }
       post(kDispatch, dst, rows, want);
@@ -315,16 +318,20 @@ class KernelRuntime {
       const Mailbox* mb = mailbox(kDispatch, src, rank_);
       const int32_t* meta = dispatch_meta(src, rank_);
       const uint8_t* data = dispatch_data(src, rank_);
-      for (uint32_t r = 0; r < mb->rows; ++r)
+      for (uint32_t r = 0; r < mb->rows; ++r) {
+        const int32_t* m = meta + static_cast<size_t>(r) * (1 + topk_);
+        // x_ is still alive: EPBuffer.dispatch holds it across both phases.
+        const uint8_t* row = src == rank_ ? x_ + static_cast<size_t>(m[0]) * row_bytes : data + static_cast<size_t>(r) * row_bytes;
         for (int k = 0; k < topk_; ++k) {
-          const int32_t e = meta[static_cast<size_t>(r) * (1 + topk_) + 1 + k];
+          const int32_t e = m[1 + k];
           if (e < 0 || e >= slots_per_rank_) continue;
           const int32_t pos = fill[e]++;
-          std::memcpy(recv + (static_cast<size_t>(e) * slot_stride + pos) * row_bytes, data + static_cast<size_t>(r) * row_bytes,
-                      row_bytes);
+          std::memcpy(recv + (static_cast<size_t>(e) * slot_stride + pos) * row_bytes, row, row_bytes);
           records.emplace_back(e, pos);
         }
+      }
     }
+    x_ = nullptr;
     capacity_ = capacity;
     state_ = State::kDispatched;
   }
@@ -367,7 +374,7 @@ class KernelRuntime {
       if (src != rank_ && load_mask(active, src) == 0) continue;
       uint8_t* data = combine_data(rank_, src);
       const auto& records = recv_records_[src];
-      for (size_t i = 0; i < records.size(); ++i)
+      for (size_t i = 0; i < records.size() && src != rank_; ++i)  // own rows are read in place below
         std::memcpy(data + i * row_bytes,
                     expert_out + (static_cast<size_t>(records[i].first) * slot_stride + records[i].second) * row_bytes,
                     row_bytes);
@@ -395,7 +402,13 @@ class KernelRuntime {
         if (got[owner] != 1) continue;
         if (static_cast<uint32_t>(r) >= mailbox(kCombine, owner, rank_)->rows) continue;
         const float w = weights[t * topk_ + k];
-        const uint8_t* y = combine_data(owner, rank_) + static_cast<size_t>(r) * row_bytes;
+        const uint8_t* y;
+        if (owner == rank_) {
+          const auto& rec = recv_records_[rank_][r];
+          y = expert_out + (static_cast<size_t>(rec.first) * slot_stride + rec.second) * row_bytes;
+        } else {
+          y = combine_data(owner, rank_) + static_cast<size_t>(r) * row_bytes;
+        }
         if (dtype_ == kFloat32) {
           const float* __restrict yf = reinterpret_cast<const float*>(y);
           if (first) {
@@ -662,6 +675,7 @@ class KernelRuntime {
   int64_t tokens_ = 0;
   int64_t capacity_ = 0;
   uint32_t dtype_ = kFloat32;
+  const uint8_t* x_ = nullptr;  // the dispatching x, between dispatch_send_wait and dispatch_unpack
   std::vector<int64_t> topk_copy_;
   std::vector<int32_t> comb_row_;      // [tokens * topk]: row in the owner's combine message, -1 none
   std::vector<uint8_t> sent_dispatch_;  // [num_ranks]: a dispatch message was posted to that rank
