@@ -78,6 +78,7 @@ def test_single_rank_round_trip(cluster_id: str, dtype: torch.dtype) -> None:
         for _ in range(3):  # the same buffers are reused call after call
             recv_x, counts, handle = buf.dispatch(x, idx)
             assert recv_x.dtype == dtype and counts.dtype == torch.int64
+            assert recv_x.stride(1) == HIDDEN and recv_x.stride(2) == 1
             assert recv_x.shape == (SPR, int(counts.max()), HIDDEN)
             assert counts.tolist() == [int((idx == e).sum()) for e in range(SPR)]
             out = buf.combine(_run_local_experts(0, recv_x, counts), idx, w, handle=handle)
@@ -267,6 +268,8 @@ def test_bad_inputs_raise_typed_errors(cluster_id: str) -> None:
             buf.combine(recv_x.bfloat16(), idx, w, handle=handle)
         with pytest.raises(ValueError, match="expert_out must have shape"):
             buf.combine(recv_x[:, :1].contiguous(), idx, w, handle=handle)
+        with pytest.raises(ValueError, match="expert_out rows must be contiguous"):
+            buf.combine(torch.randn(HIDDEN, handle.capacity, SPR).permute(2, 1, 0), idx, w, handle=handle)
         with pytest.raises(TypeError, match="topk_weights must have dtype torch.float32"):
             buf.combine(recv_x, idx, w.double(), handle=handle)
         with pytest.raises(ValueError, match="topk_weights must have shape"):
