@@ -225,3 +225,19 @@ def test_rank_spec_in_the_store_carries_extra_keys(tiny_model) -> None:
         assert spec.extra == {"bus": "tcp://127.0.0.1:9000"}
         assert spec.frontend == launcher.router.endpoint and spec.rank == 0 and spec.incarnation == 0
         assert launcher.store_address[1] == launcher.store.port
+
+
+def test_exit_callback_may_restart_the_rank(launcher, oracle) -> None:
+    restarted = threading.Event()
+
+    def on_exit(ev: ProcessExit) -> None:
+        if ev.rank == 0 and ev.incarnation == 0:
+            launcher.restart(ev.rank)
+            restarted.set()
+
+    launcher.on_exit(on_exit)
+    launcher.kill(0)
+    assert restarted.wait(30)
+    assert launcher.ranks()[0].incarnation == 1 and launcher.ranks()[0].state == "serving"
+    results = launcher.generate(PROMPTS[:2], 3)
+    _check(results, oracle, PROMPTS[:2], 3)

@@ -8,10 +8,10 @@ A :class:`Launcher` owns
   has already imported torch and transformers, so starting or restarting a rank takes
   milliseconds instead of the seconds a fresh interpreter spends importing;
   ``start_method="subprocess"`` runs ``python -m elasticep.engine.rank`` instead;
-* a reaper thread blocked on every rank's exit sentinel, which reports each exit as an
-  :class:`elasticep.events.ProcessExit` within milliseconds to callbacks (:meth:`Launcher.on_exit`)
-  and async iterators (:meth:`Launcher.exits`), and tells the router to re-route the dead rank's
-  requests;
+* exit reporting: the zygote (the ranks' parent) reaps each exit and tells the launcher at once
+  (a reaper thread blocked on pidfds does it for subprocess ranks); each exit becomes an
+  :class:`elasticep.events.ProcessExit` within milliseconds, for callbacks (:meth:`Launcher.on_exit`)
+  and async iterators (:meth:`Launcher.exits`), and the router re-routes the dead rank's requests;
 * the front :class:`~elasticep.engine.router.Router`.
 
 Faults: :meth:`kill` (SIGKILL), :meth:`hang` (SIGSTOP) and :meth:`resume` (SIGCONT) act at once
@@ -29,6 +29,7 @@ import datetime
 import math
 import multiprocessing.connection
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -209,6 +210,11 @@ class Launcher:
         self._callbacks: list[Callable[[ProcessExit], None]] = []
         self._queues: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
         self._exit_cond = threading.Condition(self._lock)
+        self._callback_queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._spawn_lock = threading.Lock()
+        self._retired: list[_Proc] = []
+        self._exit_history: dict[tuple[int, int], ProcessExit] = {}
+        self._callback_thread: threading.Thread | None = None
         self.store = None
         self.router: Router | None = None
         self._reaper: threading.Thread | None = None
@@ -255,6 +261,10 @@ class Launcher:
         os.set_blocking(self._wake_w, False)
         self._reaper = threading.Thread(target=self._reap, name="elasticep-reaper", daemon=True)
         self._reaper.start()
+        self._callback_thread = threading.Thread(
+            target=self._run_callbacks, name="elasticep-exit-callbacks", daemon=True
+        )
+        self._callback_thread.start()
         try:
             everyone = [True] * self.num_ranks
             started = [self._spawn(r, alive=everyone) for r in range(self.num_ranks)]
@@ -286,8 +296,14 @@ class Launcher:
         with self._lock:
             for s in self._slots.values():
                 s.proc.release()
+            for proc in self._retired:
+                proc.release()
         if self._unlisten is not None:
             self._unlisten()
+        if self._callback_thread is not None:
+            self._callback_queue.put(None)
+            if self._callback_thread is not threading.current_thread():
+                self._callback_thread.join(timeout=5.0)
         if self.router is not None:
             self.router.close()
         self.store = None
@@ -328,30 +344,35 @@ class Launcher:
         and this one)."""
         if self._closed:
             raise LauncherError("launcher is closed")
-        with self._lock:
-            old = self._slots.get(rank)
-            if old is not None and old.exit is None:
-                raise LauncherError(f"rank {rank} is still running (pid {old.proc.pid})")
-            inc = self._next_incarnation.get(rank, 0)
-            self._next_incarnation[rank] = inc + 1
-            spec = P.RankSpec(
-                cluster=self.cluster,
-                rank=rank,
-                incarnation=inc,
-                model_path=self.model_path,
-                placement=self.placement.to_dict(),
-                alive=alive if alive is not None else self._alive_for_spec(rank),
-                frontend=self.router.endpoint,
-                backend=self.backend,
-                torch_threads=self.torch_threads,
-                faults=faults or P.FaultPlan(),
-                extra=dict(self._rank_extra(rank, inc)) if self._rank_extra is not None else {},
-            )
+        # spawns are serialised by their own lock: forking waits on the zygote's reader thread,
+        # which takes self._lock to report exits, so self._lock must not be held across a fork
+        with self._spawn_lock:
+            with self._lock:
+                old = self._slots.get(rank)
+                if old is not None and old.exit is None:
+                    raise LauncherError(f"rank {rank} is still running (pid {old.proc.pid})")
+                inc = self._next_incarnation.get(rank, 0)
+                self._next_incarnation[rank] = inc + 1
+                spec = P.RankSpec(
+                    cluster=self.cluster,
+                    rank=rank,
+                    incarnation=inc,
+                    model_path=self.model_path,
+                    placement=self.placement.to_dict(),
+                    alive=alive if alive is not None else self._alive_for_spec(rank),
+                    frontend=self.router.endpoint,
+                    backend=self.backend,
+                    torch_threads=self.torch_threads,
+                    faults=faults or P.FaultPlan(),
+                    extra=dict(self._rank_extra(rank, inc)) if self._rank_extra is not None else {},
+                )
             self.store.set(P.spec_key(self.cluster, rank, inc), P.encode(spec))
             proc = self._start_process(rank, inc)
-            if old is not None:
-                old.proc.release()
-            self._slots[rank] = _Slot(rank, inc, proc, "starting", time.time())
+            with self._lock:
+                if old is not None:
+                    # its sentinel may still sit in the reaper's wait list: close it at close()
+                    self._retired.append(old.proc)
+                self._slots[rank] = _Slot(rank, inc, proc, "starting", time.time())
         self._wake()
         return rank, inc
 
@@ -388,10 +409,15 @@ class Launcher:
             return self._zygote_client
 
     def _on_zygote_exit(self, pid: int, code: int) -> None:
+        """Zygote reader thread: report the exit straight away (no hop through the reaper)."""
         with self._lock:
             proc = self._by_pid.pop(pid, None)
-        if proc is not None:
-            proc.exited(code)
+            slot = next((s for s in self._slots.values() if s.proc is proc), None) if proc else None
+        if proc is None:
+            return
+        proc.exited(code)  # the reaper's sentinel too, for a child that died before its slot existed
+        if slot is not None:
+            self._report_exit(slot, code)
 
     def _wait_serving(self, rank: int, inc: int, timeout_s: float | None = None) -> None:
         """Wait for ``(rank, inc)``'s hello; fail at once if its process exits first."""
@@ -492,7 +518,7 @@ class Launcher:
     def retire(self, rank: int, *, wait: bool = True, timeout_s: float = 30.0) -> ProcessExit | None:
         """Scale down gracefully: ``rank`` takes no new requests, finishes its own, exits 0."""
         s = self._running(rank)
-        self.router.send(rank, P.Retire(reason="retired by launcher"))
+        self.router.retire(rank, "retired by launcher")
         with self._lock:
             if s.exit is None:
                 s.state = "leaving"
@@ -503,8 +529,9 @@ class Launcher:
     def on_exit(self, callback: Callable[[ProcessExit], None]) -> Callable[[], None]:
         """Call ``callback(ProcessExit)`` for every rank exit; returns a function that unsubscribes.
 
-        Callbacks run on the reaper thread, one at a time (never concurrently), in exit order;
-        they must be quick. An exception in one is printed and does not stop the others.
+        Callbacks run on the launcher's callback thread, one exit at a time (never concurrently),
+        in the order exits were seen. They may call the launcher (e.g. :meth:`restart`); while one
+        runs, later exits wait for it. An exception in one is printed and does not stop the others.
         """
         with self._lock:
             self._callbacks.append(callback)
@@ -545,10 +572,11 @@ class Launcher:
                     raise RankNotRunning(f"rank {rank} was never started")
                 if incarnation is None:
                     incarnation = s.incarnation
+                past = self._exit_history.get((rank, incarnation))
+                if past is not None:  # reported, and possibly replaced by a restart since
+                    return past
                 if s.incarnation != incarnation:
-                    raise LauncherError(f"rank {rank} incarnation {incarnation} was replaced")
-                if s.exit is not None:
-                    return s.exit
+                    raise LauncherError(f"rank {rank} incarnation {incarnation} was never started")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise LauncherError(f"rank {rank} did not exit within {timeout_s} s")
@@ -591,24 +619,37 @@ class Launcher:
             incarnation=slot.incarnation,
         )
         kind = "signal" if code < 0 else ("clean" if code == 0 else "error")
-        metrics.ENGINE_PROCESS_EXITS.labels(kind).inc()
         with self._exit_cond:
+            if slot.exit is not None:  # already reported by the other thread
+                return
             slot.exit = ev
+            self._exit_history[(slot.rank, slot.incarnation)] = ev
             slot.state = "exited"
             self._exit_cond.notify_all()
             callbacks = list(self._callbacks)
             queues = list(self._queues)
+        metrics.ENGINE_PROCESS_EXITS.labels(kind).inc()
         self.router.rank_exited(slot.rank, slot.incarnation)
-        for cb in callbacks:
-            try:
-                cb(ev)
-            except Exception as exc:  # one bad callback must not silence the others
-                print(f"elasticep launcher: exit callback {cb!r} raised {exc!r}", file=sys.stderr)
         for loop, q in queues:
             try:
                 loop.call_soon_threadsafe(_put_dropping_oldest, q, ev)
             except RuntimeError:
                 pass  # that event loop is closed
+        if callbacks:
+            self._callback_queue.put((ev, callbacks))
+
+    def _run_callbacks(self) -> None:
+        """Callback thread: hands each exit to the callbacks, one exit at a time, in order."""
+        while True:
+            item = self._callback_queue.get()
+            if item is None:
+                return
+            ev, callbacks = item
+            for cb in callbacks:
+                try:
+                    cb(ev)
+                except Exception as exc:  # one bad callback must not silence the others
+                    print(f"elasticep launcher: exit callback {cb!r} raised {exc!r}", file=sys.stderr)
 
     # ------------------------------------------------------------------ requests
 

@@ -39,6 +39,9 @@ __all__ = ["RankServer", "run_rank", "main"]
 _IDLE_POLL_MS = 50
 """How long an idle rank blocks waiting for a message before re-checking its state, ms."""
 
+_LEAVE_GRACE_MS = 20
+"""A leaving rank's last wait for requests already on their way to it, ms."""
+
 
 def _die_with_parent() -> None:
     """Ask Linux to SIGKILL this process when its parent exits, so no rank outlives its launcher."""
@@ -180,6 +183,10 @@ class RankServer:
                 # a step boundary with nothing to do still honours the plan (a kill at step 0)
                 self._apply_faults()
                 if self.leaving and not self._active and not self.masked:
+                    # a request the router sent before it heard Leaving may still be on the wire
+                    self._drain(_LEAVE_GRACE_MS)
+                    if self._active:
+                        continue
                     self._send(P.Goodbye(rank=self.rank, incarnation=self.incarnation, steps=self.step))
                     return 0
                 continue

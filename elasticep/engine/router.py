@@ -164,6 +164,11 @@ class Router:
         """Send a control message to the current incarnation of ``rank`` (dropped if it is gone)."""
         self._command(("send", rank, msg))
 
+    def retire(self, rank: int, reason: str = "") -> None:
+        """Route nothing new to ``rank``, then tell it to leave gracefully. Requests sent to it
+        before this finish there; none are sent after, so a graceful leave retries nothing."""
+        self._command(("retire", rank, reason))
+
     def rank_exited(self, rank: int, incarnation: int) -> None:
         """The process of ``(rank, incarnation)`` is gone: re-route everything it was working on."""
         self._command(("exited", rank, incarnation))
@@ -279,6 +284,14 @@ class Router:
                     peer = self._peers.get(rank)
                 if peer is not None and peer.state != "gone":
                     self._send(peer, msg)
+            elif kind == "retire":
+                _, rank, reason = cmd
+                with self._lock:
+                    peer = self._peers.get(rank)
+                    if peer is not None and peer.state == "serving":
+                        peer.state = "leaving"
+                if peer is not None and peer.state != "gone":
+                    self._send(peer, P.Retire(reason=reason))
             elif kind == "exited":
                 _, rank, inc = cmd
                 with self._lock:
