@@ -142,7 +142,7 @@ def _raw_subscriber(args: argparse.Namespace) -> dict[str, Any]:
             if phase == _PROBE:
                 if not ready:
                     ready = True
-                    store.set(_READY_KEY + "raw", "1")
+                    store.set(_READY_KEY + "raw-sub", "1")
             elif phase == _LATENCY:
                 latencies.append(now - sent)
             elif phase == _THROUGHPUT:
@@ -159,11 +159,69 @@ def _raw_subscriber(args: argparse.Namespace) -> dict[str, Any]:
     return _summary(latencies, count, last - first, args.events)
 
 
+async def _raw_asyncio_subscriber(args: argparse.Namespace) -> dict[str, Any]:
+    """The raw pyzmq subscriber again, but woken by an asyncio reader callback: the cost of the
+    event loop alone, with no elasticep code on the path (a second, explanatory baseline)."""
+    import zmq
+
+    from elasticep.bus import connect_store
+
+    store = connect_store(args.store)
+    ctx = zmq.Context(io_threads=1)
+    sock = ctx.socket(zmq.SUB)
+    sock.rcvhwm = args.hwm
+    sock.linger = 0
+    sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.connect(store.get("elasticep/bench/bus/raw_endpoint").decode())
+    latencies: list[int] = []
+    count = 0
+    first = last = 0
+    ready = False
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def on_readable() -> None:
+        nonlocal count, first, last, ready
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            data = sock.recv(zmq.NOBLOCK)
+            now = time.monotonic_ns()
+            phase, sent = _RAW_HEAD.unpack_from(data)
+            if phase == _LATENCY:
+                latencies.append(now - sent)
+            elif phase == _THROUGHPUT:
+                if count == 0:
+                    first = now
+                count += 1
+                last = now
+                if count >= args.events and not done.done():
+                    done.set_result(None)
+            elif not ready:
+                ready = True
+                loop.run_in_executor(None, store.set, _READY_KEY + "raw-asyncio-sub", "1")
+
+    fd = sock.getsockopt(zmq.FD)
+    loop.add_reader(fd, on_readable)
+    loop.call_soon(on_readable)
+    deadline = time.monotonic() + args.timeout
+    try:
+        while not done.done():
+            await asyncio.sleep(0.2)
+            if (count and time.monotonic_ns() - last > 1e9) or time.monotonic() > deadline:
+                break
+    finally:
+        loop.remove_reader(fd)
+        sock.close(linger=0)
+        ctx.term()
+    return _summary(latencies, count, last - first, args.events)
+
+
 def _subscriber_main(args: argparse.Namespace) -> int:
     from elasticep.bus import connect_store
 
     if args.role == "elasticep-sub":
         result = asyncio.run(_elasticep_subscriber(args))
+    elif args.role == "raw-asyncio-sub":
+        result = asyncio.run(_raw_asyncio_subscriber(args))
     else:
         result = _raw_subscriber(args)
     connect_store(args.store).set(_RESULT_KEY + args.role, json.dumps(result))
@@ -247,7 +305,9 @@ async def _elasticep_publisher(args: argparse.Namespace, store: Any, store_addr:
             proc.wait()
 
 
-def _raw_publisher(args: argparse.Namespace, store: Any, store_addr: str, frame_bytes: int) -> dict[str, Any]:
+def _raw_publisher(
+    args: argparse.Namespace, store: Any, store_addr: str, frame_bytes: int, role: str = "raw-sub"
+) -> dict[str, Any]:
     import zmq
 
     ctx = zmq.Context(io_threads=1)
@@ -261,9 +321,9 @@ def _raw_publisher(args: argparse.Namespace, store: Any, store_addr: str, frame_
         pub.bind("tcp://127.0.0.1:*")
     store.set("elasticep/bench/bus/raw_endpoint", pub.last_endpoint)
     pad = b"\0" * max(0, frame_bytes - _RAW_HEAD.size)
-    proc = _spawn("raw-sub", store_addr, args)
+    proc = _spawn(role, store_addr, args)
     try:
-        _wait_key(store, _READY_KEY + "raw", args.timeout, lambda: pub.send(_RAW_HEAD.pack(_PROBE, 0) + pad))
+        _wait_key(store, _READY_KEY + role, args.timeout, lambda: pub.send(_RAW_HEAD.pack(_PROBE, 0) + pad))
         time.sleep(0.05)
         interval = args.interval_us / 1e6
         for _ in range(args.samples):
@@ -276,7 +336,7 @@ def _raw_publisher(args: argparse.Namespace, store: Any, store_addr: str, frame_
         for _ in range(args.events):
             send(frame)
         send_s = time.perf_counter() - t0
-        result = _result(store, "raw-sub", proc, args.timeout + 30)
+        result = _result(store, role, proc, args.timeout + 30)
         result["publisher_events_per_s"] = args.events / send_s
         return result
     finally:
@@ -297,6 +357,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     store_addr = f"127.0.0.1:{port}"
     ours, frame_bytes = asyncio.run(_elasticep_publisher(args, store, store_addr))
     raw = _raw_publisher(args, store, store_addr, frame_bytes)
+    raw_asyncio = _raw_publisher(args, store, store_addr, frame_bytes, role="raw-asyncio-sub")
     out: dict[str, Any] = {
         "elasticep_p50_us": ours["p50_us"],
         "elasticep_p99_us": ours["p99_us"],
@@ -304,6 +365,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "raw_zmq_p99_us": raw["p99_us"],
         "elasticep_events_per_s": ours["events_per_s"],
         "raw_zmq_events_per_s": raw["events_per_s"],
+        "raw_zmq_asyncio_p50_us": raw_asyncio["p50_us"],
+        "raw_zmq_asyncio_p99_us": raw_asyncio["p99_us"],
         "frame_bytes": frame_bytes,
         "transport": args.endpoint or "tcp://127.0.0.1",
         "latency_samples": args.samples,
@@ -311,6 +374,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "events": args.events,
         "elasticep": ours,
         "raw_zmq": raw,
+        "raw_zmq_asyncio": raw_asyncio,
     }
     return out
 
@@ -325,7 +389,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", default=None, help="elasticep PUB bind endpoint (default tcp://127.0.0.1:*; 'ipc')")
     p.add_argument("--tiny", action="store_true", help="a few hundred events only (for tests)")
     p.add_argument("--timeout", type=float, default=60.0, help="bound on each phase, s")
-    p.add_argument("--role", choices=["elasticep-sub", "raw-sub"], help=argparse.SUPPRESS)
+    p.add_argument("--role", choices=["elasticep-sub", "raw-sub", "raw-asyncio-sub"], help=argparse.SUPPRESS)
     p.add_argument("--store", help=argparse.SUPPRESS)
     return p
 
@@ -342,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'':12}{'p50 us':>10}{'p99 us':>10}{'events/s':>12}")
     for name in ("elasticep", "raw_zmq"):
         print(f"{name:12}{out[name + '_p50_us']:>10.1f}{out[name + '_p99_us']:>10.1f}{out[name + '_events_per_s']:>12,.0f}")
+    print(f"{'(raw_zmq read from an asyncio callback)':40} p50 {out['raw_zmq_asyncio_p50_us']:.1f} us, "
+          f"p99 {out['raw_zmq_asyncio_p99_us']:.1f} us")
     print(f"p50 ratio elasticep/raw: {out['elasticep_p50_us'] / out['raw_zmq_p50_us']:.2f} (target <= 1.5); "
           f"elasticep lost {out['elasticep']['lost_in_gaps']} events in gaps")
     if args.json:

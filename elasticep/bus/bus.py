@@ -150,39 +150,43 @@ class Subscription:
 
     def _offer(self, env: Envelope) -> bool:
         """Queue ``env`` under the overflow policy; ``False`` only for ``block`` when full."""
+        buffer = self._buffer
+        if len(buffer) < self.maxsize and not self._closed:
+            buffer.append(env)
+            if self._waiters:
+                self._wake_one(self._waiters)
+            return True
         if self._closed:
             return True
-        buffer = self._buffer
-        if len(buffer) >= self.maxsize:
-            if self.overflow == "drop_oldest":
-                buffer.popleft()
-            elif self.overflow == "drop_newest":
-                self._dropped += 1
-                self._drop_counter.inc()
-                return True
-            else:
-                return False
+        if self.overflow == "drop_oldest":
+            buffer.popleft()
+        elif self.overflow == "drop_newest":
             self._dropped += 1
             self._drop_counter.inc()
+            return True
+        else:
+            return False
+        self._dropped += 1
+        self._drop_counter.inc()
         buffer.append(env)
-        waiters = self._waiters
+        if self._waiters:
+            self._wake_one(self._waiters)
+        return True
+
+    @staticmethod
+    def _wake_one(waiters: collections.deque[asyncio.Future[None]]) -> None:
         while waiters:
             waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                break
-        return True
+                return
 
     def _push(self, env: Envelope) -> bool:
         """Queue ``env`` even past ``maxsize`` (for ``block`` subscriptions, by the bus only)."""
         if not self._closed:
             self._buffer.append(env)
-            waiters = self._waiters
-            while waiters:
-                waiter = waiters.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
-                    break
+            if self._waiters:
+                self._wake_one(self._waiters)
         return True
 
     def _full(self) -> bool:
@@ -211,12 +215,8 @@ class Subscription:
         if self._buffer:
             env = self._buffer.popleft()
             self._delivered += 1
-            space = self._space_waiters
-            while space:
-                waiter = space.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
-                    break
+            if self._space_waiters:
+                self._wake_one(self._space_waiters)
             return env
         if self._closed:
             raise EndOfStream
@@ -244,6 +244,13 @@ class Subscription:
         return self
 
     async def __anext__(self) -> Envelope:
+        buffer = self._buffer
+        if buffer:  # the common case under load, kept free of further calls
+            env = buffer.popleft()
+            self._delivered += 1
+            if self._space_waiters:
+                self._wake_one(self._space_waiters)
+            return env
         try:
             return await self.receive()
         except EndOfStream:
@@ -316,6 +323,7 @@ class EventBus:
         self.rank = rank
         self._epoch = epoch
         self.codec = codec if codec is not None else Codec()
+        self._encode = self.codec.encode
         self.subscriber_maxsize = subscriber_maxsize
         self._seq = 0
         self._subscriptions: list[Subscription] = []
@@ -426,12 +434,17 @@ class EventBus:
         """
         if self._state != "running":
             raise BusClosed(f"bus is {self._state}")
-        subs = self._routes.get(type(event), ())
-        for sub in subs:
-            if sub.overflow == "block" and sub._full():
-                raise WouldBlock
-        env = self._envelope(event)
-        self._queue_frame(self.codec.encode(env), type(event))
+        t = type(event)
+        subs = self._routes.get(t)
+        if subs is None:
+            raise TypeError(f"{t.__name__} is not an elasticep event type")
+        if self._has_block:
+            for sub in subs:
+                if sub.overflow == "block" and sub._full():
+                    raise WouldBlock
+        self._seq = seq = self._seq + 1
+        env = Envelope(SCHEMA_VERSION, self.rank, self._epoch, seq, time.time_ns(), time.monotonic_ns(), event)
+        self._queue_frame(self._encode(env), t)
         for sub in subs:
             sub._offer(env)
         return env
@@ -484,10 +497,10 @@ class EventBus:
         """
         if self._state != "running":
             raise BusClosed(f"bus is {self._state}")
-        subs = self._routes.get(type(event), ())
-        for sub in subs:
-            if sub.overflow == "block":
-                await sub._wait_space()
+        if self._has_block:
+            for sub in self._routes.get(type(event), ()):
+                if sub.overflow == "block":
+                    await sub._wait_space()
         return self.publish_nowait(event)
 
     def publish_many(self, events: Iterable[Event]) -> list[Envelope]:
