@@ -356,3 +356,25 @@ async def test_process_exit_watcher_sees_a_sigkill_at_once() -> None:
                 p.wait(timeout=5)
             except ChildProcessError:
                 pass
+
+
+@pytest.mark.timeout(30)
+def test_mask_source_reads_the_real_cpu_kernel() -> None:
+    """The CPU kernel's EPBuffer is a MaskProvider: a peer that never answers is reported once."""
+    import uuid
+
+    from elasticep.kernel.buffer import EPBuffer, unlink_segment
+
+    cid = "d" + uuid.uuid4().hex[:10]
+    try:
+        buf = EPBuffer(0, 2, slots_per_rank=1, max_tokens=2, hidden=8, topk=1, cluster_id=cid, timeout_us=20_000)
+        src = MaskSource(0, buf)
+        assert src.after("dispatch") == []
+        x = torch.zeros(2, 8, dtype=torch.float32)
+        topk_idx = torch.ones(2, 1, dtype=torch.int64)  # both tokens go to slot 1, on rank 1
+        buf.dispatch(x, topk_idx, layer=3)  # rank 1 never shows up: the wait times out
+        (event,) = src.after("dispatch", 3)
+        assert (event.observer, event.peer, event.waited_us) == (0, 1, 20_000)
+        assert int(buf.active_ranks[1]) == 0
+    finally:
+        unlink_segment(cid, 0)

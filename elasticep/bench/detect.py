@@ -47,10 +47,14 @@ def _epoch(cluster, rank: int) -> int:
     return installs[-1]["epoch"] if installs else 0
 
 
-def _readmit(cluster, rank: int, world: int, timeout: float) -> None:
-    cluster.restart(rank)
-    cluster.wait_view(lambda v: len(v["members"]) == world and rank in v["members"] and v["epoch"] > 1,
-                      timeout, ranks=list(range(world)))
+def _readmit(cluster, rank: int, world: int, timeout: float) -> list[int]:
+    """Restart ``rank`` and any other rank that is gone, fenced or stopped (as a launcher would),
+    and wait until all ``world`` ranks share one view again. Returns the other ranks restarted."""
+    others = [r for r in range(world) if r != rank and r not in cluster.live()]
+    for r in [rank, *others]:
+        cluster.restart(r)
+    cluster.wait_view(lambda v: len(v["members"]) == world and v["epoch"] > 1, timeout, ranks=list(range(world)))
+    return others
 
 
 def _trial(cluster, rng: random.Random, world: int, how: str, timeout: float) -> tuple[float, int, str]:
@@ -120,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     kills: list[float] = []
     hangs: list[float] = []
     exit_seen: list[float] = []
+    collateral: list[int] = []  # ranks that lost their place during a trial without being its victim
     t_start = time.monotonic()
     with LocalCluster(world, config=overrides, report_exits=not args.no_launcher) as cluster:
         cluster.wait_ready(timeout=60 + 15 * world)
@@ -130,13 +135,13 @@ def main(argv: list[str] | None = None) -> int:
             ms, victim, reason = _trial(cluster, rng, world, "kill", timeout=10)
             kills.append(ms)
             print(f"kill  {i + 1:3d}/{args.trials}: rank {victim} -> view in {ms:7.1f} ms  [{reason}]", flush=True)
-            _readmit(cluster, victim, world, timeout=120)
+            collateral += _readmit(cluster, victim, world, timeout=120)
             time.sleep(0.3)
         for i in range(args.trials):
             ms, victim, reason = _trial(cluster, rng, world, "hang", timeout=10)
             hangs.append(ms)
             print(f"hang  {i + 1:3d}/{args.trials}: rank {victim} -> view in {ms:7.1f} ms  [{reason}]", flush=True)
-            _readmit(cluster, victim, world, timeout=120)
+            collateral += _readmit(cluster, victim, world, timeout=120)
             time.sleep(0.3)
         # Baseline: how soon the launcher itself sees a SIGKILLed child exit (no membership).
         for _ in range(min(3, args.trials) or 1):
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             exit_seen.append((cluster.exits[-1][2] - t0) / 1e6)
             cluster.wait_view(lambda v, victim=victim: victim not in v["members"], 10,
                               ranks=[r for r in cluster.live() if r != victim])
-            _readmit(cluster, victim, world, timeout=120)
+            collateral += _readmit(cluster, victim, world, timeout=120)
         false_evictions = fences = pauses = 0
         if args.soak_s > 0:
             time.sleep(0.5)
@@ -165,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "soak_s": args.soak_s,
         "soak_pauses": pauses,
         "soak_fences": fences,
+        "trial_collateral_evictions": len(collateral),
         "baseline_exit_seen_p50_ms": round(_percentile(exit_seen, 50), 2),
         "baseline_grace_ms": config.grace_ms,
         "launcher_reports_exits": not args.no_launcher,
@@ -175,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(launcher sees the exit after {result['baseline_exit_seen_p50_ms']:.1f} ms p50)")
     print(f"hang -> view: p50 {result['hang_to_view_p50_ms']:.1f} ms, p99 {result['hang_to_view_p99_ms']:.1f} ms "
           f"(grace_ms {config.grace_ms:g})")
+    if collateral:
+        print(f"during the trials {len(collateral)} other rank(s) lost their place too: {collateral}")
     if args.soak_s > 0:
         print(f"soak: {false_evictions} false evictions, {fences} fences in {pauses} pauses over {args.soak_s:g} s")
     if args.json:
