@@ -586,44 +586,66 @@ def _ranks(ids: list[int]) -> str:
 
 class _State:
     """Per-slot and per-rank quantities of a working placement ``p`` ``[L, N]``, recomputed from
-    scratch each round: cheap at these sizes, and no incremental bookkeeping to get wrong."""
+    scratch each round: cheap at these sizes, and no incremental bookkeeping to get wrong.
+    ``full`` adds what the rebalance scores need beyond the repair's."""
 
-    def __init__(self, p: np.ndarray, w_ext: np.ndarray, tslot: np.ndarray, target: np.ndarray, speed: np.ndarray, S: int):
+    def __init__(self, p: np.ndarray, w_ext: np.ndarray, speed: np.ndarray, S: int, full: bool = True):
         L, N = p.shape
-        E = w_ext.shape[1] - 1
+        E1 = w_ext.shape[1]
+        E = E1 - 1
         R = N // S
+        uniform = bool((speed == 1.0).all())
+        # working placements hold -1 on every slot of a rank that is not a target
         self.idx = idx = np.where(p < 0, E, p)
-        cnt = _counts(idx, E + 1).astype(np.float64)
+        flat = (idx + (np.arange(L) * E1)[:, None]).ravel()
+        cnt = np.bincount(flat, minlength=L * E1).reshape(L, E1).astype(np.float64)
         cnt[:, E] = 0
         self.cnt = cnt
         self.u = w_ext / np.maximum(cnt, 1)  # [L, E+1] load per replica now
-        self.u_plus = w_ext / (cnt + 1)  # with one more replica
         # rise of each remaining replica's load if one replica goes; inf where none may go
-        with np.errstate(divide="ignore", invalid="ignore"):
-            delta = np.where(cnt >= 2, w_ext / np.maximum(cnt - 1, 1) - self.u, _INF)
+        spare = cnt >= 2
+        delta = np.full((L, E1), _INF)
+        delta[spare] = w_ext[spare] / (cnt[spare] - 1) - self.u[spare]
         delta[:, E] = 0.0  # an empty slot can always be taken
-        self.delta = delta
-        self.slot_u = _take(self.u, idx)  # [L, N]
+        self.slot_u = self.u.ravel()[flat].reshape(L, N)
         self.load = self.slot_u.reshape(L, R, S).sum(-1)  # [L, R]
-        self.eff = self.load / speed
-        slot_rank = np.arange(N) // S
+        self.eff = self.load if uniform else self.load / speed
         self.eff_slot = np.repeat(self.eff, S, axis=1)  # [L, N] effective load of each slot's rank
-        self.slot_delta = _take(delta, idx)
-        self.spd_slot = speed[slot_rank]
+        self.slot_delta = delta.ravel()[flat].reshape(L, N)
+        self.spd_slot = np.repeat(speed, S)
         # worst host of each expert once it loses one replica (a rank holding two replicas is
-        # counted once: an estimate; every step is checked exactly before it is applied)
-        filled = (p >= 0) & tslot[None, :]
-        host_val = np.where(filled, self.eff_slot + np.where(filled, self.slot_delta, 0.0) / self.spd_slot, -_INF)
-        # per expert, over its replicas' ranks: sum of eff/speed and of 1/speed^2, so that the
-        # change in the sum of squared rank loads when every replica's share moves by d is
-        # -2 d A1 + d^2 A2 (d > 0 a drop) or 2 d A1 + d^2 A2 (a rise)
-        inv = np.where(filled, 1.0 / self.spd_slot, 0.0)
-        self.A1 = _counts_weighted(idx, self.eff_slot * inv, E + 1)
-        self.A2 = _counts_weighted(idx, inv * inv, E + 1)
-        host_max = np.full(L * (E + 1), -_INF)
-        np.maximum.at(host_max, (idx + (np.arange(L) * (E + 1))[:, None]).ravel(), host_val.ravel())
-        self.host_max = host_max.reshape(L, E + 1)
-        self.host_max[:, E] = -_INF
+        # counted once: an estimate; every step is checked exactly before it is applied); only
+        # experts with a replica to spare matter
+        movable = (p >= 0) & spare.ravel()[flat].reshape(L, N)
+        host_val = self.eff_slot[movable] + (self.slot_delta[movable] if uniform else self.slot_delta[movable] / np.broadcast_to(self.spd_slot, (L, N))[movable])
+        host_max = np.full(L * E1, -_INF)
+        np.maximum.at(host_max, flat[movable.ravel()], host_val)
+        self.host_max = host_max.reshape(L, E1)
+        self.full = full
+        if full:
+            self.u_plus = w_ext / (cnt + 1)  # with one more replica
+            # per expert, over its replicas' ranks: sum of eff/speed and of 1/speed^2, so that
+            # the change in the sum of squared rank loads when every replica's share moves by d
+            # is -2 d A1 + d^2 A2 (d > 0 a drop) or 2 d A1 + d^2 A2 (a rise)
+            if uniform:
+                self.A1 = np.bincount(flat, weights=self.eff_slot.ravel(), minlength=L * E1).reshape(L, E1)
+                self.A2 = cnt
+            else:
+                inv = np.where(p >= 0, 1.0 / self.spd_slot, 0.0)
+                self.A1 = np.bincount(flat, weights=(self.eff_slot * inv).ravel(), minlength=L * E1).reshape(L, E1)
+                self.A2 = np.bincount(flat, weights=(inv * inv).ravel(), minlength=L * E1).reshape(L, E1)
+
+    def exact(self, target: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``[L]`` each: peak effective load over target ranks, sum of squared effective loads,
+        and whether every expert has a replica."""
+        eff = self.eff[:, target]
+        return eff.max(1), (eff * eff).sum(1), (self.cnt[:, :-1] > 0).all(1)
+
+    def merge(self, other: _State, rows: np.ndarray) -> None:
+        """Take ``other``'s values for the layers where ``rows`` is True."""
+        for name, value in vars(self).items():
+            if isinstance(value, np.ndarray) and value.ndim == 2:  # per-layer rows
+                value[rows] = getattr(other, name)[rows]
 
 
 def _max_eff(p: np.ndarray, w: np.ndarray, target: np.ndarray, speed: np.ndarray, S: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -637,31 +659,59 @@ def _max_eff(p: np.ndarray, w: np.ndarray, target: np.ndarray, speed: np.ndarray
 def _repair(p: np.ndarray, w: np.ndarray, tslot: np.ndarray, target: np.ndarray, speed: np.ndarray, S: int) -> tuple[np.ndarray, int]:
     """Give every uncovered expert one slot: exactly one move per uncovered (layer, expert).
 
-    Heaviest missing expert first, into the legal slot (an empty target slot, or a replica of an
-    expert that keeps another) that leaves the lowest peak: the slot's rank after the exchange,
-    and the worst host of the evicted expert, whose remaining replicas take over its share.
+    In batches, each placing at most one missing expert per rank: every target rank offers its
+    best legal slot (an empty one, or a replica of an expert that keeps another, at most one
+    eviction per expert per batch), ranked by the peak it leaves (the rank without the slot's
+    current share, and the worst other host of the evicted expert, which takes that share); the
+    heaviest missing experts go to the best offers. A batch is usually enough after one failure.
     """
     L, N = p.shape
     E = w.shape[1]
+    R = N // S
     _, cnt = _rank_loads(p, w, S)
     missing = cnt == 0  # [L, E]
-    per_layer = missing.sum(1)
-    lb = int(per_layer.sum())
+    left = missing.sum(1)
+    lb = int(left.sum())
     if lb == 0:
         return p, 0
     p = p.copy()
-    rows = np.arange(L)
     w_ext = np.concatenate([w, np.zeros((L, 1))], 1)
+    # missing experts of each layer, heaviest first; `done` of them are placed
     miss_order = np.argsort(-np.where(missing, w, -1.0), axis=1, kind="stable")
-    for k in range(int(per_layer.max())):
-        act = per_layer > k
-        e = miss_order[:, k]
-        st = _State(p, w_ext, tslot, target, speed, S)
-        new_q = st.eff_slot + (w[rows, e][:, None] - st.slot_u) / st.spd_slot
+    done = np.zeros(L, dtype=np.int64)
+    rows1 = np.arange(L)[:, None]
+    while left.any():
+        st = _State(p, w_ext, speed, S, full=False)
         x_host = _take(st.host_max, st.idx)
+        base = np.maximum(st.eff_slot - st.slot_u / st.spd_slot, x_host)
         legal = tslot[None, :] & np.isfinite(st.slot_delta)
-        t = np.where(legal, np.maximum(new_q, x_host), _INF).argmin(1)
-        p[rows[act], t[act]] = e[act]
+        score = np.where(legal, base, _INF).reshape(L, R, S)
+        col = score.argmin(-1)  # each rank's best slot
+        offer = np.take_along_axis(score, col[:, :, None], -1)[:, :, 0]  # [L, R]
+        slot = np.arange(R) * S + col
+        evicted = _take(st.idx, slot)
+        # best offers first; only the best offer evicting a given expert stays in this batch
+        order = np.argsort(offer, axis=1, kind="stable")
+        offer, slot, evicted = _take(offer, order), _take(slot, order), _take(evicted, order)
+        key = np.where(evicted < E, evicted, E + np.arange(R)[None, :])
+        kord = np.argsort(key, axis=1, kind="stable")
+        skey = _take(key, kord)
+        first = np.ones((L, R), dtype=bool)
+        first[:, 1:] = skey[:, 1:] != skey[:, :-1]
+        keep = np.zeros((L, R), dtype=bool)
+        np.put_along_axis(keep, kord, first, 1)
+        ok = keep & np.isfinite(offer)
+        # the j-th heaviest missing expert takes the j-th best usable offer
+        rank_in = np.cumsum(ok, axis=1) - 1
+        use = ok & (rank_in < left[:, None])
+        e_pos = np.minimum(done[:, None] + rank_in, E - 1)
+        experts = _take(miss_order, e_pos)
+        p[np.broadcast_to(rows1, use.shape)[use], slot[use]] = experts[use]
+        placed = use.sum(1)
+        done += placed
+        left -= placed
+        if not placed[left > 0].all() and (left > 0).any() and placed.sum() == 0:
+            raise AssertionError("coverage repair found no legal slot")  # live_slots >= E forbids it
     return p, lb
 
 
@@ -709,10 +759,9 @@ def _rebalance(
     mean = w.sum(1) / speed[target].sum()  # [L] mean effective rank load
     scale = np.maximum(mean, 1e-300)
     eps = _MIN_GAIN * scale
-    eps4 = eps[:, None, None, None]
     KS = K * S
+    st = _State(p, w_ext, speed, S)
     for _ in range(4 * N):
-        st = _State(p, w_ext, tslot, target, speed, S)
         eff_t = st.eff[:, tgt_ids]
         old_max = eff_t.max(1)
         old_ss = (eff_t * eff_t).sum(1)
@@ -727,54 +776,63 @@ def _rebalance(
         sp_h, sp_q = speed[hot][:, :, None], speed[cold][:, :, None]  # [L, K, 1]
         hs = (hot[:, :, None] * S + ar_s).reshape(L, KS)
         qs = (cold[:, :, None] * S + ar_s).reshape(L, KS)
-        a = _take(st.idx, hs).reshape(L, K, S)
+        a = _take(st.idx, hs).reshape(L, K, S).astype(np.int32)
         ua = _take(st.slot_u, hs).reshape(L, K, S)
         ua_plus = _take(st.u_plus, a.reshape(L, KS)).reshape(L, K, S)
-        x = _take(st.idx, qs).reshape(L, K, S)
+        x = _take(st.idx, qs).reshape(L, K, S).astype(np.int32)
         ux = _take(st.slot_u, qs).reshape(L, K, S)
         dx = _take(st.slot_delta, qs).reshape(L, K, S)
         x_host = _take(st.host_max, x.reshape(L, KS)).reshape(L, K, S)
-        # scores are [L, K, i (hot slot), j (cold slot)]
-        eh = e_h[:, :, None, None]
-        eq = e_q[:, :, None, None]
-        n_a = (a[:, :, :, None] == a[:, :, None, :]).sum(-1)  # replicas of a on the hot rank
-        # replicate a into j: the hot rank sheds part of a's share, j's rank trades x for a,
-        # and x's worst other host takes x's freed share (nothing for an empty slot)
-        nh1 = e_h[:, :, None] - n_a * (ua - ua_plus) / sp_h  # [L, K, S]
-        dq1 = (ua_plus[:, :, :, None] - ux[:, :, None, :]) / sp_q[:, :, :, None]
-        nq1 = eq + dq1
-        can_x = np.isfinite(dx) & ~_take(banned, qs).reshape(L, K, S)
-        x_rise = np.where(np.isfinite(x_host) & np.isfinite(dx), dx / sp_q, 0.0)
-        xh = np.where(x_rise > 0, x_host, -_INF)
-        xterm = x_rise * (2.0 * np.where(x_rise > 0, x_host, 0.0) - x_rise)  # new^2 - old^2
-        # every replica of a elsewhere sheds d_a too; every other replica of x takes dx more
+        # Scores are [L, K, i (hot slot), j (cold slot)]; every term that depends on i or j
+        # alone is folded in first, so only a few operations run on the full array, in float32
+        # (the step chosen is checked exactly in float64 afterwards).
+        eh3 = e_h[:, :, None]
+        eq3 = e_q[:, :, None]
+        thr = eh3 - eps[:, None, None]  # a step must leave everything below this
+        banned_j = _take(banned, qs).reshape(L, K, S)
+        n_a = np.count_nonzero(a[:, :, :, None] == a[:, :, None, :], axis=-1)  # replicas of a on the hot rank
+        # replicate a into j: the hot rank and every other host of a shed d_a per replica,
+        # j's rank trades x for a, and x's other hosts take its freed share dx
         d_a = ua - ua_plus
+        nh1 = eh3 - n_a * d_a / sp_h
         a_flat = a.reshape(L, KS)
         a_rest = (-2.0 * d_a * _take(st.A1, a_flat).reshape(L, K, S) + d_a * d_a * _take(st.A2, a_flat).reshape(L, K, S)
-                  - n_a * (-2.0 * e_h[:, :, None] * d_a / sp_h + d_a * d_a / (sp_h * sp_h)))
-        x_flat = x.reshape(L, KS)
+                  - n_a * (-2.0 * eh3 * d_a / sp_h + d_a * d_a / (sp_h * sp_h)))
+        term_i = nh1 * nh1 - eh3 * eh3 + a_rest
+        ok_i = (a < E) & (nh1 < thr)
         dxf = np.where(np.isfinite(dx), dx, 0.0)
-        x_rest = (2.0 * dxf * _take(st.A1, x_flat).reshape(L, K, S) + dxf * dxf * _take(st.A2, x_flat).reshape(L, K, S)
-                  - (2.0 * e_q[:, :, None] * dxf / sp_q + dxf * dxf / (sp_q * sp_q)))
-        dphi1 = (nh1 * nh1 - e_h[:, :, None] ** 2 + a_rest)[:, :, :, None] + dq1 * (2.0 * eq + dq1) + x_rest[:, :, None, :]
-        peak1 = np.maximum(nq1, np.maximum(nh1, -_INF)[:, :, :, None])
-        peak1 = np.maximum(peak1, xh[:, :, None, :])
-        ok1 = (a < E)[:, :, :, None] & can_x[:, :, None, :] & (peak1 < eh - eps4)
-        # swap a and x
-        d2 = (ux[:, :, None, :] - ua[:, :, :, None])  # load the hot rank gains (negative)
-        nh2 = eh + d2 / sp_h[:, :, :, None]
-        nq2 = eq - d2 / sp_q[:, :, :, None]
-        dphi2 = 0.5 * (nh2 * nh2 - eh * eh + nq2 * nq2 - eq * eq)
-        # (never into an empty slot: that would leave a live slot empty; replicate fills those)
-        ok2 = ((x < E) & ~_take(banned, qs).reshape(L, K, S))[:, :, None, :] & (np.maximum(nh2, nq2) < eh - eps4)
+        x_flat = x.reshape(L, KS)
+        term_j = (2.0 * dxf * _take(st.A1, x_flat).reshape(L, K, S) + dxf * dxf * _take(st.A2, x_flat).reshape(L, K, S)
+                  - (2.0 * eq3 * dxf / sp_q + dxf * dxf / (sp_q * sp_q)))
+        x_peak = np.where(dxf > 0, np.where(np.isfinite(x_host), x_host, -_INF), -_INF)
+        ok_j = np.isfinite(dx) & ~banned_j & (x_peak < thr)
+        f32 = np.float32
+        P = (ua_plus / sp_q).astype(f32)[:, :, :, None]
+        Q = (ux / sp_q).astype(f32)[:, :, None, :]
+        eq4 = eq3.astype(f32)[:, :, :, None]
+        dq = P - Q  # [L, K, S, S] change of j's rank
+        dphi1 = dq * (2.0 * eq4 + dq)
+        dphi1 += term_i.astype(f32)[:, :, :, None] + term_j.astype(f32)[:, :, None, :]
         differ = a[:, :, :, None] != x[:, :, None, :]
-        score = np.empty((L, K, 2, S, S))
-        np.copyto(score[:, :, 0], np.where(ok1 & differ, dphi1, _INF))
-        np.copyto(score[:, :, 1], np.where(ok2 & differ, dphi2, _INF))
+        ok1 = (dq < (thr - eq3).astype(f32)[:, :, :, None]) & differ
+        ok1 &= ok_i[:, :, :, None] & ok_j[:, :, None, :]
+        # swap a and x: the hot rank gains d2 = ux - ua (< 0), the cold one loses it
+        d2 = ux.astype(f32)[:, :, None, :] - ua.astype(f32)[:, :, :, None]
+        ih = (1.0 / sp_h).astype(f32)[:, :, :, None]
+        iq = (1.0 / sp_q).astype(f32)[:, :, :, None]
+        dh = d2 * ih
+        dc = d2 * iq
+        dphi2 = 0.5 * (dh * (2.0 * eh3.astype(f32)[:, :, :, None] + dh) + dc * (dc - 2.0 * eq4))
+        ok2 = (dh < (thr - eh3).astype(f32)[:, :, :, None]) & (-dc < (thr - eq3).astype(f32)[:, :, :, None]) & differ
+        # (never into an empty slot: that would leave a live slot empty; replicate fills those)
+        ok2 &= ((x < E) & ~banned_j)[:, :, None, :]
+        score = np.empty((L, K, 2, S, S), dtype=f32)
+        np.copyto(score[:, :, 0], np.where(ok1, dphi1, np.inf))
+        np.copyto(score[:, :, 1], np.where(ok2, dphi2, np.inf))
         score = score.reshape(L, K, 2 * S * S)
         arg = score.argmin(-1)  # [L, K]
-        best = score.reshape(L * K, -1)[np.arange(L * K), arg.ravel()].reshape(L, K)
-        good = active[:, None] & (best < -eps[:, None] * scale[:, None])
+        best = score.reshape(L * K, -1)[np.arange(L * K), arg.ravel()].reshape(L, K).astype(np.float64)
+        good = active[:, None] & (best < -1e-6 * scale[:, None] * scale[:, None])
         active &= good.any(1)  # nothing left to try in these layers
         if not good.any():
             break
@@ -805,7 +863,8 @@ def _rebalance(
         trial = p.copy()
         trial[rows1, slot_j] = new_j
         trial[rows1, slot_i] = new_i
-        t_max, t_ss, t_cov = _max_eff(trial, w, target, speed, S)
+        st_trial = _State(trial, w_ext, speed, S)
+        t_max, t_ss, t_cov = st_trial.exact(target)
         some = good.any(1)
         passed = some & t_cov & (t_max <= old_max) & (t_ss < old_ss - eps * scale)
         retry = some & ~passed
@@ -818,9 +877,11 @@ def _rebalance(
             trial2 = p.copy()
             trial2[rows1, slot_j] = np.where(solo, new_j, e_j)
             trial2[rows1, slot_i] = np.where(solo, new_i, e_i)
-            t2_max, t2_ss, t2_cov = _max_eff(trial2, w, target, speed, S)
+            st_trial2 = _State(trial2, w_ext, speed, S)
+            t2_max, t2_ss, t2_cov = st_trial2.exact(target)
             ok_solo = retry & t2_cov & (t2_max <= old_max) & (t2_ss < old_ss - eps * scale)
             trial[ok_solo] = trial2[ok_solo]
+            st_trial.merge(st_trial2, ok_solo)
             passed |= ok_solo
             good = np.where(ok_solo[:, None], solo, good)
             # a step that fails alone too sets its cold slot aside; the layer tries again
@@ -830,6 +891,7 @@ def _rebalance(
         if remaining is not None:
             remaining -= int(cost[passed[:, None] & good].sum())
         p[passed] = trial[passed]
+        st.merge(st_trial, passed)
     return p
 
 
