@@ -313,3 +313,20 @@ def test_bad_arguments_are_refused():
         InProcessNetwork(drop=1.5)
     with pytest.raises(ValueError):
         net.partition({0, 1}, {1, 2})
+
+
+@pytest.mark.asyncio
+async def test_block_policy_on_the_receive_path_loses_nothing_and_keeps_order():
+    net = InProcessNetwork(seed=10)
+    async with cluster(net, 2) as (b0, b1):
+        strict = b1.subscribe(Heartbeat, maxsize=2, overflow="block", name="t-strict")
+        for step in range(10):
+            await b0.publish(Heartbeat(rank=0, step=step))
+        await asyncio.sleep(0.01)
+        assert strict.statistics().queued == 2  # the bus waits for the consumer
+        got = []
+        for _ in range(10):
+            got.append((await asyncio.wait_for(strict.receive(), 1)).event.step)
+            await asyncio.sleep(0)
+        assert got == list(range(10))
+        assert strict.statistics().dropped == 0 and b1.statistics().gaps == 0

@@ -338,3 +338,34 @@ def test_keys_serialize_and_hold_only_what_each_process_needs(tmp_path: Path):
     with pytest.raises(KeyError):
         ZmqTransport(0, monitor, store=None)
     assert zmq.has("curve")
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_malformed_messages_from_a_member_are_counted(tcp_store):
+    keys = ClusterKeys.generate(2)
+    sender = ZmqTransport(0, keys.for_rank(0), tcp_store)
+    receiver = EventBus(ZmqTransport(1, keys.for_rank(1), tcp_store), 1)
+    await sender.start()
+    try:
+        async with receiver:
+            await receiver.transport.refresh()
+            await receiver.transport.wait_connected([0], timeout=10)
+            codec = Codec()
+            good = codec.encode(envelope(Heartbeat(rank=0), sender=0, epoch=0, seq=1))
+            deadline = time.monotonic() + 10
+            while 0 not in receiver.heard_from():  # subscription propagated: the probe arrived
+                sender.send(good)
+                await asyncio.sleep(0.01)
+                assert time.monotonic() < deadline
+            before = receiver.statistics().refused.get("malformed", 0)
+            assert sender._pub is not None
+            sender._pub.send(b"short")  # no room for the header
+            sender._pub.send(struct.pack("<QI", sender.incarnation, 999) + good)  # length overruns
+            sender._pub.send(struct.pack("<QI", sender.incarnation, 3) + b"\xc1\xc1\xc1")  # not msgpack
+            while receiver.statistics().refused.get("malformed", 0) - before < 3:
+                await asyncio.sleep(0.01)
+                assert time.monotonic() < deadline
+            assert receiver.running
+    finally:
+        await sender.close()
