@@ -186,7 +186,8 @@ class KernelEP:
         rank: this process's EP rank.
         cluster_id: names the launch (with the epoch, the shared-memory segment).
         max_tokens: the most tokens this rank passes to one dispatch (longest prefill).
-        hidden, topk: the model's hidden size and experts per token.
+        hidden: the model's hidden size.
+        topk: experts per token.
         timeout_us: bound on each wait for a peer (``Config.kernel_timeout_us``).
 
     Every rank of the view must call dispatch/combine for every MoE layer of every step, in the
