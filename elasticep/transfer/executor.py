@@ -134,6 +134,13 @@ class _Source:
     buffers: Mapping[str, tuple[int, int]] | None = None
 
 
+@dataclass(frozen=True, eq=False)
+class _Batch:
+    """A submitted engine batch not yet waited for (waited inline or handed to a worker)."""
+
+    id: int
+
+
 class _MoveState:
     __slots__ = ("move", "candidates", "index")
 
@@ -260,8 +267,14 @@ class TransferExecutor:
         alive: Collection[int] | None = None,
         timeout: float | None = None,
     ) -> TransferReport:
-        """:meth:`submit` and wait for the report (``timeout`` seconds at most)."""
-        return self.submit(moves, epoch=epoch, alive=alive).result(timeout)
+        """Load ``moves`` (see :meth:`submit`) on the calling thread and return the report.
+
+        Each wait is bounded by the engine's ``MC_TRANSFER_TIMEOUT`` per source; ``timeout``
+        (seconds), if given, stops trying further sources once it has passed.
+        """
+        states = self._prepare(moves, epoch, alive)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._drive_inner(epoch, states, deadline)
 
     async def run_async(
         self, moves: Iterable[MoveLike], *, epoch: int, alive: Collection[int] | None = None
@@ -277,6 +290,11 @@ class TransferExecutor:
         read). ``alive``, if given, restricts replica sources to those ranks. An ``epoch`` older
         than the executor's raises :class:`StaleEpoch` at once; a newer one is installed.
         """
+        states = self._prepare(moves, epoch, alive)
+        future = self._pool.submit(self._drive_inner, epoch, states, None)
+        return TransferJob(epoch, future)
+
+    def _prepare(self, moves: Iterable[MoveLike], epoch: int, alive: Collection[int] | None) -> list[_MoveState]:
         self.advance(epoch)
         moves = list(moves)
         overwritten = {(m.layer, m.slot) for m in moves}
@@ -286,14 +304,7 @@ class TransferExecutor:
             if m.layer not in self.weights.layers:
                 raise ValueError(f"move to layer {m.layer}, which rank {self.rank} does not hold")
         alive_set = None if alive is None else set(alive)
-        states = [_MoveState(m, self._candidates(m, overwritten, alive_set)) for m in mine]
-        future: cf.Future = cf.Future()
-        thread = threading.Thread(
-            target=self._drive, args=(epoch, states, future), name=f"elasticep-transfer-job-{epoch}", daemon=True
-        )
-        future.set_running_or_notify_cancel()
-        thread.start()
-        return TransferJob(epoch, future)
+        return [_MoveState(m, self._candidates(m, overwritten, alive_set)) for m in mine]
 
     def close(self) -> None:
         """Stop the worker threads (after the last job) and unregister the weights."""
@@ -364,7 +375,7 @@ class TransferExecutor:
             self.disk.read_into(m.layer, m.expert, self.weights.expert(m.layer, m.slot % spr))
         return True
 
-    def _start(self, key: tuple[str, int], states: list[_MoveState]) -> cf.Future:
+    def _start(self, key: tuple[str, int], states: list[_MoveState]) -> "cf.Future | _Batch":
         kind, rank = key
         src = states[0].source
         assert src is not None
@@ -376,7 +387,15 @@ class TransferExecutor:
         batch = self.transport.submit_read(src.peer, local, remote, lengths)
         if self.on_submit is not None:
             self.on_submit(kind, rank)
-        return self._pool.submit(self.transport.wait, batch)
+        return _Batch(batch)
+
+    def _wait_inline(self, batch: "_Batch") -> cf.Future:
+        fut: cf.Future = cf.Future()
+        try:
+            fut.set_result(self.transport.wait(batch.id))
+        except (OSError, RuntimeError) as exc:
+            fut.set_exception(exc)
+        return fut
 
     def _verify(self, move: MoveLike) -> bool:
         if self.checksums is None:
@@ -387,17 +406,12 @@ class TransferExecutor:
         got = expert_crc32(self.weights.expert(move.layer, move.slot % self.layout.slots_per_rank).values())
         return got == want
 
-    def _drive(self, epoch: int, states: list[_MoveState], future: cf.Future) -> None:
-        try:
-            future.set_result(self._drive_inner(epoch, states))
-        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the job
-            future.set_exception(exc)
-
-    def _drive_inner(self, epoch: int, states: list[_MoveState]) -> TransferReport:
+    def _drive_inner(self, epoch: int, states: list[_MoveState], deadline: float | None) -> TransferReport:
         with self._job_lock:
             started = time.monotonic()
             report = TransferReport(epoch=epoch)
             inflight: dict[cf.Future, tuple[str, list[_MoveState]]] = {}
+            batches: dict[_Batch, tuple[str, list[_MoveState]]] = {}
 
             def fail(st: _MoveState, reason: str) -> None:
                 src = st.source
@@ -428,15 +442,28 @@ class TransferExecutor:
                             fail(st, f"submit: {exc}"[:200])
                         launch(group)
                         continue
-                    inflight[fut] = (key[0], group)
+                    if isinstance(fut, _Batch):
+                        batches[fut] = (key[0], group)
+                    else:
+                        inflight[fut] = (key[0], group)
 
             launch(states)
             abandoned = False
-            while inflight:
-                done, _ = cf.wait(list(inflight), return_when=cf.FIRST_COMPLETED)
+            while inflight or batches:
+                if len(batches) == 1 and not inflight:
+                    # One batch to one peer (the common case): wait for it on this thread,
+                    # with no hand-off to a worker.
+                    [(batch, (kind, group))] = batches.items()
+                    batches.clear()
+                    done_items = [(kind, group, self._wait_inline(batch))]
+                else:
+                    for batch, item in batches.items():
+                        inflight[self._pool.submit(self.transport.wait, batch.id)] = item
+                    batches.clear()
+                    done, _ = cf.wait(list(inflight), return_when=cf.FIRST_COMPLETED)
+                    done_items = [(*inflight.pop(fut), fut) for fut in done]
                 retry: list[_MoveState] = []
-                for fut in done:
-                    kind, group = inflight.pop(fut)
+                for kind, group, fut in done_items:
                     try:
                         ok = bool(fut.result())
                         reason = "transfer failed"
@@ -460,6 +487,10 @@ class TransferExecutor:
                 # is still waited for, because the engine writes into our buffers until it ends.
                 if self._epoch > epoch:
                     abandoned = True
+                if deadline is not None and time.monotonic() > deadline and retry:
+                    # Out of time: the remaining sources are not tried.
+                    report.unrecoverable.extend(st.move for st in retry)
+                    retry = []
                 if retry and not abandoned:
                     launch(retry)
             report.seconds = time.monotonic() - started
