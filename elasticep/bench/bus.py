@@ -114,15 +114,12 @@ async def _elasticep_subscriber(args: argparse.Namespace) -> dict[str, Any]:
 def _raw_subscriber(args: argparse.Namespace) -> dict[str, Any]:
     import zmq
 
-    from elasticep.bus import connect_store
-
-    store = connect_store(args.store)
     ctx = zmq.Context(io_threads=1)
     sock = ctx.socket(zmq.SUB)
     sock.rcvhwm = args.hwm
     sock.linger = 0
     sock.setsockopt(zmq.SUBSCRIBE, b"")
-    sock.connect(store.get("elasticep/bench/bus/raw_endpoint").decode())
+    sock.connect(args.connect)
     latencies: list[int] = []
     count = 0
     first = last = 0
@@ -142,7 +139,7 @@ def _raw_subscriber(args: argparse.Namespace) -> dict[str, Any]:
             if phase == _PROBE:
                 if not ready:
                     ready = True
-                    store.set(_READY_KEY + "raw-sub", "1")
+                    print("ready", flush=True)
             elif phase == _LATENCY:
                 latencies.append(now - sent)
             elif phase == _THROUGHPUT:
@@ -164,15 +161,12 @@ async def _raw_asyncio_subscriber(args: argparse.Namespace) -> dict[str, Any]:
     event loop alone, with no elasticep code on the path (a second, explanatory baseline)."""
     import zmq
 
-    from elasticep.bus import connect_store
-
-    store = connect_store(args.store)
     ctx = zmq.Context(io_threads=1)
     sock = ctx.socket(zmq.SUB)
     sock.rcvhwm = args.hwm
     sock.linger = 0
     sock.setsockopt(zmq.SUBSCRIBE, b"")
-    sock.connect(store.get("elasticep/bench/bus/raw_endpoint").decode())
+    sock.connect(args.connect)
     latencies: list[int] = []
     count = 0
     first = last = 0
@@ -197,7 +191,7 @@ async def _raw_asyncio_subscriber(args: argparse.Namespace) -> dict[str, Any]:
                     done.set_result(None)
             elif not ready:
                 ready = True
-                loop.run_in_executor(None, store.set, _READY_KEY + "raw-asyncio-sub", "1")
+                print("ready", flush=True)
 
     fd = sock.getsockopt(zmq.FD)
     loop.add_reader(fd, on_readable)
@@ -216,39 +210,58 @@ async def _raw_asyncio_subscriber(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _subscriber_main(args: argparse.Namespace) -> int:
-    from elasticep.bus import connect_store
-
     if args.role == "elasticep-sub":
+        from elasticep.bus import connect_store
+
         result = asyncio.run(_elasticep_subscriber(args))
-    elif args.role == "raw-asyncio-sub":
+        connect_store(args.store).set(_RESULT_KEY + args.role, json.dumps(result))
+        return 0
+    # The raw subscribers talk to the publisher over stdout ("ready", then one JSON line), so
+    # they never import torch for a store client and start in a fraction of a second.
+    if args.role == "raw-asyncio-sub":
         result = asyncio.run(_raw_asyncio_subscriber(args))
     else:
         result = _raw_subscriber(args)
-    connect_store(args.store).set(_RESULT_KEY + args.role, json.dumps(result))
+    print(json.dumps(result), flush=True)
     return 0
 
 
 # --- publisher (this process) --------------------------------------------------------------------
 
 
-def _spawn(role: str, store_addr: str, args: argparse.Namespace, env: dict[str, str] | None = None) -> subprocess.Popen:
+def _spawn(
+    role: str, args: argparse.Namespace, *, store_addr: str = "", connect: str = "", env: dict[str, str] | None = None
+) -> subprocess.Popen:
     cmd = [
-        sys.executable, "-m", "elasticep.bench.bus", "--role", role, "--store", store_addr,
+        sys.executable, "-m", "elasticep.bench.bus", "--role", role,
         "--events", str(args.events), "--hwm", str(args.hwm), "--timeout", str(args.timeout),
     ]
+    if store_addr:
+        cmd += ["--store", store_addr]
+    if connect:
+        cmd += ["--connect", connect]
     if args.endpoint:
         cmd += ["--endpoint", args.endpoint]
-    return subprocess.Popen(cmd, env=env)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE if connect else None, text=True)
 
 
-def _wait_key(store: Any, key: str, timeout: float, probe: Any) -> None:
-    """Call ``probe()`` every 10 ms until ``key`` appears in the store (the subscriber is ready)."""
+def _wait_ready_line(proc: subprocess.Popen, timeout: float, probe: Any) -> None:
+    """Call ``probe()`` every 10 ms until the subscriber prints ``ready``."""
+    import select
+
     deadline = time.monotonic() + timeout
-    while not store.check([key]):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"subscriber did not become ready ({key})")
+    assert proc.stdout is not None
+    while True:
         probe()
-        time.sleep(0.01)
+        readable, _, _ = select.select([proc.stdout], [], [], 0.01)
+        if readable:
+            line = proc.stdout.readline()
+            if line.strip() == "ready":
+                return
+            if not line:
+                raise RuntimeError(f"raw subscriber exited with {proc.wait()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError("raw subscriber did not become ready")
 
 
 def _result(store: Any, role: str, proc: subprocess.Popen, timeout: float) -> dict[str, Any]:
@@ -268,7 +281,7 @@ async def _elasticep_publisher(args: argparse.Namespace, store: Any, store_addr:
     from elasticep.events import Heartbeat, envelope
 
     keys = ClusterKeys.generate(2)
-    proc = _spawn("elasticep-sub", store_addr, args, env=keys.for_rank(1).to_env())
+    proc = _spawn("elasticep-sub", args, store_addr=store_addr, env=keys.for_rank(1).to_env())
     try:
         transport = ZmqTransport(0, keys.for_rank(0), store, hwm=args.hwm, endpoint=args.endpoint)
         async with EventBus(transport, 0) as bus:
@@ -305,9 +318,7 @@ async def _elasticep_publisher(args: argparse.Namespace, store: Any, store_addr:
             proc.wait()
 
 
-def _raw_publisher(
-    args: argparse.Namespace, store: Any, store_addr: str, frame_bytes: int, role: str = "raw-sub"
-) -> dict[str, Any]:
+def _raw_publisher(args: argparse.Namespace, frame_bytes: int, role: str = "raw-sub") -> dict[str, Any]:
     import zmq
 
     ctx = zmq.Context(io_threads=1)
@@ -315,15 +326,13 @@ def _raw_publisher(
     pub.sndhwm = args.hwm
     pub.linger = 0
     if args.endpoint and args.endpoint.startswith("ipc"):
-        path = f"/tmp/elasticep-bench-raw-{os.getpid()}.sock"
-        pub.bind("ipc://" + path)
+        pub.bind(f"ipc:///tmp/elasticep-bench-raw-{os.getpid()}.sock")
     else:
         pub.bind("tcp://127.0.0.1:*")
-    store.set("elasticep/bench/bus/raw_endpoint", pub.last_endpoint)
     pad = b"\0" * max(0, frame_bytes - _RAW_HEAD.size)
-    proc = _spawn(role, store_addr, args)
+    proc = _spawn(role, args, connect=pub.last_endpoint.decode())
     try:
-        _wait_key(store, _READY_KEY + role, args.timeout, lambda: pub.send(_RAW_HEAD.pack(_PROBE, 0) + pad))
+        _wait_ready_line(proc, args.timeout, lambda: pub.send(_RAW_HEAD.pack(_PROBE, 0) + pad))
         time.sleep(0.05)
         interval = args.interval_us / 1e6
         for _ in range(args.samples):
@@ -336,7 +345,10 @@ def _raw_publisher(
         for _ in range(args.events):
             send(frame)
         send_s = time.perf_counter() - t0
-        result = _result(store, role, proc, args.timeout + 30)
+        out, _ = proc.communicate(timeout=args.timeout + 30)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{role} subscriber exited with {proc.returncode}")
+        result = json.loads(out.strip().splitlines()[-1])
         result["publisher_events_per_s"] = args.events / send_s
         return result
     finally:
@@ -356,8 +368,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, use_libuv=True)
     store_addr = f"127.0.0.1:{port}"
     ours, frame_bytes = asyncio.run(_elasticep_publisher(args, store, store_addr))
-    raw = _raw_publisher(args, store, store_addr, frame_bytes)
-    raw_asyncio = _raw_publisher(args, store, store_addr, frame_bytes, role="raw-asyncio-sub")
+    raw = _raw_publisher(args, frame_bytes)
+    raw_asyncio = _raw_publisher(args, frame_bytes, role="raw-asyncio-sub")
     out: dict[str, Any] = {
         "elasticep_p50_us": ours["p50_us"],
         "elasticep_p99_us": ours["p99_us"],
@@ -391,6 +403,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="bound on each phase, s")
     p.add_argument("--role", choices=["elasticep-sub", "raw-sub", "raw-asyncio-sub"], help=argparse.SUPPRESS)
     p.add_argument("--store", help=argparse.SUPPRESS)
+    p.add_argument("--connect", help=argparse.SUPPRESS)
     return p
 
 
