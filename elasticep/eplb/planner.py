@@ -572,7 +572,7 @@ def _reason(cur: Placement, alive: np.ndarray, leaving: np.ndarray, lb: int, reb
     live_slot = np.repeat(alive & ~leaving, cur.slots_per_rank)
     empty_live = int(((cur.phy2log.numpy() < 0) & live_slot[None, :]).sum())
     if empty_live:
-        parts.append(f"{empty_live} empty live slots")
+        parts.append(f"{empty_live} empty live slots over all layers")
     budget_s = "unlimited" if budget is None else str(budget)
     return (
         f"{', '.join(parts)}: {lb} moves restore every expert (the lower bound), {reb} more "
@@ -641,11 +641,20 @@ class _State:
         eff = self.eff[:, target]
         return eff.max(1), (eff * eff).sum(1), (self.cnt[:, :-1] > 0).all(1)
 
-    def merge(self, other: _State, rows: np.ndarray) -> None:
-        """Take ``other``'s values for the layers where ``rows`` is True."""
+    def merge(self, other: _State, rows: np.ndarray, at: np.ndarray | None = None) -> None:
+        """Take ``other``'s values for its layers where ``rows`` is True; ``at`` maps ``other``'s
+        layers to this state's (``other`` may hold a subset of them)."""
+        dest = np.flatnonzero(rows) if at is None else at[rows]
         for name, value in vars(self).items():
             if isinstance(value, np.ndarray) and value.ndim == 2:  # per-layer rows
-                value[rows] = getattr(other, name)[rows]
+                value[dest] = getattr(other, name)[rows]
+
+    def rows(self, sub: np.ndarray) -> _State:
+        """A state of the layers ``sub`` only (copies)."""
+        out = object.__new__(_State)
+        for name, value in vars(self).items():
+            setattr(out, name, value[sub] if isinstance(value, np.ndarray) and value.ndim == 2 else value)
+        return out
 
 
 def _max_eff(p: np.ndarray, w: np.ndarray, target: np.ndarray, speed: np.ndarray, S: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -748,69 +757,76 @@ def _rebalance(
     if budget == 0 or K == 0:
         return p
     p = p.copy()
-    rows = np.arange(L)
-    rows1 = rows[:, None]
     w_ext = np.concatenate([w, np.zeros((L, 1))], 1)
     active = np.ones(L, dtype=bool)
     banned = np.zeros((L, N), dtype=bool)  # cold slots whose step failed the exact check
     remaining = budget
     ar_s = np.arange(S)
     tgt_ids = np.flatnonzero(target)
-    mean = w.sum(1) / speed[target].sum()  # [L] mean effective rank load
-    scale = np.maximum(mean, 1e-300)
-    eps = _MIN_GAIN * scale
+    mean_all = w.sum(1) / speed[target].sum()  # [L] mean effective rank load
+    scale_all = np.maximum(mean_all, 1e-300)
     KS = K * S
-    st = _State(p, w_ext, speed, S)
+    f32 = np.float32
+    st_all = _State(p, w_ext, speed, S)
     for _ in range(4 * N):
-        eff_t = st.eff[:, tgt_ids]
-        old_max = eff_t.max(1)
-        old_ss = (eff_t * eff_t).sum(1)
+        eff_all = st_all.eff[:, tgt_ids]
         # a layer within `tolerance` of perfect balance is not worth another transfer
-        active &= old_max > (1.0 + tolerance) * mean
+        active &= eff_all.max(1) > (1.0 + tolerance) * mean_all
         if not active.any():
             break
-        order = tgt_ids[np.argsort(-eff_t, axis=1, kind="stable")]  # [L, n_target], hottest first
-        hot, cold = order[:, :K], order[:, ::-1][:, :K]  # [L, K]
+        # the round works on the layers still active only: late rounds touch a few
+        sub = np.flatnonzero(active)
+        Ls = sub.size
+        rows = np.arange(Ls)
+        rows1 = rows[:, None]
+        st = st_all.rows(sub)
+        ps, curs, bans = p[sub], cur_p[sub], banned[sub]
+        mean, scale = mean_all[sub], scale_all[sub]
+        eps = _MIN_GAIN * scale
+        eff_t = eff_all[sub]
+        old_max = eff_t.max(1)
+        old_ss = (eff_t * eff_t).sum(1)
+        order = tgt_ids[np.argsort(-eff_t, axis=1, kind="stable")]  # [Ls, n_target], hottest first
+        hot, cold = order[:, :K], order[:, ::-1][:, :K]  # [Ls, K]
         e_h = _take(st.eff, hot)
         e_q = _take(st.eff, cold)
-        sp_h, sp_q = speed[hot][:, :, None], speed[cold][:, :, None]  # [L, K, 1]
-        hs = (hot[:, :, None] * S + ar_s).reshape(L, KS)
-        qs = (cold[:, :, None] * S + ar_s).reshape(L, KS)
-        a = _take(st.idx, hs).reshape(L, K, S).astype(np.int32)
-        ua = _take(st.slot_u, hs).reshape(L, K, S)
-        ua_plus = _take(st.u_plus, a.reshape(L, KS)).reshape(L, K, S)
-        x = _take(st.idx, qs).reshape(L, K, S).astype(np.int32)
-        ux = _take(st.slot_u, qs).reshape(L, K, S)
-        dx = _take(st.slot_delta, qs).reshape(L, K, S)
-        x_host = _take(st.host_max, x.reshape(L, KS)).reshape(L, K, S)
-        # Scores are [L, K, i (hot slot), j (cold slot)]; every term that depends on i or j
+        sp_h, sp_q = speed[hot][:, :, None], speed[cold][:, :, None]  # [Ls, K, 1]
+        hs = (hot[:, :, None] * S + ar_s).reshape(Ls, KS)
+        qs = (cold[:, :, None] * S + ar_s).reshape(Ls, KS)
+        a = _take(st.idx, hs).reshape(Ls, K, S).astype(np.int32)
+        ua = _take(st.slot_u, hs).reshape(Ls, K, S)
+        ua_plus = _take(st.u_plus, a.reshape(Ls, KS)).reshape(Ls, K, S)
+        x = _take(st.idx, qs).reshape(Ls, K, S).astype(np.int32)
+        ux = _take(st.slot_u, qs).reshape(Ls, K, S)
+        dx = _take(st.slot_delta, qs).reshape(Ls, K, S)
+        x_host = _take(st.host_max, x.reshape(Ls, KS)).reshape(Ls, K, S)
+        # Scores are [Ls, K, i (hot slot), j (cold slot)]; every term that depends on i or j
         # alone is folded in first, so only a few operations run on the full array, in float32
         # (the step chosen is checked exactly in float64 afterwards).
         eh3 = e_h[:, :, None]
         eq3 = e_q[:, :, None]
         thr = eh3 - eps[:, None, None]  # a step must leave everything below this
-        banned_j = _take(banned, qs).reshape(L, K, S)
+        banned_j = _take(bans, qs).reshape(Ls, K, S)
         n_a = np.count_nonzero(a[:, :, :, None] == a[:, :, None, :], axis=-1)  # replicas of a on the hot rank
         # replicate a into j: the hot rank and every other host of a shed d_a per replica,
         # j's rank trades x for a, and x's other hosts take its freed share dx
         d_a = ua - ua_plus
         nh1 = eh3 - n_a * d_a / sp_h
-        a_flat = a.reshape(L, KS)
-        a_rest = (-2.0 * d_a * _take(st.A1, a_flat).reshape(L, K, S) + d_a * d_a * _take(st.A2, a_flat).reshape(L, K, S)
+        a_flat = a.reshape(Ls, KS)
+        a_rest = (-2.0 * d_a * _take(st.A1, a_flat).reshape(Ls, K, S) + d_a * d_a * _take(st.A2, a_flat).reshape(Ls, K, S)
                   - n_a * (-2.0 * eh3 * d_a / sp_h + d_a * d_a / (sp_h * sp_h)))
         term_i = nh1 * nh1 - eh3 * eh3 + a_rest
         ok_i = (a < E) & (nh1 < thr)
         dxf = np.where(np.isfinite(dx), dx, 0.0)
-        x_flat = x.reshape(L, KS)
-        term_j = (2.0 * dxf * _take(st.A1, x_flat).reshape(L, K, S) + dxf * dxf * _take(st.A2, x_flat).reshape(L, K, S)
+        x_flat = x.reshape(Ls, KS)
+        term_j = (2.0 * dxf * _take(st.A1, x_flat).reshape(Ls, K, S) + dxf * dxf * _take(st.A2, x_flat).reshape(Ls, K, S)
                   - (2.0 * eq3 * dxf / sp_q + dxf * dxf / (sp_q * sp_q)))
         x_peak = np.where(dxf > 0, np.where(np.isfinite(x_host), x_host, -_INF), -_INF)
         ok_j = np.isfinite(dx) & ~banned_j & (x_peak < thr)
-        f32 = np.float32
         P = (ua_plus / sp_q).astype(f32)[:, :, :, None]
         Q = (ux / sp_q).astype(f32)[:, :, None, :]
         eq4 = eq3.astype(f32)[:, :, :, None]
-        dq = P - Q  # [L, K, S, S] change of j's rank
+        dq = P - Q  # [Ls, K, S, S] change of j's rank
         dphi1 = dq * (2.0 * eq4 + dq)
         dphi1 += term_i.astype(f32)[:, :, :, None] + term_j.astype(f32)[:, :, None, :]
         differ = a[:, :, :, None] != x[:, :, None, :]
@@ -818,52 +834,50 @@ def _rebalance(
         ok1 &= ok_i[:, :, :, None] & ok_j[:, :, None, :]
         # swap a and x: the hot rank gains d2 = ux - ua (< 0), the cold one loses it
         d2 = ux.astype(f32)[:, :, None, :] - ua.astype(f32)[:, :, :, None]
-        ih = (1.0 / sp_h).astype(f32)[:, :, :, None]
-        iq = (1.0 / sp_q).astype(f32)[:, :, :, None]
-        dh = d2 * ih
-        dc = d2 * iq
+        dh = d2 * (1.0 / sp_h).astype(f32)[:, :, :, None]
+        dc = d2 * (1.0 / sp_q).astype(f32)[:, :, :, None]
         dphi2 = 0.5 * (dh * (2.0 * eh3.astype(f32)[:, :, :, None] + dh) + dc * (dc - 2.0 * eq4))
         ok2 = (dh < (thr - eh3).astype(f32)[:, :, :, None]) & (-dc < (thr - eq3).astype(f32)[:, :, :, None]) & differ
         # (never into an empty slot: that would leave a live slot empty; replicate fills those)
         ok2 &= ((x < E) & ~banned_j)[:, :, None, :]
-        score = np.empty((L, K, 2, S, S), dtype=f32)
+        score = np.empty((Ls, K, 2, S, S), dtype=f32)
         np.copyto(score[:, :, 0], np.where(ok1, dphi1, np.inf))
         np.copyto(score[:, :, 1], np.where(ok2, dphi2, np.inf))
-        score = score.reshape(L, K, 2 * S * S)
-        arg = score.argmin(-1)  # [L, K]
-        best = score.reshape(L * K, -1)[np.arange(L * K), arg.ravel()].reshape(L, K).astype(np.float64)
-        good = active[:, None] & (best < -1e-6 * scale[:, None] * scale[:, None])
-        active &= good.any(1)  # nothing left to try in these layers
-        if not good.any():
+        score = score.reshape(Ls, K, 2 * S * S)
+        arg = score.argmin(-1)  # [Ls, K]
+        best = score.reshape(Ls * K, -1)[np.arange(Ls * K), arg.ravel()].reshape(Ls, K).astype(np.float64)
+        good = best < -1e-6 * scale[:, None] * scale[:, None]
+        some = good.any(1)
+        active[sub[~some]] = False  # nothing left to try in these layers
+        if not some.any():
             break
         kind = arg // (S * S)
         i_col, j_col = (arg % (S * S)) // S, arg % S
         kk = np.arange(K) * S
         slot_i = _take(hs, kk + i_col)
         slot_j = _take(qs, kk + j_col)
-        e_i = _take(p, slot_i)
-        e_j = _take(p, slot_j)
+        e_i = _take(ps, slot_i)
+        e_j = _take(ps, slot_j)
         new_j = np.where(good, e_i, e_j)  # slot j takes the hot rank's expert
         new_i = np.where(good & (kind == 1), e_j, e_i)  # and on a swap slot i the cold one's
         if remaining is not None:
-            cost = _slot_cost(_take(cur_p, slot_j), e_j, new_j) + _slot_cost(_take(cur_p, slot_i), e_i, new_i)
+            cost = _slot_cost(_take(curs, slot_j), e_j, new_j) + _slot_cost(_take(curs, slot_i), e_i, new_i)
             # the budget goes first to the pairs whose hot rank stands out most, over all layers
-            pri = e_h / scale[:, None]
-            pri = np.where(good, pri, -_INF).ravel()
+            pri = np.where(good, e_h / scale[:, None], -_INF).ravel()
             ordr = np.argsort(-pri, kind="stable")
             ordr = ordr[good.ravel()[ordr]]
             take = np.cumprod(np.cumsum(cost.ravel()[ordr]) <= remaining).astype(bool)
-            chosen = np.zeros(L * K, dtype=bool)
+            chosen = np.zeros(Ls * K, dtype=bool)
             chosen[ordr[take]] = True
-            good &= chosen.reshape(L, K)
+            good &= chosen.reshape(Ls, K)
             if not good.any():
                 break
             new_j = np.where(good, new_j, e_j)
             new_i = np.where(good, new_i, e_i)
-        trial = p.copy()
+        trial = ps.copy()
         trial[rows1, slot_j] = new_j
         trial[rows1, slot_i] = new_i
-        st_trial = _State(trial, w_ext, speed, S)
+        st_trial = _State(trial, w_ext[sub], speed, S)
         t_max, t_ss, t_cov = st_trial.exact(target)
         some = good.any(1)
         passed = some & t_cov & (t_max <= old_max) & (t_ss < old_ss - eps * scale)
@@ -874,10 +888,10 @@ def _rebalance(
             solo = np.zeros_like(good)
             solo[rows, first] = True
             solo &= good & retry[:, None]
-            trial2 = p.copy()
+            trial2 = ps.copy()
             trial2[rows1, slot_j] = np.where(solo, new_j, e_j)
             trial2[rows1, slot_i] = np.where(solo, new_i, e_i)
-            st_trial2 = _State(trial2, w_ext, speed, S)
+            st_trial2 = _State(trial2, w_ext[sub], speed, S)
             t2_max, t2_ss, t2_cov = st_trial2.exact(target)
             ok_solo = retry & t2_cov & (t2_max <= old_max) & (t2_ss < old_ss - eps * scale)
             trial[ok_solo] = trial2[ok_solo]
@@ -885,13 +899,12 @@ def _rebalance(
             passed |= ok_solo
             good = np.where(ok_solo[:, None], solo, good)
             # a step that fails alone too sets its cold slot aside; the layer tries again
-            failed = retry & ~ok_solo
-            fl = rows[failed]
-            banned[fl, slot_j[fl, first[fl]]] = True
+            failed = rows[retry & ~ok_solo]
+            banned[sub[failed], slot_j[failed, first[failed]]] = True
         if remaining is not None:
             remaining -= int(cost[passed[:, None] & good].sum())
-        p[passed] = trial[passed]
-        st.merge(st_trial, passed)
+        p[sub[passed]] = trial[passed]
+        st_all.merge(st_trial, passed, sub)
     return p
 
 
