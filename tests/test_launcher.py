@@ -241,3 +241,53 @@ def test_exit_callback_may_restart_the_rank(launcher, oracle) -> None:
     assert launcher.ranks()[0].incarnation == 1 and launcher.ranks()[0].state == "serving"
     results = launcher.generate(PROMPTS[:2], 3)
     _check(results, oracle, PROMPTS[:2], 3)
+
+
+def test_rank_server_runs_boundary_hooks_in_process(tiny_model, oracle) -> None:
+    """A RankServer driven in this process by a bare ROUTER socket: hooks run at step boundaries
+    and may change the placement between steps."""
+    import threading as th
+
+    import torch
+    import zmq
+
+    from elasticep.engine import protocol as P
+    from elasticep.engine import round_robin_placement
+    from elasticep.engine.rank import RankServer
+
+    ctx = zmq.Context()
+    front = ctx.socket(zmq.ROUTER)
+    port = front.bind_to_random_port("tcp://127.0.0.1")
+    placement = round_robin_placement(2, 16, 2, 16)  # each rank holds every expert
+    spec = P.RankSpec(
+        cluster="hooks", rank=0, incarnation=0, model_path=str(tiny_model), placement=placement.to_dict(),
+        alive=[True, True], frontend=f"tcp://127.0.0.1:{port}",
+    )
+    server = RankServer(spec, context=ctx)
+    seen_steps: list[int] = []
+
+    def hook(s: RankServer) -> None:
+        seen_steps.append(s.step)
+        if s.step == 2 and bool(s.model.alive[1]):
+            s.model.set_placement(placement.masked([True, False]), torch.tensor([True, False]))
+
+    server.boundary_hooks.append(hook)
+    thread = th.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        assert front.poll(10_000)
+        ident, frame = front.recv_multipart()
+        assert isinstance(P.decode_from_rank(frame), P.Hello)
+        front.send_multipart([ident, P.encode(P.Generate(request_id=1, prompt=[5, 6, 7], max_new_tokens=5))])
+        assert front.poll(30_000)
+        done = P.decode_from_rank(front.recv_multipart()[1])
+        assert isinstance(done, P.Completion) and done.tokens == oracle.generate([5, 6, 7], 5)
+        assert not bool(server.model.alive[1])  # the hook's view change took effect mid-request
+        assert {0, 1, 2, 3, 4} <= set(seen_steps)
+        front.send_multipart([ident, P.encode(P.Retire(reason="test"))])
+        thread.join(10)
+        assert not thread.is_alive()
+    finally:
+        server.close()
+        front.close(0)
+        ctx.term()

@@ -60,8 +60,12 @@ class RankServer:
         spec: this incarnation's configuration (from the store).
         context: the ZeroMQ context to use (a new one if None).
 
-    Attributes the lead's integration reads or drives: ``model`` (the :class:`RankModel`),
-    ``step`` (steps run by this incarnation), ``masked``, ``leaving``, ``faults``.
+    Attributes that integrations read or drive: ``model`` (the :class:`RankModel`), ``step``
+    (steps run by this incarnation), ``masked``, ``leaving``, ``faults``, and ``boundary_hooks``:
+    callables ``hook(server)`` run at every step boundary (also while idle or masked, at least
+    every ``_IDLE_POLL_MS``), in order, on the rank's one thread. That is where a membership
+    service installs a committed view (``server.model.set_placement(...)``) or a heartbeat is
+    sent; a hook that raises stops the rank (exit code 1), as any unexpected error does.
     """
 
     def __init__(self, spec: P.RankSpec, context: zmq.Context | None = None):
@@ -80,6 +84,7 @@ class RankServer:
             raise ValueError(f"unknown EP backend {spec.backend!r}; this build serves 'local'")
         self.model = RankModel(spec.model_path, placement, LocalEP(), alive=spec.alive, rank=spec.rank)
         self.faults = spec.faults
+        self.boundary_hooks: list = []
         self.step = 0
         self.masked = False
         self.leaving = False
@@ -177,6 +182,8 @@ class RankServer:
         while True:
             busy = bool(self._active) and not self.masked
             self._drain(0 if busy else _IDLE_POLL_MS)
+            for hook in self.boundary_hooks:
+                hook(self)
             if self.masked:
                 continue
             if not self._active:
