@@ -70,18 +70,29 @@ class _Child:
         self.channel = channel
         self.pid: int = process.pid
         self.lines = channel.makefile("r", encoding="utf-8", errors="replace")
+        self._closed = False
+        self._exitcode: int | None = None
+        self._close_lock = threading.Lock()
 
     def poll(self) -> int | None:
+        if self._closed:
+            return self._exitcode
         return self._process.exitcode
 
     def kill(self) -> None:
-        self._process.kill()
+        if not self._closed:
+            self._process.kill()
 
     def wait(self, timeout: float | None = None) -> int:
+        with self._close_lock:
+            if self._closed:
+                assert self._exitcode is not None
+                return self._exitcode
         self._process.join(timeout)
-        if self._process.exitcode is None:
+        code = self.poll()
+        if code is None:
             raise subprocess.TimeoutExpired("rank process", timeout or 0.0)
-        return self._process.exitcode
+        return code
 
     def write(self, line: str) -> None:
         self.channel.sendall(line.encode())
@@ -93,9 +104,16 @@ class _Child:
             pass
 
     def close(self) -> None:
-        self.lines.close()
-        self.channel.close()
-        self._process.close()
+        """Release the channel and the process handle (once the process has exited)."""
+        with self._close_lock:
+            code = self._process.exitcode if not self._closed else self._exitcode
+            if self._closed or code is None:
+                return
+            self._exitcode = code
+            self._closed = True
+            self.lines.close()
+            self.channel.close()
+            self._process.close()
 
 
 @dataclass
@@ -105,6 +123,7 @@ class RankProcess:
     incarnation: int
     reports: list[dict] = field(default_factory=list)
     stopped: bool = False
+    reader: threading.Thread | None = None
 
     @property
     def alive(self) -> bool:
@@ -139,6 +158,7 @@ class LocalCluster:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._incarnations: dict[int, int] = {}
+        self._all: list[RankProcess] = []
         self._closed = False
         for rank in range(world):
             self.spawn(rank)
@@ -163,7 +183,9 @@ class LocalCluster:
         rp = RankProcess(rank, _Child(process, ours), incarnation)
         with self._lock:
             self.ranks[rank] = rp
-        threading.Thread(target=self._read, args=(rp,), daemon=True, name=f"rank{rank}-reader").start()
+            self._all.append(rp)
+        rp.reader = threading.Thread(target=self._read, args=(rp,), daemon=True, name=f"rank{rank}-reader")
+        rp.reader.start()
         return rp
 
     def _read(self, rp: RankProcess) -> None:
@@ -222,6 +244,8 @@ class LocalCluster:
             old.proc.kill()
         old.proc.wait(timeout=10)
         old.proc.close_input()
+        if old.reader is not None:
+            old.reader.join(timeout=2.0)
         return self.spawn(rank, join=True)
 
     # --- reports ----------------------------------------------------------------------------
@@ -308,10 +332,9 @@ class LocalCluster:
                 p.proc.kill()
                 p.proc.wait()
         # The reader threads finish at end of file; then the channels can go.
-        for t in threading.enumerate():
-            if t.name.startswith("rank") and t.name.endswith("-reader") and t is not threading.current_thread():
-                t.join(timeout=1.0)
-        for p in procs:
+        for p in self._all:
+            if p.reader is not None:
+                p.reader.join(timeout=5.0)
             p.proc.close()
         del self.store
 
