@@ -247,3 +247,62 @@ async def test_run_async_does_not_block_the_loop(engines) -> None:
     finally:
         src.close()
         dst.close()
+
+
+@needs_te
+def test_planner_moves_after_a_rank_dies(engines) -> None:
+    """The planner's own ``Plan.moves`` drive the executors: after rank 2 of 3 dies, every live
+    slot holds the expert the new placement gives it, whatever the plan moved or swapped."""
+    from elasticep.eplb import initial, replan
+
+    torch.manual_seed(0)
+    layout = ExpertLayout.deepseek(
+        num_layers=2, slots_per_rank=3, hidden_size=64, moe_intermediate_size=32, dtype=torch.bfloat16
+    )
+    load = torch.rand(2, NUM_EXPERTS * 1) * 100 + 1
+    current = initial(load, num_ranks=3, slots_per_rank=3)
+    plan = replan(current, load, alive=[0, 1])
+    assert plan.num_moves > 0
+    phy2log = current.phy2log.tolist()
+
+    def rank_weights(rank: int) -> ExpertWeights:
+        w = ExpertWeights.allocate(layout)
+        for layer in range(2):
+            for local in range(3):
+                e = phy2log[layer][rank * 3 + local]
+                if e >= 0:
+                    for name, t in expert_tensors(layer, e).items():
+                        w.tensor(layer, local, name).copy_(t)
+        return w
+
+    backup = HostBackup(layout, NUM_EXPERTS, backup_id=0)
+    for layer in range(2):
+        for e in range(NUM_EXPERTS):
+            backup.put(layer, e, expert_tensors(layer, e))
+    executors = [
+        TransferExecutor(0, rank_weights(0), engines[0], checksums=CHECKSUMS),
+        TransferExecutor(1, rank_weights(1), engines[1], checksums=CHECKSUMS),
+    ]
+    try:
+        for ex in executors:
+            for other in executors:
+                if other is not ex:
+                    ex.learn(other.endpoint())
+            ex.learn(backup.endpoint(epoch=0))
+        reports = [ex.run(plan.moves, epoch=2, alive=[0, 1], timeout=30) for ex in executors]
+        assert sum(len(r.moved) for r in reports) == plan.num_moves
+        assert all(r.failures == [] for r in reports)
+        kinds = {k for r in reports for k in r.by_source()}
+        assert "replica" in kinds, kinds  # the plan's live sources are used, not only the backup
+        new = plan.placement.phy2log.tolist()
+        for rank, ex in enumerate(executors):
+            for layer in range(2):
+                for local in range(3):
+                    e = new[layer][rank * 3 + local]
+                    if e >= 0:
+                        ref = expert_tensors(layer, e)
+                        assert all(torch.equal(ex.weights.tensor(layer, local, n), ref[n]) for n in NAMES)
+    finally:
+        for ex in executors:
+            ex.close()
+        backup.transport.unregister_all()
