@@ -28,7 +28,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import zmq
 
@@ -87,9 +87,6 @@ class _Request:
     attempts: int = 0
     # (rank, incarnation) -> monotonic time the attempt was sent
     running: dict[tuple[int, int], float] = field(default_factory=dict)
-
-
-_ATTEMPTS_BY_CAUSE = ("rank_exit", "evicted", "timeout", "unroutable")
 
 
 class Router:
