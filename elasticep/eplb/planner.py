@@ -650,7 +650,9 @@ class _State:
                 value[dest] = getattr(other, name)[rows]
 
     def rows(self, sub: np.ndarray) -> _State:
-        """A state of the layers ``sub`` only (copies)."""
+        """A state of the layers ``sub`` only (copies; ``self`` when ``sub`` is every layer)."""
+        if sub.size == self.eff.shape[0]:
+            return self
         out = object.__new__(_State)
         for name, value in vars(self).items():
             setattr(out, name, value[sub] if isinstance(value, np.ndarray) and value.ndim == 2 else value)
@@ -904,7 +906,10 @@ def _rebalance(
         if remaining is not None:
             remaining -= int(cost[passed[:, None] & good].sum())
         p[sub[passed]] = trial[passed]
-        st_all.merge(st_trial, passed, sub)
+        if passed.all() and sub.size == L:
+            st_all = st_trial
+        else:
+            st_all.merge(st_trial, passed, sub)
     return p
 
 
