@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from anyio import WouldBlock
 
@@ -48,6 +48,9 @@ from elasticep.membership.core import (
 )
 from elasticep.membership.store import StoreUnavailable, ViewStore
 from elasticep.membership.view import CorruptView, View
+
+if TYPE_CHECKING:
+    from elasticep.bus import EventBus
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ class MembershipService:
     def __init__(
         self,
         rank: int,
-        bus,
+        bus: "EventBus",
         store: ViewStore,
         config: Config | None = None,
         *,

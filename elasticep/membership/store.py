@@ -145,7 +145,8 @@ class TCPStoreViewStore(ViewStore):
     """Views in a ``torch.distributed.TCPStore``, committed with ``compare_set``.
 
     Args:
-        host, port: the store server (hosted by the launcher, not by a rank).
+        host: the store server's address (hosted by the launcher, not by a rank).
+        port: the store server's port.
         timeout_s: bound on one operation (``Config.store_timeout_s``).
         prefix: key prefix, so several clusters can share one store.
         store: an existing client or server object to use instead of connecting.
