@@ -270,6 +270,7 @@ class KernelRuntime {
       post(kDispatch, dst, rows, want);
       sent_dispatch_[dst] = 1;
     }
+    ring_posted(sent_dispatch_);
 
     // Wait for every active peer's tokens addressed to this rank.
     std::fill(got_dispatch_.begin(), got_dispatch_.end(), 0);
@@ -369,6 +370,7 @@ class KernelRuntime {
 
     // Send expert outputs back to every source whose tokens arrived, in the order that source
     // numbered them (token, then top-k position), so it needs no index from us.
+    std::vector<uint8_t> posted(num_ranks_, 0);
     for (int src = 0; src < num_ranks_; ++src) {
       if (!got_dispatch_[src]) continue;
       if (src != rank_ && load_mask(active, src) == 0) continue;
@@ -379,7 +381,9 @@ class KernelRuntime {
                     expert_out + (static_cast<size_t>(records[i].first) * slot_stride + records[i].second) * row_bytes,
                     row_bytes);
       post(kCombine, src, static_cast<uint32_t>(records.size()), want);
+      posted[src] = 1;
     }
+    ring_posted(posted);
 
     // Wait for the owners this rank sent tokens to.
     std::vector<uint8_t> got(num_ranks_, 0);
@@ -586,16 +590,24 @@ class KernelRuntime {
     return (static_cast<uint64_t>(epoch_) << 32) | (seq & 0xffffffffULL);
   }
 
-  // Publishes this rank's message of `phase` to `dst` and wakes dst if it sleeps.
+  // Publishes this rank's message of `phase` to `dst`. The doorbell is rung later, by
+  // ring_posted(), once every message of the phase is out: a woken receiver may preempt us, and
+  // on a crowded host we might not get the core back for a while.
   void post(int phase, int dst, uint32_t rows, uint64_t stamp) {
     Mailbox* mb = mailbox(phase, rank_, dst);
     mb->rows = rows;
     mb->dtype = dtype_;
     mb->stamp.store(stamp, std::memory_order_release);
-    if (dst == rank_) return;
-    Doorbell* bell = doorbell(dst);
-    bell->ring.fetch_add(1, std::memory_order_seq_cst);
-    if (bell->sleepers.load(std::memory_order_seq_cst) > 0) futex_wake_all(&bell->ring);
+  }
+
+  // Rings the doorbell of every peer marked in `posted` and wakes those that sleep.
+  void ring_posted(const std::vector<uint8_t>& posted) {
+    for (int dst = 0; dst < num_ranks_; ++dst) {
+      if (dst == rank_ || !posted[dst]) continue;
+      Doorbell* bell = doorbell(dst);
+      bell->ring.fetch_add(1, std::memory_order_seq_cst);
+      if (bell->sleepers.load(std::memory_order_seq_cst) > 0) futex_wake_all(&bell->ring);
+    }
   }
 
   // Waits until every peer p with got[p] == 0 and active[p] != 0 has posted `want` in `phase`

@@ -181,7 +181,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         while len(results) < args.ranks:
             left = deadline - time.monotonic()
             if left <= 0 or not readers:
-                raise RuntimeError(f"bench ranks did not finish: got {sorted(results)}")
+                codes = {r: p.exitcode for r, p in enumerate(procs)}
+                raise RuntimeError(f"bench ranks did not finish: results from {sorted(results)}, exit codes {codes}")
             for c in mp_connection.wait(list(readers.values()), timeout=min(left, 1.0)):
                 try:
                     msg = c.recv()
