@@ -465,9 +465,10 @@ class MembershipCore:
         seen = self._seen_incarnation.get(ev.rank)
         if ev.incarnation and seen is not None and ev.incarnation < seen:
             return [Note(f"ignored exit of an old process of rank {ev.rank} (incarnation {ev.incarnation})")]
-        how = f"signal {ev.signal}" if ev.signal is not None else f"exit code {ev.exitcode}"
+        how = (f" (signal {ev.signal})" if ev.signal is not None
+               else f" (exit code {ev.exitcode})" if ev.exitcode is not None else "")
         process = f"process {ev.pid}" if ev.pid else "the process"
-        self.fusion.certain(ev.rank, "exit", f"{process} of rank {ev.rank} exited ({how})")
+        self.fusion.certain(ev.rank, "exit", f"{process} of rank {ev.rank} exited{how}")
         return []
 
     def _join_request(self, ev: JoinRequest) -> list[Action]:

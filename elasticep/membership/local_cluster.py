@@ -197,16 +197,19 @@ class LocalCluster:
             with self._cond:
                 rp.reports.append(report)
                 self._cond.notify_all()
-        code = rp.proc.wait()
+        # End of file on the control channel: the child's last descriptor closed, which happens
+        # only when its process is gone (it never closes the channel itself). Report at once;
+        # the exit status, which comes through the forkserver, follows.
         wall_ns = time.time_ns()
+        with self._cond:
+            survivors = sorted((p for p in self.ranks.values() if p is not rp and p.alive), key=lambda p: p.rank)
+        if self.report_exits and not self._closed and self.ranks.get(rp.rank) is rp:
+            for other in survivors:
+                self.send(other.rank, f"exit {rp.rank} 0 {rp.proc.pid}")
+        code = rp.proc.wait()
         with self._cond:
             self.exits.append((rp.rank, code, wall_ns))
             self._cond.notify_all()
-            survivors = [p for p in self.ranks.values() if p is not rp and p.alive]
-        if self.report_exits and not self._closed and self.ranks.get(rp.rank) is rp:
-            sig = -code if code < 0 else 0
-            for other in survivors:
-                self.send(other.rank, f"exit {rp.rank} {sig} {rp.proc.pid}")
 
     def send(self, rank: int, line: str) -> None:
         """Write one command line to ``rank``'s stdin (ignored if it is gone)."""
