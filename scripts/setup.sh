@@ -40,7 +40,7 @@ pip=(run "$py" -m pip install -q --disable-pip-version-check)
 "$py" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null \
   || "${pip[@]}" torch==2.13.0
 "${pip[@]}" "setuptools>=68" wheel "pybind11>=2.12"
-"${pip[@]}" --no-build-isolation -e ".[dev,docs,mooncake]"
+"${pip[@]}" --no-build-isolation -e ".[engine,dev,docs,mooncake]"
 # SGLang declares a CUDA torch pin; its EPLB and expert-location modules run on CPU without it.
 if ! "$py" -c 'import sglang' 2>/dev/null; then
   "${pip[@]}" --no-deps "sglang==0.5.23"
