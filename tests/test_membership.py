@@ -4,7 +4,6 @@ async service over the in-process bus."""
 from __future__ import annotations
 
 import asyncio
-import datetime
 import threading
 
 import pytest
