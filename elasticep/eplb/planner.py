@@ -36,6 +36,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from elasticep import metrics
 from elasticep.eplb.placement import EMPTY, Placement, RedundancyExhausted
 
 __all__ = [
@@ -502,8 +503,6 @@ def replan(
             (counted in ``elasticep_redundancy_exhausted_total``).
         ValueError: inconsistent shapes or values.
     """
-    from elasticep import metrics
-
     S = current.slots_per_rank
     n_mask = _mask_len(alive)
     if n_mask is not None and n_mask < current.num_ranks:
@@ -605,7 +604,8 @@ class _State:
         # rise of each remaining replica's load if one replica goes; inf where none may go
         spare = cnt >= 2
         delta = np.full((L, E1), _INF)
-        delta[spare] = w_ext[spare] / (cnt[spare] - 1) - self.u[spare]
+        np.divide(w_ext, cnt - 1, out=delta, where=spare)
+        np.subtract(delta, self.u, out=delta, where=spare)
         delta[:, E] = 0.0  # an empty slot can always be taken
         self.slot_u = self.u.ravel()[flat].reshape(L, N)
         self.load = self.slot_u.reshape(L, R, S).sum(-1)  # [L, R]
@@ -809,7 +809,8 @@ def _rebalance(
         eq3 = e_q[:, :, None]
         thr = eh3 - eps[:, None, None]  # a step must leave everything below this
         banned_j = _take(bans, qs).reshape(Ls, K, S)
-        n_a = np.count_nonzero(a[:, :, :, None] == a[:, :, None, :], axis=-1)  # replicas of a on the hot rank
+        # replicas of a on the hot rank
+        n_a = (a[:, :, :, None] == a[:, :, None, :]).view(np.uint8).sum(-1, dtype=np.uint8).astype(np.float64)
         # replicate a into j: the hot rank and every other host of a shed d_a per replica,
         # j's rank trades x for a, and x's other hosts take its freed share dx
         d_a = ua - ua_plus
