@@ -189,14 +189,19 @@ class LocalCluster:
         return rp
 
     def _read(self, rp: RankProcess) -> None:
-        for line in rp.proc.lines:
-            try:
-                report = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            with self._cond:
-                rp.reports.append(report)
-                self._cond.notify_all()
+        try:
+            for line in rp.proc.lines:
+                try:
+                    report = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                with self._cond:
+                    rp.reports.append(report)
+                    self._cond.notify_all()
+        except (ConnectionResetError, ValueError, OSError):
+            # A child killed with commands still unread in its buffer resets the channel
+            # instead of closing it: the same news, the child is gone.
+            pass
         # End of file on the control channel: the child's last descriptor closed, which happens
         # only when its process is gone (it never closes the channel itself). Report at once;
         # the exit status, which comes through the forkserver, follows.
@@ -297,7 +302,12 @@ class LocalCluster:
                     return None
                 found[r] = hit
             return found
-        self.wait(lambda: matched() is not None, timeout, "a view")
+        try:
+            self.wait(lambda: matched() is not None, timeout, "a view")
+        except TimeoutError as exc:
+            with self._lock:
+                latest = {r: self._unlocked_latest(r) for r in (ranks or self.ranks)}
+            raise TimeoutError(f"{exc}; latest installs: {latest}") from None
         with self._lock:
             result = matched()
         assert result is not None
