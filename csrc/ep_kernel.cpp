@@ -393,11 +393,14 @@ class KernelRuntime {
     wait_peers(kCombine, want, active, timeout_us, "combine", layer, got);
 
     // Weighted sum in top-k order, accumulated in float32 (in the output row itself for float32).
-    std::vector<float> scratch(dtype_ == kFloat32 ? 0 : hidden_);
+    // Contributions are added two per pass over the row, keeping the sequential order
+    // ((w0*y0 + w1*y1) + w2*y2) + w3*y3: the same float operations as adding them one at a time.
+    std::vector<float> scratch(hidden_);
+    std::vector<const uint8_t*> ys(topk_);
+    std::vector<float> ws(topk_);
+    const int H = hidden_;
     for (int64_t t = 0; t < tokens; ++t) {
-      float* __restrict acc =
-          dtype_ == kFloat32 ? reinterpret_cast<float*>(out + static_cast<size_t>(t) * row_bytes) : scratch.data();
-      bool first = true;
+      int n = 0;
       for (int k = 0; k < topk_; ++k) {
         const int64_t slot = topk[t * topk_ + k];
         const int32_t r = comb_row_[t * topk_ + k];
@@ -405,35 +408,57 @@ class KernelRuntime {
         const int owner = static_cast<int>(slot / slots_per_rank_);
         if (got[owner] != 1) continue;
         if (static_cast<uint32_t>(r) >= mailbox(kCombine, owner, rank_)->rows) continue;
-        const float w = weights[t * topk_ + k];
-        const uint8_t* y;
         if (owner == rank_) {
           const auto& rec = recv_records_[rank_][r];
-          y = expert_out + (static_cast<size_t>(rec.first) * slot_stride + rec.second) * row_bytes;
+          ys[n] = expert_out + (static_cast<size_t>(rec.first) * slot_stride + rec.second) * row_bytes;
         } else {
-          y = combine_data(owner, rank_) + static_cast<size_t>(r) * row_bytes;
+          ys[n] = combine_data(owner, rank_) + static_cast<size_t>(r) * row_bytes;
         }
-        if (dtype_ == kFloat32) {
-          const float* __restrict yf = reinterpret_cast<const float*>(y);
-          if (first) {
-            for (int h = 0; h < hidden_; ++h) acc[h] = w * yf[h];
-          } else {
-            for (int h = 0; h < hidden_; ++h) acc[h] += w * yf[h];
-          }
-        } else {
-          const uint16_t* __restrict yb = reinterpret_cast<const uint16_t*>(y);
-          if (first) {
-            for (int h = 0; h < hidden_; ++h) acc[h] = w * bf16_to_f32(yb[h]);
-          } else {
-            for (int h = 0; h < hidden_; ++h) acc[h] += w * bf16_to_f32(yb[h]);
-          }
-        }
-        first = false;
+        ws[n++] = weights[t * topk_ + k];
       }
-      if (first) std::fill(acc, acc + hidden_, 0.0f);
-      if (dtype_ != kFloat32) {
-        auto* ob = reinterpret_cast<uint16_t*>(out + static_cast<size_t>(t) * row_bytes);
-        for (int h = 0; h < hidden_; ++h) ob[h] = f32_to_bf16(acc[h]);
+      uint8_t* o = out + static_cast<size_t>(t) * row_bytes;
+      if (dtype_ == kFloat32) {
+        float* __restrict acc = reinterpret_cast<float*>(o);
+        if (n == 0) {
+          std::fill(acc, acc + H, 0.0f);
+          continue;
+        }
+        const float* __restrict y0 = reinterpret_cast<const float*>(ys[0]);
+        const float w0 = ws[0];
+        int j = 1;
+        if (n == 1) {
+          for (int h = 0; h < H; ++h) acc[h] = w0 * y0[h];
+        } else {
+          const float* __restrict y1 = reinterpret_cast<const float*>(ys[1]);
+          const float w1 = ws[1];
+          for (int h = 0; h < H; ++h) acc[h] = w0 * y0[h] + w1 * y1[h];
+          j = 2;
+        }
+        for (; j + 1 < n; j += 2) {
+          const float* __restrict ya = reinterpret_cast<const float*>(ys[j]);
+          const float* __restrict yb = reinterpret_cast<const float*>(ys[j + 1]);
+          const float wa = ws[j], wb = ws[j + 1];
+          for (int h = 0; h < H; ++h) acc[h] = (acc[h] + wa * ya[h]) + wb * yb[h];
+        }
+        if (j < n) {
+          const float* __restrict ya = reinterpret_cast<const float*>(ys[j]);
+          const float wa = ws[j];
+          for (int h = 0; h < H; ++h) acc[h] += wa * ya[h];
+        }
+      } else {
+        float* acc = scratch.data();
+        std::fill(acc, acc + H, 0.0f);
+        for (int i = 0; i < n; ++i) {
+          const auto* yb = reinterpret_cast<const uint16_t*>(ys[i]);
+          const float w = ws[i];
+          if (i == 0) {
+            for (int h = 0; h < H; ++h) acc[h] = w * bf16_to_f32(yb[h]);
+          } else {
+            for (int h = 0; h < H; ++h) acc[h] += w * bf16_to_f32(yb[h]);
+          }
+        }
+        auto* ob = reinterpret_cast<uint16_t*>(o);
+        for (int h = 0; h < H; ++h) ob[h] = f32_to_bf16(acc[h]);
       }
     }
     state_ = State::kIdle;
