@@ -67,3 +67,26 @@ def test_console_script_runs(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["mode"] == "initial"
+
+
+@pytest.mark.timeout(120)
+def test_bench_plan_writes_the_issue_keys(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert cli.main(["bench", "plan", "--layers", "2", "--repeat", "1", "--json", str(out)]) == 0
+    assert "one_dead" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    keys = {"name", "budget", "elasticep_ms", "elasticep_moved_slots", "elasticep_balance",
+            "lower_bound_moves", "sglang_ms", "sglang_moved_slots", "sglang_balance"}
+    names = set()
+    for case in report["cases"]:
+        assert keys <= set(case)
+        names.add(case["name"])
+        if case.get("error"):
+            assert "redundancy exhausted" in case["error"]
+            continue
+        # elasticep never exceeds its budget and always covers at least the lower bound
+        if case["budget_moves"] is not None:
+            assert case["elasticep_moved_slots"] <= case["budget_moves"]
+        assert case["elasticep_moved_slots"] >= case["lower_bound_moves"]
+    assert {"one_dead", "four_dead", "rejoin", "four_dead_9_slots"} <= names
+    assert set(report["targets"]) >= {"balance_2x_max_1.15", "balance_4x_max_1.05"}

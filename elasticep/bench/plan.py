@@ -81,8 +81,8 @@ def _sglang_plan(mod, load: torch.Tensor, alive: torch.Tensor, slots_per_rank: i
     return Placement.from_sglang(phy2log, log2phy, logcnt, slots_per_rank=slots_per_rank)
 
 
-def run(sigma: float = 0.8, seed: int = 0, repeat: int = 3, with_sglang: bool = True) -> dict:
-    load = skewed_load(LAYERS, EXPERTS, sigma, seed)
+def run(sigma: float = 0.8, seed: int = 0, repeat: int = 3, with_sglang: bool = True, layers: int = LAYERS) -> dict:
+    load = skewed_load(layers, EXPERTS, sigma, seed)
     sg_mod, sg_err = _sglang() if with_sglang else (None, "disabled")
     cases: list[dict] = []
 
@@ -150,7 +150,7 @@ def run(sigma: float = 0.8, seed: int = 0, repeat: int = 3, with_sglang: bool = 
     one_case("rejoin", after_failure, back, ref=int((after_failure.phy2log < 0).sum()))
 
     report = {
-        "shape": {"layers": LAYERS, "experts": EXPERTS, "ranks": RANKS, "slots_per_rank": SLOTS},
+        "shape": {"layers": layers, "experts": EXPERTS, "ranks": RANKS, "slots_per_rank": SLOTS},
         "load": {"distribution": "lognormal", "sigma": sigma, "seed": seed},
         "repeat": repeat,
         "sglang": "elasticity_aware" if sg_mod is not None else f"unavailable ({sg_err})",
@@ -208,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per planner and case; the median is reported")
     ap.add_argument("--no-sglang", action="store_true", help="skip the SGLang baseline")
+    ap.add_argument("--layers", type=int, default=LAYERS, help=f"MoE layers (default {LAYERS}, DeepSeek-V3's)")
     args = ap.parse_args(argv)
-    report = run(args.sigma, args.seed, args.repeat, with_sglang=not args.no_sglang)
+    report = run(args.sigma, args.seed, args.repeat, with_sglang=not args.no_sglang, layers=args.layers)
     print_table(report)
     if args.json:
         with open(args.json, "w") as f:
