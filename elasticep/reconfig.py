@@ -35,6 +35,7 @@ an SGLang or vLLM adapter.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -297,7 +298,11 @@ class ReconfigPipeline:
     # phases ---------------------------------------------------------------------------------
 
     async def _plan(self, view: ViewLike) -> Any:
-        return self._planner(view, self._engine.current_placement())
+        # A planner may be a coroutine function: e.g. one that waits for the leader's plan.
+        plan = self._planner(view, self._engine.current_placement())
+        if inspect.isawaitable(plan):
+            plan = await plan
+        return plan
 
     async def _rebuild(self, view: ViewLike) -> Any:
         if self._groups is None:

@@ -218,9 +218,16 @@ class KernelEP:
         from elasticep.kernel import EPBuffer
 
         epoch = self.epoch if epoch is None else int(epoch)
-        epoch = max(epoch, 0)
         shape = (placement.num_ranks, placement.slots_per_rank)
         mask = torch.as_tensor(alive).to(torch.int32).reshape(-1).contiguous()
+        if epoch < 0:
+            # not a member of any view yet (a joining rank): no segment to attach to until the
+            # reconfiguration that admits it commits its first epoch
+            if self._buffer is not None:
+                self._buffer.close()
+                self._buffer = None
+            self.epoch, self._shape, self._view_alive = epoch, None, mask.clone()
+            return
         if self._buffer is None or epoch != self.epoch or shape != self._shape:
             if self._buffer is not None:
                 self._buffer.close()

@@ -158,6 +158,16 @@ class Launcher:
         cluster: names this launch (store keys, shared-memory segments); random by default.
         rank_extra: ``(rank, incarnation) -> {key: value}`` merged into each rank's
             ``RankSpec.extra`` (bus endpoints, CURVE keys: whatever a subsystem hands out).
+        max_ranks: ``backend="kernel"``: the most ranks the cluster may grow to (bus keys are
+            generated for that many); default ``2 * num_ranks``.
+        rank_config: ``backend="kernel"``: :class:`~elasticep.config.Config` overrides for the
+            ranks' membership (e.g. ``{"heartbeat_interval_ms": 50.0}``).
+        kernel_timeout_us: ``backend="kernel"``: bound on each kernel wait for a peer, us.
+
+    With ``backend="kernel"`` the ranks serve with expert parallelism through the CPU kernel
+    (:mod:`elasticep.engine.ep_rank`): the launcher hands out CURVE keys for the bus, publishes
+    every rank exit on a control socket the ranks subscribe to (the certain signal), records the
+    first placement in the store, and restarted or added ranks ask to join the membership.
 
     Use as a context manager, or call :meth:`start` and :meth:`close`. Methods are thread-safe.
     """
@@ -178,6 +188,9 @@ class Launcher:
         host: str = "127.0.0.1",
         cluster: str | None = None,
         rank_extra: Callable[[int, int], dict[str, str]] | None = None,
+        max_ranks: int | None = None,
+        rank_config: dict[str, Any] | None = None,
+        kernel_timeout_us: int = 1_000_000,
     ):
         from elasticep.engine.model import load_config, moe_layer_ids, round_robin_placement
 
@@ -188,7 +201,12 @@ class Launcher:
         self.model_path = str(Path(model_path).resolve())
         config = load_config(self.model_path)
         experts = config.n_routed_experts
+        if backend not in ("local", "kernel"):
+            raise ValueError(f"backend must be 'local' or 'kernel', not {backend!r}")
         if placement is None:
+            if slots_per_rank is None and backend == "kernel":
+                # enough slots that the cluster survives the loss of any one rank
+                slots_per_rank = math.ceil(experts / max(1, num_ranks - 1))
             spr = slots_per_rank or (math.ceil(experts / num_ranks) + 1)
             placement = round_robin_placement(len(moe_layer_ids(config)), experts, num_ranks, spr)
         elif placement.num_ranks != num_ranks:
@@ -224,6 +242,14 @@ class Launcher:
         self._zygote_client: Zygote | None = None
         self._unlisten: Callable[[], None] | None = None
         self._by_pid: dict[int, _Proc] = {}
+        self.max_ranks = max_ranks or 2 * num_ranks
+        self.rank_config = dict(rank_config or {})
+        self.kernel_timeout_us = int(kernel_timeout_us)
+        self.keys = None
+        self._control = None
+        self._control_lock = threading.Lock()
+        self.control_endpoint = ""
+        self.bus_incarnations: dict[tuple[int, int], int] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -265,6 +291,8 @@ class Launcher:
             target=self._run_callbacks, name="elasticep-exit-callbacks", daemon=True
         )
         self._callback_thread.start()
+        if self.backend == "kernel":
+            self._start_kernel_control()
         try:
             everyone = [True] * self.num_ranks
             started = [self._spawn(r, alive=everyone) for r in range(self.num_ranks)]
@@ -306,6 +334,8 @@ class Launcher:
                 self._callback_thread.join(timeout=5.0)
         if self.router is not None:
             self.router.close()
+        if self._control is not None:
+            self._cleanup_kernel()
         self.store = None
 
     # ------------------------------------------------------------------ ranks
@@ -336,7 +366,7 @@ class Launcher:
             return s
 
     def _spawn(
-        self, rank: int, faults: P.FaultPlan | None = None, alive: list[bool] | None = None
+        self, rank: int, faults: P.FaultPlan | None = None, alive: list[bool] | None = None, join: bool = False
     ) -> tuple[int, int]:
         """Start a new incarnation of ``rank``; returns ``(rank, incarnation)`` (no wait).
 
@@ -364,7 +394,7 @@ class Launcher:
                     backend=self.backend,
                     torch_threads=self.torch_threads,
                     faults=faults or P.FaultPlan(),
-                    extra=dict(self._rank_extra(rank, inc)) if self._rank_extra is not None else {},
+                    extra=self._extra(rank, inc, join),
                 )
             self.store.set(P.spec_key(self.cluster, rank, inc), P.encode(spec))
             proc = self._start_process(rank, inc)
@@ -375,6 +405,81 @@ class Launcher:
                 self._slots[rank] = _Slot(rank, inc, proc, "starting", time.time())
         self._wake()
         return rank, inc
+
+    # ------------------------------------------------------------------ kernel backend
+
+    def _extra(self, rank: int, inc: int, join: bool) -> dict[str, str]:
+        extra = dict(self._rank_extra(rank, inc)) if self._rank_extra is not None else {}
+        if self.backend != "kernel":
+            return extra
+        import json
+
+        if rank >= self.max_ranks:
+            raise LauncherError(f"rank {rank} is past max_ranks={self.max_ranks}")
+        bus_inc = time.time_ns()
+        self.bus_incarnations[(rank, inc)] = bus_inc
+        host, port = self.store_address
+        extra.update(
+            bus_keys=self.keys.for_rank(rank).to_json(),
+            bus_incarnation=str(bus_inc),
+            join="1" if join else "0",
+            control=self.control_endpoint,
+            store=f"{host}:{port}",
+            kernel_timeout_us=str(self.kernel_timeout_us),
+            config=json.dumps(self.rank_config),
+        )
+        return extra
+
+    def _start_kernel_control(self) -> None:
+        """Bus keys, the exit-report socket, and the first placement in the store (epoch 1)."""
+        import json
+
+        import zmq
+
+        from elasticep.bus import ClusterKeys
+        from elasticep.engine.ep_rank import placement_key
+
+        self.keys = ClusterKeys.generate(self.max_ranks)
+        sock = zmq.Context.instance().socket(zmq.PUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        port = sock.bind_to_random_port(f"tcp://{self.host}")
+        self._control = sock
+        self.control_endpoint = f"tcp://{self.host}:{port}"
+        self.store.set(placement_key(self.cluster, 1), json.dumps(self.placement.to_dict()))
+        self.store.add(f"elasticep/{self.cluster}/placement_latest", 1)
+
+    def _publish_exit(self, ev: ProcessExit) -> None:
+        """Tell every rank that a process exited (the certain signal; evicts at once)."""
+        if self._control is None:
+            return
+        import msgspec
+
+        bus_inc = self.bus_incarnations.get((ev.rank, ev.incarnation), 0)
+        frame = msgspec.msgpack.encode(msgspec.structs.replace(ev, incarnation=bus_inc))
+        with self._control_lock:
+            try:
+                self._control.send(frame)
+            except Exception as exc:  # a closed socket at shutdown
+                print(f"elasticep launcher: exit report not sent: {exc!r}", file=sys.stderr)
+
+    def _cleanup_kernel(self) -> None:
+        """Close the exit socket; remove shared-memory segments that killed ranks left."""
+        from elasticep.engine.ep_rank import work_flags_path
+        from elasticep.kernel.buffer import unlink_segment
+
+        with self._control_lock:
+            self._control.close(0)
+            self._control = None
+        try:
+            latest = int(self.store.add(f"elasticep/{self.cluster}/placement_latest", 0)) if self.store else 64
+        except Exception:
+            latest = 64
+        for epoch in range(0, latest + 64):
+            unlink_segment(self.cluster, epoch)
+        try:
+            os.unlink(work_flags_path(self.cluster))
+        except FileNotFoundError:
+            pass
 
     def _alive_for_spec(self, starting: int) -> list[bool]:
         alive = set(r for r, s in self._slots.items() if s.exit is None) | {starting}
@@ -498,7 +603,7 @@ class Launcher:
         if s is not None and s.exit is None:
             _signal(s.proc.pid, signal.SIGKILL)
             self.wait_exit(rank, s.incarnation)
-        rank, inc = self._spawn(rank, faults)
+        rank, inc = self._spawn(rank, faults, join=self.backend == "kernel")
         if wait:
             self._wait_serving(rank, inc)
         return self.ranks()[rank]
@@ -510,7 +615,7 @@ class Launcher:
             rank = self.placement.num_ranks
             self.placement = self.placement.with_ranks(rank + 1)
             self.num_ranks = self.placement.num_ranks
-        _, inc = self._spawn(rank, faults)
+        _, inc = self._spawn(rank, faults, join=self.backend == "kernel")
         if wait:
             self._wait_serving(rank, inc)
         return rank
@@ -629,6 +734,7 @@ class Launcher:
             callbacks = list(self._callbacks)
             queues = list(self._queues)
         metrics.ENGINE_PROCESS_EXITS.labels(kind).inc()
+        self._publish_exit(ev)
         self.router.rank_exited(slot.rank, slot.incarnation)
         for loop, q in queues:
             try:

@@ -234,6 +234,10 @@ def run_rank(store_host: str, store_port: int, cluster: str, rank: int, incarnat
     """Read the spec, build the model, serve; returns the exit code."""
     _die_with_parent()
     spec = read_spec(store_host, store_port, cluster, rank, incarnation)
+    if spec.backend == "kernel":
+        from elasticep.engine.ep_rank import run_ep_rank
+
+        return run_ep_rank(spec)
     server = RankServer(spec)
     try:
         return server.serve()
