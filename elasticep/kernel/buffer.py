@@ -231,8 +231,10 @@ class EPBuffer:
             topk_idx: the ``[num_tokens, topk]`` ``torch.int64`` tensor given to :meth:`dispatch`
                 (same values; a different one is refused).
             topk_weights: ``[num_tokens, topk]`` ``torch.float32``.
-            active_ranks, timeout_us, layer: as for :meth:`dispatch`.
+            active_ranks: the mask, as for :meth:`dispatch`.
+            timeout_us: bound on the wait for the peers, as for :meth:`dispatch`.
             handle: the handle :meth:`dispatch` returned (required).
+            layer: recorded with any timeout, as for :meth:`dispatch`.
 
         Returns:
             ``[num_tokens, hidden]`` of the dispatch's dtype: ``out[t] = sum_k topk_weights[t, k] *
