@@ -719,10 +719,10 @@ def _repair(p: np.ndarray, w: np.ndarray, tslot: np.ndarray, target: np.ndarray,
         experts = _take(miss_order, e_pos)
         p[np.broadcast_to(rows1, use.shape)[use], slot[use]] = experts[use]
         placed = use.sum(1)
+        if ((left > 0) & (placed == 0)).any():  # live slots >= experts guarantees an offer
+            raise AssertionError("coverage repair found no legal slot")
         done += placed
         left -= placed
-        if not placed[left > 0].all() and (left > 0).any() and placed.sum() == 0:
-            raise AssertionError("coverage repair found no legal slot")  # live_slots >= E forbids it
     return p, lb
 
 
