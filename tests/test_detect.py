@@ -378,3 +378,11 @@ def test_mask_source_reads_the_real_cpu_kernel() -> None:
         assert int(buf.active_ranks[1]) == 0
     finally:
         unlink_segment(cid, 0)
+
+
+def test_bench_percentile_interpolates() -> None:
+    from elasticep.bench.detect import _percentile
+
+    assert _percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert _percentile([0.0, 10.0], 99) == pytest.approx(9.9)
+    assert math.isnan(_percentile([], 50))

@@ -62,10 +62,19 @@ def _trial(cluster, rng: random.Random, world: int, how: str, timeout: float) ->
     victim = rng.choice(live)
     survivors = [r for r in live if r != victim]
     floor = max(_epoch(cluster, r) for r in survivors)
+    fenced_before = {r: _fences(cluster, r) for r in survivors}
     t0 = cluster.kill(victim) if how == "kill" else cluster.stop(victim)
-    got = cluster.wait_view(lambda v: v["epoch"] > floor and victim not in v["members"], timeout, ranks=survivors)
-    ms = (max(v["wall_ns"] for v in got.values()) - t0) / 1e6
+    # Every rank still serving must install it; one that fenced itself meanwhile is reported.
+    got = cluster.wait_view(lambda v: v["epoch"] > floor and victim not in v["members"], timeout)
+    for r in survivors:
+        for report in _fences(cluster, r)[len(fenced_before[r]):]:
+            print(f"      rank {r} fenced during the trial: {report['reason']}", flush=True)
+    ms = (max(v["wall_ns"] for r, v in got.items() if r in survivors) - t0) / 1e6
     return ms, victim, next(iter(got.values()))["reason"]
+
+
+def _fences(cluster, rank: int) -> list[dict]:
+    return [x for x in cluster.ranks[rank].reports if x["kind"] == "fenced"]
 
 
 def _hog() -> subprocess.Popen:
