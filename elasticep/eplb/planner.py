@@ -659,14 +659,6 @@ class _State:
         return out
 
 
-def _max_eff(p: np.ndarray, w: np.ndarray, target: np.ndarray, speed: np.ndarray, S: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``[L]`` each: the max effective load over target ranks, the sum of squared effective
-    loads, and whether every expert still has a replica."""
-    load, cnt = _rank_loads(p, w, S)
-    eff = (load / speed)[:, target]
-    return eff.max(1), (eff * eff).sum(1), (cnt > 0).all(1)
-
-
 def _repair(p: np.ndarray, w: np.ndarray, tslot: np.ndarray, target: np.ndarray, speed: np.ndarray, S: int) -> tuple[np.ndarray, int]:
     """Give every uncovered expert one slot: exactly one move per uncovered (layer, expert).
 
