@@ -91,6 +91,10 @@ class FusionPolicy:
             if not per:
                 del self._evidence[suspect]
 
+    def is_certain(self, rank: int) -> bool:
+        """Whether a certain signal already marked ``rank`` for the next view."""
+        return rank in self._certain
+
     def forget(self, rank: int) -> None:
         """Drop everything about ``rank`` (it left the view, or joined afresh)."""
         self._evidence.pop(rank, None)

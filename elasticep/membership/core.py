@@ -447,7 +447,7 @@ class MembershipCore:
             expected = self.view.incarnation_of(hb.rank)
             if expected and hb.incarnation != expected:
                 restarted = f"rank {hb.rank} is now incarnation {hb.incarnation}"
-            if restarted and hb.rank not in self.fusion._certain:
+            if restarted and not self.fusion.is_certain(hb.rank):
                 self.fusion.certain(hb.rank, "restart", restarted)
                 out.append(Note(restarted))
         if seen is None or hb.incarnation > seen:

@@ -179,6 +179,12 @@ class MembershipService:
                 await self._changed.wait()
         return await asyncio.wait_for(until(), timeout)
 
+    async def wait_stopped(self) -> None:
+        """Return once this rank fenced itself or left (check :attr:`fenced` for which)."""
+        while not self.core.stopped:
+            self._changed.clear()
+            await self._changed.wait()
+
     def report(self, event, *, publish: bool = False) -> None:
         """Feed a signal from a trusted local source into the core at once.
 

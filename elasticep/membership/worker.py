@@ -110,7 +110,7 @@ async def run(args: argparse.Namespace) -> int:
         await service.start(ready_timeout=args.ready_timeout)
         _emit("ready", rank=args.rank, pid=os.getpid(), incarnation=service.core.incarnation, wall_ns=time.time_ns())
         watcher = loop.create_task(stop.wait())
-        fenced = loop.create_task(_until_fenced(service))
+        fenced = loop.create_task(service.wait_stopped())
         await asyncio.wait({watcher, fenced}, return_when=asyncio.FIRST_COMPLETED)
         if service.fenced is not None:
             f = service.fenced
@@ -131,12 +131,6 @@ async def _shutdown(service, bus, view_store) -> None:
     await service.close()
     await bus.close()
     await view_store.close()
-
-
-async def _until_fenced(service) -> None:
-    while service.fenced is None:
-        service._changed.clear()
-        await service._changed.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
