@@ -93,3 +93,19 @@ def test_mooncake_backend_groups_on_gpu() -> None:
         pytest.skip(f"needs an NVIDIA GPU and the CUDA build of Mooncake: {reason}")
     with pytest.raises(ValueError):
         groups.MooncakeGroups(None, torch.ones(2, dtype=torch.int64), 0)
+
+
+@pytest.mark.timeout(30)
+def test_member_missing_from_rendezvous_fails_within_the_bound() -> None:
+    import time
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    builder = GlooGroups(store, rank=0, op_timeout_s=1, rendezvous_timeout_s=1)
+    started = time.monotonic()
+    with pytest.raises(groups.RendezvousFailed) as info:
+        builder.rebuild(view(6, (0, 1)))  # rank 1 never comes
+    assert time.monotonic() - started < 10
+    assert info.value.event.op == "rendezvous" and info.value.event.observer == 0
+    assert builder.current is None
+    # the next view is still accepted (the failed epoch is used up, not the builder)
+    assert builder.rebuild(view(7, (0,))).all_reduce(torch.ones(1)).item() == 1

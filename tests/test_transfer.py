@@ -171,7 +171,7 @@ def test_job_abandoned_when_a_newer_view_arrives(engines) -> None:
     dst = TransferExecutor(1, ExpertWeights.allocate(LAYOUT), engines[1], epoch=1, checksums=CHECKSUMS)
     # A newer view is installed while the first batch is in flight (as the pipeline does on a
     # second failure): the retry must not start and the job must refuse to report success.
-    dst.on_submit = lambda kind, rank: dst.advance(3)
+    dst.on_submit = lambda kind, rank, phase: dst.advance(3) if phase == "submitted" else None
     try:
         dst.learn(src.endpoint())
         job = dst.submit([ExpertMove(0, 2, 0, (0, 1))], epoch=2)

@@ -64,6 +64,23 @@ def _backup_main(conn, checkpoint: str, backup_id: int) -> None:
     transfer.run_host_backup(LAYOUT, NUM_EXPERTS, checkpoint, conn.send, backup_id=backup_id)
 
 
+def _wait_stopped(pid: int, bound_s: float = 2.0) -> None:
+    """Wait until every thread of ``pid`` is stopped (a signal reaches a running thread late)."""
+    deadline = time.monotonic() + bound_s
+    while time.monotonic() < deadline:
+        states = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:
+                continue
+        if states and all(s in "tTZ" for s in states):
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} did not stop within {bound_s} s")
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ckpt")
@@ -87,15 +104,18 @@ def receiver():
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize(
-    ("killed", "served_by"),
+    ("killed", "served_by", "how"),
     [
-        ({0}, ("host", -1)),
-        ({0, -1}, ("host", -2)),
-        ({0, -1, -2}, ("disk", -1)),
+        ({0}, ("host", -1), signal.SIGKILL),
+        ({0, -1}, ("host", -2), signal.SIGKILL),
+        ({0, -1, -2}, ("disk", -1), signal.SIGKILL),
+        ({0}, ("host", -1), signal.SIGSTOP),
     ],
-    ids=["replica-dies", "replica-and-backup0-die", "all-remote-sources-die"],
+    ids=["replica-dies", "replica-and-backup0-die", "all-remote-sources-die", "replica-hangs"],
 )
-def test_killed_source_falls_back_to_the_next(receiver, checkpoint: Path, killed: set[int], served_by) -> None:
+def test_killed_source_falls_back_to_the_next(receiver, checkpoint: Path, killed: set[int], served_by, how) -> None:
+    """SIGKILL: the engine fails the batch in under a second. SIGSTOP (a hung source): only the
+    receiver's ``MC_TRANSFER_TIMEOUT`` (2 s here) ends the wait."""
     ctx, transport = receiver
     procs: dict[int, mp.Process] = {}
     conns = {}
@@ -115,10 +135,14 @@ def test_killed_source_falls_back_to_the_next(receiver, checkpoint: Path, killed
             endpoints[rank] = conn.recv()
         assert {ep.rank for ep in endpoints.values()} == {0, -1, -2}
 
-        def kill_on_submit(kind: str, rank: int) -> None:
-            # Right after the batch is handed to the engine, so the source dies mid-transfer.
+        def kill_on_submit(kind: str, rank: int, phase: str) -> None:
+            # Frozen before the batch is handed to the engine, killed (or left hung) right after:
+            # the source cannot finish the transfer first, so it fails mid-transfer every time.
             if rank in killed and procs[rank].is_alive():
-                os.kill(procs[rank].pid, signal.SIGKILL)
+                pid = procs[rank].pid
+                os.kill(pid, signal.SIGSTOP if phase == "submitting" else how)
+                if phase == "submitting":
+                    _wait_stopped(pid)
 
         checksums = {
             (layer, e): transfer.expert_crc32(expert_tensors(layer, e).values())
@@ -131,6 +155,7 @@ def test_killed_source_falls_back_to_the_next(receiver, checkpoint: Path, killed
         )
         for ep in endpoints.values():
             assert executor.learn(ep)
+            assert executor.connect(ep.rank)  # handshake while healthy (see TransferExecutor.connect)
         moves = [
             ExpertMove(layer, 2 + local, PHY2LOG[layer][local], (local,))
             for layer in range(LAYOUT.num_layers)
@@ -156,7 +181,8 @@ def test_killed_source_falls_back_to_the_next(receiver, checkpoint: Path, killed
                 ref = expert_tensors(layer, PHY2LOG[layer][local])
                 for name, t in ref.items():
                     assert torch.equal(weights.tensor(layer, local, name), t), (layer, local, name)
-        assert elapsed < 30, f"fallback took {elapsed:.1f} s"
+        bound = 15 if how == signal.SIGSTOP else 10
+        assert elapsed < bound, f"fallback took {elapsed:.1f} s"
     finally:
         for p in procs.values():
             if p.is_alive():

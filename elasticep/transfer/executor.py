@@ -32,6 +32,8 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+import torch
+
 from elasticep import metrics
 from elasticep.events import TransferEndpoint, TransferFailed
 from elasticep.transfer.layout import ExpertWeights, expert_crc32
@@ -181,8 +183,9 @@ class TransferExecutor:
     ``weights`` with it. ``disk`` is the last-resort source. ``checksums`` maps
     ``(layer, expert)`` to the :func:`~elasticep.transfer.expert_crc32` of the expert's correct
     bytes: when given, every loaded expert is verified and a mismatch counts as a failed source.
-    ``on_submit(kind, rank)``, if given, is called from the job's thread after each batch to a
-    remote source is submitted (for tracing, and for tests that kill a source mid-transfer).
+    ``on_submit(kind, rank, phase)``, if given, is called on the job's thread just before
+    (``phase="submitting"``) and just after (``"submitted"``) each batch to a remote source is
+    handed to the engine: for tracing, and for tests that stop or kill a source mid-transfer.
 
     Thread-safety: :meth:`learn`, :meth:`forget` and :meth:`advance` may be called from any
     thread while a job runs; one job runs at a time per executor.
@@ -197,7 +200,7 @@ class TransferExecutor:
         epoch: int = 0,
         disk: DiskSource | None = None,
         checksums: Mapping[tuple[int, int], int] | None = None,
-        on_submit: Callable[[str, int], None] | None = None,
+        on_submit: Callable[[str, int, str], None] | None = None,
         max_workers: int = 8,
     ) -> None:
         self.rank = rank
@@ -215,6 +218,9 @@ class TransferExecutor:
         self._job_lock = threading.Lock()
         for address, nbytes in weights.regions():
             transport.register(address, nbytes)
+        # A few registered bytes that connect() reads peers' first bytes into.
+        self._scratch = torch.zeros(64, dtype=torch.uint8)
+        transport.register(self._scratch.data_ptr(), self._scratch.numel())
 
     # --- epoch and endpoints -----------------------------------------------------------------
 
@@ -250,6 +256,26 @@ class TransferExecutor:
                 return False
             table[endpoint.rank] = endpoint
             return True
+
+    def connect(self, rank: int) -> bool:
+        """Open the engine's connection to ``rank``'s (or a backup's) endpoint now; True if it works.
+
+        The engine handshakes with a peer on the first transfer to it, and a handshake with a
+        peer that hangs blocks for about a minute, beyond ``MC_TRANSFER_TIMEOUT``. Connecting to
+        every peer while the cluster is healthy (e.g. when its endpoint is learnt, off the event
+        loop) leaves only the transfer itself to bound when a source fails later.
+        """
+        with self._lock:
+            ep = self._hosts.get(rank) if rank < 0 else self._ranks.get(rank)
+        if ep is None or not ep.buffers:
+            return False
+        address, nbytes = next(iter(ep.buffers.values()))
+        n = min(nbytes, self._scratch.numel())
+        try:
+            batch = self.transport.submit_read(ep.peer, [self._scratch.data_ptr()], [address], [n])
+        except TransportError:
+            return False
+        return self.transport.wait(batch)
 
     def forget(self, rank: int) -> None:
         """Drop a dead rank's (or retired backup's) endpoint."""
@@ -311,6 +337,7 @@ class TransferExecutor:
         self._pool.shutdown(wait=True)
         for address, _ in self.weights.regions():
             self.transport.unregister(address)
+        self.transport.unregister(self._scratch.data_ptr())
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -384,9 +411,11 @@ class TransferExecutor:
         if src.peer == "":
             return self._pool.submit(self._copy_local, states)
         local, remote, lengths = self._remote_batch(states)
+        if self.on_submit is not None:
+            self.on_submit(kind, rank, "submitting")
         batch = self.transport.submit_read(src.peer, local, remote, lengths)
         if self.on_submit is not None:
-            self.on_submit(kind, rank)
+            self.on_submit(kind, rank, "submitted")
         return _Batch(batch)
 
     def _wait_inline(self, batch: "_Batch") -> cf.Future:
