@@ -188,7 +188,8 @@ class EPRankServer:
             phy = base.phy2log.clone()
             phy[:, list(base.slots_of_rank(self.rank))] = EMPTY
             placement = Placement(phy, base.slots_per_rank, base.num_experts)
-            alive = [False] * placement.num_ranks
+            # the ranks that serve the base placement; no step runs before the first commit
+            alive = [bool((phy[:, list(placement.slots_of_rank(r))] >= 0).any()) for r in range(placement.num_ranks)]
             self.epoch = 0
             self.model = RankModel(spec.model_path, placement, self.ep, alive=alive, rank=self.rank, epoch=-1)
             self.members: tuple[int, ...] = ()
@@ -413,8 +414,10 @@ class EPRankServer:
         if view.leader == self.rank:
             base_epoch, base = await asyncio.to_thread(self._latest_placement, view.epoch)
             prev_members = set(r for r in range(base.num_ranks) if bool((base.phy2log[:, list(base.slots_of_rank(r))] >= 0).any()))
-            leaving = sorted(r for r in prev_members - set(view.members)
-                             if await asyncio.to_thread(self.store.check, [_left_key(self.cluster, r)]))
+            leaving = []
+            for r in sorted(prev_members - set(view.members)):
+                if await asyncio.to_thread(self.store.check, [_left_key(self.cluster, r)]):
+                    leaving.append(r)
             R = max(base.num_ranks, max(view.members) + 1)
             alive = torch.zeros(R, dtype=torch.bool)
             alive[list(view.members)] = True
