@@ -63,3 +63,71 @@ def test_driver_catches_disagreement() -> None:
     sim.ranks[1].installed[7] = (0, 1)
     with pytest.raises(driver.ScenarioError, match="invariant 1"):
         sim.check_agreement()
+
+
+def _random_script(seed: int, n: int = 6, steps: int = 25) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    lines = [f"cluster {n}", "tick 100ms"]
+    crashed: set[int] = set()
+    hung: set[int] = set()
+    for _ in range(steps):
+        up = [r for r in range(n) if r not in crashed and r not in hung]
+        choice = rng.random()
+        if choice < 0.15 and len(up) > 2:
+            r = rng.choice(up)
+            lines.append(f"fail {r}")
+            crashed.add(r)
+        elif choice < 0.25 and len(up) > 2:
+            r = rng.choice(up)
+            lines.append(f"hang {r}")
+            hung.add(r)
+        elif choice < 0.35 and hung:
+            r = rng.choice(sorted(hung))
+            lines.append(f"resume {r}")
+            hung.discard(r)
+        elif choice < 0.45 and crashed:
+            r = rng.choice(sorted(crashed))
+            lines.append(f"restart {r}")
+            crashed.discard(r)
+        elif choice < 0.55:
+            cut = rng.sample(range(n), rng.randint(1, n // 2))
+            rest = [r for r in range(n) if r not in cut]
+            lines.append(f"partition {','.join(map(str, cut))} | {','.join(map(str, rest))}")
+        elif choice < 0.62:
+            a, b = rng.sample(range(n), 2)
+            lines.append(f"deliver drop=({a},{b})")
+        elif choice < 0.67:
+            lines.append(f"store down ranks={rng.randrange(n)}")
+        elif choice < 0.72 and len(up) > 2:
+            lines.append(f"leave {rng.choice(up)}")
+        elif choice < 0.8:
+            lines += ["heal", "deliver all", "store up ranks=" + ",".join(map(str, range(n)))]
+        else:
+            lines.append(f"pause {rng.randrange(n)} {rng.randint(20, 180)}ms")
+        lines.append(f"tick {rng.randint(10, 300)}ms")
+    lines += ["heal", "deliver all", "store up ranks=" + ",".join(map(str, range(n)))]
+    lines += [f"resume {r}" for r in sorted(hung)]
+    lines.append("tick 1500ms")
+    return lines
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("seed", range(12))
+def test_random_faults_keep_one_view_per_epoch_and_converge(seed: int) -> None:
+    sim = driver.Sim()
+    script = _random_script(seed)
+    sim.run(script)  # checks invariant 1 after every command
+    head = sim.store.read_nowait(sim.store.head())
+    assert head is not None
+    for rank, r in sim.ranks.items():
+        core = r.core
+        if r.state == "up" and core.is_member and not core.stopped:
+            assert core.view == head, f"seed {seed}: r{rank} at {core.view.describe()}, store at {head.describe()}"
+    # Every epoch of the chain is installed identically wherever it was installed.
+    for epoch in range(1, sim.store.head() + 1):
+        committed = sim.store.read_nowait(epoch).members
+        for r in sim.ranks.values():
+            if epoch in r.installed:
+                assert r.installed[epoch] == committed

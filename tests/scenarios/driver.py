@@ -242,10 +242,13 @@ class Sim:
             for dst, r in self.ranks.items():
                 if r.state != "crashed":
                     heapq.heappush(self._queue, (self.now + HOP_S, next(self._order), dst, exit_event))
+        elif cmd in ("hang", "resume", "pause") and self.ranks[int(pos[0])].state == "crashed":
+            self.log(f"r{pos[0]} is not running; {cmd} ignored")
         elif cmd == "hang":
             self.ranks[int(pos[0])].state = "hung"
         elif cmd == "resume":
-            self.ranks[int(pos[0])].state = "up"
+            r = self.ranks[int(pos[0])]
+            r.state, r.resume_at = "up", None
         elif cmd == "pause":
             r = self.ranks[int(pos[0])]
             r.state, r.resume_at = "hung", self.now + _duration(pos[1])
