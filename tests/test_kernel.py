@@ -116,19 +116,23 @@ def _two_rank_step(bufs: list[EPBuffer], xs: list[torch.Tensor], routes: list[An
     assert not any(t.is_alive() for t in threads)
 
 
-def test_two_ranks_on_two_threads_release_the_gil(cluster_id: str) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_ranks_on_two_threads_release_the_gil(cluster_id: str, dtype: torch.dtype) -> None:
     # Each rank blocks in the kernel until the other has posted: this only finishes if the GIL
     # is released while waiting.
     bufs = [_buffer(r, 2, cluster_id) for r in range(2)]
     try:
-        xs = [torch.randn(MAX_TOKENS, HIDDEN) for _ in range(2)]
+        xs = [torch.randn(MAX_TOKENS, HIDDEN).to(dtype) for _ in range(2)]
         routes = [_routing(MAX_TOKENS, 2 * SPR, seed=10 + r) for r in range(2)]
         outs: list[Any] = [None, None]
         for _ in range(2):
             _two_rank_step(bufs, xs, routes, outs)
         for r in range(2):
-            want = _reference(xs[r], *routes[r], _scale, {0, 1})
-            torch.testing.assert_close(outs[r], want, rtol=1e-5, atol=1e-5)
+            expert = lambda s, h: _scale(s, h.to(dtype).float()).to(dtype).float()  # noqa: E731
+            want = _reference(xs[r], *routes[r], expert, {0, 1})
+            tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=5e-2)
+            assert outs[r].dtype == dtype
+            torch.testing.assert_close(outs[r].float(), want, **tol)
             assert bufs[r].active_ranks.tolist() == [1, 1]
     finally:
         for b in bufs:
