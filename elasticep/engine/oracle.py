@@ -55,6 +55,31 @@ class Oracle:
         return list(tokens)
 
     @torch.no_grad()
+    def generate_many(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, batch: int = 64) -> list[list[int]]:
+        """:meth:`generate` for many prompts at once: prompts of one length go through
+        transformers' ``generate`` together (no padding, so each row is the same computation as
+        alone), which is many times faster than one call per prompt. Memoised like :meth:`generate`."""
+        keys = [(tuple(int(t) for t in p), int(max_new_tokens)) for p in prompts]
+        todo: dict[int, list[tuple[int, ...]]] = {}
+        for key in dict.fromkeys(keys):
+            if key not in self._memo and max_new_tokens > 0:
+                todo.setdefault(len(key[0]), []).append(key[0])
+        for rows in todo.values():
+            for i in range(0, len(rows), batch):
+                chunk = rows[i : i + batch]
+                ids = torch.tensor(chunk, dtype=torch.int64)
+                out = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=self.config.pad_token_id if self.config.pad_token_id is not None else 0,
+                )
+                for row, prompt in zip(out[:, ids.shape[1] :].tolist(), chunk):
+                    self._memo[(prompt, int(max_new_tokens))] = row
+        return [list(self._memo[k]) if max_new_tokens > 0 else [] for k in keys]
+
+    @torch.no_grad()
     def logits(self, input_ids: Sequence[int]) -> torch.Tensor:
         """Logits ``[S, vocab]`` float32 of one full forward over ``input_ids`` (no cache)."""
         ids = torch.tensor([list(input_ids)], dtype=torch.int64)
