@@ -306,3 +306,63 @@ def test_planner_moves_after_a_rank_dies(engines) -> None:
         for ex in executors:
             ex.close()
         backup.transport.unregister_all()
+
+
+@needs_te
+@pytest.mark.asyncio
+async def test_stage_then_apply_at_commit(engines) -> None:
+    """The pipeline's weights phase: ``stage(plan, epoch)`` loads into staging while the serving
+    slots keep the old placement; ``apply`` at the commit puts the new placement in place."""
+    from elasticep.eplb import initial, replan
+
+    torch.manual_seed(1)
+    layout = ExpertLayout.deepseek(
+        num_layers=2, slots_per_rank=3, hidden_size=64, moe_intermediate_size=32, dtype=torch.bfloat16
+    )
+    load = torch.rand(2, NUM_EXPERTS) * 100 + 1
+    current = initial(load, num_ranks=3, slots_per_rank=3)
+    plan = replan(current, load, alive=[0, 1])
+    old, new = current.phy2log.tolist(), plan.placement.phy2log.tolist()
+
+    def rank_weights(rank: int) -> ExpertWeights:
+        w = ExpertWeights.allocate(layout)
+        for layer in range(2):
+            for local in range(3):
+                e = old[layer][rank * 3 + local]
+                if e >= 0:
+                    for name, t in expert_tensors(layer, e).items():
+                        w.tensor(layer, local, name).copy_(t)
+        return w
+
+    def serves(ex: TransferExecutor, placement: list[list[int]]) -> bool:
+        return all(
+            all(torch.equal(ex.weights.tensor(layer, local, n), t) for n, t in expert_tensors(layer, e).items())
+            for layer in range(2)
+            for local in range(3)
+            if (e := placement[layer][ex.rank * 3 + local]) >= 0
+        )
+
+    backup = HostBackup(layout, NUM_EXPERTS, backup_id=0)
+    for layer in range(2):
+        for e in range(NUM_EXPERTS):
+            backup.put(layer, e, expert_tensors(layer, e))
+    executors = [TransferExecutor(r, rank_weights(r), engines[r], checksums=CHECKSUMS) for r in (0, 1)]
+    staged = []
+    try:
+        for ex in executors:
+            for other in executors:
+                if other is not ex:
+                    ex.learn(other.endpoint())
+            ex.learn(backup.endpoint(epoch=0))
+        staged = [await asyncio.wait_for(ex.stage(plan, 2), 30) for ex in executors]
+        assert sum(len(s.report.moved) for s in staged) == plan.num_moves
+        assert all(serves(ex, old) for ex in executors)  # nothing serving changed before the commit
+        for ex, s in zip(executors, staged):
+            assert s.apply(ex.weights) == len(s.report.moved) * layout.expert_nbytes
+        assert all(serves(ex, new) for ex in executors)
+    finally:
+        for s in staged:
+            s.release()
+        for ex in executors:
+            ex.close()
+        backup.transport.unregister_all()

@@ -36,7 +36,7 @@ import torch
 
 from elasticep import metrics
 from elasticep.events import TransferEndpoint, TransferFailed
-from elasticep.transfer.layout import ExpertWeights, expert_crc32
+from elasticep.transfer.layout import ExpertLayout, ExpertWeights, expert_crc32
 from elasticep.transfer.sources import DiskSource
 from elasticep.transfer.transport import MooncakeTransport, TransportError
 
@@ -45,6 +45,7 @@ __all__ = [
     "MoveLike",
     "MoveResult",
     "SourcesExhausted",
+    "StagedExperts",
     "StaleEpoch",
     "TransferExecutor",
     "TransferJob",
@@ -144,12 +145,14 @@ class _Batch:
 
 
 class _MoveState:
-    __slots__ = ("move", "candidates", "index")
+    __slots__ = ("move", "candidates", "index", "dst", "dst_slot")
 
-    def __init__(self, move: MoveLike, candidates: list[_Source]) -> None:
+    def __init__(self, move: MoveLike, candidates: list[_Source], dst: ExpertWeights, dst_slot: int) -> None:
         self.move = move
         self.candidates = candidates
         self.index = 0
+        self.dst = dst  # the serving buffers, or a staging area
+        self.dst_slot = dst_slot
 
     @property
     def source(self) -> _Source | None:
@@ -320,17 +323,73 @@ class TransferExecutor:
         future = self._pool.submit(self._drive_inner, epoch, states, None)
         return TransferJob(epoch, future)
 
-    def _prepare(self, moves: Iterable[MoveLike], epoch: int, alive: Collection[int] | None) -> list[_MoveState]:
-        self.advance(epoch)
-        moves = list(moves)
-        overwritten = {(m.layer, m.slot) for m in moves}
+    def _mine(self, moves: Iterable[MoveLike]) -> list[MoveLike]:
         spr = self.layout.slots_per_rank
         mine = [m for m in moves if m.slot // spr == self.rank]
         for m in mine:
             if m.layer not in self.weights.layers:
                 raise ValueError(f"move to layer {m.layer}, which rank {self.rank} does not hold")
+        return mine
+
+    def _prepare(
+        self,
+        moves: Iterable[MoveLike],
+        epoch: int,
+        alive: Collection[int] | None,
+        staging: "StagedExperts | None" = None,
+    ) -> list[_MoveState]:
+        self.advance(epoch)
+        moves = list(moves)
+        # Loading straight into serving slots, a slot the plan overwrites may change under a
+        # read; loading into staging, nothing changes before the commit, so every slot is safe.
+        overwritten = set() if staging is not None else {(m.layer, m.slot) for m in moves}
+        spr = self.layout.slots_per_rank
         alive_set = None if alive is None else set(alive)
-        return [_MoveState(m, self._candidates(m, overwritten, alive_set)) for m in mine]
+        states = []
+        for m in self._mine(moves):
+            if staging is None:
+                dst, dst_slot = self.weights, m.slot % spr
+            else:
+                dst, dst_slot = staging.weights, staging.index[(m.layer, m.slot)]
+            states.append(_MoveState(m, self._candidates(m, overwritten, alive_set), dst, dst_slot))
+        return states
+
+    def stage_moves(
+        self,
+        moves: Iterable[MoveLike],
+        *,
+        epoch: int,
+        alive: Collection[int] | None = None,
+        timeout: float | None = None,
+    ) -> "StagedExperts":
+        """Load this rank's moves into a new staging area instead of the serving slots.
+
+        The serving buffers (and every peer's) keep serving the old placement until the commit,
+        when :meth:`StagedExperts.apply` copies the staged experts into their slots. Raises as
+        :meth:`run` does; the returned object's ``report`` says where each expert came from.
+        """
+        moves = list(moves)
+        staging = StagedExperts(self.layout, self._mine(moves), self.transport)
+        try:
+            states = self._prepare(moves, epoch, alive, staging)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            staging.report = self._drive_inner(epoch, states, deadline)
+        except BaseException:
+            staging.release()
+            raise
+        return staging
+
+    async def stage(self, plan: object, epoch: int) -> "StagedExperts":
+        """The reconfiguration pipeline's weights phase: stage ``plan.moves`` for ``epoch``.
+
+        ``plan`` is the planner's :class:`~elasticep.eplb.Plan` (its ``alive`` mask restricts
+        replica sources) or anything with ``moves``. Runs on a worker thread; the event loop
+        stays free.
+        """
+        alive_mask = getattr(plan, "alive", None)
+        alive = None if alive_mask is None else [int(r) for r in torch.as_tensor(alive_mask).nonzero().flatten()]
+        moves = list(plan.moves)  # type: ignore[attr-defined]
+        return await asyncio.to_thread(self.stage_moves, moves, epoch=epoch, alive=alive)
 
     def close(self) -> None:
         """Stop the worker threads (after the last job) and unregister the weights."""
@@ -379,7 +438,7 @@ class TransferExecutor:
                 base, size = src.buffers[name]
                 if size < (src.local_slot + 1) * t.nbytes:
                     raise TransportError(f"{name} on rank {src.rank} is {size} bytes, too small for slot {src.local_slot}")
-                addr, nbytes = self.weights.address(m.layer, m.slot % self.layout.slots_per_rank, t.name)
+                addr, nbytes = st.dst.address(m.layer, st.dst_slot, t.name)
                 local.append(addr)
                 remote.append(base + src.local_slot * t.nbytes)
                 lengths.append(nbytes)
@@ -389,7 +448,7 @@ class TransferExecutor:
         spr = self.layout.slots_per_rank
         for st in states:
             m = st.move
-            src, dst = self.weights.expert(m.layer, st.source.local_slot), self.weights.expert(m.layer, m.slot % spr)
+            src, dst = self.weights.expert(m.layer, st.source.local_slot), st.dst.expert(m.layer, st.dst_slot)
             for name, t in dst.items():
                 t.copy_(src[name])
         return True
@@ -399,7 +458,7 @@ class TransferExecutor:
         spr = self.layout.slots_per_rank
         for st in states:
             m = st.move
-            self.disk.read_into(m.layer, m.expert, self.weights.expert(m.layer, m.slot % spr))
+            self.disk.read_into(m.layer, m.expert, st.dst.expert(m.layer, st.dst_slot))
         return True
 
     def _start(self, key: tuple[str, int], states: list[_MoveState]) -> "cf.Future | _Batch":
@@ -426,14 +485,14 @@ class TransferExecutor:
             fut.set_exception(exc)
         return fut
 
-    def _verify(self, move: MoveLike) -> bool:
+    def _verify(self, st: _MoveState) -> bool:
+        move = st.move
         if self.checksums is None:
             return True
         want = self.checksums.get((move.layer, move.expert))
         if want is None:
             return True
-        got = expert_crc32(self.weights.expert(move.layer, move.slot % self.layout.slots_per_rank).values())
-        return got == want
+        return expert_crc32(st.dst.expert(move.layer, st.dst_slot).values()) == want
 
     def _drive_inner(self, epoch: int, states: list[_MoveState], deadline: float | None) -> TransferReport:
         with self._job_lock:
@@ -499,7 +558,7 @@ class TransferExecutor:
                     except (OSError, RuntimeError, KeyError, ValueError) as exc:
                         ok, reason = False, f"{type(exc).__name__}: {exc}"[:200]
                     for st in group:
-                        if ok and not self._verify(st.move):
+                        if ok and not self._verify(st):
                             fail(st, "checksum mismatch")
                             retry.append(st)
                         elif ok:
@@ -529,3 +588,52 @@ class TransferExecutor:
             if report.unrecoverable:
                 raise SourcesExhausted(report)
             return report
+
+
+class StagedExperts:
+    """Experts loaded for a plan but not serving yet; :meth:`apply` puts them in place at the commit.
+
+    One staging slot per move to this rank, in a registered :class:`ExpertWeights` of its own
+    (``index`` maps ``(layer, destination slot)`` to the staging slot). ``report`` is the
+    :class:`TransferReport` of the load. Call :meth:`release` once applied or abandoned.
+    """
+
+    def __init__(self, layout: "ExpertLayout", moves: Sequence[MoveLike], transport: MooncakeTransport) -> None:
+        per_layer: dict[int, int] = defaultdict(int)
+        self.index: dict[tuple[int, int], int] = {}
+        for m in moves:
+            self.index[(m.layer, m.slot)] = per_layer[m.layer]
+            per_layer[m.layer] += 1
+        self.moves = list(moves)
+        self.slots_per_rank = layout.slots_per_rank
+        self.weights = ExpertWeights.allocate(
+            layout.with_slots(max(per_layer.values(), default=1)), layers=sorted(per_layer) or [0]
+        )
+        self.transport = transport
+        self.report: TransferReport | None = None
+        self._released = False
+        for address, nbytes in self.weights.regions():
+            transport.register(address, nbytes)
+
+    def expert(self, layer: int, slot: int) -> dict[str, "torch.Tensor"]:
+        """The staged tensors for destination ``slot`` of ``layer``."""
+        return self.weights.expert(layer, self.index[(layer, slot)])
+
+    def apply(self, weights: ExpertWeights) -> int:
+        """Copy every staged expert into its slot of ``weights`` (the serving buffers); return bytes.
+
+        Called by the engine's commit at a step boundary, on every rank of the view at once.
+        """
+        total = 0
+        for (layer, slot), staged in self.index.items():
+            for name, t in self.weights.expert(layer, staged).items():
+                weights.tensor(layer, slot % self.slots_per_rank, name).copy_(t)
+                total += t.numel() * t.element_size()
+        return total
+
+    def release(self) -> None:
+        """Unregister and drop the staging memory (idempotent)."""
+        if not self._released:
+            self._released = True
+            for address, _ in self.weights.regions():
+                self.transport.unregister(address)
