@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -27,9 +28,11 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     mkdocs = Path(sys.executable).parent / "mkdocs"
     if not mkdocs.exists():
         mkdocs = Path(shutil.which("mkdocs") or "mkdocs")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     result = subprocess.run(
         [str(mkdocs), "build", "--strict", "--site-dir", str(tmp_path / "site")],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=280,
