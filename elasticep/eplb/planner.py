@@ -21,7 +21,8 @@ Replanning after a membership change works in two phases, each vectorised over a
    checked exactly before they are applied. With a budget, the steps on the ranks that stand out
    most across all layers go first. A layer stops when it is within ``tolerance`` of perfect
    balance or nothing improves it. Its peak never rises, so the result is never less balanced
-   than the repair alone.
+   than the repair alone; and where filling the holes in id order happens to do better on a
+   layer, that layer takes it (it costs the lower bound only).
 
 Who calls it: the reconfiguration pipeline on every new view (``replan``), the engines at start
 (``initial``), ``elasticep plan`` and ``elasticep bench plan``.
@@ -532,9 +533,19 @@ def replan(
     tslot = np.repeat(target, S)  # [N]
     cur_p = cur.phy2log.numpy()
     p = np.where(tslot[None, :], cur_p, EMPTY)
-    p, lb = _repair(p, w, tslot, target, speed, S)
+    start = p
+    p, lb = _repair(start, w, tslot, target, speed, S)
     before = float(_layer_balance(_rank_loads(p, w, S)[0], target, speed).mean())
     p = _rebalance(p, cur_p, w, tslot, target, speed, S, budget, float(tolerance))
+    # a safety net: where simply filling the holes in order happens to balance a layer better
+    # than the search did (small layers with few ranks, where a greedy step can get stuck), take
+    # it; it costs the lower bound only, so the budget still holds
+    plain = _fill_in_order(start, tslot, E)
+    peak = _layer_balance(_rank_loads(p, w, S)[0], target, speed)
+    plain_peak = _layer_balance(_rank_loads(plain, w, S)[0], target, speed)
+    better = plain_peak < peak - 1e-12
+    if better.any():
+        p = np.where(better[:, None], plain, p)
     rank_load, cnt = _rank_loads(p, w, S)
     after = float(_layer_balance(rank_load, target, speed).mean())
     if (cnt == 0).any():  # impossible when live_slots >= E: a guard on invariant 4
@@ -657,6 +668,32 @@ class _State:
         for name, value in vars(self).items():
             setattr(out, name, value[sub] if isinstance(value, np.ndarray) and value.ndim == 2 else value)
         return out
+
+
+def _fill_in_order(p: np.ndarray, tslot: np.ndarray, E: int) -> np.ndarray:
+    """The plainest coverage repair: each missing expert, in id order, takes the first empty
+    target slot, else the first target slot whose expert has another replica. Vectorised over
+    layers; one step per missing expert of the layer with the most."""
+    L, N = p.shape
+    p = p.copy()
+    rows = np.arange(L)
+    idx = np.where(p < 0, E, p)
+    cnt = _counts(idx, E + 1)
+    missing = cnt[:, :E] == 0
+    per_layer = missing.sum(1)
+    order = np.argsort(~missing, axis=1, kind="stable")  # missing ids first, ascending
+    for k in range(int(per_layer.max()) if L else 0):
+        act = per_layer > k
+        e = order[:, k]
+        idx = np.where(p < 0, E, p)
+        cnt = _counts(idx, E + 1)
+        spare = _take(cnt, idx) >= 2
+        legal = tslot[None, :] & ((p < 0) | spare)
+        # first empty target slot if any, else the first spare replica
+        empty = tslot[None, :] & (p < 0)
+        t = np.where(empty.any(1), empty.argmax(1), legal.argmax(1))
+        p[rows[act], t[act]] = e[act]
+    return p
 
 
 def _repair(p: np.ndarray, w: np.ndarray, tslot: np.ndarray, target: np.ndarray, speed: np.ndarray, S: int) -> tuple[np.ndarray, int]:
