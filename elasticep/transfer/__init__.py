@@ -6,7 +6,8 @@
 - :class:`TransferExecutor`: loads a plan's moves into this rank, live replica > host copy > disk,
   batched, asynchronous, epoch-tagged, optionally checksummed;
 - :class:`HostBackup`: a process keeping experts in RAM for the ranks of other hosts;
-- :class:`DiskSource`: safetensors on disk, reading only the tensors needed.
+- :class:`DiskSource`: safetensors on disk, reading only the tensors needed;
+- :class:`InProcessNetwork`: an in-process twin of the transport with seeded faults, for tests.
 """
 
 from elasticep.transfer.backup import HostBackup, host_backup_rank, is_host_backup, run_host_backup
@@ -21,9 +22,10 @@ from elasticep.transfer.executor import (
     TransferJob,
     TransferReport,
 )
+from elasticep.transfer.inprocess import InProcessNetwork, InProcessTransport
 from elasticep.transfer.layout import ExpertLayout, ExpertTensor, ExpertWeights, Extent, expert_crc32
 from elasticep.transfer.sources import SOURCE_KINDS, TRANSFORMERS_EXPERT_KEY, DiskSource
-from elasticep.transfer.transport import MooncakeTransport, TransportError, mooncake_te_unavailable_reason
+from elasticep.transfer.transport import MooncakeTransport, Transport, TransportError, mooncake_te_unavailable_reason
 
 __all__ = [
     "SOURCE_KINDS",
@@ -35,6 +37,8 @@ __all__ = [
     "ExpertWeights",
     "Extent",
     "HostBackup",
+    "InProcessNetwork",
+    "InProcessTransport",
     "MooncakeTransport",
     "MoveLike",
     "MoveResult",
@@ -44,6 +48,7 @@ __all__ = [
     "TransferExecutor",
     "TransferJob",
     "TransferReport",
+    "Transport",
     "TransportError",
     "expert_crc32",
     "host_backup_rank",

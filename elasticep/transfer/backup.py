@@ -23,7 +23,7 @@ import torch
 from elasticep.events import TransferEndpoint
 from elasticep.transfer.layout import ExpertLayout, ExpertWeights
 from elasticep.transfer.sources import DiskSource
-from elasticep.transfer.transport import MooncakeTransport
+from elasticep.transfer.transport import MooncakeTransport, Transport
 
 __all__ = ["HostBackup", "host_backup_rank", "is_host_backup", "run_host_backup"]
 
@@ -54,7 +54,7 @@ class HostBackup:
         *,
         backup_id: int = 0,
         layers: Sequence[int] | None = None,
-        transport: MooncakeTransport | None = None,
+        transport: Transport | None = None,
         host: str = "127.0.0.1",
     ) -> None:
         self.backup_id = backup_id

@@ -38,7 +38,7 @@ from elasticep import metrics
 from elasticep.events import TransferEndpoint, TransferFailed
 from elasticep.transfer.layout import ExpertLayout, ExpertWeights, expert_crc32
 from elasticep.transfer.sources import DiskSource
-from elasticep.transfer.transport import MooncakeTransport, TransportError
+from elasticep.transfer.transport import Transport, TransportError
 
 __all__ = [
     "ExpertMove",
@@ -198,7 +198,7 @@ class TransferExecutor:
         self,
         rank: int,
         weights: ExpertWeights,
-        transport: MooncakeTransport,
+        transport: Transport,
         *,
         epoch: int = 0,
         disk: DiskSource | None = None,
@@ -598,7 +598,7 @@ class StagedExperts:
     :class:`TransferReport` of the load. Call :meth:`release` once applied or abandoned.
     """
 
-    def __init__(self, layout: "ExpertLayout", moves: Sequence[MoveLike], transport: MooncakeTransport) -> None:
+    def __init__(self, layout: "ExpertLayout", moves: Sequence[MoveLike], transport: Transport) -> None:
         per_layer: dict[int, int] = defaultdict(int)
         self.index: dict[tuple[int, int], int] = {}
         for m in moves:

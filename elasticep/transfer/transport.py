@@ -20,7 +20,31 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-__all__ = ["MooncakeTransport", "TransportError", "mooncake_te_unavailable_reason"]
+from typing import Protocol
+
+__all__ = ["MooncakeTransport", "Transport", "TransportError", "mooncake_te_unavailable_reason"]
+
+
+class Transport(Protocol):
+    """What the executor and host backups need from a weight transport.
+
+    :class:`MooncakeTransport` is the real one; :class:`~elasticep.transfer.InProcessTransport`
+    its in-process twin. ``wait`` is called exactly once per batch and returns True on success.
+    """
+
+    peer: str
+
+    def register(self, address: int, nbytes: int) -> None: ...
+
+    def unregister(self, address: int) -> None: ...
+
+    def unregister_all(self) -> None: ...
+
+    def submit_read(self, peer: str, local: Sequence[int], remote: Sequence[int], lengths: Sequence[int]) -> int: ...
+
+    def submit_write(self, peer: str, local: Sequence[int], remote: Sequence[int], lengths: Sequence[int]) -> int: ...
+
+    def wait(self, batch: int) -> bool: ...
 
 
 class TransportError(RuntimeError):
