@@ -110,11 +110,17 @@ class TransferReport:
 
 
 class StaleEpoch(RuntimeError):
-    """A transfer for ``epoch`` was refused or abandoned because the executor is at ``current``."""
+    """A transfer for ``epoch`` was refused or abandoned because the executor is at ``current``.
+
+    Carries the same ``channel`` / ``got`` / ``current`` attributes as the pipeline's fence error
+    (``channel`` is ``"transfer"``), plus the partial ``report`` of an abandoned job.
+    """
+
+    channel = "transfer"
 
     def __init__(self, epoch: int, current: int, *, report: TransferReport | None = None) -> None:
         super().__init__(f"transfer for epoch {epoch} refused: the executor is at epoch {current}")
-        self.epoch = epoch
+        self.epoch = self.got = epoch
         self.current = current
         self.report = report
 
