@@ -45,9 +45,13 @@ def _layout(size_mib: float, count: int):
 
 
 def _crc(weights) -> int:
+    """CRC-32 of every buffer of layer 0, in layout order."""
+    import torch
+
     crc = 0
     for t in weights.layout.tensors:
-        crc = zlib.crc32(weights.buffers[weights.layout.buffer_name(0, t.name)].view(-1).view(__import__("torch").uint8).numpy(), crc)
+        buf = weights.buffers[weights.layout.buffer_name(0, t.name)]
+        crc = zlib.crc32(buf.view(-1).view(torch.uint8).numpy(), crc)
     return crc
 
 
@@ -172,7 +176,7 @@ def run(sizes: list[float], count: int, repeats: int, host: str = "127.0.0.1") -
             "ratio": round(sums["raw_write"] / sums["elasticep"], 3),
             "ratio_read": round(sums["raw_read"] / sums["elasticep"], 3),
             "repeats": repeats,
-            "transport": "tcp" if os.environ.get("MC_FORCE_TCP") or not os.path.exists("/sys/class/infiniband") else "auto",
+            "host": host,
             "sizes": rows,
         }
         return result
