@@ -381,12 +381,14 @@ class EPRankServer:
             self._view_lock.notify_all()
         # peers outside the view are neither sent to nor waited on from now on: a serving thread
         # blocked on a dead peer returns at once and its step fails its check
+        # The epoch being served is over: nobody waits on anybody in it any more. A serving
+        # thread blocked on a dead peer, or on a live one that already parked at its step
+        # boundary to reconfigure, returns at once; its step fails its check and is rolled back.
         buf = self.ep.buffer
-        if buf is not None:
-            members = set(view.members)
+        if buf is not None and view.epoch > self.epoch:
             mask = buf.active_ranks
             for r in range(mask.numel()):
-                if r not in members and r != self.rank and int(mask[r]) != 0:
+                if r != self.rank and int(mask[r]) != 0:
                     mask[r] = 0
         if hasattr(self, "pipeline"):
             self.pipeline.supersede(view.epoch)
@@ -631,8 +633,6 @@ class EPRankServer:
         if buf is not None:
             for t in buf.last_timeouts():
                 events.append(PeerTimeout(observer=self.rank, peer=t.peer, op=t.op, layer=t.layer, waited_us=t.waited_us))
-        if not events:
-            events = [PeerTimeout(observer=self.rank, peer=r, op="step") for r in lost]
         for ev in events:
             self._loop.call_soon_threadsafe(lambda ev=ev: self.service.report(ev, publish=True))
 
@@ -650,6 +650,8 @@ class EPRankServer:
                 self.model.idle_step()
                 self.model.backend.check_step()
         except PeersLost as lost:
+            if self._wait_view(lambda v: v.epoch > self.epoch, 0.0):
+                return  # the epoch ended under this step: reconfigure, then replay it
             self._report_timeouts(lost.ranks)
             gone = set(lost.ranks)
             ok = self._wait_view(lambda v: v.epoch > self.epoch and not (gone & set(v.members)), _VIEW_WAIT_S)
