@@ -8,10 +8,11 @@ Replanning after a membership change works in two phases, each vectorised over a
 
 1. **Coverage repair** moves the fewest experts possible: every logical expert that lost its last
    replica on a target rank (alive and not leaving) gets exactly one slot, taken from an empty
-   live slot or from a redundant replica (an expert with two or more replicas). Heaviest missing
-   expert first, each goes where it leaves the lowest peak: the slot's rank after the exchange,
-   and the worst host of the evicted expert, whose remaining replicas take over its share. That
-   is one move per missing (layer, expert) pair: the lower bound.
+   live slot or from a redundant replica (an expert with two or more replicas). In batches, each
+   target rank offers its best slot, ranked by the peak it leaves (the rank without the slot's
+   current share, and the worst other host of the evicted expert, which takes that share), and
+   the heaviest missing experts take the best offers. That is one move per missing (layer,
+   expert) pair: the lower bound.
 2. **Rebalance** is a local search within the move budget. Each round pairs, in every layer, the
    k-th most loaded rank with the k-th least loaded one and tries, per pair, to *replicate* an
    expert of the hot rank into a slot of the cold rank (one changed slot: the hot rank and every
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
