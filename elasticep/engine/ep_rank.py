@@ -309,6 +309,7 @@ class EPRankServer:
 
     def _control_main(self) -> None:
         loop = asyncio.new_event_loop()
+        loop.set_debug(False)  # ranks run as in production, whatever the launcher's environment
         self._loop = loop
         asyncio.set_event_loop(loop)
         try:
