@@ -43,22 +43,24 @@ from typing import Any, Protocol
 
 from elasticep import metrics
 from elasticep.eplb.placement import RedundancyExhausted
+from elasticep.errors import StaleEpoch
 from elasticep.events import Event, ReconfigPhase
+
+__all__ = [
+    "PHASES",
+    "CommitTimeout",
+    "EpochFence",
+    "ReconfigPipeline",
+    "ReconfigResult",
+    "StaleEpoch",
+    "StoreBarrier",
+    "Superseded",
+]
 
 PHASES: tuple[str, ...] = ("plan", "groups", "weights", "commit", "resume")
 
 
 # --- errors -------------------------------------------------------------------------------------
-
-
-class StaleEpoch(RuntimeError):
-    """Something tagged with an older epoch than the one installed was refused."""
-
-    def __init__(self, channel: str, got: int, current: int) -> None:
-        super().__init__(f"{channel}: epoch {got} is older than the installed epoch {current}; refused")
-        self.channel = channel
-        self.got = got
-        self.current = current
 
 
 class Superseded(RuntimeError):

@@ -35,6 +35,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from elasticep import metrics
+from elasticep.errors import StaleEpoch
 from elasticep.events import TransferEndpoint, TransferFailed
 from elasticep.transfer.layout import ExpertLayout, ExpertWeights, expert_crc32
 from elasticep.transfer.sources import DiskSource
@@ -47,6 +48,7 @@ __all__ = [
     "SourcesExhausted",
     "StagedExperts",
     "StaleEpoch",
+    "StaleTransfer",
     "TransferExecutor",
     "TransferJob",
     "TransferReport",
@@ -109,19 +111,18 @@ class TransferReport:
         return dict(counts)
 
 
-class StaleEpoch(RuntimeError):
+class StaleTransfer(StaleEpoch):
     """A transfer for ``epoch`` was refused or abandoned because the executor is at ``current``.
 
-    Carries the same ``channel`` / ``got`` / ``current`` attributes as the pipeline's fence error
-    (``channel`` is ``"transfer"``), plus the partial ``report`` of an abandoned job.
+    A :class:`elasticep.errors.StaleEpoch` on channel ``"transfer"``, with the partial
+    ``report`` of an abandoned job.
     """
 
-    channel = "transfer"
-
     def __init__(self, epoch: int, current: int, *, report: TransferReport | None = None) -> None:
-        super().__init__(f"transfer for epoch {epoch} refused: the executor is at epoch {current}")
-        self.epoch = self.got = epoch
-        self.current = current
+        super().__init__(
+            "transfer", epoch, current, f"transfer for epoch {epoch} refused: the executor is at epoch {current}"
+        )
+        self.epoch = epoch
         self.report = report
 
 
@@ -242,7 +243,7 @@ class TransferExecutor:
         with self._lock:
             if epoch < self._epoch:
                 metrics.STALE_EPOCH_REFUSED.labels(channel="transfer").inc()
-                raise StaleEpoch(epoch, self._epoch)
+                raise StaleTransfer(epoch, self._epoch)
             self._epoch = epoch
 
     def endpoint(self, epoch: int | None = None) -> TransferEndpoint:
@@ -590,7 +591,7 @@ class TransferExecutor:
             report.seconds = time.monotonic() - started
             if abandoned or self._epoch > epoch:
                 metrics.STALE_EPOCH_REFUSED.labels(channel="transfer").inc()
-                raise StaleEpoch(epoch, self._epoch, report=report)
+                raise StaleTransfer(epoch, self._epoch, report=report)
             if report.unrecoverable:
                 raise SourcesExhausted(report)
             return report
