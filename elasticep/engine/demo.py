@@ -172,6 +172,7 @@ class Workload:
         self._next = 0
         self._inflight = 0
         self._lock = threading.Condition()
+        self._stopped = False
         self.started_ns = 0
 
     @property
@@ -189,8 +190,14 @@ class Workload:
             self._fill()
         return self
 
+    def stop(self) -> None:
+        """Submit nothing more; :meth:`wait` then waits for the requests already submitted."""
+        with self._lock:
+            self._stopped = True
+            self._lock.notify_all()
+
     def _fill(self) -> None:
-        while self._inflight < self.concurrency and self._next < len(self.prompts):
+        while not self._stopped and self._inflight < self.concurrency and self._next < len(self.prompts):
             i = self._next
             self._next += 1
             self._inflight += 1
@@ -218,7 +225,7 @@ class Workload:
         """Wait until every request finished (or failed); False on timeout."""
         deadline = time.monotonic() + timeout_s
         with self._lock:
-            while len(self.outcomes) < len(self.prompts):
+            while len(self.outcomes) < (self._next if self._stopped else len(self.prompts)):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -237,14 +244,15 @@ class Workload:
 
     def verify(self, oracle) -> dict[str, Any]:
         """Compare every finished output with the oracle: ``{"total", "lost", "wrong", "errors"}``."""
-        expected = oracle.generate_many(self.prompts, self.max_new_tokens)
         with self._lock:
             outcomes = list(self.outcomes)
+            submitted = self._next if self._stopped else len(self.prompts)
+        expected = oracle.generate_many(self.prompts[:submitted], self.max_new_tokens)
         finished = {o.index: o for o in outcomes}
-        lost = [i for i in range(len(self.prompts)) if i not in finished or finished[i].error is not None]
+        lost = [i for i in range(submitted) if i not in finished or finished[i].error is not None]
         wrong = [o.index for o in outcomes if o.error is None and o.tokens != expected[o.index]]
         errors = sorted({finished[i].error for i in lost if i in finished and finished[i].error})
-        return {"total": len(self.prompts), "lost": len(lost), "wrong": len(wrong), "errors": errors[:5],
+        return {"total": submitted, "lost": len(lost), "wrong": len(wrong), "errors": errors[:5],
                 "wrong_indices": wrong[:10]}
 
     def throughput(self, since_ns: int, until_ns: int) -> float:
