@@ -59,6 +59,9 @@ constexpr size_t kAlign = 64;
 // milliseconds, while a futex sleeper is woken with the scheduler's wake-up preference.
 constexpr int kPollsBeforeSleep = 8;
 constexpr int kPausesPerPoll = 16;
+// Default bound on polling before sleeping when ranks <= cores, us: a futex sleep and wake-up
+// costs tens of microseconds, more on a busy host, and a peer on another core often posts sooner.
+constexpr int64_t kAutoSpinUs = 50;
 // Longest single futex sleep. The deadline bounds the total; this only makes a waiter re-read
 // the mask periodically, so a peer zeroed by another thread of the caller stops being waited on.
 constexpr int64_t kMaxSleepNs = 10'000'000;
@@ -161,7 +164,7 @@ struct PeerTimeoutRecord {
 class KernelRuntime {
  public:
   KernelRuntime(int rank, int num_ranks, int slots_per_rank, int max_tokens, int hidden, int topk,
-                int64_t epoch, std::string shm_name)
+                int64_t epoch, std::string shm_name, int64_t spin_us)
       : rank_(rank),
         num_ranks_(num_ranks),
         slots_per_rank_(slots_per_rank),
@@ -180,6 +183,10 @@ class KernelRuntime {
     if (shm_name_.empty() || shm_name_[0] != '/' || shm_name_.find('/', 1) != std::string::npos ||
         shm_name_.size() > 250)
       throw std::invalid_argument("shm_name must look like '/name' (one leading slash, <= 250 chars)");
+    // Spinning only pays when every rank can hold a core; with more ranks than cores the peer
+    // we would spin for usually needs ours.
+    if (spin_us < 0) spin_us = num_ranks <= static_cast<int>(std::thread::hardware_concurrency()) ? kAutoSpinUs : 0;
+    spin_ns_ = spin_us * 1000;
     compute_layout();
     attach();
     got_dispatch_.assign(num_ranks_, 0);
@@ -683,7 +690,7 @@ class KernelRuntime {
         }
         break;
       }
-      if (polls < kPollsBeforeSleep) {
+      if (polls < kPollsBeforeSleep || now - start < spin_ns_) {
         ++polls;
         for (int i = 0; i < kPausesPerPoll; ++i) cpu_relax();
         continue;
@@ -708,6 +715,7 @@ class KernelRuntime {
   size_t dmeta_bytes_ = 0, dchan_bytes_ = 0, cchan_bytes_ = 0;
 
   State state_ = State::kClosed;
+  int64_t spin_ns_ = 0;
   uint64_t seq_ = 0;
   int64_t tokens_ = 0;
   int64_t capacity_ = 0;
@@ -728,9 +736,9 @@ void register_ep_kernel(py::module_& m) {
   py::class_<KernelRuntime>(m, "KernelRuntime",
                             "One rank's attachment to the shared dispatch/combine segment. Use "
                             "elasticep.kernel.EPBuffer rather than this class.")
-      .def(py::init<int, int, int, int, int, int, int64_t, std::string>(), py::arg("rank"), py::arg("num_ranks"),
-           py::arg("slots_per_rank"), py::arg("max_tokens"), py::arg("hidden"), py::arg("topk"), py::arg("epoch"),
-           py::arg("shm_name"))
+      .def(py::init<int, int, int, int, int, int, int64_t, std::string, int64_t>(), py::arg("rank"),
+           py::arg("num_ranks"), py::arg("slots_per_rank"), py::arg("max_tokens"), py::arg("hidden"), py::arg("topk"),
+           py::arg("epoch"), py::arg("shm_name"), py::arg("spin_us") = -1)
       .def("dispatch_send_wait", &KernelRuntime::dispatch_send_wait, py::arg("x_ptr"), py::arg("tokens"),
            py::arg("dtype"), py::arg("topk_ptr"), py::arg("active_ptr"), py::arg("timeout_us"), py::arg("layer"),
            py::call_guard<py::gil_scoped_release>())

@@ -19,6 +19,7 @@ class KernelRuntime:
         topk: int,
         epoch: int,
         shm_name: str,
+        spin_us: int = -1,
     ) -> None: ...
     def dispatch_send_wait(
         self, x_ptr: int, tokens: int, dtype: int, topk_ptr: int, active_ptr: int, timeout_us: int, layer: int

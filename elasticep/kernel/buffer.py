@@ -98,6 +98,8 @@ class EPBuffer:
             buffer allocates one of all ones. The kernel writes 0s into it through its pointer.
         shm_name: override the segment name (e.g. to reuse one segment across epochs; the message
             epoch still keeps the epochs apart).
+        spin_us: how long a wait polls before it sleeps on the futex, microseconds. Default: 50
+            when ``num_ranks`` is at most the host's CPU count, else 0 (a few polls only).
 
     The segment is created by the first rank to attach (or by a launcher that built the same
     buffer first) and unlinked by the last rank to :meth:`close`. One dispatch may be in flight
@@ -119,6 +121,7 @@ class EPBuffer:
         timeout_us: int = 200_000,
         active_ranks: torch.Tensor | None = None,
         shm_name: str | None = None,
+        spin_us: int | None = None,
     ) -> None:
         if active_ranks is None:
             active_ranks = torch.ones(num_ranks, dtype=torch.int32)
@@ -130,7 +133,11 @@ class EPBuffer:
         self.timeout_us = int(timeout_us)
         self.cluster_id = cluster_id
         name = shm_name if shm_name is not None else segment_name(cluster_id, epoch)
-        self._runtime = _C.KernelRuntime(rank, num_ranks, slots_per_rank, max_tokens, hidden, topk, epoch, name)
+        if spin_us is not None and spin_us < 0:
+            raise ValueError(f"spin_us must be >= 0, got {spin_us}")
+        self._runtime = _C.KernelRuntime(
+            rank, num_ranks, slots_per_rank, max_tokens, hidden, topk, epoch, name, -1 if spin_us is None else spin_us
+        )
         self._lock = threading.Lock()
         self._pending: DispatchHandle | None = None
         self._recv_pool: torch.Tensor | None = None
