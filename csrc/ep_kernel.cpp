@@ -6,20 +6,22 @@
 //   Doorbell[num_ranks]                      one futex word per receiving rank
 //   Mailbox[2 phases][src][dst]              stamp (epoch << 32 | call seq), rows, dtype
 //   dispatch channel[src][dst]               meta [max_tokens][1 + topk] int32, rows [max_tokens][hidden]
-//   combine channel[owner][src]              rows [max_tokens * min(topk, slots_per_rank)][hidden]
+//   combine channel[owner][src]              rows [max_tokens * topk][hidden]
 //
 // A channel is written by exactly one rank (its src/owner) and read by exactly one (dst/src), so
 // no locks are needed: the writer fills the rows, then publishes the mailbox stamp with a release
-// store and rings the reader's doorbell. One buffer per channel suffices because of causality:
+// store; once all of a phase's messages are out it rings the readers' doorbells. Rows a rank
+// sends itself never go through the segment: they are read in place from x or expert_out.
+// One buffer per channel suffices because of causality:
 // src writes dispatch n+1 to dst only after src's combine n has received dst's combine n
 // message, which dst sends only after it has read all of dispatch n. Once a rank marks a peer
 // inactive it neither writes to nor reads from that peer again in this epoch, so a late peer can
 // never overwrite a buffer that is being read.
 //
-// Waiting: a receiver polls its mailboxes a few times (yielding the core between polls), then
-// sleeps on its doorbell with FUTEX_WAIT bounded by the call's deadline. Senders only issue
-// FUTEX_WAKE when the receiver has announced itself as a sleeper. Nothing ever spins without
-// bound: eight ranks share two cores on the machines this runs on in CI.
+// Waiting: a receiver polls its mailboxes briefly (up to spin_us, 0 when there are more ranks than
+// cores), then sleeps on its doorbell with FUTEX_WAIT bounded by the call's deadline. Senders
+// only issue FUTEX_WAKE when the receiver has announced itself as a sleeper. Nothing ever spins
+// without bound: eight ranks share two cores on the machines this runs on in CI.
 
 #include "ep_kernel.h"
 
@@ -51,7 +53,7 @@ namespace elasticep {
 namespace {
 
 constexpr uint64_t kMagic = 0x5045434954534c45ULL;  // "ELSTICEP" little-endian
-constexpr uint32_t kLayoutVersion = 1;
+constexpr uint32_t kLayoutVersion = 2;
 constexpr size_t kAlign = 64;
 // Polls before a waiter sleeps on its doorbell, each after a short pause (a few microseconds in
 // all). Small on purpose: with more ranks than cores the peer we wait for usually needs our core.
@@ -518,7 +520,8 @@ class KernelRuntime {
     dchan_bytes_ = dmeta_bytes_ + align_up(static_cast<size_t>(max_tokens_) * row_max);
     dispatch_off_ = off;
     off += dchan_bytes_ * R * R;
-    const size_t combine_rows = static_cast<size_t>(max_tokens_) * std::min(topk_, slots_per_rank_);
+    // Every top-k position of a token can name a slot of the same rank (even the same slot twice).
+    const size_t combine_rows = static_cast<size_t>(max_tokens_) * topk_;
     cchan_bytes_ = align_up(combine_rows * row_max);
     combine_off_ = off;
     off += cchan_bytes_ * R * R;

@@ -140,6 +140,39 @@ def test_two_ranks_on_two_threads_release_the_gil(cluster_id: str, dtype: torch.
     assert not os.path.exists("/dev/shm" + segment_name(cluster_id, 0)), "last close must unlink the segment"
 
 
+def test_duplicate_slots_fill_a_rank_to_topk(cluster_id: str) -> None:
+    # One slot per rank and every top-k position of every token on the peer's slot: a combine
+    # message then carries max_tokens * topk rows, more than max_tokens * slots_per_rank.
+    bufs = [
+        EPBuffer(r, 2, slots_per_rank=1, max_tokens=MAX_TOKENS, hidden=HIDDEN, topk=TOPK,
+                 cluster_id=cluster_id, timeout_us=2_000_000)
+        for r in range(2)
+    ]
+    try:
+        xs = [torch.randn(MAX_TOKENS, HIDDEN) for _ in range(2)]
+        idxs = [torch.full((MAX_TOKENS, TOPK), 1 - r, dtype=torch.int64) for r in range(2)]
+        ws = [torch.rand(MAX_TOKENS, TOPK) for _ in range(2)]
+        outs: list[Any] = [None, None]
+
+        def run(rank: int) -> None:
+            recv_x, counts, handle = bufs[rank].dispatch(xs[rank], idxs[rank])
+            assert counts.tolist() == [MAX_TOKENS * TOPK]
+            expert_out = _scale(rank, recv_x)
+            outs[rank] = bufs[rank].combine(expert_out, idxs[rank], ws[rank], handle=handle)
+
+        threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        for r in range(2):
+            want = ws[r].sum(dim=1, keepdim=True) * _scale(1 - r, xs[r])
+            torch.testing.assert_close(outs[r], want, rtol=1e-5, atol=1e-5)
+    finally:
+        for b in bufs:
+            b.close()
+
+
 def test_silent_peer_times_out_and_is_marked(cluster_id: str) -> None:
     before = metrics.sample("elasticep_kernel_peer_timeouts_total", {"op": "dispatch"})
     published: list[PeerTimeout] = []
