@@ -208,6 +208,8 @@ class EPRankServer:
         self._control_ready = threading.Event()
         self._control_error: BaseException | None = None
         self._leave_future = None
+        self._timeout_buffer = None
+        self._timeout_cursor = 0
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.IDENTITY, P.identity(spec.rank, spec.incarnation))
@@ -612,9 +614,16 @@ class EPRankServer:
         return view.has(self.rank, self.bus_incarnation if self.join else 0)
 
     def _wait_view(self, predicate, timeout_s: float) -> bool:
+        """Wait until the newest installed view satisfies ``predicate``; False on timeout.
+
+        Raises :class:`_Fenced` when this rank learns it is outside the committed views: its
+        membership service fenced it, or the view store already holds a newer view without it
+        (a rank that was stopped, or stopped taking part, and was evicted meanwhile).
+        """
         deadline = time.monotonic() + timeout_s
-        with self._view_lock:
-            while True:
+        next_store_check = time.monotonic() + 0.2
+        while True:
+            with self._view_lock:
                 if self._control_error is not None:
                     raise RuntimeError(f"control thread failed: {self._control_error!r}")
                 if self._latest_view is not None and predicate(self._latest_view):
@@ -623,6 +632,24 @@ class EPRankServer:
                 if left <= 0:
                     return False
                 self._view_lock.wait(min(left, 0.05))
+            service = getattr(self, "service", None)
+            if service is not None and service.fenced is not None:
+                raise _Fenced(str(service.fenced))
+            if time.monotonic() >= next_store_check:
+                next_store_check = time.monotonic() + 0.2
+                self._check_store_views()
+
+    def _check_store_views(self) -> None:
+        """Fence if a committed view newer than ours leaves this process out."""
+        from elasticep.membership.view import decode_view
+
+        epoch = max(self.epoch, 1)
+        newest = None
+        while self.store.check([f"elasticep/{self.cluster}/view/{epoch + 1}"]):
+            epoch += 1
+            newest = decode_view(self.store.get(f"elasticep/{self.cluster}/view/{epoch}"))
+        if newest is not None and not self._is_member(newest):
+            raise _Fenced(f"view {newest.epoch} ({list(newest.members)}) in the store leaves rank {self.rank} out")
 
     def _report_timeouts(self, lost) -> None:
         """Publish the kernel's timeouts as ``PeerTimeout`` (uncertain; the membership core
@@ -632,7 +659,10 @@ class EPRankServer:
         buf = self.ep.buffer
         events = []
         if buf is not None:
-            for t in buf.last_timeouts():
+            if buf is not self._timeout_buffer:
+                self._timeout_buffer, self._timeout_cursor = buf, 0
+            records, self._timeout_cursor = buf.timeouts_since(self._timeout_cursor)
+            for t in records:
                 events.append(PeerTimeout(observer=self.rank, peer=t.peer, op=t.op, layer=t.layer, waited_us=t.waited_us))
         for ev in events:
             self._loop.call_soon_threadsafe(lambda ev=ev: self.service.report(ev, publish=True))
@@ -670,7 +700,15 @@ class EPRankServer:
                 self._rr += 1
 
     def serve(self) -> int:
-        """Start membership, join the lockstep, serve until a graceful leave; returns the exit code."""
+        """Start membership, join the lockstep, serve until a graceful leave; returns the exit code
+        (0 after a leave, 3 when fenced: evicted while alive)."""
+        try:
+            return self._serve()
+        except _Fenced as exc:
+            self.fenced = str(exc)
+            return self._fence_exit()
+
+    def _serve(self) -> int:
         self._control.start()
         if not self._control_ready.wait(60.0) or self._control_error is not None:
             raise RuntimeError(f"rank {self.rank}: membership did not start: {self._control_error!r}")
@@ -696,9 +734,12 @@ class EPRankServer:
             if self.exhausted is not None:
                 self._drain(100)
                 continue
+            if self.service.fenced is not None:
+                raise _Fenced(str(self.service.fenced))
             if self.masked:
                 # alive and connected (heartbeats go on) but no longer taking part in any step
                 time.sleep(_IDLE_WAIT_MS / 1000)
+                self._check_store_views()
                 continue
             if self.leaving and not self._active:
                 return self._leave()
@@ -714,8 +755,16 @@ class EPRankServer:
         deadline = time.monotonic() + self.config.join_timeout_s
         while not future.done() and time.monotonic() < deadline:
             self._drain(0)
-            self._one_step()
-        left_view = future.result(timeout=1.0) if future.done() else None
+            try:
+                self._one_step()
+            except _Fenced:
+                break  # the view without this rank is committed: that is the leave
+            if self._wait_view(lambda v: v.epoch > self.epoch, 0.0):
+                break  # the epoch we stepped in is over; we take no part in the next
+        try:
+            left_view = future.result(timeout=2.0)
+        except Exception:
+            left_view = None
         until = time.monotonic() + _LEAVE_LINGER_S
         while left_view is not None and time.monotonic() < until:
             if self.store.check([placement_key(self.cluster, left_view.epoch)]):
@@ -731,6 +780,10 @@ class EPRankServer:
 
     def close(self) -> None:
         self._sock.close(linger=500)
+
+
+class _Fenced(RuntimeError):
+    """This rank process is outside the committed view; it stops serving (exit code 3)."""
 
 
 class _Engine:
