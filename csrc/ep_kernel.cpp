@@ -20,7 +20,7 @@
 //
 // Waiting: a receiver polls its mailboxes briefly (up to spin_us, 0 when there are more ranks than
 // cores), then sleeps on its doorbell with FUTEX_WAIT bounded by the call's deadline. Senders
-// only issue FUTEX_WAKE when the receiver has announced itself as a sleeper. Nothing ever spins
+// only issue FUTEX_WAKE when the receiver sleeps and the message is the last one it waits for. Nothing ever spins
 // without bound: eight ranks share two cores on the machines this runs on in CI.
 
 #include "ep_kernel.h"
@@ -53,7 +53,7 @@ namespace elasticep {
 namespace {
 
 constexpr uint64_t kMagic = 0x5045434954534c45ULL;  // "ELSTICEP" little-endian
-constexpr uint32_t kLayoutVersion = 2;
+constexpr uint32_t kLayoutVersion = 3;
 constexpr size_t kAlign = 64;
 // Polls before a waiter sleeps on its doorbell, each after a short pause (a few microseconds in
 // all). Small on purpose: with more ranks than cores the peer we wait for usually needs our core.
@@ -90,6 +90,7 @@ struct SegmentHeader {
 struct alignas(kAlign) Doorbell {
   std::atomic<uint32_t> ring;      // bumped by every sender; the futex word
   std::atomic<uint32_t> sleepers;  // > 0 while the owner may be in FUTEX_WAIT
+  std::atomic<uint32_t> target;    // the ring value at which the sleeping owner wants waking
 };
 
 struct alignas(kAlign) Mailbox {
@@ -640,8 +641,12 @@ class KernelRuntime {
     for (int dst = 0; dst < num_ranks_; ++dst) {
       if (dst == rank_ || !posted[dst]) continue;
       Doorbell* bell = doorbell(dst);
-      bell->ring.fetch_add(1, std::memory_order_seq_cst);
-      if (bell->sleepers.load(std::memory_order_seq_cst) > 0) futex_wake_all(&bell->ring);
+      const uint32_t ring = bell->ring.fetch_add(1, std::memory_order_seq_cst) + 1;
+      // Wake the owner only when it can have everything it waits for: with R ranks this is one
+      // wake-up per phase instead of R - 1, each of which costs a core on a crowded host.
+      if (bell->sleepers.load(std::memory_order_seq_cst) > 0 &&
+          static_cast<int32_t>(ring - bell->target.load(std::memory_order_seq_cst)) >= 0)
+        futex_wake_all(&bell->ring);
     }
   }
 
@@ -704,6 +709,12 @@ class KernelRuntime {
         sleeping = true;
         continue;
       }
+      // Ask to be woken once as many messages have arrived as are still missing. A sender that
+      // bumps the ring after our re-read below sees this target; one that bumped it before makes
+      // the re-read differ and we scan again. Messages we do not need (a late peer's) only make
+      // the wake-up early, never lost.
+      bell->target.store(ring + static_cast<uint32_t>(pending.size()), std::memory_order_seq_cst);
+      if (bell->ring.load(std::memory_order_seq_cst) != ring) continue;
       futex_wait(&bell->ring, ring, std::min(deadline - now, kMaxSleepNs));
     }
     if (sleeping) bell->sleepers.fetch_sub(1, std::memory_order_seq_cst);
