@@ -643,7 +643,9 @@ class EPRankServer:
         """Fence if a committed view newer than ours leaves this process out."""
         from elasticep.membership.view import decode_view
 
-        epoch = max(self.epoch, 1)
+        if self.epoch < 1:
+            return  # a joining rank is outside every view until the one that admits it
+        epoch = self.epoch
         newest = None
         while self.store.check([f"elasticep/{self.cluster}/view/{epoch + 1}"]):
             epoch += 1
