@@ -112,6 +112,12 @@ TRANSFER_BYTES = Counter(
     "elasticep_transfer_bytes_total", "Expert weight bytes moved into this rank, by source kind.", ["source"],
     registry=REGISTRY,
 )
+TRANSFER_STALE_REGISTRATIONS = Counter(
+    "elasticep_transfer_stale_registrations_total",
+    "Transfer-engine memory registrations dropped because their memory was freed without being "
+    "unregistered (a new region overlapped them).",
+    registry=REGISTRY,
+)
 REDUNDANCY_EXHAUSTED = Counter(
     "elasticep_redundancy_exhausted_total",
     "Views after which some logical expert had no live replica.",

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 from typing import Protocol
 
+from elasticep import metrics
+
 __all__ = ["MooncakeTransport", "Transport", "TransportError", "mooncake_te_unavailable_reason"]
 
 
@@ -88,23 +90,35 @@ class MooncakeTransport:
         self.timeout_s = int(os.environ.get("MC_TRANSFER_TIMEOUT", "30"))
         self.peer = f"{host}:{self._engine.get_rpc_port()}"
         """This engine's address, as peers name it in their transfers."""
-        self._registered: list[int] = []
+        self._registered: dict[int, int] = {}  # address -> nbytes
 
     def __repr__(self) -> str:
         return f"MooncakeTransport(peer={self.peer!r}, timeout_s={self.timeout_s})"
 
     def register(self, address: int, nbytes: int) -> None:
-        """Register ``nbytes`` of memory at ``address`` so that peers can read or write it."""
+        """Register ``nbytes`` of memory at ``address`` so that peers can read or write it.
+
+        The engine refuses a region that overlaps one it already holds. Two live buffers never
+        overlap, so an overlapping registration made through this transport belongs to memory
+        that was freed without :meth:`unregister` (the allocator handed the addresses out again):
+        it is dropped, counted in ``elasticep_transfer_stale_registrations_total``, and the new
+        region registered.
+        """
+        end = address + nbytes
+        for old, old_nbytes in list(self._registered.items()):
+            if old < end and address < old + old_nbytes:
+                self._engine.unregister_memory(old)
+                del self._registered[old]
+                metrics.TRANSFER_STALE_REGISTRATIONS.inc()
         rc = self._engine.register_memory(address, nbytes)
         if rc != 0:
             raise TransportError(f"register_memory({address:#x}, {nbytes}) returned {rc}")
-        self._registered.append(address)
+        self._registered[address] = nbytes
 
     def unregister(self, address: int) -> None:
         """Unregister memory registered at ``address`` (before freeing it)."""
-        if address in self._registered:
+        if self._registered.pop(address, None) is not None:
             self._engine.unregister_memory(address)
-            self._registered.remove(address)
 
     def unregister_all(self) -> None:
         """Unregister everything :meth:`register` registered (before freeing that memory)."""
