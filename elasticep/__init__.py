@@ -76,7 +76,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "moved_slots",
         "lower_bound",
     ),
-    "elasticep.kernel": ("EPBuffer", "KernelMaskSource", "KernelTimeout"),
+    "elasticep.kernel": ("EPBuffer", "DispatchHandle", "KernelMaskSource", "KernelTimeout", "segment_name", "unlink_segment"),
     "elasticep.groups": ("GlooGroups", "NcclGroups", "MooncakeGroups", "HealthyGroup", "GroupError"),
     "elasticep.transfer": (
         "TransferExecutor",
@@ -85,6 +85,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "DiskSource",
         "ExpertLayout",
         "SourcesExhausted",
+        "StagedExperts",
+        "TransferReport",
     ),
     "elasticep.reconfig": (
         "ReconfigPipeline",
