@@ -56,10 +56,11 @@ __all__ = ["EPRankServer", "WORK_FLAGS_MAX", "work_flags_path", "placement_key",
 WORK_FLAGS_MAX = 256
 """Ranks the shared work-flag page has room for."""
 
-_IDLE_WAIT_MS = 30
+_IDLE_WAIT_MS = (5, 100)
 """How long an idle rank waits for a request before taking the next (idle) lockstep step when no
-member has work, ms: far below the kernel timeout, so a rank with new work waits at most this
-long for its peers, and an idle cluster takes ~33 cheap steps a second instead of spinning."""
+member has work, ms: from the first to the second value, doubling while the cluster stays idle.
+Far below the kernel timeout, so a rank with new work waits at most this long for its peers, and
+an idle cluster takes ~10 cheap steps a second instead of spinning."""
 
 _VIEW_WAIT_S = 15.0
 """Bound on waiting for the view that excludes a lost peer, s."""
@@ -333,7 +334,7 @@ class EPRankServer:
         host, _, port = self.store_address.rpartition(":")
         self.bus_store = _connect(self.store_address)
         transport = ZmqTransport(self.rank, self.keys, self.bus_store, incarnation=self.bus_incarnation,
-                                 poll_interval_s=0.05)
+                                 poll_interval_s=0.2)  # late registrations: joiners, a monitor
         self.bus = EventBus(transport, self.rank)
         view_store = TCPStoreViewStore(host, int(port), timeout_s=self.config.store_timeout_s,
                                        prefix=f"elasticep/{self.cluster}")
@@ -723,12 +724,14 @@ class EPRankServer:
             _store_barrier(self.store, f"elasticep/{self.cluster}/ready", len(self.members), 60.0)
         self._send(P.Hello(rank=self.rank, incarnation=self.incarnation, pid=os.getpid(),
                            local_slots=len(self.model.local_slots)))
+        idle_ms = _IDLE_WAIT_MS[0]
         while True:
             if self._control_error is not None:
                 raise RuntimeError(f"control thread failed: {self._control_error!r}")
             members = self.members
             idle = (not self._active or self.masked) and not self.work.any_work(members)
-            self._drain(_IDLE_WAIT_MS if idle else 0)
+            idle_ms = min(idle_ms * 2, _IDLE_WAIT_MS[1]) if idle else _IDLE_WAIT_MS[0]
+            self._drain(idle_ms if idle else 0)
             self.work.post(self.rank, 0 if self.masked else len(self._active))
             self._apply_faults()
             if not self._reconfigure():
@@ -740,7 +743,7 @@ class EPRankServer:
                 raise _Fenced(str(self.service.fenced))
             if self.masked:
                 # alive and connected (heartbeats go on) but no longer taking part in any step
-                time.sleep(_IDLE_WAIT_MS / 1000)
+                time.sleep(_IDLE_WAIT_MS[1] / 1000)
                 self._check_store_views()
                 continue
             if self.leaving and not self._active:
