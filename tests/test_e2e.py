@@ -201,3 +201,15 @@ def test_demo_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "lost: 0  wrong: 0" in proc.stdout
     assert (tmp_path / "timeline.json").exists() and (tmp_path / "timeline.png").stat().st_size > 1000
+
+
+@pytest.mark.timeout(90)
+def test_fault_injector_kill_at_step_on_the_ep_launcher_fixture(ep_launcher, oracle):
+    from elasticep.testing import FaultInjector
+
+    FaultInjector(ep_launcher).kill(1, at_step=5)
+    prompts = make_prompts(12, 6, oracle.config.vocab_size, 11)
+    results = ep_launcher.generate(prompts, MAX_NEW, timeout_s=60)
+    assert [r.tokens for r in results] == oracle.generate_many(prompts, MAX_NEW)
+    ev = ep_launcher.wait_exit(1, timeout_s=10.0)
+    assert ev.signal == 9

@@ -4,7 +4,9 @@ See ``docs/engine.md``. Heavy dependencies (transformers) are imported only when
 or loaded, so importing this package is cheap.
 """
 
+from elasticep.engine.demo import ClusterRecorder, Workload, run_demo
 from elasticep.engine.ep import DeadSlotRouted, Dispatched, ExpertParallel, KernelEP, LocalEP, PeersLost
+from elasticep.engine.ep_rank import EPRankServer
 from elasticep.engine.launcher import Launcher, LauncherError, RankInfo, RankNotRunning, prewarm
 from elasticep.engine.model import (
     TINY_DEFAULTS,
@@ -27,6 +29,10 @@ from elasticep.engine.zygote import Zygote, ZygoteError
 
 __all__ = [
     "TINY_DEFAULTS",
+    "ClusterRecorder",
+    "EPRankServer",
+    "Workload",
+    "run_demo",
     "DeadSlotRouted",
     "DecodeState",
     "Dispatched",

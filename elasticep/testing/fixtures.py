@@ -1,4 +1,8 @@
-"""pytest fixtures shipped with elasticep; enable with ``pytest_plugins = ["elasticep.testing.fixtures"]``."""
+"""pytest fixtures shipped with elasticep; enable with ``pytest_plugins = ["elasticep.testing.fixtures"]``.
+
+``tiny_model``, ``oracle``, ``launcher`` (2 ranks, every slot in each rank), ``ep_launcher`` (3
+expert-parallel kernel ranks with membership and reconfiguration), ``fault_injector``, ``tcp_store``.
+"""
 
 from __future__ import annotations
 
@@ -53,6 +57,17 @@ def launcher(tiny_model):
     from elasticep.engine.launcher import Launcher
 
     with Launcher(tiny_model, 2, attempt_timeout_s=5.0) as launched:
+        yield launched
+
+
+@pytest.fixture
+def ep_launcher(tiny_model):
+    """A started expert-parallel :class:`~elasticep.engine.launcher.Launcher` (``backend="kernel"``)
+    with 3 ranks on ``tiny_model``: each rank holds only its own expert slots, membership runs over
+    the bus, and a failure is absorbed by the reconfiguration pipeline. Killed at teardown."""
+    from elasticep.engine.launcher import Launcher
+
+    with Launcher(tiny_model, 3, backend="kernel", attempt_timeout_s=30.0) as launched:
         yield launched
 
 
