@@ -370,7 +370,9 @@ class ReconfigPipeline:
             raise
         timing.end_ns, timing.status = time.time_ns(), "end"
         metrics.RECONFIG_PHASE_SECONDS.labels(phase=name).observe(time.perf_counter() - t0)
-        await self._emit(epoch, name, "end", timing.end_ns)
+        # a phase's result may describe itself (e.g. where the staged weights came from)
+        detail = getattr(value, "detail", "")
+        await self._emit(epoch, name, "end", timing.end_ns, detail if isinstance(detail, str) else "")
         return value
 
     async def _emit(self, epoch: int, phase: str, status: str, t_ns: int, detail: str = "") -> None:

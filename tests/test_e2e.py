@@ -54,6 +54,18 @@ def _finish(work: Workload, recorder: ClusterRecorder, oracle, timeout_s: float 
     return verdict
 
 
+def _same_view_sequence(timeline: Timeline) -> dict[int, tuple[int, ...]]:
+    """Every rank that installed epoch ``e`` installed the same members; returns epoch -> members."""
+    from elasticep.events import ViewInstalled
+
+    seen: dict[int, set[tuple[int, ...]]] = {}
+    for _t, sender, ev in timeline.events():
+        if isinstance(ev, ViewInstalled) and sender >= 0:
+            seen.setdefault(ev.epoch, set()).add(tuple(ev.members))
+    assert all(len(v) == 1 for v in seen.values()), seen
+    return {e: next(iter(v)) for e, v in seen.items()}
+
+
 def _evicted(recorder: ClusterRecorder, rank: int, timeout_s: float = 20.0) -> tuple[int, tuple[int, ...]]:
     got = recorder.wait_view(lambda e, m: e > 1 and rank not in m, timeout_s)
     assert got is not None, f"no view without rank {rank}; newest {recorder.view}"
@@ -82,6 +94,16 @@ def test_kill_then_rejoin_every_output_exact(tiny_model, oracle):
     changes = timeline.changes()
     kill = next(c for c in changes if c.signal == "kill rank 2")
     assert kill.resumed_ms is not None and set(kill.phases_ms) >= {"plan", "groups", "weights", "commit"}
+    views = _same_view_sequence(timeline)
+    assert views[epoch] == (0, 1, 3) and max(views) > epoch
+    # the experts the restarted rank received came from live replicas over the transfer engine
+    from elasticep.events import ReconfigPhase
+
+    rejoin_epoch = max(views)
+    details = [ev.detail for _t, _s, ev in timeline.events()
+               if isinstance(ev, ReconfigPhase) and ev.epoch == rejoin_epoch and ev.phase == "weights"
+               and ev.status == "end" and ev.rank == 2]
+    assert details and "replica=" in details[0] and "disk=" not in details[0], details
 
 
 @pytest.mark.timeout(90)
@@ -99,6 +121,7 @@ def test_leader_dies_then_a_second_failure(tiny_model, oracle):
         assert members2 == (2, 3) and epoch2 > epoch
         verdict = _finish(work, recorder, oracle)
         assert verdict["lost"] == 0, verdict
+    assert _same_view_sequence(timeline)[epoch2] == (2, 3)
 
 
 @pytest.mark.timeout(90)
@@ -188,6 +211,7 @@ def test_seeded_chaos(tiny_model, oracle):
                 assert recorder.wait_view(lambda e, m, v=victim: v in m, 20.0) is not None
             verdict = _finish(work, recorder, oracle, timeout_s=60.0)
             assert verdict["lost"] == 0, verdict
+            _same_view_sequence(timeline)
     except BaseException:
         print(f"chaos failed with seed {seed}")
         raise

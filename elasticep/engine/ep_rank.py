@@ -127,6 +127,21 @@ class _Plan:
     moves: list
 
 
+@dataclass
+class _Staged:
+    """Weights staged for a commit: ``(moe_layer, slot, expert, {"w13", "w2"})`` per local slot that
+    changes, and how many came from each kind of source (``replica``, ``local``, ``disk``...)."""
+
+    slots: list
+    sources: dict
+
+    @property
+    def detail(self) -> str:
+        """One line for the ``weights`` phase event, e.g. ``"3 experts: replica=2 disk=1"``."""
+        kinds = " ".join(f"{k}={v}" for k, v in sorted(self.sources.items()))
+        return f"{len(self.slots)} experts" + (f": {kinds}" if kinds else "")
+
+
 class EPRankServer:
     """One expert-parallel rank incarnation; see the module docs.
 
@@ -221,11 +236,15 @@ class EPRankServer:
     # ------------------------------------------------------------------ weights and transfer
 
     def _setup_transfer(self, model_path: str, config) -> None:
-        """Register a mirror of this rank's expert slots with the Mooncake transfer engine.
+        """Register this rank's expert buffers with the Mooncake transfer engine.
 
-        The mirror (gate, up, down per slot, the transformers layout) is what peers read when
-        one of these slots is the live replica of an expert they must load. It is refreshed from
-        the served weights before every staging, and the executor writes staged experts into it.
+        Two sets of buffers in the transformers layout (gate, up, down per slot):
+
+        * the *mirror* of the served weights, what peers read when one of these slots is the live
+          replica of an expert they must load. It changes only at a commit, so a replica stays
+          readable through a whole reconfiguration even when the plan gives its slot another
+          expert (the commit barrier orders every peer's reads before it);
+        * the *staging* buffers the executor writes the experts this rank receives into.
         """
         import torch
 
@@ -240,6 +259,7 @@ class EPRankServer:
             dtype=torch.float32,
         )
         self.mirror = ExpertWeights.allocate(layout)
+        self.staging = ExpertWeights.allocate(layout)
         self._inter = config.moe_intermediate_size
         self.disk = DiskSource(model_path, layer_offset=config.first_k_dense_replace)
         # checksums of every expert's correct bytes: a replica that is not what the plan says
@@ -252,10 +272,15 @@ class EPRankServer:
                 gate, up = t["w13"].chunk(2, dim=0)
                 checksums[(layer, e)] = expert_crc32([gate.contiguous(), up.contiguous(), t["w2"].contiguous()])
         self.transport = MooncakeTransport("127.0.0.1", timeout_s=max(1, int(self.config.transfer_timeout_s)))
-        self.executor = TransferExecutor(self.rank, self.mirror, self.transport, epoch=0, disk=self.disk,
+        self.executor = TransferExecutor(self.rank, self.staging, self.transport, epoch=0, disk=self.disk,
                                          checksums=checksums, max_workers=2)
+        for address, nbytes in self.mirror.regions():
+            self.transport.register(address, nbytes)
         self._sync_mirror()
-        endpoint = self.executor.endpoint(0)
+        from elasticep.events import TransferEndpoint
+
+        endpoint = TransferEndpoint(rank=self.rank, epoch=0, peer=self.transport.peer,
+                                    buffers=self.mirror.endpoint_buffers())
         import msgspec
 
         self.store.set(_xfer_key(self.cluster, self.rank),
@@ -452,28 +477,38 @@ class EPRankServer:
         return _Plan(view.epoch, base_epoch, new, base, list(view.members), record["leaving"],
                      _moves(base, new, sources_alive))
 
-    def _stage(self, plan: _Plan) -> dict:
-        """Load every slot of this rank whose expert changes into the mirror, then into the
-        model's staging area (:meth:`RankModel.load_slot`); nothing served changes here."""
+    def _stage(self, plan: _Plan) -> "_Staged":
+        """Load every slot of this rank whose expert changes into the staging buffers, then into
+        the model's staging area (:meth:`RankModel.load_slot`); nothing served changes here.
+
+        Sources, cheapest first: a slot of this rank that serves the expert now (a memory copy),
+        a live replica on another member (the Mooncake transfer engine reads its served mirror),
+        the safetensors checkpoint on disk."""
         import torch
 
         from elasticep.eplb.placement import EMPTY
         from elasticep.transfer import ExpertMove
 
-        self._sync_mirror()
-        mine = []
+        mine, local = [], []
         new = plan.placement.phy2log
         base = plan.base.phy2log
+        spr = plan.placement.slots_per_rank
+        sources_alive = set(plan.alive) | set(plan.leaving)
+        served = {(layer, self.model.slot_expert(layer, s)): s for layer in range(new.shape[0])
+                  for s in self.model.local_slots}
         for layer in range(new.shape[0]):
             for slot in self.model.local_slots:
                 want = int(new[layer, slot])
                 if want == EMPTY or want == self.model.slot_expert(layer, slot):
                     continue
-                # replicas that keep their expert through this plan, on live ranks, are safe to read
-                src = [int(s) for s in torch.nonzero((base[layer] == want) & (new[layer] == want)).flatten().tolist()
-                       if int(s) // plan.placement.slots_per_rank in plan.alive + plan.leaving and s != slot]
-                # a copy on this very rank first (a memory copy), then the others
-                src.sort(key=lambda s: (s // plan.placement.slots_per_rank != self.rank, s))
+                if (layer, want) in served:
+                    local.append((layer, slot, want, served[(layer, want)]))
+                    continue
+                # replicas on other live ranks, per the placement they serve now; those that keep
+                # the expert through the plan first
+                src = [int(s) for s in torch.nonzero(base[layer] == want).flatten().tolist()
+                       if int(s) // spr in sources_alive and int(s) // spr != self.rank]
+                src.sort(key=lambda s: (int(new[layer, s]) != want, s))
                 mine.append(ExpertMove(layer, slot, want, tuple(src)))
         report = None
         if mine:
@@ -483,19 +518,25 @@ class EPRankServer:
             if report.unrecoverable:
                 raise RuntimeError(f"no source worked for {len(report.unrecoverable)} experts")
         staged = []
-        spr = plan.placement.slots_per_rank
         for m in mine:
-            t = self.mirror.expert(m.layer, m.slot % spr)
+            t = self.staging.expert(m.layer, m.slot % spr)
             staged.append((m.layer, m.slot, m.expert, {
                 "w13": torch.cat([t["gate_proj"], t["up_proj"]], dim=0), "w2": t["down_proj"].clone()}))
-        return {"staged": staged, "sources": report.by_source() if report is not None else {}}
+        for layer, slot, want, src_slot in local:
+            t = self.model.slot_tensors(layer, src_slot)
+            staged.append((layer, slot, want, {"w13": t["w13"].clone(), "w2": t["w2"].clone()}))
+        sources = report.by_source() if report is not None else {}
+        if local:
+            sources["local"] = sources.get("local", 0) + len(local)
+        return _Staged(staged, sources)
 
-    def _commit(self, epoch: int, plan: _Plan, staged: dict) -> None:
+    def _commit(self, epoch: int, plan: _Plan, staged: "_Staged") -> None:
         """Control thread, the serving thread parked at a step boundary: apply the new epoch."""
-        for layer, slot, expert, tensors in staged["staged"]:
+        for layer, slot, expert, tensors in staged.slots:
             self.model.load_slot(layer, slot, expert, tensors)
         alive = [r in plan.alive for r in range(plan.placement.num_ranks)]
         self.model.set_placement(plan.placement, alive, epoch=epoch)
+        self._sync_mirror()  # peers read the weights served from now on
         self.epoch = epoch
         self.members = tuple(plan.alive)
         self._publish_placement(epoch, plan.placement)
@@ -812,7 +853,7 @@ class _Weights:
     def __init__(self, server: EPRankServer):
         self.server = server
 
-    async def stage(self, plan: _Plan, epoch: int) -> dict:
+    async def stage(self, plan: _Plan, epoch: int) -> _Staged:
         return await asyncio.to_thread(self.server._stage, plan)
 
 
