@@ -237,3 +237,21 @@ def test_fault_injector_kill_at_step_on_the_ep_launcher_fixture(ep_launcher, ora
     assert [r.tokens for r in results] == oracle.generate_many(prompts, MAX_NEW)
     ev = ep_launcher.wait_exit(1, timeout_s=10.0)
     assert ev.signal == 9
+
+
+@pytest.mark.timeout(90)
+def test_bench_recovery_smoke(tmp_path):
+    import json
+
+    out = tmp_path / "recovery.json"
+    cmd = [sys.executable, "-m", "elasticep", "bench", "recovery", "--ranks", "3", "--trials", "1",
+           "--window", "1.0", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=85)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for key in ("ranks", "trials", "kill_to_resumed_p50_ms", "kill_to_resumed_p99_ms", "requests_total",
+                "requests_lost", "outputs_wrong", "throughput_before", "throughput_after",
+                "plan_p50_ms", "groups_p50_ms", "weights_p50_ms", "commit_p50_ms"):
+        assert key in result, key
+    assert result["ranks"] == 3 and result["requests_lost"] == 0 and result["outputs_wrong"] == 0
+    assert result["kill_to_resumed_p50_ms"] > 0 and result["requests_total"] > 0
