@@ -200,8 +200,14 @@ def test_seeded_chaos(tiny_model, oracle):
                 assert work.wait_done(done, 30.0)
                 done += 12
                 victim = rnd.choice(launcher.alive_ranks())
-                fault = rnd.choice(["kill", "hang", "mask"])
-                getattr(launcher, fault)(victim) if fault != "kill" else launcher.kill(victim, wait=False)
+                fault = rnd.choice(["kill", "hang", "mask", "leave"])
+                if fault == "kill":
+                    launcher.kill(victim, wait=False)
+                elif fault == "leave":
+                    launcher.retire(victim, wait=False)
+                else:
+                    getattr(launcher, fault)(victim)
+                print(f"chaos: {fault} rank {victim}")
                 _evicted(recorder, victim)
                 if fault == "hang":
                     launcher.resume(victim)

@@ -397,7 +397,9 @@ class RankModel:
                 expert = int(placement.phy2log[layer, slot])
                 if expert != EMPTY:
                     self._write_slot(layer, i, expert, self.checkpoint.expert(layer, expert))
-        self._table = placement.dispatch_table(self._alive)
+        # epoch < 0: a joining rank outside every view; it routes nothing until its first
+        # set_placement, whose table is strict again
+        self._table = placement.dispatch_table(self._alive, strict=epoch >= 0)
         self.backend.set_view(placement, self._alive, epoch)
 
     # -------------------------------------------------------------- placement and weights
