@@ -226,18 +226,25 @@ class Timeline:
         import matplotlib.pyplot as plt
 
         xs, ys = self.throughput(bin_s)
+        # requests finish whole, so single bins are lumpy: show a centred 3-bin mean as well
+        smooth = [sum(ys[max(0, i - 1) : i + 2]) / len(ys[max(0, i - 1) : i + 2]) for i in range(len(ys))]
         fig, ax = plt.subplots(figsize=(9, 3.6), dpi=110)
-        ax.step(xs, ys, where="post", color="#1f77b4", label="tokens/s")
-        for change in self.changes():
+        ax.step(xs, ys, where="post", color="#1f77b4", alpha=0.35, label=f"tokens/s ({bin_s:g} s bins)")
+        ax.plot([x + bin_s / 2 for x in xs], smooth, color="#1f77b4", lw=2, label="3-bin mean")
+        top = max(ys, default=1.0) * 1.45 or 1.0
+        ax.set_ylim(0, top)
+        for i, change in enumerate(self.changes()):
             t0 = (change.signal_ns - self.start_ns) / 1e9
+            y = top * (0.97 - 0.16 * (i % 3))  # stagger labels of changes close in time
             ax.axvline(t0, color="#d62728", ls="--", lw=1)
-            ax.text(t0, ax.get_ylim()[1] * 0.95, f" {change.signal}", color="#d62728", fontsize=8, va="top")
+            label = f" {change.signal}"
             if change.resumed_ms is not None:
                 t1 = t0 + change.resumed_ms / 1e3
                 ax.axvspan(t0, t1, color="#ff7f0e", alpha=0.25)
                 ax.axvline(t1, color="#2ca02c", lw=1)
-                ax.text(t1, ax.get_ylim()[1] * 0.80, f" epoch {change.epoch}: {change.resumed_ms:.0f} ms",
-                        color="#2ca02c", fontsize=8, va="top")
+                label += f" -> epoch {change.epoch} serving after {change.resumed_ms:.0f} ms"
+            ax.text(t0, y, label, color="#d62728", fontsize=8, va="top")
+        ax.legend(loc="lower right", fontsize=8)
         ax.set_xlabel("time since start (s)")
         ax.set_ylabel("generated tokens / s")
         ax.set_title(title, fontsize=10)
