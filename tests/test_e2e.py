@@ -261,3 +261,21 @@ def test_bench_recovery_smoke(tmp_path):
         assert key in result, key
     assert result["ranks"] == 3 and result["requests_lost"] == 0 and result["outputs_wrong"] == 0
     assert result["kill_to_resumed_p50_ms"] > 0 and result["requests_total"] > 0
+
+
+@pytest.mark.timeout(90)
+def test_second_failure_during_reconfiguration(tiny_model, oracle):
+    # the second kill lands while the survivors reconfigure for the first: that pipeline is
+    # abandoned or completed, and every survivor ends in the same view without both ranks
+    with _cluster(tiny_model, 4, slots_per_rank=8) as launcher:
+        work, timeline, recorder = _run(launcher, oracle, 40, seed=7)
+        assert work.wait_done(8, 30.0)
+        launcher.kill(1, wait=False)
+        time.sleep(0.04)
+        launcher.kill(3, wait=False)
+        got = recorder.wait_view(lambda e, m: m == (0, 2), 20.0)
+        assert got is not None, recorder.view
+        verdict = _finish(work, recorder, oracle)
+        assert verdict["lost"] == 0, verdict
+    views = _same_view_sequence(timeline)
+    assert views[max(views)] == (0, 2)
