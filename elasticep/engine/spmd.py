@@ -8,9 +8,10 @@ the KV cache is rolled back, and the rank moves to the next epoch's view without
 replays the step, routing to the surviving replicas.
 
 Here each survivor takes the new view from its own kernel mask: all of them wait on the dead
-peer in the same step, so they agree. In the full system the membership service agrees on the
-view (and a hung-but-alive peer cannot split it); this module is the data-plane half that the
-reconfiguration pipeline drives.
+peer in the same step, so they agree. This module is the data plane alone, kept as the smallest
+runnable form of the lockstep; the serving engine (``Launcher(backend="kernel")``,
+:mod:`elasticep.engine.ep_rank`) agrees on every view through the membership service instead, so
+a hung-but-alive peer cannot split it, and reconfigures through the pipeline.
 
 :func:`run_spmd_rank` is a zygote target (``"elasticep.engine.spmd:run_spmd_rank"``); results go
 to the launcher's store under :func:`result_key` as JSON ``{"tokens", "views", "steps"}``.
