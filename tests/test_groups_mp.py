@@ -18,8 +18,10 @@ from elasticep.events import ViewInstalled
 
 pytestmark = pytest.mark.multiproc
 
-REBUILD_BOUND_S = 3.0
-"""The survivors' rebuild plus one all-reduce must finish within this, s (2-core machine)."""
+REBUILD_BOUND_S = 10.0
+"""The survivors' rebuild plus one all-reduce must finish within this, s: far below the old
+group's 30 s op timeout, which proves the abort (not the timeout) ended it, with room for a loaded
+2-core machine."""
 
 
 def _rank_main(rank: int, port: int, results: mp.Queue, views: mp.Queue) -> None:
