@@ -49,6 +49,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
+from elasticep.bus import BusClosed
 from elasticep.engine import protocol as P
 
 __all__ = ["EPRankServer", "WORK_FLAGS_MAX", "work_flags_path", "placement_key", "plan_key"]
@@ -424,8 +425,8 @@ class EPRankServer:
         try:
             self.bus.publish_nowait(self._ViewInstalled(epoch=view.epoch, members=tuple(view.members),
                                                         leader=view.leader, rank=self.rank, reason=view.reason))
-        except Exception:
-            pass
+        except BusClosed:
+            pass  # shutting down: nobody is left to tell
 
     def _call(self, coro, timeout: float):
         """Run ``coro`` on the control loop from the serving thread; wait at most ``timeout`` s."""
