@@ -51,6 +51,7 @@ import zmq.asyncio
 
 from elasticep.bus import BusClosed
 from elasticep.engine import protocol as P
+from elasticep.engine.rank import drain_launcher
 
 __all__ = ["EPRankServer", "WORK_FLAGS_MAX", "work_flags_path", "placement_key", "plan_key"]
 
@@ -548,19 +549,7 @@ class EPRankServer:
         self._sock.send(P.encode(msg))
 
     def _drain(self, timeout_ms: int) -> None:
-        if not self._sock.poll(timeout_ms):
-            return
-        while True:
-            try:
-                frame = self._sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                msg = P.decode_to_rank(frame)
-            except P.ProtocolError as exc:
-                print(f"rank {self.rank}: dropped a frame: {exc}", file=sys.stderr)
-                continue
-            self._handle(msg)
+        drain_launcher(self._sock, self.rank, self._handle, timeout_ms)
 
     def _handle(self, msg) -> None:
         if isinstance(msg, P.Generate):
