@@ -53,6 +53,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "StoreRendezvous",
         "Transport",
         "BusClosed",
+        "new_event_loop",
     ),
     "elasticep.detect": ("FusionPolicy", "HeartbeatMonitor", "MaskProvider", "MaskSource", "ProcessExitWatcher"),
     "elasticep.membership": (

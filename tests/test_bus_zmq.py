@@ -31,15 +31,18 @@ from elasticep.events import Codec, Heartbeat, SequenceGap, envelope
 
 BURST = 100
 LIVE = 3
+# The ranks run on different event loops: the bus must behave the same on both, and interoperate.
+LOOPS = ("uvloop", "asyncio", "uvloop")
 INTRUDER_RANK = 3  # has a public key in the cluster, but nobody here holds its secret key
 FORGER_RANK = 4  # a real member that lies about who it is
 
 WORKER = r'''
 import asyncio, json, sys, time
 from elasticep.bus import ClusterKeys, EventBus, ZmqTransport, connect_store
+from elasticep.bus.loop import run
 from elasticep.events import Heartbeat, Suspicion
 
-rank, live, addr, burst = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+rank, live, addr, burst, loop = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
 peers = set(range(live)) - {rank}
 
 
@@ -92,10 +95,11 @@ async def main():
             "peers": sorted(transport.peers()),
             "connected": sorted(ever_connected),
             "handshake_failures": transport.handshake_failures,
+            "loop": type(asyncio.get_running_loop()).__module__,
         }
     await asyncio.to_thread(store.set, f"t/result/{rank}", json.dumps(result))
 
-asyncio.run(main())
+run(main(), kind=loop)
 '''
 
 
@@ -187,7 +191,9 @@ def test_three_processes_over_curve_with_intruders_and_monitor(tcp_store, tmp_pa
     worker = tmp_path / "rank.py"
     worker.write_text(WORKER)
     procs = [
-        subprocess.Popen([sys.executable, str(worker), str(r), str(LIVE), addr, str(BURST)], env=keys.for_rank(r).to_env())
+        subprocess.Popen(
+            [sys.executable, str(worker), str(r), str(LIVE), addr, str(BURST), LOOPS[r]], env=keys.for_rank(r).to_env()
+        )
         for r in range(LIVE)
     ]
     monitor = None
@@ -214,6 +220,7 @@ def test_three_processes_over_curve_with_intruders_and_monitor(tcp_store, tmp_pa
 
     results = {r: json.loads(tcp_store.get(f"t/result/{r}")) for r in range(LIVE)}
     for r, res in results.items():
+        assert res["loop"].split(".")[0] == LOOPS[r]
         # Every peer's burst arrived complete and in order, with no gap.
         for p in set(range(LIVE)) - {r}:
             assert res["got"][str(p)] == [float(i) for i in range(1, BURST + 1)], (r, p)

@@ -10,11 +10,18 @@ In one run, for each of
 
 it measures
 
-* one-way latency: the publisher sends one frame every ``--interval-us``; the subscriber takes
+* one-way latency: the publisher sends one frame, then sleeps ``--interval-us`` (both publishers
+  with the same blocking ``time.sleep``: an event loop's timers round to a millisecond, and a
+  longer idle gap alone makes a wake-up slower, so equal gaps keep the comparison fair); the
+  subscriber takes
   ``time.monotonic_ns()`` when the event reaches it and subtracts the send time carried in the
   frame (one host, one monotonic clock), p50 and p99 in microseconds;
 * sustained throughput: the publisher sends ``--events`` frames as fast as it can; the subscriber
   counts what arrives between the first and the last, events per second.
+
+elasticep's publisher and subscriber run on the event loop ``--loop`` picks (``auto``: uvloop
+where installed, as rank processes do; see :mod:`elasticep.bus.loop`). A third row reads raw pyzmq
+from a reader callback on that same loop: the loop's own share of the difference.
 
 The publisher is this process; each subscriber is a child process. ``--json PATH`` writes the
 figures with the keys ``elasticep_p50_us``, ``elasticep_p99_us``, ``raw_zmq_p50_us``,
@@ -32,6 +39,9 @@ import subprocess
 import sys
 import time
 from typing import Any
+
+from elasticep.bus.loop import EVENT_LOOP_KINDS, event_loop_kind
+from elasticep.bus.loop import run as run_loop
 
 _PROBE, _LATENCY, _THROUGHPUT = 0, 1, 2
 _RAW_HEAD = struct.Struct("<Bq")
@@ -213,13 +223,13 @@ def _subscriber_main(args: argparse.Namespace) -> int:
     if args.role == "elasticep-sub":
         from elasticep.bus import connect_store
 
-        result = asyncio.run(_elasticep_subscriber(args))
+        result = run_loop(_elasticep_subscriber(args), kind=args.loop)
         connect_store(args.store).set(_RESULT_KEY + args.role, json.dumps(result))
         return 0
     # The raw subscribers talk to the publisher over stdout ("ready", then one JSON line), so
     # they never import torch for a store client and start in a fraction of a second.
     if args.role == "raw-asyncio-sub":
-        result = asyncio.run(_raw_asyncio_subscriber(args))
+        result = run_loop(_raw_asyncio_subscriber(args), kind=args.loop)
     else:
         result = _raw_subscriber(args)
     print(json.dumps(result), flush=True)
@@ -233,7 +243,7 @@ def _spawn(
     role: str, args: argparse.Namespace, *, store_addr: str = "", connect: str = "", env: dict[str, str] | None = None
 ) -> subprocess.Popen:
     cmd = [
-        sys.executable, "-m", "elasticep.bench.bus", "--role", role,
+        sys.executable, "-m", "elasticep.bench.bus", "--role", role, "--loop", args.loop,
         "--events", str(args.events), "--hwm", str(args.hwm), "--timeout", str(args.timeout),
     ]
     if store_addr:
@@ -299,7 +309,8 @@ async def _elasticep_publisher(args: argparse.Namespace, store: Any, store_addr:
             latency_event = Heartbeat(rank=0, step=_LATENCY)
             for _ in range(args.samples):
                 await bus.publish(latency_event)
-                await asyncio.sleep(interval)
+                await asyncio.sleep(0)  # run the loop's own callbacks (the flush)
+                time.sleep(interval)  # the raw publisher's pacing, to the same resolution
             await asyncio.sleep(0.05)
             burst = Heartbeat(rank=0, step=_THROUGHPUT)
             publish = bus.publish
@@ -367,7 +378,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     port = free_port()
     store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, use_libuv=True)
     store_addr = f"127.0.0.1:{port}"
-    ours, frame_bytes = asyncio.run(_elasticep_publisher(args, store, store_addr))
+    ours, frame_bytes = run_loop(_elasticep_publisher(args, store, store_addr), kind=args.loop)
     raw = _raw_publisher(args, frame_bytes)
     raw_asyncio = _raw_publisher(args, frame_bytes, role="raw-asyncio-sub")
     out: dict[str, Any] = {
@@ -379,6 +390,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "raw_zmq_events_per_s": raw["events_per_s"],
         "raw_zmq_asyncio_p50_us": raw_asyncio["p50_us"],
         "raw_zmq_asyncio_p99_us": raw_asyncio["p99_us"],
+        "event_loop": event_loop_kind(args.loop),
         "frame_bytes": frame_bytes,
         "transport": args.endpoint or "tcp://127.0.0.1",
         "latency_samples": args.samples,
@@ -399,6 +411,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, default=300_000, help="events in the throughput burst")
     p.add_argument("--hwm", type=int, default=1_000_000, help="ZeroMQ high-water mark for the run")
     p.add_argument("--endpoint", default=None, help="elasticep PUB bind endpoint (default tcp://127.0.0.1:*; 'ipc')")
+    p.add_argument("--loop", choices=EVENT_LOOP_KINDS, default="auto",
+                   help="event loop for elasticep and the asyncio baseline (default auto: uvloop if installed)")
     p.add_argument("--tiny", action="store_true", help="a few hundred events only (for tests)")
     p.add_argument("--timeout", type=float, default=60.0, help="bound on each phase, s")
     p.add_argument("--role", choices=["elasticep-sub", "raw-sub", "raw-asyncio-sub"], help=argparse.SUPPRESS)
@@ -415,11 +429,11 @@ def main(argv: list[str] | None = None) -> int:
         args.samples, args.events, args.timeout = 50, 2000, 20.0
     out = run(args)
     print(f"frame {out['frame_bytes']} B over {out['transport']}, {args.samples} latency samples, "
-          f"{args.events} events burst")
+          f"{args.events} events burst, {out['event_loop']} event loop")
     print(f"{'':12}{'p50 us':>10}{'p99 us':>10}{'events/s':>12}")
     for name in ("elasticep", "raw_zmq"):
         print(f"{name:12}{out[name + '_p50_us']:>10.1f}{out[name + '_p99_us']:>10.1f}{out[name + '_events_per_s']:>12,.0f}")
-    print(f"{'(raw_zmq read from an asyncio callback)':40} p50 {out['raw_zmq_asyncio_p50_us']:.1f} us, "
+    print(f"{'(raw_zmq read from an event-loop callback)':40} p50 {out['raw_zmq_asyncio_p50_us']:.1f} us, "
           f"p99 {out['raw_zmq_asyncio_p99_us']:.1f} us")
     print(f"p50 ratio elasticep/raw: {out['elasticep_p50_us'] / out['raw_zmq_p50_us']:.2f} (target <= 1.5); "
           f"elasticep lost {out['elasticep']['lost_in_gaps']} events in gaps")

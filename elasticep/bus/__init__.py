@@ -18,6 +18,7 @@ from elasticep.bus.bus import (
     SubscriptionStatistics,
 )
 from elasticep.bus.inprocess import InProcessNetwork, InProcessTransport
+from elasticep.bus.loop import EVENT_LOOP_ENV, event_loop_kind, new_event_loop
 from elasticep.bus.keys import KEYS_ENV, ClusterKeys, MissingKey
 from elasticep.bus.rendezvous import DEFAULT_PREFIX, Registration, StoreRendezvous, connect_store
 from elasticep.bus.transport import Frame, Transport, TransportClosed, new_incarnation
@@ -26,6 +27,7 @@ from elasticep.bus.zmq_transport import MONITOR_RANK, ZmqTransport
 __all__ = [
     "DEFAULT_PREFIX",
     "DEFAULT_SUBSCRIPTION_MAXSIZE",
+    "EVENT_LOOP_ENV",
     "KEYS_ENV",
     "MONITOR_RANK",
     "OVERFLOW_POLICIES",
@@ -48,5 +50,7 @@ __all__ = [
     "WouldBlock",
     "ZmqTransport",
     "connect_store",
+    "event_loop_kind",
+    "new_event_loop",
     "new_incarnation",
 ]

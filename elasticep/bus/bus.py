@@ -347,6 +347,7 @@ class EventBus:
         self._flush_scheduled = False
         self._unflushed_counts: dict[type, int] = {}
         self._received_counts: dict[type, int] = {}
+        self._received_flush_scheduled = False
         self._has_block = False
         self._stall_task: asyncio.Task[None] | None = None
         self._push = False
@@ -641,10 +642,16 @@ class EventBus:
             for sub in routes[t]:
                 # Room was checked above; only a gap report just queued can have taken it.
                 sub._offer(env) or sub._push(env)
-        self._flush_received_counts()
+        if counts and not self._received_flush_scheduled:
+            # The metrics follow one loop iteration later, after the woken consumers have run:
+            # a counter update (a lock in prometheus-client) stays off the delivery path.
+            self._received_flush_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._flush_received_counts)
         return None
 
     def _flush_received_counts(self) -> None:
+        self._received_flush_scheduled = False
         if self._received_counts:
             counts, self._received_counts = self._received_counts, {}
             for t, n in counts.items():

@@ -25,6 +25,7 @@ from typing import TextIO
 import msgspec
 
 from elasticep import metrics
+from elasticep.bus.loop import run as run_loop
 from elasticep.events import EVENT_TAGS, Envelope, event_tag
 
 __all__ = ["format_envelope", "json_envelope", "main", "run"]
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.metrics_port:
         metrics.serve(args.metrics_port)
     try:
-        printed = asyncio.run(run(args, sys.stdout))
+        printed = run_loop(run(args, sys.stdout))
     except KeyboardInterrupt:
         return 130
     if args.count and printed < args.count:

@@ -374,16 +374,36 @@ class ZmqTransport(Transport):
 
     def _on_sub_readable(self, rank: int, sock: zmq.Socket) -> None:
         # The ZeroMQ FD only signals "state changed"; reading EVENTS clears it (no spinning).
-        if sock.closed:
+        if sock.closed or not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             return
-        if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        receiver = self._receiver
+        if receiver is None:
             self._ready.add(rank)
             self._known_readable.add(rank)  # _drain may skip one EVENTS query (~5 us each)
-            if self._receiver is None:
-                assert self._readable is not None
-                self._readable.set()
-            elif not self._paused:
+            assert self._readable is not None
+            self._readable.set()
+            return
+        if self._paused or self._ready:
+            # Someone is already behind (a pause, or a batch limit hit): keep the queue's order.
+            self._ready.add(rank)
+            self._known_readable.add(rank)
+            if not self._paused:
                 self._pump()
+            return
+        # The common case, one peer readable and nothing queued: read it here and hand the batch
+        # over straight from this callback (the latency path: no set, no second callback).
+        peer = self._peers.get(rank)
+        if peer is None:
+            return
+        frames: list[Frame] = []
+        if self._read_peer(peer, frames, True):
+            self._ready.add(rank)  # batch limit hit with more waiting: the pump finishes it
+            if not self._pump_scheduled:
+                self._pump_scheduled = True
+                assert self._loop is not None
+                self._loop.call_soon(self._pump)
+        if frames:
+            receiver(frames)
 
     def _pump(self) -> None:
         """Push mode: hand one batch to the receiver; come back next iteration if more is ready
@@ -504,45 +524,57 @@ class ZmqTransport(Transport):
         if not self._ready:
             return out
         peers = self._peers
-        unpack_length = _LENGTH.unpack_from
         for rank in list(self._ready):
             peer = peers.get(rank)
             if peer is None:
                 self._ready.discard(rank)
                 continue
-            sock = peer.sock
-            recv = sock.recv
-            getsockopt = sock.getsockopt
             known = rank in self._known_readable
             self._known_readable.discard(rank)
-            while len(out) < _RECEIVE_BATCH:
-                # Asking EVENTS is cheaper than provoking zmq.Again, and it re-arms the FD.
-                if known:
-                    known = False
-                elif not getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    self._ready.discard(rank)
-                    break
-                data = recv(zmq.NOBLOCK)
-                end = len(data)
-                if end < 12:
-                    out.append((rank, peer.incarnation, b""))  # no room for a header: malformed
-                    continue
-                incarnation = _INCARNATION.unpack_from(data)[0]
-                offset = 8
-                while offset < end:
-                    if offset + 4 > end:
-                        out.append((rank, incarnation, b""))
-                        break
-                    length = unpack_length(data, offset)[0]
-                    offset += 4
-                    if offset + length > end:
-                        out.append((rank, incarnation, b""))  # lengths overrun the message
-                        break
-                    out.append((rank, incarnation, data[offset : offset + length]))
-                    offset += length
+            if not self._read_peer(peer, out, known):
+                self._ready.discard(rank)
             if len(out) >= _RECEIVE_BATCH:
                 break
         return out
+
+    @staticmethod
+    def _read_peer(peer: _Peer, out: list[Frame], known: bool) -> bool:
+        """Append ``peer``'s queued messages' envelopes to ``out`` up to ``_RECEIVE_BATCH``.
+
+        ``known``: the caller has just seen POLLIN on the socket. Returns ``True`` when the batch
+        filled with messages still waiting, ``False`` when the socket is drained (its FD then
+        re-armed by the last EVENTS query).
+        """
+        sock = peer.sock
+        recv = sock.recv
+        getsockopt = sock.getsockopt
+        rank = peer.rank
+        unpack_length = _LENGTH.unpack_from
+        while len(out) < _RECEIVE_BATCH:
+            # Asking EVENTS is cheaper than provoking zmq.Again, and it re-arms the FD.
+            if known:
+                known = False
+            elif not getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return False
+            data = recv(zmq.NOBLOCK)
+            end = len(data)
+            if end < 12:
+                out.append((rank, peer.incarnation, b""))  # no room for a header: malformed
+                continue
+            incarnation = _INCARNATION.unpack_from(data)[0]
+            offset = 8
+            while offset < end:
+                if offset + 4 > end:
+                    out.append((rank, incarnation, b""))
+                    break
+                length = unpack_length(data, offset)[0]
+                offset += 4
+                if offset + length > end:
+                    out.append((rank, incarnation, b""))  # lengths overrun the message
+                    break
+                out.append((rank, incarnation, data[offset : offset + length]))
+                offset += length
+        return bool(getsockopt(zmq.EVENTS) & zmq.POLLIN)
 
     async def receive(self) -> list[Frame]:
         if not self._started:

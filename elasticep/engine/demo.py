@@ -64,7 +64,9 @@ class ClusterRecorder:
             raise RuntimeError(f"the bus monitor failed: {self._error!r}")
 
     def _main(self) -> None:
-        loop = asyncio.new_event_loop()
+        from elasticep.bus import new_event_loop
+
+        loop = new_event_loop()
         self._loop = loop
         try:
             loop.run_until_complete(self._run())

@@ -49,7 +49,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from elasticep.bus import BusClosed
+from elasticep.bus import BusClosed, new_event_loop
 from elasticep.engine import protocol as P
 from elasticep.engine.rank import drain_launcher
 
@@ -338,7 +338,7 @@ class EPRankServer:
     # ------------------------------------------------------------------ control thread
 
     def _control_main(self) -> None:
-        loop = asyncio.new_event_loop()
+        loop = new_event_loop()
         loop.set_debug(False)  # ranks run as in production, whatever the launcher's environment
         self._loop = loop
         asyncio.set_event_loop(loop)

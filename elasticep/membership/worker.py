@@ -24,6 +24,7 @@ import os
 import sys
 import time
 
+from elasticep.bus.loop import new_event_loop
 from elasticep.config import Config
 from elasticep.events import ProcessExit
 
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed  # noqa: F401  (the TCPStore client; import it before the loop runs)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format=f"%(asctime)s rank{args.rank} %(name)s %(levelname)s %(message)s")
-    loop = asyncio.new_event_loop()
+    loop = new_event_loop()
     code = 1
     try:
         code = loop.run_until_complete(run(args))
