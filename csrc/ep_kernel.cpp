@@ -1,22 +1,38 @@
 // CPU expert-parallel dispatch/combine through POSIX shared memory, with bounded waits.
 //
-// Segment layout (one per cluster id and view epoch, every offset 64-byte aligned):
+// Segment layout (one per cluster id and view epoch, every offset 64-byte aligned, every return
+// region page aligned so that a rank can map its own region a second time):
 //
 //   SegmentHeader
 //   Doorbell[num_ranks]                      one futex word per receiving rank
-//   Mailbox[2 phases][src][dst]              stamp (epoch << 32 | call seq), rows, dtype
-//   dispatch channel[src][dst]               meta [max_tokens][1 + topk] int32, rows [max_tokens][hidden]
-//   combine channel[owner][src]              rows [max_tokens * topk][hidden]
+//   RegionGen[num_ranks]                     bumped by a rank before it rewrites its return region
+//   Mailbox[2 phases][src][dst]              stamp (epoch << 32 | call seq), rows, dtype, region gen
+//   send rows[src]                           [max_tokens][hidden]: row t = x[t] of src's dispatch
+//   dispatch meta[src][dst]                  [max_tokens][1 + topk] int32: token, local slot per k
+//   combine meta[owner][src]                 [max_tokens * topk] uint64: byte offset of each
+//                                            expert-output row in the owner's return region
+//   return region[owner]                     [num_ranks * max_tokens * topk][hidden]
 //
-// A channel is written by exactly one rank (its src/owner) and read by exactly one (dst/src), so
-// no locks are needed: the writer fills the rows, then publishes the mailbox stamp with a release
-// store; once all of a phase's messages are out it rings the readers' doorbells. Rows a rank
-// sends itself never go through the segment: they are read in place from x or expert_out.
-// One buffer per channel suffices because of causality:
-// src writes dispatch n+1 to dst only after src's combine n has received dst's combine n
-// message, which dst sends only after it has read all of dispatch n. Once a rank marks a peer
-// inactive it neither writes to nor reads from that peer again in this epoch, so a late peer can
-// never overwrite a buffer that is being read.
+// Dispatch copies each token row once into the sender's send rows, however many ranks it goes
+// to; each receiver copies the rows it wants straight from there into recv_x. Combine moves no
+// rows at all when the expert outputs already lie in the owner's return region (recv_x lives
+// there whenever it fits, and an expert computed in place writes its outputs there); otherwise
+// the owner copies them into its region once. Either way the source reduces straight from the
+// owners' regions. Rows a rank sends itself never go through the segment: they are read in place
+// from x or expert_out.
+//
+// Channels (meta, mailboxes) are written by exactly one rank and read by exactly one, so no locks
+// are needed: the writer fills the data, then publishes the mailbox stamp with a release store;
+// once all of a phase's messages are out it rings the readers' doorbells. One buffer each
+// suffices because of causality: src rewrites its send rows and meta for dispatch n+1 only after
+// its combine n has received every dst's combine n message, which dst sends only after it has
+// read all of dispatch n; an owner rewrites its return region (dispatch n+1 unpack, or the copy in
+// combine n+1) only after every active source has posted dispatch n+1, i.e. finished combine n.
+// A peer that was marked inactive can still be reading late; what it then reads from send rows is
+// at worst garbage in outputs that only the rank that gave up on it would consume (and it ignores
+// them), and a late read of a return region is caught by the region generation (a seqlock): the
+// reader re-checks the generation the owner posted after it has reduced, and on a mismatch drops
+// that owner exactly as if it had timed out. So no rank ever returns data overwritten under it.
 //
 // Waiting: a receiver polls its mailboxes briefly (up to spin_us, 0 when there are more ranks than
 // cores), then sleeps on its doorbell with FUTEX_WAIT bounded by the call's deadline. Senders
@@ -53,8 +69,9 @@ namespace elasticep {
 namespace {
 
 constexpr uint64_t kMagic = 0x5045434954534c45ULL;  // "ELSTICEP" little-endian
-constexpr uint32_t kLayoutVersion = 3;
+constexpr uint32_t kLayoutVersion = 4;
 constexpr size_t kAlign = 64;
+constexpr size_t kPage = 4096;  // return regions start on a page: mmap offsets must
 // Polls before a waiter sleeps on its doorbell, each after a short pause (a few microseconds in
 // all). Small on purpose: with more ranks than cores the peer we wait for usually needs our core.
 // No sched_yield: on a loaded host it sends the waiter to the back of the run queue for many
@@ -97,12 +114,19 @@ struct alignas(kAlign) Mailbox {
   std::atomic<uint64_t> stamp;  // (epoch << 32) | seq, 0 = never written
   uint32_t rows;
   uint32_t dtype;
+  uint64_t region_gen;  // combine: the sender's region generation its offsets refer to
+};
+
+// A return region's generation: the owner bumps it (a full barrier) before it rewrites any row.
+struct alignas(kAlign) RegionGen {
+  std::atomic<uint64_t> gen;
 };
 
 static_assert(std::atomic<uint32_t>::is_always_lock_free, "shared-memory atomics must be lock-free");
 static_assert(std::atomic<uint64_t>::is_always_lock_free, "shared-memory atomics must be lock-free");
 
 constexpr size_t align_up(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
+constexpr size_t page_up(size_t v) { return (v + kPage - 1) / kPage * kPage; }
 
 inline int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -194,6 +218,7 @@ class KernelRuntime {
     attach();
     got_dispatch_.assign(num_ranks_, 0);
     sent_dispatch_.assign(num_ranks_, 0);
+    sent_rows_.assign(num_ranks_, 0);
     recv_records_.resize(num_ranks_);
     counts_.assign(slots_per_rank_, 0);
   }
@@ -247,14 +272,16 @@ class KernelRuntime {
     const size_t row_bytes = row_bytes_for(dtype_);
     topk_copy_.assign(topk, topk + tokens * topk_);
     comb_row_.assign(static_cast<size_t>(tokens * topk_), -1);
+    wanted_.assign(static_cast<size_t>(tokens), 0);
     const uint64_t want = stamp_for(seq_);
 
-    // Send. Self goes through its own channel like any peer, so one code path serves all.
+    // Meta for every active destination (self included: one code path builds the routing), then
+    // each row that some other rank wants goes into the send rows once, at its token index.
+    uint8_t* send = send_rows(rank_);
     for (int dst = 0; dst < num_ranks_; ++dst) {
       sent_dispatch_[dst] = 0;
       if (dst != rank_ && load_mask(active, dst) == 0) continue;
       int32_t* meta = dispatch_meta(rank_, dst);
-      uint8_t* data = dispatch_data(rank_, dst);
       int32_t rows = 0, combine_rows = 0;
       for (int64_t t = 0; t < tokens; ++t) {
         const int64_t* row_slots = topk + t * topk_;
@@ -272,14 +299,17 @@ class KernelRuntime {
             m[1 + k] = -1;
           }
         }
-        // Rows for this rank itself stay in x: dispatch_unpack reads them from there.
-        if (dst != rank_)
-          std::memcpy(data + static_cast<size_t>(rows) * row_bytes, x + static_cast<size_t>(t) * row_bytes, row_bytes);
+        if (dst != rank_) wanted_[t] = 1;
         ++rows;
       }
-      post(kDispatch, dst, rows, want);
       sent_dispatch_[dst] = 1;
+      sent_rows_[dst] = static_cast<uint32_t>(rows);
     }
+    // Rows for this rank itself stay in x: dispatch_unpack reads them from there.
+    for (int64_t t = 0; t < tokens; ++t)
+      if (wanted_[t]) std::memcpy(send + static_cast<size_t>(t) * row_bytes, x + static_cast<size_t>(t) * row_bytes, row_bytes);
+    for (int dst = 0; dst < num_ranks_; ++dst)
+      if (sent_dispatch_[dst]) post(kDispatch, dst, sent_rows_[dst], want, 0);
     ring_posted(sent_dispatch_);
 
     // Wait for every active peer's tokens addressed to this rank.
@@ -297,7 +327,8 @@ class KernelRuntime {
                                     " rows but this rank dispatched " + dtype_name(dtype_));
       }
       const int32_t* meta = dispatch_meta(src, rank_);
-      for (uint32_t r = 0; r < mb->rows; ++r)
+      const uint32_t rows = std::min<uint32_t>(mb->rows, static_cast<uint32_t>(max_tokens_));
+      for (uint32_t r = 0; r < rows; ++r)
         for (int k = 0; k < topk_; ++k) {
           const int32_t e = meta[static_cast<size_t>(r) * (1 + topk_) + 1 + k];
           if (e >= 0 && e < slots_per_rank_) ++counts_[e];
@@ -321,6 +352,9 @@ class KernelRuntime {
     if (recv_ptr == 0 && need > 0) throw std::invalid_argument("null tensor pointer");
     auto* recv = reinterpret_cast<uint8_t*>(recv_ptr);
     const size_t row_bytes = row_bytes_for(dtype_);
+    // recv_x may lie in this rank's return region, which late readers of the last combine check.
+    if (in_region(recv_ptr, capacity, slot_stride, row_bytes))
+      region_gen(rank_)->gen.fetch_add(1, std::memory_order_seq_cst);
     std::vector<int32_t> fill(slots_per_rank_, 0);
     for (int src = 0; src < num_ranks_; ++src) {
       auto& records = recv_records_[src];
@@ -328,16 +362,21 @@ class KernelRuntime {
       if (!got_dispatch_[src]) continue;
       const Mailbox* mb = mailbox(kDispatch, src, rank_);
       const int32_t* meta = dispatch_meta(src, rank_);
-      const uint8_t* data = dispatch_data(src, rank_);
-      for (uint32_t r = 0; r < mb->rows; ++r) {
+      const uint8_t* data = send_rows(src);
+      const uint32_t rows = std::min<uint32_t>(mb->rows, static_cast<uint32_t>(max_tokens_));
+      for (uint32_t r = 0; r < rows; ++r) {
         const int32_t* m = meta + static_cast<size_t>(r) * (1 + topk_);
+        if (m[0] < 0 || m[0] >= (src == rank_ ? tokens_ : max_tokens_)) continue;  // never from a sound peer
         // x_ is still alive: EPBuffer.dispatch holds it across both phases.
-        const uint8_t* row = src == rank_ ? x_ + static_cast<size_t>(m[0]) * row_bytes : data + static_cast<size_t>(r) * row_bytes;
+        const uint8_t* row = (src == rank_ ? x_ : data) + static_cast<size_t>(m[0]) * row_bytes;
         for (int k = 0; k < topk_; ++k) {
           const int32_t e = m[1 + k];
-          if (e < 0 || e >= slots_per_rank_) continue;
+          if (e < 0 || e >= slots_per_rank_ || fill[e] >= capacity) continue;
           const int32_t pos = fill[e]++;
-          std::memcpy(recv + (static_cast<size_t>(e) * slot_stride + pos) * row_bytes, row, row_bytes);
+          uint8_t* dst = recv + (static_cast<size_t>(e) * slot_stride + pos) * row_bytes;
+          std::memcpy(dst, row, row_bytes);
+          // A second slot of this rank copies from the first copy, which is in this core's cache.
+          row = dst;
           records.emplace_back(e, pos);
         }
       }
@@ -378,19 +417,44 @@ class KernelRuntime {
     ++combine_calls_;
     last_timeouts_.clear();
 
-    // Send expert outputs back to every source whose tokens arrived, in the order that source
-    // numbered them (token, then top-k position), so it needs no index from us.
+    // Tell every source whose tokens arrived where the expert output of each of its rows lies in
+    // this rank's return region, in the order that source numbered them (token, then top-k
+    // position). Outputs already there (recv_x, or an expert computed in place) are not moved;
+    // others are copied there once. Own rows are read in place below.
+    const size_t span = slots_per_rank_ > 0 && capacity > 0
+                            ? ((static_cast<size_t>(slots_per_rank_) - 1) * slot_stride + capacity) * row_bytes
+                            : 0;
+    const bool zero_copy = span == 0 || in_region(expert_out_ptr, capacity, slot_stride, row_bytes);
+    const uint8_t* rows_from = expert_out;
+    std::vector<uint8_t> detached;
+    if (!zero_copy) {
+      if (overlaps_region(expert_out_ptr, span)) {
+        // Partly inside the region: the copy below could overwrite rows it has yet to read.
+        detached.assign(expert_out, expert_out + span);
+        rows_from = detached.data();
+      }
+      region_gen(rank_)->gen.fetch_add(1, std::memory_order_seq_cst);
+    }
+    const uint64_t gen = region_gen(rank_)->gen.load(std::memory_order_relaxed);
+    uint8_t* own_region = region(rank_);
+    const size_t alias_delta = zero_copy ? expert_out_ptr - region_alias_ : 0;
+    size_t staged = 0;  // rows copied into the region so far
     std::vector<uint8_t> posted(num_ranks_, 0);
     for (int src = 0; src < num_ranks_; ++src) {
       if (!got_dispatch_[src]) continue;
       if (src != rank_ && load_mask(active, src) == 0) continue;
-      uint8_t* data = combine_data(rank_, src);
       const auto& records = recv_records_[src];
-      for (size_t i = 0; i < records.size() && src != rank_; ++i)  // own rows are read in place below
-        std::memcpy(data + i * row_bytes,
-                    expert_out + (static_cast<size_t>(records[i].first) * slot_stride + records[i].second) * row_bytes,
-                    row_bytes);
-      post(kCombine, src, static_cast<uint32_t>(records.size()), want);
+      uint64_t* offsets = combine_meta(rank_, src);
+      for (size_t i = 0; i < records.size() && src != rank_; ++i) {
+        const size_t at = (static_cast<size_t>(records[i].first) * slot_stride + records[i].second) * row_bytes;
+        if (zero_copy) {
+          offsets[i] = alias_delta + at;
+        } else {
+          std::memcpy(own_region + staged * row_bytes, rows_from + at, row_bytes);
+          offsets[i] = staged++ * row_bytes;
+        }
+      }
+      post(kCombine, src, static_cast<uint32_t>(records.size()), want, gen);
       posted[src] = 1;
     }
     ring_posted(posted);
@@ -401,7 +465,33 @@ class KernelRuntime {
     for (int o = 0; o < num_ranks_; ++o)
       if (!sent_dispatch_[o]) got[o] = 2;  // never asked: not waited on, contributes nothing
     wait_peers(kCombine, want, active, timeout_us, "combine", layer, got);
+    const int64_t reduce_start = now_ns();
 
+    // Reduce; then make sure no owner rewrote its region while we read it (it only does so after
+    // it gave up on this rank). Such an owner is dropped like one that timed out, and the
+    // reduction is redone without it, so the result never mixes in overwritten rows.
+    for (;;) {
+      reduce_into(out, tokens, topk, weights, rows_from, slot_stride, row_bytes, got);
+      std::atomic_thread_fence(std::memory_order_acquire);
+      bool redo = false;
+      for (int o = 0; o < num_ranks_; ++o) {
+        if (o == rank_ || got[o] != 1) continue;
+        if (region_gen(o)->gen.load(std::memory_order_relaxed) == mailbox(kCombine, o, rank_)->region_gen) continue;
+        got[o] = 0;
+        clear_mask(active, o);
+        last_timeouts_.push_back({o, "combine", layer, (now_ns() - reduce_start) / 1000});
+        ++overwritten_reads_;
+        redo = true;
+      }
+      if (!redo) break;
+    }
+    state_ = State::kIdle;
+  }
+
+  // out[t] = sum_k w[t, k] * y[t, k] over the top-k positions whose owner has got[owner] == 1:
+  // own rows from expert_out, others from the owners' return regions.
+  void reduce_into(uint8_t* out, int64_t tokens, const int64_t* topk, const float* weights, const uint8_t* expert_out,
+                   int64_t slot_stride, size_t row_bytes, const std::vector<uint8_t>& got) {
     // Weighted sum in top-k order, accumulated in float32 (in the output row itself for float32).
     // Contributions are added two per pass over the row, keeping the sequential order
     // ((w0*y0 + w1*y1) + w2*y2) + w3*y3: the same float operations as adding them one at a time.
@@ -417,12 +507,16 @@ class KernelRuntime {
         if (slot < 0 || r < 0) continue;
         const int owner = static_cast<int>(slot / slots_per_rank_);
         if (got[owner] != 1) continue;
-        if (static_cast<uint32_t>(r) >= mailbox(kCombine, owner, rank_)->rows) continue;
         if (owner == rank_) {
+          if (static_cast<size_t>(r) >= recv_records_[rank_].size()) continue;
           const auto& rec = recv_records_[rank_][r];
           ys[n] = expert_out + (static_cast<size_t>(rec.first) * slot_stride + rec.second) * row_bytes;
         } else {
-          ys[n] = combine_data(owner, rank_) + static_cast<size_t>(r) * row_bytes;
+          const uint32_t rows = mailbox(kCombine, owner, rank_)->rows;
+          if (static_cast<uint32_t>(r) >= rows || static_cast<size_t>(r) >= combine_rows_max()) continue;
+          const uint64_t off = combine_meta(owner, rank_)[r];
+          if (off > region_bytes_ - row_bytes) continue;  // never from a sound peer
+          ys[n] = region(owner) + off;
         }
         ws[n++] = weights[t * topk_ + k];
       }
@@ -471,7 +565,6 @@ class KernelRuntime {
         for (int h = 0; h < H; ++h) ob[h] = f32_to_bf16(acc[h]);
       }
     }
-    state_ = State::kIdle;
   }
 
   // (peer, op, layer, waited_us) for every peer that timed out in the last dispatch or combine.
@@ -487,6 +580,7 @@ class KernelRuntime {
     d["combine_calls"] = combine_calls_;
     d["peer_timeouts"] = peer_timeouts_;
     d["refused_stale_epoch"] = refused_stale_epoch_;
+    d["overwritten_reads"] = overwritten_reads_;
     d["seq"] = seq_;
     return d;
   }
@@ -503,6 +597,17 @@ class KernelRuntime {
   const std::string& shm_name() const { return shm_name_; }
   uint64_t seq() const { return seq_; }
   size_t segment_bytes() const { return total_bytes_; }
+  size_t region_offset() const { return region_off_ + static_cast<size_t>(rank_) * region_bytes_; }
+  size_t region_bytes() const { return region_bytes_; }
+  uintptr_t region_alias() const { return region_alias_; }
+
+  // Declares where the caller mapped this rank's return region (region_offset(), region_bytes()
+  // of the same segment) in its own address space; recv_x and expert_out found there are the
+  // region itself. 0 forgets it.
+  void set_region_alias(uintptr_t ptr) {
+    require_open();
+    region_alias_ = ptr;
+  }
   bool closed() const { return base_ == nullptr; }
 
  private:
@@ -513,19 +618,31 @@ class KernelRuntime {
     size_t off = align_up(sizeof(SegmentHeader));
     doorbell_off_ = off;
     off += align_up(sizeof(Doorbell) * R);
+    gen_off_ = off;
+    off += align_up(sizeof(RegionGen) * R);
     mailbox_off_ = off;
     off += align_up(sizeof(Mailbox) * 2 * R * R);
     // Rows are sized for float32 so one segment serves both dtypes.
     const size_t row_max = static_cast<size_t>(hidden_) * 4;
+    send_bytes_ = align_up(static_cast<size_t>(max_tokens_) * row_max);
+    send_off_ = off;
+    off += send_bytes_ * R;
     dmeta_bytes_ = align_up(static_cast<size_t>(max_tokens_) * (1 + topk_) * sizeof(int32_t));
-    dchan_bytes_ = dmeta_bytes_ + align_up(static_cast<size_t>(max_tokens_) * row_max);
-    dispatch_off_ = off;
-    off += dchan_bytes_ * R * R;
+    dmeta_off_ = off;
+    off += dmeta_bytes_ * R * R;
     // Every top-k position of a token can name a slot of the same rank (even the same slot twice).
     const size_t combine_rows = static_cast<size_t>(max_tokens_) * topk_;
-    cchan_bytes_ = align_up(combine_rows * row_max);
-    combine_off_ = off;
-    off += cchan_bytes_ * R * R;
+    cmeta_bytes_ = align_up(combine_rows * sizeof(uint64_t));
+    cmeta_off_ = off;
+    off += cmeta_bytes_ * R * R;
+    // A rank receives at most one row per (source, token, top-k position); recv_x, laid out
+    // [slots_per_rank, largest slot count], gets twice that so that uneven routing still fits
+    // (tmpfs only backs the pages that are touched).
+    region_rows_ = 2 * R * combine_rows;
+    region_bytes_ = page_up(region_rows_ * row_max);
+    off = page_up(off);
+    region_off_ = off;
+    off += region_bytes_ * R;
     total_bytes_ = off;
   }
 
@@ -597,6 +714,21 @@ class KernelRuntime {
     state_ = State::kIdle;
   }
 
+  size_t combine_rows_max() const { return static_cast<size_t>(max_tokens_) * topk_; }
+
+  // Whether the rows of a [slots_per_rank, slot_stride, hidden] tensor at ptr (capacity rows per
+  // slot used) all lie in this rank's return region as aliased by the caller.
+  bool in_region(uintptr_t ptr, int64_t capacity, int64_t slot_stride, size_t row_bytes) const {
+    if (region_alias_ == 0 || capacity <= 0 || ptr < region_alias_) return false;
+    const size_t span = ((static_cast<size_t>(slots_per_rank_) - 1) * slot_stride + capacity) * row_bytes;
+    const size_t start = ptr - region_alias_;
+    return start % row_bytes == 0 && start <= region_bytes_ && span <= region_bytes_ - start;
+  }
+
+  bool overlaps_region(uintptr_t ptr, size_t span) const {
+    return region_alias_ != 0 && ptr < region_alias_ + region_bytes_ && ptr + span > region_alias_;
+  }
+
   void require_open() const {
     if (base_ == nullptr) throw std::runtime_error("kernel runtime is closed");
   }
@@ -607,16 +739,17 @@ class KernelRuntime {
     return reinterpret_cast<Mailbox*>(base_ + mailbox_off_) +
            (static_cast<size_t>(phase) * num_ranks_ + src) * num_ranks_ + dst;
   }
+  RegionGen* region_gen(int r) const { return reinterpret_cast<RegionGen*>(base_ + gen_off_) + r; }
+  uint8_t* send_rows(int src) const { return base_ + send_off_ + static_cast<size_t>(src) * send_bytes_; }
   int32_t* dispatch_meta(int src, int dst) const {
-    return reinterpret_cast<int32_t*>(base_ + dispatch_off_ +
-                                      (static_cast<size_t>(src) * num_ranks_ + dst) * dchan_bytes_);
+    return reinterpret_cast<int32_t*>(base_ + dmeta_off_ +
+                                      (static_cast<size_t>(src) * num_ranks_ + dst) * dmeta_bytes_);
   }
-  uint8_t* dispatch_data(int src, int dst) const {
-    return base_ + dispatch_off_ + (static_cast<size_t>(src) * num_ranks_ + dst) * dchan_bytes_ + dmeta_bytes_;
+  uint64_t* combine_meta(int owner, int src) const {
+    return reinterpret_cast<uint64_t*>(base_ + cmeta_off_ +
+                                       (static_cast<size_t>(owner) * num_ranks_ + src) * cmeta_bytes_);
   }
-  uint8_t* combine_data(int owner, int src) const {
-    return base_ + combine_off_ + (static_cast<size_t>(owner) * num_ranks_ + src) * cchan_bytes_;
-  }
+  uint8_t* region(int owner) const { return base_ + region_off_ + static_cast<size_t>(owner) * region_bytes_; }
 
   size_t row_bytes_for(uint32_t dtype) const { return static_cast<size_t>(hidden_) * (dtype == kFloat32 ? 4 : 2); }
   static std::string dtype_name(uint32_t d) {
@@ -629,10 +762,11 @@ class KernelRuntime {
   // Publishes this rank's message of `phase` to `dst`. The doorbell is rung later, by
   // ring_posted(), once every message of the phase is out: a woken receiver may preempt us, and
   // on a crowded host we might not get the core back for a while.
-  void post(int phase, int dst, uint32_t rows, uint64_t stamp) {
+  void post(int phase, int dst, uint32_t rows, uint64_t stamp, uint64_t gen) {
     Mailbox* mb = mailbox(phase, rank_, dst);
     mb->rows = rows;
     mb->dtype = dtype_;
+    mb->region_gen = gen;
     mb->stamp.store(stamp, std::memory_order_release);
   }
 
@@ -725,8 +859,12 @@ class KernelRuntime {
   const std::string shm_name_;
 
   uint8_t* base_ = nullptr;
-  size_t total_bytes_ = 0, doorbell_off_ = 0, mailbox_off_ = 0, dispatch_off_ = 0, combine_off_ = 0;
-  size_t dmeta_bytes_ = 0, dchan_bytes_ = 0, cchan_bytes_ = 0;
+  size_t total_bytes_ = 0, doorbell_off_ = 0, gen_off_ = 0, mailbox_off_ = 0, send_off_ = 0, dmeta_off_ = 0;
+  size_t cmeta_off_ = 0, region_off_ = 0;
+  size_t send_bytes_ = 0, dmeta_bytes_ = 0, cmeta_bytes_ = 0, region_bytes_ = 0, region_rows_ = 0;
+  // This rank's return region as mapped a second time by the caller (EPBuffer), 0 if not: a
+  // recv_x or expert_out there is the same memory as region(rank_).
+  uintptr_t region_alias_ = 0;
 
   State state_ = State::kClosed;
   int64_t spin_ns_ = 0;
@@ -739,11 +877,14 @@ class KernelRuntime {
   std::vector<int32_t> comb_row_;      // [tokens * topk]: row in the owner's combine message, -1 none
   std::vector<uint8_t> sent_dispatch_;  // [num_ranks]: a dispatch message was posted to that rank
   std::vector<uint8_t> got_dispatch_;   // [num_ranks]: that rank's dispatch message was received
+  std::vector<uint32_t> sent_rows_;     // [num_ranks]: rows of the dispatch message posted there
+  std::vector<uint8_t> wanted_;         // [tokens]: another rank wants this token's row
   std::vector<std::vector<std::pair<int32_t, int32_t>>> recv_records_;  // per src: (slot, pos) in send order
   std::vector<int32_t> counts_;
 
   std::vector<PeerTimeoutRecord> last_timeouts_;
   uint64_t dispatch_calls_ = 0, combine_calls_ = 0, peer_timeouts_ = 0, refused_stale_epoch_ = 0;
+  uint64_t overwritten_reads_ = 0;  // owners dropped because they rewrote their region under a read
 };
 
 void register_ep_kernel(py::module_& m) {
@@ -778,6 +919,10 @@ void register_ep_kernel(py::module_& m) {
       .def_property_readonly("shm_name", &KernelRuntime::shm_name)
       .def_property_readonly("seq", &KernelRuntime::seq)
       .def_property_readonly("segment_bytes", &KernelRuntime::segment_bytes)
+      .def_property_readonly("region_offset", &KernelRuntime::region_offset)
+      .def_property_readonly("region_bytes", &KernelRuntime::region_bytes)
+      .def_property_readonly("region_alias", &KernelRuntime::region_alias)
+      .def("set_region_alias", &KernelRuntime::set_region_alias, py::arg("ptr"))
       .def_property_readonly("closed", &KernelRuntime::closed);
 
   m.def(

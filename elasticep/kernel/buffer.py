@@ -22,6 +22,8 @@ The caller (the engine) sees the mask change and decides to retry the step under
 
 from __future__ import annotations
 
+import mmap
+import os
 import threading
 from dataclasses import dataclass
 
@@ -30,6 +32,8 @@ import torch
 from elasticep import _C, metrics
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+_ROW_DTYPES = tuple(_DTYPE_CODES)
+_SHM_DIR = "/dev/shm"  # where POSIX shm_open names live on Linux
 
 
 def segment_name(cluster_id: str, epoch: int) -> str:
@@ -141,6 +145,16 @@ class EPBuffer:
         self._lock = threading.Lock()
         self._pending: DispatchHandle | None = None
         self._recv_pool: torch.Tensor | None = None
+        # Plain attributes: the pybind properties cost a call each, several times per step.
+        self._num_ranks = num_ranks
+        self._slots_per_rank = self._runtime.slots_per_rank
+        self._hidden = self._runtime.hidden
+        self._topk = self._runtime.topk
+        self._max_tokens = self._runtime.max_tokens
+        self._region = _map_region(name, self._runtime.region_offset, self._runtime.region_bytes)
+        if self._region is not None:
+            self._runtime.set_region_alias(self._region.data_ptr())
+        self._recv_view: tuple[torch.dtype, int, torch.Tensor] | None = None
         self._refused_reported = 0
         self._log: list[tuple[int, KernelTimeout]] = []
         self._log_seq = 0
@@ -190,33 +204,53 @@ class EPBuffer:
         """
         mask = self.active_ranks if active_ranks is None else active_ranks
         timeout = self.timeout_us if timeout_us is None else int(timeout_us)
-        _check_mask(mask, self.num_ranks)
-        _check_rows("x", x, self.hidden)
-        if x.shape[0] > self.max_tokens:
-            raise ValueError(f"x has {x.shape[0]} tokens, more than max_tokens={self.max_tokens}")
-        _check_topk(topk_idx, x.shape[0], self.topk)
+        _check_mask(mask, self._num_ranks)
+        _check_rows("x", x, self._hidden)
+        tokens = x.shape[0]
+        if tokens > self._max_tokens:
+            raise ValueError(f"x has {tokens} tokens, more than max_tokens={self._max_tokens}")
+        _check_topk(topk_idx, tokens, self._topk)
         if timeout < 0:
             raise ValueError(f"timeout_us must be >= 0, got {timeout}")
         if self._pending is not None:
             raise RuntimeError("dispatch called again before combine of the previous dispatch")
+        dtype = x.dtype
         with self._lock:
             counts = self._runtime.dispatch_send_wait(
-                x.data_ptr(), x.shape[0], _DTYPE_CODES[x.dtype], topk_idx.data_ptr(), mask.data_ptr(), timeout, layer
+                x.data_ptr(), tokens, _DTYPE_CODES[dtype], topk_idx.data_ptr(), mask.data_ptr(), timeout, layer
             )
             capacity = max(counts) if counts else 0
-            pool = self._recv_pool
-            if pool is None or pool.dtype != x.dtype or pool.shape[1] < capacity:
-                # Grow with headroom so that step-to-step variation in the counts does not reallocate.
-                rows = max(capacity + capacity // 4, 1)
-                pool = self._recv_pool = torch.empty(self.slots_per_rank, rows, self.hidden, dtype=x.dtype)
-            recv_x = pool[:, :capacity]
-            self._runtime.dispatch_unpack(pool.data_ptr(), capacity, pool.shape[1])
+            recv_x, slot_stride = self._recv_buffer(dtype, capacity)
+            self._runtime.dispatch_unpack(recv_x.data_ptr(), capacity, slot_stride)
         self._after_call()
         handle = DispatchHandle(
-            seq=self._runtime.seq, epoch=self.epoch, num_tokens=x.shape[0], capacity=capacity, dtype=x.dtype
+            seq=self._runtime.seq, epoch=self.epoch, num_tokens=tokens, capacity=capacity, dtype=dtype
         )
         self._pending = handle
         return recv_x, torch.tensor(counts, dtype=torch.int64), handle
+
+    def _recv_buffer(self, dtype: torch.dtype, capacity: int) -> tuple[torch.Tensor, int]:
+        """``recv_x`` ``[slots_per_rank, capacity, hidden]`` of ``dtype`` and its slot stride in rows.
+
+        In this rank's return region when it fits (then a combine of expert outputs written into
+        it in place moves no rows), else in a private pool that grows with headroom.
+        """
+        cached = self._recv_view
+        if cached is not None and cached[0] == dtype and cached[1] == capacity:
+            return cached[2], capacity
+        slots, hidden = self._slots_per_rank, self._hidden
+        region = self._region
+        nbytes = slots * capacity * hidden * (4 if dtype == torch.float32 else 2)
+        if region is not None and nbytes <= region.numel():
+            recv_x = region[:nbytes].view(dtype).view(slots, capacity, hidden)
+            self._recv_view = (dtype, capacity, recv_x)
+            return recv_x, capacity
+        pool = self._recv_pool
+        if pool is None or pool.dtype != dtype or pool.shape[1] < capacity:
+            # Grow with headroom so that step-to-step variation in the counts does not reallocate.
+            rows = max(capacity + capacity // 4, 1)
+            pool = self._recv_pool = torch.empty(slots, rows, hidden, dtype=dtype)
+        return pool[:, :capacity], pool.shape[1]
 
     def combine(
         self,
@@ -253,37 +287,35 @@ class EPBuffer:
             raise ValueError("combine needs the handle returned by dispatch")
         if not isinstance(handle, DispatchHandle):
             raise TypeError(f"handle must be a DispatchHandle, got {type(handle).__name__}")
-        if self._pending is None or handle != self._pending:
+        if self._pending is None or (handle is not self._pending and handle != self._pending):
             raise ValueError("handle does not belong to this buffer's pending dispatch")
         mask = self.active_ranks if active_ranks is None else active_ranks
         timeout = self.timeout_us if timeout_us is None else int(timeout_us)
-        _check_mask(mask, self.num_ranks)
-        expected = (self.slots_per_rank, handle.capacity, self.hidden)
+        _check_mask(mask, self._num_ranks)
+        hidden, capacity, tokens = self._hidden, handle.capacity, handle.num_tokens
         _check_tensor("expert_out", expert_out, (handle.dtype,), contiguous=False)
-        if tuple(expert_out.shape) != expected:
-            raise ValueError(f"expert_out must have shape {list(expected)}, got {list(expert_out.shape)}")
-        slot_stride = expert_out.stride(0) // self.hidden if self.hidden else 0
-        if expert_out.stride(2) != 1 or expert_out.stride(1) != self.hidden or (
-            expert_out.stride(0) % self.hidden or slot_stride < handle.capacity
-        ):
-            raise ValueError(f"expert_out rows must be contiguous, got strides {expert_out.stride()}")
-        _check_topk(topk_idx, handle.num_tokens, self.topk)
+        if expert_out.shape != (self._slots_per_rank, capacity, hidden):
+            expected = [self._slots_per_rank, capacity, hidden]
+            raise ValueError(f"expert_out must have shape {expected}, got {list(expert_out.shape)}")
+        strides = expert_out.stride()
+        slot_stride = strides[0] // hidden if hidden else 0
+        if strides[2] != 1 or strides[1] != hidden or (strides[0] % hidden or slot_stride < capacity):
+            raise ValueError(f"expert_out rows must be contiguous, got strides {strides}")
+        _check_topk(topk_idx, tokens, self._topk)
         _check_tensor("topk_weights", topk_weights, (torch.float32,))
-        if tuple(topk_weights.shape) != (handle.num_tokens, self.topk):
-            raise ValueError(
-                f"topk_weights must have shape [{handle.num_tokens}, {self.topk}], got {list(topk_weights.shape)}"
-            )
+        if topk_weights.shape != (tokens, self._topk):
+            raise ValueError(f"topk_weights must have shape [{tokens}, {self._topk}], got {list(topk_weights.shape)}")
         if timeout < 0:
             raise ValueError(f"timeout_us must be >= 0, got {timeout}")
-        out = torch.empty(handle.num_tokens, self.hidden, dtype=handle.dtype)
+        out = torch.empty(tokens, hidden, dtype=handle.dtype)
         with self._lock:
             self._runtime.combine(
                 expert_out.data_ptr(),
-                handle.capacity,
-                max(slot_stride, handle.capacity),
+                capacity,
+                max(slot_stride, capacity),
                 topk_weights.data_ptr(),
                 topk_idx.data_ptr(),
-                handle.num_tokens,
+                tokens,
                 out.data_ptr(),
                 mask.data_ptr(),
                 timeout,
@@ -313,8 +345,15 @@ class EPBuffer:
         return dict(self._runtime.stats())
 
     def close(self) -> None:
-        """Unmap the segment; the last rank to close unlinks it. Idempotent."""
+        """Unmap the segment; the last rank to close unlinks it. Idempotent.
+
+        A ``recv_x`` still referenced stays readable: it keeps its own mapping of the region.
+        """
+        if not self._runtime.closed:
+            self._runtime.set_region_alias(0)
         self._runtime.close()
+        self._region = None
+        self._recv_view = None
 
     def __enter__(self) -> "EPBuffer":
         return self
@@ -343,20 +382,39 @@ class EPBuffer:
             del self._log[: len(self._log) - 1024]
 
 
+def _map_region(shm_name: str, offset: int, length: int) -> torch.Tensor | None:
+    """This rank's return region of segment ``shm_name`` as a ``uint8`` tensor, or None.
+
+    A second mapping of the bytes the kernel maps at ``offset``: recv_x handed out from it stays
+    valid after :meth:`EPBuffer.close` (the tensor keeps the mapping alive). None where POSIX
+    shared memory is not a file under /dev/shm; recv_x then lives in private memory.
+    """
+    path = _SHM_DIR + shm_name
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        region = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+    finally:
+        os.close(fd)
+    return torch.frombuffer(region, dtype=torch.uint8)
+
+
 def _check_tensor(name: str, t: object, dtypes: tuple[torch.dtype, ...], contiguous: bool = True) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
         allowed = " or ".join(str(d) for d in dtypes)
         raise TypeError(f"{name} must have dtype {allowed}, got {t.dtype}")
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         raise ValueError(f"{name} must be on the CPU, got {t.device}")
     if contiguous and not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
 
 
 def _check_rows(name: str, x: object, hidden: int) -> None:
-    _check_tensor(name, x, tuple(_DTYPE_CODES))
+    _check_tensor(name, x, _ROW_DTYPES)
     assert isinstance(x, torch.Tensor)
     if x.dim() != 2 or x.shape[1] != hidden:
         raise ValueError(f"{name} must have shape [num_tokens, {hidden}], got {list(x.shape)}")
@@ -365,12 +423,12 @@ def _check_rows(name: str, x: object, hidden: int) -> None:
 def _check_topk(topk_idx: object, num_tokens: int, topk: int) -> None:
     _check_tensor("topk_idx", topk_idx, (torch.int64,))
     assert isinstance(topk_idx, torch.Tensor)
-    if tuple(topk_idx.shape) != (num_tokens, topk):
+    if topk_idx.shape != (num_tokens, topk):
         raise ValueError(f"topk_idx must have shape [{num_tokens}, {topk}], got {list(topk_idx.shape)}")
 
 
 def _check_mask(mask: object, num_ranks: int) -> None:
     _check_tensor("active_ranks", mask, (torch.int32,))
     assert isinstance(mask, torch.Tensor)
-    if tuple(mask.shape) != (num_ranks,):
+    if mask.shape != (num_ranks,):
         raise ValueError(f"active_ranks must have shape [{num_ranks}], got {list(mask.shape)}")
