@@ -286,13 +286,53 @@ def _result(store: Any, role: str, proc: subprocess.Popen, timeout: float) -> di
     return json.loads(store.get(_RESULT_KEY + role))
 
 
-async def _elasticep_publisher(args: argparse.Namespace, store: Any, store_addr: str) -> tuple[dict[str, Any], int]:
+class _RawPublisher:
+    """A plain pyzmq PUB socket and the subscriber process reading it (no CURVE, no bus)."""
+
+    def __init__(self, ctx: Any, args: argparse.Namespace, role: str) -> None:
+        import zmq
+
+        self.role = role
+        self.sock = ctx.socket(zmq.PUB)
+        self.sock.sndhwm = args.hwm
+        self.sock.linger = 0
+        if args.endpoint and args.endpoint.startswith("ipc"):
+            self._ipc = f"/tmp/elasticep-bench-{role}-{os.getpid()}.sock"
+            self.sock.bind("ipc://" + self._ipc)
+        else:
+            self._ipc = ""
+            self.sock.bind("tcp://127.0.0.1:*")
+        self.proc = _spawn(role, args, connect=self.sock.last_endpoint.decode())
+
+    def result(self, timeout: float) -> dict[str, Any]:
+        out, _ = self.proc.communicate(timeout=timeout)
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"{self.role} subscriber exited with {self.proc.returncode}")
+        return json.loads(out.strip().splitlines()[-1])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.sock.close(linger=0)
+        if self._ipc and os.path.exists(self._ipc):
+            os.unlink(self._ipc)
+
+
+async def _session(args: argparse.Namespace, store: Any, store_addr: str) -> dict[str, Any]:
+    """Every publisher in this one process and loop; every subscriber its own process, all alive
+    together, so the latency rounds can alternate between the systems (see :func:`run`)."""
+    import zmq
+
     from elasticep.bus import ClusterKeys, EventBus, ZmqTransport
     from elasticep.events import Heartbeat, envelope
 
     keys = ClusterKeys.generate(2)
+    ctx = zmq.Context(io_threads=1)
+    raws: list[_RawPublisher] = []
     proc = _spawn("elasticep-sub", args, store_addr=store_addr, env=keys.for_rank(1).to_env())
     try:
+        raws = [_RawPublisher(ctx, args, role) for role in ("raw-sub", "raw-asyncio-sub")]
         transport = ZmqTransport(0, keys.for_rank(0), store, hwm=args.hwm, endpoint=args.endpoint)
         async with EventBus(transport, 0) as bus:
             loop = asyncio.get_running_loop()
@@ -303,15 +343,39 @@ async def _elasticep_publisher(args: argparse.Namespace, store: Any, store_addr:
                     raise TimeoutError("elasticep subscriber did not become ready")
                 await bus.publish(probe)
                 await asyncio.sleep(0.01)
-            await asyncio.sleep(0.05)
             frame_bytes = 8 + 4 + len(bus.codec.encode(envelope(probe, sender=0, epoch=0, seq=1)))
+            pad = b"\0" * max(0, frame_bytes - _RAW_HEAD.size)
+            for raw in raws:
+                _wait_ready_line(raw.proc, args.timeout, lambda: raw.sock.send(_RAW_HEAD.pack(_PROBE, 0) + pad))
+            await asyncio.sleep(0.05)
+
             interval = args.interval_us / 1e6
             latency_event = Heartbeat(rank=0, step=_LATENCY)
-            for _ in range(args.samples):
-                await bus.publish(latency_event)
-                await asyncio.sleep(0)  # run the loop's own callbacks (the flush)
-                time.sleep(interval)  # the raw publisher's pacing, to the same resolution
-            await asyncio.sleep(0.05)
+
+            async def elasticep_round(n: int) -> None:
+                for _ in range(n):
+                    await bus.publish(latency_event)
+                    await asyncio.sleep(0)  # run the loop's own callbacks (the flush)
+                    time.sleep(interval)
+
+            def raw_round(raw: _RawPublisher, n: int) -> None:
+                send = raw.sock.send
+                for _ in range(n):
+                    send(_RAW_HEAD.pack(_LATENCY, time.monotonic_ns()) + pad)
+                    time.sleep(interval)
+
+            systems = ["elasticep", *range(len(raws))]
+            per_round = [args.samples // args.rounds + (1 if i < args.samples % args.rounds else 0)
+                         for i in range(args.rounds)]
+            for i, n in enumerate(per_round):
+                # Rotate which system goes first, so none always follows the same neighbour.
+                for system in systems[i % len(systems):] + systems[: i % len(systems)]:
+                    if system == "elasticep":
+                        await elasticep_round(n)
+                    else:
+                        raw_round(raws[system], n)
+                    await asyncio.sleep(0.02)
+
             burst = Heartbeat(rank=0, step=_THROUGHPUT)
             publish = bus.publish
             t0 = time.perf_counter()
@@ -320,57 +384,34 @@ async def _elasticep_publisher(args: argparse.Namespace, store: Any, store_addr:
                 if i % 4096 == 4095:
                     await asyncio.sleep(0)  # let the loop breathe (watcher, monitors)
             send_s = time.perf_counter() - t0
-            result = await loop.run_in_executor(None, _result, store, "elasticep-sub", proc, args.timeout + 30)
-        result["publisher_events_per_s"] = args.events / send_s
-        return result, frame_bytes
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def _raw_publisher(args: argparse.Namespace, frame_bytes: int, role: str = "raw-sub") -> dict[str, Any]:
-    import zmq
-
-    ctx = zmq.Context(io_threads=1)
-    pub = ctx.socket(zmq.PUB)
-    pub.sndhwm = args.hwm
-    pub.linger = 0
-    if args.endpoint and args.endpoint.startswith("ipc"):
-        pub.bind(f"ipc:///tmp/elasticep-bench-raw-{os.getpid()}.sock")
-    else:
-        pub.bind("tcp://127.0.0.1:*")
-    pad = b"\0" * max(0, frame_bytes - _RAW_HEAD.size)
-    proc = _spawn(role, args, connect=pub.last_endpoint.decode())
-    try:
-        _wait_ready_line(proc, args.timeout, lambda: pub.send(_RAW_HEAD.pack(_PROBE, 0) + pad))
-        time.sleep(0.05)
-        interval = args.interval_us / 1e6
-        for _ in range(args.samples):
-            pub.send(_RAW_HEAD.pack(_LATENCY, time.monotonic_ns()) + pad)
-            time.sleep(interval)
-        time.sleep(0.05)
+            ours = await loop.run_in_executor(None, _result, store, "elasticep-sub", proc, args.timeout + 30)
+        ours["publisher_events_per_s"] = args.events / send_s
+        results = {"elasticep": ours}
         frame = _RAW_HEAD.pack(_THROUGHPUT, 0) + pad
-        send = pub.send
-        t0 = time.perf_counter()
-        for _ in range(args.events):
-            send(frame)
-        send_s = time.perf_counter() - t0
-        out, _ = proc.communicate(timeout=args.timeout + 30)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{role} subscriber exited with {proc.returncode}")
-        result = json.loads(out.strip().splitlines()[-1])
-        result["publisher_events_per_s"] = args.events / send_s
-        return result
+        for raw, name in zip(raws, ("raw_zmq", "raw_zmq_asyncio")):
+            await asyncio.sleep(0.2)
+            send = raw.sock.send
+            t0 = time.perf_counter()
+            for _ in range(args.events):
+                send(frame)
+            send_s = time.perf_counter() - t0
+            results[name] = await loop.run_in_executor(None, raw.result, args.timeout + 30)
+            results[name]["publisher_events_per_s"] = args.events / send_s
+        results["frame_bytes"] = frame_bytes
+        return results
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        pub.close(linger=0)
+        for raw in raws:
+            raw.close()
         ctx.term()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """One session: the latency samples of elasticep, raw pyzmq and raw pyzmq on the event loop
+    are taken in ``--rounds`` alternating rounds (a load that comes and goes on a shared machine
+    then lands on all three alike), then each system's throughput burst."""
     from torch.distributed import TCPStore
 
     from elasticep.testing.fixtures import free_port
@@ -378,9 +419,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     port = free_port()
     store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, use_libuv=True)
     store_addr = f"127.0.0.1:{port}"
-    ours, frame_bytes = run_loop(_elasticep_publisher(args, store, store_addr), kind=args.loop)
-    raw = _raw_publisher(args, frame_bytes)
-    raw_asyncio = _raw_publisher(args, frame_bytes, role="raw-asyncio-sub")
+    results = run_loop(_session(args, store, store_addr), kind=args.loop)
+    ours, raw, raw_asyncio = results["elasticep"], results["raw_zmq"], results["raw_zmq_asyncio"]
     out: dict[str, Any] = {
         "elasticep_p50_us": ours["p50_us"],
         "elasticep_p99_us": ours["p99_us"],
@@ -391,9 +431,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "raw_zmq_asyncio_p50_us": raw_asyncio["p50_us"],
         "raw_zmq_asyncio_p99_us": raw_asyncio["p99_us"],
         "event_loop": event_loop_kind(args.loop),
-        "frame_bytes": frame_bytes,
+        "frame_bytes": results["frame_bytes"],
         "transport": args.endpoint or "tcp://127.0.0.1",
         "latency_samples": args.samples,
+        "rounds": args.rounds,
         "interval_us": args.interval_us,
         "events": args.events,
         "elasticep": ours,
@@ -407,6 +448,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="elasticep bench bus", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON to PATH")
     p.add_argument("--samples", type=int, default=3000, help="latency samples per system (default 3000)")
+    p.add_argument("--rounds", type=int, default=10, help="alternating latency rounds (default 10)")
     p.add_argument("--interval-us", type=float, default=500.0, help="gap between latency samples, us")
     p.add_argument("--events", type=int, default=300_000, help="events in the throughput burst")
     p.add_argument("--hwm", type=int, default=1_000_000, help="ZeroMQ high-water mark for the run")
@@ -426,9 +468,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.role:
         return _subscriber_main(args)
     if args.tiny:
-        args.samples, args.events, args.timeout = 50, 2000, 20.0
+        args.samples, args.events, args.timeout, args.rounds = 60, 2000, 20.0, 3
     out = run(args)
-    print(f"frame {out['frame_bytes']} B over {out['transport']}, {args.samples} latency samples, "
+    print(f"frame {out['frame_bytes']} B over {out['transport']}, {args.samples} latency samples each "
+          f"in {args.rounds} alternating rounds, "
           f"{args.events} events burst, {out['event_loop']} event loop")
     print(f"{'':12}{'p50 us':>10}{'p99 us':>10}{'events/s':>12}")
     for name in ("elasticep", "raw_zmq"):

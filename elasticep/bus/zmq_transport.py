@@ -34,6 +34,7 @@ host.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import struct
@@ -317,7 +318,7 @@ class ZmqTransport(Transport):
         sock.connect(reg.endpoint)
         peer = _Peer(reg.rank, sock, monitor, reg.endpoint, reg.incarnation)
         self._peers[reg.rank] = peer
-        self._watch(sock, lambda r=reg.rank, s=sock: self._on_sub_readable(r, s))
+        self._watch(sock, functools.partial(self._on_sub_readable, reg.rank, sock))
         self._watch(monitor, lambda p=peer: self._on_sub_monitor(p))
 
     def _close_peer(self, peer: _Peer) -> None:
@@ -373,37 +374,36 @@ class ZmqTransport(Transport):
             self._loop.remove_reader(sock.getsockopt(zmq.FD))
 
     def _on_sub_readable(self, rank: int, sock: zmq.Socket) -> None:
+        receiver = self._receiver
+        if receiver is not None and not (self._paused or self._ready or self._closed):
+            # The common case, nothing queued: read this peer here and hand the batch over
+            # straight from the callback. The FD fired, so try the message itself at once (recv
+            # also processes ZeroMQ's pending commands, which re-arms the FD): one call into
+            # libzmq fewer than asking EVENTS first, on the path every event's latency takes.
+            peer = self._peers.get(rank)
+            if peer is None or peer.sock is not sock:
+                return
+            frames: list[Frame] = []
+            if self._read_peer(peer, frames, True):
+                self._ready.add(rank)  # batch limit hit with more waiting: the pump finishes it
+                if not self._pump_scheduled:
+                    self._pump_scheduled = True
+                    assert self._loop is not None
+                    self._loop.call_soon(self._pump)
+            if frames:
+                receiver(frames)
+            return
         # The ZeroMQ FD only signals "state changed"; reading EVENTS clears it (no spinning).
         if sock.closed or not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             return
-        receiver = self._receiver
+        self._ready.add(rank)
+        self._known_readable.add(rank)  # _drain may skip one EVENTS query (~5 us each)
         if receiver is None:
-            self._ready.add(rank)
-            self._known_readable.add(rank)  # _drain may skip one EVENTS query (~5 us each)
             assert self._readable is not None
             self._readable.set()
-            return
-        if self._paused or self._ready:
-            # Someone is already behind (a pause, or a batch limit hit): keep the queue's order.
-            self._ready.add(rank)
-            self._known_readable.add(rank)
-            if not self._paused:
-                self._pump()
-            return
-        # The common case, one peer readable and nothing queued: read it here and hand the batch
-        # over straight from this callback (the latency path: no set, no second callback).
-        peer = self._peers.get(rank)
-        if peer is None:
-            return
-        frames: list[Frame] = []
-        if self._read_peer(peer, frames, True):
-            self._ready.add(rank)  # batch limit hit with more waiting: the pump finishes it
-            if not self._pump_scheduled:
-                self._pump_scheduled = True
-                assert self._loop is not None
-                self._loop.call_soon(self._pump)
-        if frames:
-            receiver(frames)
+        elif not self._paused:
+            # Someone is already behind (a batch limit hit): the pump keeps the peers' turns.
+            self._pump()
 
     def _pump(self) -> None:
         """Push mode: hand one batch to the receiver; come back next iteration if more is ready
@@ -541,9 +541,9 @@ class ZmqTransport(Transport):
     def _read_peer(peer: _Peer, out: list[Frame], known: bool) -> bool:
         """Append ``peer``'s queued messages' envelopes to ``out`` up to ``_RECEIVE_BATCH``.
 
-        ``known``: the caller has just seen POLLIN on the socket. Returns ``True`` when the batch
-        filled with messages still waiting, ``False`` when the socket is drained (its FD then
-        re-armed by the last EVENTS query).
+        ``known``: the caller has just seen POLLIN on the socket, or its FD has just fired.
+        Returns ``True`` when the batch filled with messages still waiting, ``False`` when the
+        socket is drained (its FD then re-armed by the last call into libzmq).
         """
         sock = peer.sock
         recv = sock.recv
@@ -551,12 +551,19 @@ class ZmqTransport(Transport):
         rank = peer.rank
         unpack_length = _LENGTH.unpack_from
         while len(out) < _RECEIVE_BATCH:
-            # Asking EVENTS is cheaper than provoking zmq.Again, and it re-arms the FD.
             if known:
+                # The caller saw POLLIN or the FD has just fired: read at once. A wake-up with
+                # nothing behind it (rare on a SUB socket) costs one zmq.Again.
                 known = False
+                try:
+                    data = recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    return False
+            # Later on, asking EVENTS is cheaper than provoking zmq.Again, and it re-arms the FD.
             elif not getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return False
-            data = recv(zmq.NOBLOCK)
+            else:
+                data = recv(zmq.NOBLOCK)
             end = len(data)
             if end < 12:
                 out.append((rank, peer.incarnation, b""))  # no room for a header: malformed
