@@ -39,3 +39,8 @@ def test_bench_bus_tiny_writes_json(tmp_path: Path):
     assert figures["raw_zmq"]["latency_samples"] == figures["latency_samples"]
     assert figures["elasticep"]["throughput_received"] + figures["elasticep"]["lost_in_gaps"] >= 1
     assert "elasticep" in proc.stdout and "raw_zmq" in proc.stdout
+    # The explanatory baselines ran too, in the same alternating rounds, on the same loop.
+    for name in ("raw_zmq_asyncio", "curve_task_floor"):
+        assert figures[name]["latency_samples"] == figures["latency_samples"], name
+        assert math.isfinite(figures[f"{name}_p50_us"]) and figures[f"{name}_p50_us"] > 0, name
+    assert figures["event_loop"] in ("uvloop", "asyncio") and figures["rounds"] == 3

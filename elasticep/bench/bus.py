@@ -20,8 +20,11 @@ it measures
   counts what arrives between the first and the last, events per second.
 
 elasticep's publisher and subscriber run on the event loop ``--loop`` picks (``auto``: uvloop
-where installed, as rank processes do; see :mod:`elasticep.bus.loop`). A third row reads raw pyzmq
-from a reader callback on that same loop: the loop's own share of the difference.
+where installed, as rank processes do; see :mod:`elasticep.bus.loop`). Two explanatory rows
+follow: raw pyzmq read from a reader callback on that same loop (the loop's own share of the
+difference), and raw pyzmq with CURVE, read by such a callback and handed to a task waiting on
+it (``curve_task_floor``: what any bus with CURVE and an ``async for`` API pays before doing any
+work of its own). The latency samples of all four are taken in ``--rounds`` alternating rounds.
 
 The publisher is this process; each subscriber is a child process. ``--json PATH`` writes the
 figures with the keys ``elasticep_p50_us``, ``elasticep_p99_us``, ``raw_zmq_p50_us``,
@@ -167,12 +170,23 @@ def _raw_subscriber(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _raw_asyncio_subscriber(args: argparse.Namespace) -> dict[str, Any]:
-    """The raw pyzmq subscriber again, but woken by an asyncio reader callback: the cost of the
-    event loop alone, with no elasticep code on the path (a second, explanatory baseline)."""
+    """The raw pyzmq subscriber again, woken by an event-loop reader callback: the cost of the
+    event loop alone, with no elasticep code on the path (an explanatory baseline).
+
+    As ``floor-sub`` (``--server-key`` given) the socket is a CURVE client, and the callback hands
+    each frame to a task waiting on it, which takes the time: what any bus with CURVE and an
+    ``async for`` API pays before it does any work of its own.
+    """
+    import collections
+
     import zmq
 
     ctx = zmq.Context(io_threads=1)
     sock = ctx.socket(zmq.SUB)
+    floor = bool(args.server_key)
+    if floor:
+        sock.curve_serverkey = args.server_key.encode()
+        sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
     sock.rcvhwm = args.hwm
     sock.linger = 0
     sock.setsockopt(zmq.SUBSCRIBE, b"")
@@ -183,26 +197,44 @@ async def _raw_asyncio_subscriber(args: argparse.Namespace) -> dict[str, Any]:
     ready = False
     loop = asyncio.get_running_loop()
     done = loop.create_future()
+    queue: collections.deque[bytes] = collections.deque()
+    waiters: list[asyncio.Future[None]] = []
+
+    def handle(data: bytes, now: int) -> None:
+        nonlocal count, first, last, ready
+        phase, sent = _RAW_HEAD.unpack_from(data)
+        if phase == _LATENCY:
+            latencies.append(now - sent)
+        elif phase == _THROUGHPUT:
+            if count == 0:
+                first = now
+            count += 1
+            last = now
+            if count >= args.events and not done.done():
+                done.set_result(None)
+        elif not ready:
+            ready = True
+            print("ready", flush=True)
 
     def on_readable() -> None:
-        nonlocal count, first, last, ready
         while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             data = sock.recv(zmq.NOBLOCK)
-            now = time.monotonic_ns()
-            phase, sent = _RAW_HEAD.unpack_from(data)
-            if phase == _LATENCY:
-                latencies.append(now - sent)
-            elif phase == _THROUGHPUT:
-                if count == 0:
-                    first = now
-                count += 1
-                last = now
-                if count >= args.events and not done.done():
-                    done.set_result(None)
-            elif not ready:
-                ready = True
-                print("ready", flush=True)
+            if not floor:
+                handle(data, time.monotonic_ns())
+                continue
+            queue.append(data)
+            if waiters and not waiters[0].done():
+                waiters[0].set_result(None)
 
+    async def consume() -> None:
+        while True:
+            while not queue:
+                waiter = loop.create_future()
+                waiters[:] = [waiter]
+                await waiter
+            handle(queue.popleft(), time.monotonic_ns())
+
+    consumer = loop.create_task(consume()) if floor else None
     fd = sock.getsockopt(zmq.FD)
     loop.add_reader(fd, on_readable)
     loop.call_soon(on_readable)
@@ -214,6 +246,8 @@ async def _raw_asyncio_subscriber(args: argparse.Namespace) -> dict[str, Any]:
                 break
     finally:
         loop.remove_reader(fd)
+        if consumer is not None:
+            consumer.cancel()
         sock.close(linger=0)
         ctx.term()
     return _summary(latencies, count, last - first, args.events)
@@ -228,7 +262,7 @@ def _subscriber_main(args: argparse.Namespace) -> int:
         return 0
     # The raw subscribers talk to the publisher over stdout ("ready", then one JSON line), so
     # they never import torch for a store client and start in a fraction of a second.
-    if args.role == "raw-asyncio-sub":
+    if args.role in ("raw-asyncio-sub", "floor-sub"):
         result = run_loop(_raw_asyncio_subscriber(args), kind=args.loop)
     else:
         result = _raw_subscriber(args)
@@ -240,7 +274,8 @@ def _subscriber_main(args: argparse.Namespace) -> int:
 
 
 def _spawn(
-    role: str, args: argparse.Namespace, *, store_addr: str = "", connect: str = "", env: dict[str, str] | None = None
+    role: str, args: argparse.Namespace, *, store_addr: str = "", connect: str = "", server_key: str = "",
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "elasticep.bench.bus", "--role", role, "--loop", args.loop,
@@ -250,6 +285,8 @@ def _spawn(
         cmd += ["--store", store_addr]
     if connect:
         cmd += ["--connect", connect]
+    if server_key:
+        cmd += ["--server-key", server_key]
     if args.endpoint:
         cmd += ["--endpoint", args.endpoint]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE if connect else None, text=True)
@@ -286,14 +323,25 @@ def _result(store: Any, role: str, proc: subprocess.Popen, timeout: float) -> di
     return json.loads(store.get(_RESULT_KEY + role))
 
 
+_RAW_ROLES = {"raw_zmq": "raw-sub", "raw_zmq_asyncio": "raw-asyncio-sub", "curve_task_floor": "floor-sub"}
+"""The baselines: result name -> subscriber role."""
+
+
 class _RawPublisher:
-    """A plain pyzmq PUB socket and the subscriber process reading it (no CURVE, no bus)."""
+    """A plain pyzmq PUB socket and the subscriber process reading it (no bus; CURVE only for
+    the ``floor-sub`` role)."""
 
     def __init__(self, ctx: Any, args: argparse.Namespace, role: str) -> None:
         import zmq
 
         self.role = role
         self.sock = ctx.socket(zmq.PUB)
+        server_key = ""
+        if role == "floor-sub":
+            public, secret = zmq.curve_keypair()
+            self.sock.curve_server = True
+            self.sock.curve_publickey, self.sock.curve_secretkey = public, secret
+            server_key = public.decode()
         self.sock.sndhwm = args.hwm
         self.sock.linger = 0
         if args.endpoint and args.endpoint.startswith("ipc"):
@@ -302,7 +350,7 @@ class _RawPublisher:
         else:
             self._ipc = ""
             self.sock.bind("tcp://127.0.0.1:*")
-        self.proc = _spawn(role, args, connect=self.sock.last_endpoint.decode())
+        self.proc = _spawn(role, args, connect=self.sock.last_endpoint.decode(), server_key=server_key)
 
     def result(self, timeout: float) -> dict[str, Any]:
         out, _ = self.proc.communicate(timeout=timeout)
@@ -332,7 +380,7 @@ async def _session(args: argparse.Namespace, store: Any, store_addr: str) -> dic
     raws: list[_RawPublisher] = []
     proc = _spawn("elasticep-sub", args, store_addr=store_addr, env=keys.for_rank(1).to_env())
     try:
-        raws = [_RawPublisher(ctx, args, role) for role in ("raw-sub", "raw-asyncio-sub")]
+        raws = [_RawPublisher(ctx, args, role) for role in _RAW_ROLES.values()]
         transport = ZmqTransport(0, keys.for_rank(0), store, hwm=args.hwm, endpoint=args.endpoint)
         async with EventBus(transport, 0) as bus:
             loop = asyncio.get_running_loop()
@@ -388,7 +436,7 @@ async def _session(args: argparse.Namespace, store: Any, store_addr: str) -> dic
         ours["publisher_events_per_s"] = args.events / send_s
         results = {"elasticep": ours}
         frame = _RAW_HEAD.pack(_THROUGHPUT, 0) + pad
-        for raw, name in zip(raws, ("raw_zmq", "raw_zmq_asyncio")):
+        for raw, name in zip(raws, _RAW_ROLES):
             await asyncio.sleep(0.2)
             send = raw.sock.send
             t0 = time.perf_counter()
@@ -421,6 +469,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     store_addr = f"127.0.0.1:{port}"
     results = run_loop(_session(args, store, store_addr), kind=args.loop)
     ours, raw, raw_asyncio = results["elasticep"], results["raw_zmq"], results["raw_zmq_asyncio"]
+    floor = results["curve_task_floor"]
     out: dict[str, Any] = {
         "elasticep_p50_us": ours["p50_us"],
         "elasticep_p99_us": ours["p99_us"],
@@ -430,6 +479,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "raw_zmq_events_per_s": raw["events_per_s"],
         "raw_zmq_asyncio_p50_us": raw_asyncio["p50_us"],
         "raw_zmq_asyncio_p99_us": raw_asyncio["p99_us"],
+        "curve_task_floor_p50_us": floor["p50_us"],
+        "curve_task_floor_p99_us": floor["p99_us"],
         "event_loop": event_loop_kind(args.loop),
         "frame_bytes": results["frame_bytes"],
         "transport": args.endpoint or "tcp://127.0.0.1",
@@ -440,6 +491,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "elasticep": ours,
         "raw_zmq": raw,
         "raw_zmq_asyncio": raw_asyncio,
+        "curve_task_floor": floor,
     }
     return out
 
@@ -457,7 +509,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="event loop for elasticep and the asyncio baseline (default auto: uvloop if installed)")
     p.add_argument("--tiny", action="store_true", help="a few hundred events only (for tests)")
     p.add_argument("--timeout", type=float, default=60.0, help="bound on each phase, s")
-    p.add_argument("--role", choices=["elasticep-sub", "raw-sub", "raw-asyncio-sub"], help=argparse.SUPPRESS)
+    p.add_argument("--role", choices=["elasticep-sub", "raw-sub", "raw-asyncio-sub", "floor-sub"], help=argparse.SUPPRESS)
+    p.add_argument("--server-key", default="", help=argparse.SUPPRESS)
     p.add_argument("--store", help=argparse.SUPPRESS)
     p.add_argument("--connect", help=argparse.SUPPRESS)
     return p
@@ -476,8 +529,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'':12}{'p50 us':>10}{'p99 us':>10}{'events/s':>12}")
     for name in ("elasticep", "raw_zmq"):
         print(f"{name:12}{out[name + '_p50_us']:>10.1f}{out[name + '_p99_us']:>10.1f}{out[name + '_events_per_s']:>12,.0f}")
-    print(f"{'(raw_zmq read from an event-loop callback)':40} p50 {out['raw_zmq_asyncio_p50_us']:.1f} us, "
+    print(f"{'(raw_zmq read from an event-loop callback)':48} p50 {out['raw_zmq_asyncio_p50_us']:7.1f} us, "
           f"p99 {out['raw_zmq_asyncio_p99_us']:.1f} us")
+    print(f"{'(... with CURVE, handed to a waiting task)':48} p50 {out['curve_task_floor_p50_us']:7.1f} us, "
+          f"p99 {out['curve_task_floor_p99_us']:.1f} us  (the floor for a CURVE bus with async for: "
+          f"{out['curve_task_floor_p50_us'] / out['raw_zmq_p50_us']:.2f}x raw)")
     print(f"p50 ratio elasticep/raw: {out['elasticep_p50_us'] / out['raw_zmq_p50_us']:.2f} (target <= 1.5); "
           f"elasticep lost {out['elasticep']['lost_in_gaps']} events in gaps")
     if args.json:
