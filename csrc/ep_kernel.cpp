@@ -165,6 +165,33 @@ inline uint16_t f32_to_bf16(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
+// Row kernels of the combine reduction, float32. Built twice, for AVX2 and for the baseline ISA,
+// and picked at load time. AVX2 without FMA on purpose: a fused multiply-add rounds once where
+// w * y + acc rounds twice, and the sum must not depend on the host.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define EP_ROW_KERNEL __attribute__((target_clones("avx2", "default")))
+#else
+#define EP_ROW_KERNEL
+#endif
+
+EP_ROW_KERNEL void row_first(float* __restrict acc, const float* __restrict y0, float w0, int H) {
+  for (int h = 0; h < H; ++h) acc[h] = w0 * y0[h];
+}
+
+EP_ROW_KERNEL void row_first2(float* __restrict acc, const float* __restrict y0, float w0, const float* __restrict y1,
+                              float w1, int H) {
+  for (int h = 0; h < H; ++h) acc[h] = w0 * y0[h] + w1 * y1[h];
+}
+
+EP_ROW_KERNEL void row_add2(float* __restrict acc, const float* __restrict ya, float wa, const float* __restrict yb,
+                            float wb, int H) {
+  for (int h = 0; h < H; ++h) acc[h] = (acc[h] + wa * ya[h]) + wb * yb[h];
+}
+
+EP_ROW_KERNEL void row_add(float* __restrict acc, const float* __restrict ya, float wa, int H) {
+  for (int h = 0; h < H; ++h) acc[h] += wa * ya[h];
+}
+
 int futex_wait(std::atomic<uint32_t>* word, uint32_t expected, int64_t timeout_ns) {
   struct timespec ts;
   ts.tv_sec = timeout_ns / 1'000'000'000;
@@ -497,6 +524,7 @@ class KernelRuntime {
     // ((w0*y0 + w1*y1) + w2*y2) + w3*y3: the same float operations as adding them one at a time.
     std::vector<float> scratch(hidden_);
     std::vector<const uint8_t*> ys(topk_);
+    std::vector<const float*> yf(topk_);
     std::vector<float> ws(topk_);
     const int H = hidden_;
     for (int64_t t = 0; t < tokens; ++t) {
@@ -527,28 +555,17 @@ class KernelRuntime {
           std::fill(acc, acc + H, 0.0f);
           continue;
         }
-        const float* __restrict y0 = reinterpret_cast<const float*>(ys[0]);
-        const float w0 = ws[0];
+        for (int i = 0; i < n; ++i) yf[i] = reinterpret_cast<const float*>(ys[i]);
+        const float* const* y = yf.data();
         int j = 1;
         if (n == 1) {
-          for (int h = 0; h < H; ++h) acc[h] = w0 * y0[h];
+          row_first(acc, y[0], ws[0], H);
         } else {
-          const float* __restrict y1 = reinterpret_cast<const float*>(ys[1]);
-          const float w1 = ws[1];
-          for (int h = 0; h < H; ++h) acc[h] = w0 * y0[h] + w1 * y1[h];
+          row_first2(acc, y[0], ws[0], y[1], ws[1], H);
           j = 2;
         }
-        for (; j + 1 < n; j += 2) {
-          const float* __restrict ya = reinterpret_cast<const float*>(ys[j]);
-          const float* __restrict yb = reinterpret_cast<const float*>(ys[j + 1]);
-          const float wa = ws[j], wb = ws[j + 1];
-          for (int h = 0; h < H; ++h) acc[h] = (acc[h] + wa * ya[h]) + wb * yb[h];
-        }
-        if (j < n) {
-          const float* __restrict ya = reinterpret_cast<const float*>(ys[j]);
-          const float wa = ws[j];
-          for (int h = 0; h < H; ++h) acc[h] += wa * ya[h];
-        }
+        for (; j + 1 < n; j += 2) row_add2(acc, y[j], ws[j], y[j + 1], ws[j + 1], H);
+        if (j < n) row_add(acc, y[j], ws[j], H);
       } else {
         float* acc = scratch.data();
         std::fill(acc, acc + H, 0.0f);

@@ -4,15 +4,22 @@ R rank processes on this host each hold ``--tokens`` tokens of ``--hidden`` valu
 ``--topk`` of ``R * --slots-per-rank`` expert slots at random (seeded; every rank knows every
 rank's routing, so all byte counts are exact). In one run, on the same processes, it measures:
 
-* **kernel**: :meth:`EPBuffer.dispatch` then :meth:`EPBuffer.combine` (identity experts: the
-  received rows are returned as they are), per step;
+* **kernel**: :meth:`EPBuffer.dispatch` then :meth:`EPBuffer.combine` with identity experts, per
+  step, two ways: the expert outputs are ``recv_x`` itself (an expert that writes its outputs in
+  place; combine moves no rows, the figure under ``dispatch_combine_p50_us``), and the expert
+  outputs are a tensor of their own (combine copies them into the segment once,
+  ``dispatch_combine_copy_out_p50_us``);
 * **shm_copy** (the bound): each rank copies the same bytes it sends in that step (dispatch rows,
   one per (token, destination rank); combine rows, one per (token, slot)) into a shared-memory
   region with one ``memcpy`` each way, and the bytes it receives out of another rank's region, with
   no synchronisation at all: what a zero-overhead exchange through shared memory would cost;
 * **gloo**: ``torch.distributed.all_to_all_single`` on a gloo group, once for the dispatch rows and
   once for the combine rows, with the exact per-peer split sizes (the packed send buffers are built
-  outside the timed region, which favours gloo).
+  outside the timed region, and neither the permutation into per-expert order nor the weighted sum
+  is timed, all of which favours gloo).
+
+The kernel and gloo steps alternate in ``--rounds`` rounds, so that on a shared host both see the
+same background load.
 
 Each figure is the p50 over steps of one rank's step time, taking the slowest rank. ``--json
 PATH`` writes ``ranks``, ``tokens``, ``hidden``, ``dispatch_combine_p50_us``, ``shm_copy_p50_us``,
@@ -89,20 +96,54 @@ def _rank_main(rank: int, args: argparse.Namespace, port: int, cluster_id: str, 
         recv_bytes = (sum(d_in) + sum(c_in)) * row
         x = torch.randn(args.tokens, args.hidden).to(dtype)
 
-        # kernel
+        # kernel and gloo, interleaved in rounds so that both see the same background load
         buf = EPBuffer(
             rank, args.ranks, slots_per_rank=args.slots_per_rank, max_tokens=args.tokens,
             hidden=args.hidden, topk=args.topk, cluster_id=cluster_id, timeout_us=args.timeout_us,
         )
-        dist.barrier()
-        kernel_us = []
-        for i in range(args.warmup + args.iters):
+        send_d = torch.randn(sum(d_out), args.hidden).to(dtype)
+        recv_d = torch.empty(sum(d_in), args.hidden, dtype=dtype)
+        send_c = torch.randn(sum(c_out), args.hidden).to(dtype)
+        recv_c = torch.empty(sum(c_in), args.hidden, dtype=dtype)
+        separate: list[Any] = []  # expert outputs outside recv_x, allocated at the first step
+
+        def kernel_step(in_place: bool) -> float:
             t0 = time.perf_counter_ns()
             recv_x, _, handle = buf.dispatch(x, idx)
-            buf.combine(recv_x, idx, w, handle=handle)
-            t1 = time.perf_counter_ns()
-            if i >= args.warmup:
-                kernel_us.append((t1 - t0) / 1e3)
+            if in_place:
+                expert_out = recv_x
+            else:
+                if not separate or separate[0].shape != recv_x.shape:
+                    separate[:] = [torch.zeros_like(recv_x)]
+                expert_out = separate[0]
+            buf.combine(expert_out, idx, w, handle=handle)
+            return (time.perf_counter_ns() - t0) / 1e3
+
+        def gloo_step() -> float:
+            t0 = time.perf_counter_ns()
+            dist.all_to_all_single(recv_d, send_d, output_split_sizes=d_in, input_split_sizes=d_out)
+            dist.all_to_all_single(recv_c, send_c, output_split_sizes=c_in, input_split_sizes=c_out)
+            return (time.perf_counter_ns() - t0) / 1e3
+
+        dist.barrier()
+        for _ in range(args.warmup):
+            kernel_step(True)
+            kernel_step(False)
+        for _ in range(args.gloo_warmup):
+            gloo_step()
+        kernel_us: list[float] = []
+        copy_out_us: list[float] = []
+        gloo_us: list[float] = []
+        rounds = max(1, min(args.rounds, args.iters, args.gloo_iters))
+        for r in range(rounds):
+            n_kernel = args.iters * (r + 1) // rounds - args.iters * r // rounds
+            n_gloo = args.gloo_iters * (r + 1) // rounds - args.gloo_iters * r // rounds
+            dist.barrier()
+            kernel_us += [kernel_step(True) for _ in range(n_kernel)]
+            dist.barrier()
+            copy_out_us += [kernel_step(False) for _ in range(n_kernel)]
+            dist.barrier()
+            gloo_us += [gloo_step() for _ in range(n_gloo)]
         mask_ok = buf.active_ranks.tolist() == [1] * args.ranks
         buf.close()
 
@@ -125,21 +166,6 @@ def _rank_main(rank: int, args: argparse.Namespace, port: int, cluster_id: str, 
             dst.copy_(theirs)
             copy_us.append((time.perf_counter_ns() - t0) / 1e3)
         copy_loop_us = (time.perf_counter_ns() - start) / 1e3
-
-        # gloo all_to_all_single of the same rows
-        send_d = torch.randn(sum(d_out), args.hidden).to(dtype)
-        recv_d = torch.empty(sum(d_in), args.hidden, dtype=dtype)
-        send_c = torch.randn(sum(c_out), args.hidden).to(dtype)
-        recv_c = torch.empty(sum(c_in), args.hidden, dtype=dtype)
-        dist.barrier()
-        gloo_us = []
-        for i in range(args.gloo_warmup + args.gloo_iters):
-            t0 = time.perf_counter_ns()
-            dist.all_to_all_single(recv_d, send_d, output_split_sizes=d_in, input_split_sizes=d_out)
-            dist.all_to_all_single(recv_c, send_c, output_split_sizes=c_in, input_split_sizes=c_out)
-            t1 = time.perf_counter_ns()
-            if i >= args.gloo_warmup:
-                gloo_us.append((t1 - t0) / 1e3)
         dist.barrier()
         conn.send({
             "rank": rank,
@@ -148,6 +174,7 @@ def _rank_main(rank: int, args: argparse.Namespace, port: int, cluster_id: str, 
             "copy_p50_us": _percentile(copy_us, 50),
             "copy_loop_us": copy_loop_us,
             "kernel_mean_us": sum(kernel_us) / len(kernel_us),
+            "copy_out_p50_us": _percentile(copy_out_us, 50),
             "gloo_p50_us": _percentile(gloo_us, 50),
             "sent_bytes": sent_bytes,
             "recv_bytes": recv_bytes,
@@ -203,6 +230,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kernel = max(r["kernel_p50_us"] for r in per_rank)
     copy = max(r["copy_p50_us"] for r in per_rank)
     gloo = max(r["gloo_p50_us"] for r in per_rank)
+    copy_out = max(r["copy_out_p50_us"] for r in per_rank)
     return {
         "ranks": args.ranks,
         "tokens": args.tokens,
@@ -219,6 +247,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "dispatch_combine_p99_us": round(max(r["kernel_p99_us"] for r in per_rank), 1),
         "dispatch_combine_mean_us": round(max(r["kernel_mean_us"] for r in per_rank), 1),
+        # Expert outputs in a tensor of their own: combine copies them into the segment once.
+        "dispatch_combine_copy_out_p50_us": round(copy_out, 1),
+        "gloo_over_kernel_copy_out": round(gloo / copy_out, 2),
+        "rounds": max(1, min(args.rounds, args.iters, args.gloo_iters)),
         # All ranks copying at once for `iters` steps: the slowest rank's loop / iters. With more
         # ranks than cores this, not the per-copy p50, is what one exchange step can cost at least.
         "shm_copy_concurrent_step_us": round(max(r["copy_loop_us"] for r in per_rank) / args.iters, 1),
@@ -243,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--gloo-iters", type=int, default=60)
     p.add_argument("--gloo-warmup", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=6,
+                   help="kernel and gloo steps alternate in this many rounds (same background load for both)")
     p.add_argument("--timeout-us", type=int, default=10_000_000, help="kernel wait bound (no faults here)")
     p.add_argument("--deadline-s", type=float, default=300.0, help="give up on the whole run after this")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
@@ -254,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         f"ranks={res['ranks']} tokens={res['tokens']} hidden={res['hidden']} dtype={res['dtype']} "
         f"topk={res['topk']} slots/rank={res['slots_per_rank']} cpus={res['cpus']}\n"
         f"  kernel dispatch+combine p50   {res['dispatch_combine_p50_us']:>10.1f} us"
-        f"  (p99 {res['dispatch_combine_p99_us']:.1f} us)\n"
+        f"  (p99 {res['dispatch_combine_p99_us']:.1f} us; expert outputs in recv_x)\n"
+        f"  ... expert outputs elsewhere  {res['dispatch_combine_copy_out_p50_us']:>10.1f} us"
+        f"  (combine copies them once; {res['gloo_over_kernel_copy_out']:.1f}x faster than gloo)\n"
         f"  shm memcpy of the same bytes  {res['shm_copy_p50_us']:>10.1f} us  (bound, p50 of one copy; "
         f"kernel is {res['kernel_over_copy']:.2f}x)\n"
         f"  ... all ranks copying at once {res['shm_copy_concurrent_step_us']:>10.1f} us  (per step; kernel is "
