@@ -173,6 +173,120 @@ def test_duplicate_slots_fill_a_rank_to_topk(cluster_id: str) -> None:
             b.close()
 
 
+def _in_region(buf: EPBuffer, t: torch.Tensor) -> bool:
+    start = buf._runtime.region_alias
+    return start != 0 and start <= t.data_ptr() < start + buf._runtime.region_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_outputs_written_over_recv_x(cluster_id: str, dtype: torch.dtype) -> None:
+    # recv_x lives in the rank's return region; an expert that writes its outputs over it lets
+    # the peers reduce straight from there. Routing changes every step, and with it recv_x's shape.
+    bufs = [_buffer(r, 2, cluster_id) for r in range(2)]
+    try:
+        for step in range(3):
+            xs = [torch.randn(MAX_TOKENS, HIDDEN).to(dtype) for _ in range(2)]
+            routes = [_routing(MAX_TOKENS, 2 * SPR, seed=20 + 2 * step + r) for r in range(2)]
+            outs: list[Any] = [None, None]
+            in_region: list[bool] = [False, False]
+
+            def run(rank: int) -> None:
+                idx, w = routes[rank]
+                recv_x, counts, handle = bufs[rank].dispatch(xs[rank], idx)
+                in_region[rank] = _in_region(bufs[rank], recv_x)
+                for e in range(SPR):
+                    n = int(counts[e])
+                    recv_x[e, :n] = _scale(rank * SPR + e, recv_x[e, :n].float()).to(dtype)
+                outs[rank] = bufs[rank].combine(recv_x, idx, w, handle=handle)
+
+            threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+            assert not any(t.is_alive() for t in threads)
+            assert in_region == [True, True]
+            for r in range(2):
+                expert = lambda s, h: _scale(s, h.to(dtype).float()).to(dtype).float()  # noqa: E731
+                want = _reference(xs[r], *routes[r], expert, {0, 1})
+                tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=5e-2)
+                torch.testing.assert_close(outs[r].float(), want, **tol)
+        assert [b.active_ranks.tolist() for b in bufs] == [[1, 1], [1, 1]]
+        assert [b.stats()["overwritten_reads"] for b in bufs] == [0, 0]
+    finally:
+        for b in bufs:
+            b.close()
+
+
+def test_owner_that_rewrote_its_region_under_a_late_read_is_dropped(cluster_id: str) -> None:
+    # Rank 1 posts its combine, gives up on rank 0 (which is late), and moves on to the next
+    # dispatch, rewriting its return region. Rank 0's late combine must not return those rows:
+    # it drops rank 1 as if it had timed out and reduces without it.
+    x0, x1 = torch.randn(MAX_TOKENS, HIDDEN), torch.randn(MAX_TOKENS, HIDDEN)
+    idx0, w0 = _routing(MAX_TOKENS, 2 * SPR, seed=30, masked=0.0)
+    idx1 = SPR + torch.rand(MAX_TOKENS, SPR).argsort(dim=1)[:, :TOPK].contiguous()  # rank 1's own slots only
+    w1 = torch.rand(MAX_TOKENS, TOPK)
+    before = metrics.sample("elasticep_kernel_peer_timeouts_total", {"op": "combine"})
+    with _buffer(0, 2, cluster_id) as buf0, _buffer(1, 2, cluster_id, timeout_us=30_000) as buf1:
+        got: dict[int, Any] = {}
+
+        def dispatch(rank: int, buf: EPBuffer, x: torch.Tensor, idx: torch.Tensor) -> None:
+            got[rank] = buf.dispatch(x, idx)
+
+        threads = [threading.Thread(target=dispatch, args=a) for a in ((0, buf0, x0, idx0), (1, buf1, x1, idx1))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        recv0, counts0, handle0 = got[0]
+        recv1, counts1, handle1 = got[1]
+        assert _in_region(buf1, recv1) and int(counts1.sum()) > 0
+        for e in range(SPR):
+            n = int(counts1[e])
+            recv1[e, :n] = _scale(SPR + e, recv1[e, :n])
+        buf1.combine(recv1, idx1, w1, handle=handle1)  # posts to rank 0, then times out on it
+        assert buf1.active_ranks.tolist() == [0, 1]
+        recv1, counts1, handle1 = buf1.dispatch(x1 + 1.0, idx1)  # rewrites rank 1's region
+        out0 = buf0.combine(_run_local_experts(0, recv0, counts0), idx0, w0, handle=handle0)
+        assert buf0.active_ranks.tolist() == [1, 0]
+        assert buf0.stats()["overwritten_reads"] == 1
+        assert [(t.peer, t.op) for t in buf0.last_timeouts()] == [(1, "combine")]
+        torch.testing.assert_close(out0, _reference(x0, idx0, w0, _scale, {0}), rtol=1e-5, atol=1e-5)
+        buf1.combine(recv1, idx1, w1, handle=handle1)
+    assert metrics.sample("elasticep_kernel_peer_timeouts_total", {"op": "combine"}) == before + 2
+
+
+def test_recv_x_outlives_close(cluster_id: str) -> None:
+    x = torch.randn(MAX_TOKENS, HIDDEN)
+    idx, w = _routing(MAX_TOKENS, SPR, seed=2, masked=0.0)
+    buf = _buffer(0, 1, cluster_id)
+    recv_x, counts, handle = buf.dispatch(x, idx)
+    buf.combine(recv_x, idx, w, handle=handle)
+    kept = recv_x[0, : int(counts[0])]
+    buf.close()
+    assert not os.path.exists("/dev/shm" + segment_name(cluster_id, 0))
+    rows = [t for t in range(MAX_TOKENS) for k in range(TOPK) if int(idx[t, k]) == 0]
+    torch.testing.assert_close(kept, x[rows])  # still mapped: the tensor holds its own mapping
+
+
+def test_without_a_second_mapping_recv_x_is_private(cluster_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from elasticep.kernel import buffer as buffer_module
+
+    monkeypatch.setattr(buffer_module, "_SHM_DIR", "/nonexistent-shm-dir")
+    bufs = [_buffer(r, 2, cluster_id) for r in range(2)]
+    try:
+        assert all(b._runtime.region_alias == 0 for b in bufs)
+        xs = [torch.randn(MAX_TOKENS, HIDDEN) for _ in range(2)]
+        routes = [_routing(MAX_TOKENS, 2 * SPR, seed=40 + r) for r in range(2)]
+        outs: list[Any] = [None, None]
+        _two_rank_step(bufs, xs, routes, outs)
+        for r in range(2):
+            torch.testing.assert_close(outs[r], _reference(xs[r], *routes[r], _scale, {0, 1}), rtol=1e-5, atol=1e-5)
+    finally:
+        for b in bufs:
+            b.close()
+
+
 def test_silent_peer_times_out_and_is_marked(cluster_id: str) -> None:
     before = metrics.sample("elasticep_kernel_peer_timeouts_total", {"op": "dispatch"})
     published: list[PeerTimeout] = []

@@ -56,9 +56,11 @@ def _moe_rank(rank: int, num_ranks: int, cluster_id: str, job: dict[str, Any], r
         rank, num_ranks, slots_per_rank=spr, max_tokens=TOKENS_PER_RANK, hidden=HIDDEN, topk=TOPK,
         cluster_id=cluster_id, epoch=job["epoch"], timeout_us=5_000_000,
     ) as buf:
-        for x, idx, w in job["rounds"]:
+        for i, (x, idx, w) in enumerate(job["rounds"]):
             recv_x, recv_count, handle = buf.dispatch(x, idx)
-            expert_out = torch.zeros_like(recv_x)
+            # Odd rounds write the expert outputs over recv_x (combine then moves no rows), even
+            # rounds into a tensor of their own (combine copies them into the segment).
+            expert_out = recv_x if i % 2 else torch.zeros_like(recv_x)
             for e in range(spr):
                 n = int(recv_count[e])
                 if n:
