@@ -144,13 +144,38 @@ class _Staged:
         return f"{len(self.slots)} experts" + (f": {kinds}" if kinds else "")
 
 
+def exit_report_socket(ctx: zmq.Context, endpoint: str, server_key: str, keys, rank: int) -> zmq.Socket:
+    """A SUB socket for the launcher's exit reports, as a CURVE client pinned to ``server_key``.
+
+    Args:
+        ctx: the ZeroMQ context (a ``zmq.asyncio.Context`` for an awaitable socket).
+        endpoint: the launcher's exit-report endpoint (``spec.extra["control"]``).
+        server_key: the launcher's Z85 CURVE public key (``spec.extra["control_key"]``). Only the
+            holder of the matching secret completes the handshake, so every frame read here
+            comes from the launcher: a process that takes over the endpoint cannot forge an exit.
+        keys: this rank's :class:`~elasticep.bus.ClusterKeys` (its own keypair is the client key).
+        rank: this rank.
+    """
+    if not server_key:
+        raise ValueError("the launcher's exit-report key is missing: refusing an unauthenticated channel")
+    sock = ctx.socket(zmq.SUB)
+    sock.curve_serverkey = server_key.encode()
+    sock.curve_publickey = keys.rank_public(rank)
+    sock.curve_secretkey = keys.rank_secret(rank)
+    sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
+
+
 class EPRankServer:
     """One expert-parallel rank incarnation; see the module docs.
 
     Args:
         spec: the rank's :class:`~elasticep.engine.protocol.RankSpec`; ``spec.extra`` carries
             ``bus_keys`` (this rank's CURVE keys, JSON), ``bus_incarnation``, ``join`` (``"1"``
-            for a restart or a new rank), ``control`` (the launcher's exit-report endpoint),
+            for a restart or a new rank), ``control`` and ``control_key`` (the launcher's
+            exit-report endpoint and its CURVE public key, Z85),
             ``store`` (``HOST:PORT``), ``kernel_timeout_us`` and ``config`` (JSON overrides of
             :class:`~elasticep.config.Config`).
 
@@ -384,10 +409,10 @@ class EPRankServer:
         self._ViewInstalled = ViewInstalled
         await self.bus.start()
         # the launcher's certain signal: a process exit, within milliseconds of the kill
-        sub = zmq.asyncio.Context.instance().socket(zmq.SUB)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.connect(self.spec.extra["control"])
+        sub = exit_report_socket(
+            zmq.asyncio.Context.instance(), self.spec.extra["control"], self.spec.extra["control_key"],
+            self.keys, self.rank,
+        )
         await self.service.start(ready_timeout=30.0)
         self._control_ready.set()
         import msgspec

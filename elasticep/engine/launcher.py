@@ -249,6 +249,8 @@ class Launcher:
         self._control = None
         self._control_lock = threading.Lock()
         self.control_endpoint = ""
+        self.control_public_key = ""
+        """Z85 CURVE public key of the exit-report socket; each rank pins it (kernel backend)."""
         self.bus_incarnations: dict[tuple[int, int], int] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -424,6 +426,7 @@ class Launcher:
             bus_incarnation=str(bus_inc),
             join="1" if join else "0",
             control=self.control_endpoint,
+            control_key=self.control_public_key,
             store=f"{host}:{port}",
             kernel_timeout_us=str(self.kernel_timeout_us),
             config=json.dumps(self.rank_config),
@@ -442,6 +445,14 @@ class Launcher:
         self.keys = ClusterKeys.generate(self.max_ranks)
         sock = zmq.Context.instance().socket(zmq.PUB)
         sock.setsockopt(zmq.LINGER, 0)
+        # A process exit evicts at once, so who may say one matters: the socket is a CURVE server
+        # whose key only this launcher holds, and each rank pins that key when it connects
+        # (elasticep.engine.ep_rank.exit_report_socket). A forged exit report cannot get in.
+        public, secret = zmq.curve_keypair()
+        sock.curve_server = True
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+        self.control_public_key = public.decode()
         port = sock.bind_to_random_port(f"tcp://{self.host}")
         self._control = sock
         self.control_endpoint = f"tcp://{self.host}:{port}"
