@@ -171,20 +171,28 @@ def test_scale_up_then_graceful_scale_down(tiny_model, oracle):
         assert len(served_by) == work.total
 
 
-@pytest.mark.timeout(90)
-def test_redundancy_exhausted_stops_serving_with_a_clear_error(tiny_model, oracle):
+@pytest.mark.timeout(120)
+def test_redundancy_exhausted_stops_serving_with_a_clear_error_then_resumes(tiny_model, oracle):
     # 2 ranks x 8 slots hold the 16 experts exactly once: losing a rank loses experts
     with _cluster(tiny_model, 2, slots_per_rank=8, attempt_timeout_s=10.0) as launcher:
         work, timeline, recorder = _run(launcher, oracle, 30, seed=6, concurrency=4)
         assert work.wait_done(6, 30.0)
         launcher.kill(1, wait=False)
-        _evicted(recorder, 1)
+        epoch, _ = _evicted(recorder, 1)
         assert work.wait(40.0)
-        recorder.close()
         verdict = work.verify(oracle)
         assert verdict["wrong"] == 0, verdict  # never a wrong output
         assert verdict["lost"] > 0
         assert any("redundancy exhausted" in e for e in verdict["errors"]), verdict
+        # Capacity returns: the rank restarts, the view covering every expert commits, and the
+        # cluster serves again, exactly.
+        launcher.restart(1)
+        assert recorder.wait_view(lambda e, m: m == (0, 1) and e > epoch, 30.0) is not None
+        recorder.close()
+        prompts = make_prompts(6, 6, oracle.config.vocab_size, 77)
+        again = launcher.generate(prompts, MAX_NEW, timeout_s=40)
+        assert [r.tokens for r in again] == [oracle.generate(p, MAX_NEW) for p in prompts]
+        assert {r.rank for r in again} >= {0}
 
 
 @pytest.mark.timeout(90)

@@ -653,6 +653,12 @@ class EPRankServer:
                 return False
             result = self._call(self.pipeline.run(view), timeout=60.0)
             if result.status == "committed":
+                if self.exhausted is not None:
+                    # A view that covers every expert again (a rank rejoined, or one was added):
+                    # the plan committed, so serving resumes.
+                    print(f"rank {self.rank}: serving resumed at epoch {view.epoch} "
+                          f"(was: {self.exhausted})", file=sys.stderr)
+                    self.exhausted = None
                 continue
             if result.status == "abandoned":
                 continue
