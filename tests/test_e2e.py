@@ -187,12 +187,19 @@ def test_redundancy_exhausted_stops_serving_with_a_clear_error_then_resumes(tiny
         # Capacity returns: the rank restarts, the view covering every expert commits, and the
         # cluster serves again, exactly.
         launcher.restart(1)
-        assert recorder.wait_view(lambda e, m: m == (0, 1) and e > epoch, 30.0) is not None
-        recorder.close()
+        resumed = recorder.wait_view(lambda e, m: m == (0, 1) and e > epoch, 30.0)
+        assert resumed is not None
         prompts = make_prompts(6, 6, oracle.config.vocab_size, 77)
         again = launcher.generate(prompts, MAX_NEW, timeout_s=40)
+        recorder.close()
         assert [r.tokens for r in again] == [oracle.generate(p, MAX_NEW) for p in prompts]
-        assert {r.rank for r in again} >= {0}
+    # The experts nobody alive held came from the checkpoint on disk.
+    from elasticep.events import ReconfigPhase
+
+    details = [ev.detail for _t, _s, ev in timeline.events()
+               if isinstance(ev, ReconfigPhase) and ev.epoch == resumed[0] and ev.phase == "weights"
+               and ev.status == "end" and ev.rank == 1]
+    assert details and "disk=" in details[0], details
 
 
 @pytest.mark.timeout(90)
