@@ -27,7 +27,8 @@ class KernelRuntime:
         """Post ``x`` ([tokens, hidden], dtype 0 = float32, 1 = bfloat16) routed by ``topk_idx``
         ([tokens, topk] int64) to every active rank; wait for theirs; return rows per local slot."""
     def dispatch_unpack(self, recv_ptr: int, capacity: int, slot_stride: int) -> None:
-        """Copy the received rows into ``recv`` ([slots_per_rank, slot_stride, hidden])."""
+        """Copy the received rows into ``recv`` ([slots_per_rank, slot_stride, hidden]), which may be
+        the caller's mapping of this rank's return region."""
     def combine(
         self,
         expert_out_ptr: int,
@@ -72,6 +73,18 @@ class KernelRuntime:
     def segment_bytes(self) -> int: ...
     @property
     def closed(self) -> bool: ...
+    @property
+    def region_offset(self) -> int:
+        """Byte offset of this rank's return region in the segment (page aligned)."""
+    @property
+    def region_bytes(self) -> int:
+        """Size of each rank's return region, bytes."""
+    @property
+    def region_alias(self) -> int:
+        """Where the caller mapped this rank's return region (0: not mapped)."""
+    def set_region_alias(self, ptr: int) -> None:
+        """Declare the caller's own mapping of the return region; recv_x and expert_out found
+        there are the region itself. 0 forgets it."""
 
 def shm_unlink(name: str) -> bool:
     """Remove a shared segment name; True if it existed."""

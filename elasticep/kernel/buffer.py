@@ -199,8 +199,12 @@ class EPBuffer:
             source rank, source token, top-k position (rows past the count are unspecified).
             ``recv_x`` is a view of a buffer this object reuses: it is valid until the next
             :meth:`dispatch` (clone it to keep it longer); its rows are contiguous, its slots may
-            not be. ``recv_count`` is ``[slots_per_rank]`` ``torch.int64``; ``handle`` goes to
-            :meth:`combine`.
+            not be. It lies in this rank's return region of the shared segment whenever it fits
+            (2 * num_ranks * max_tokens * topk rows), so writing the expert outputs over it in
+            place lets :meth:`combine` move no rows at all. Do not write into it after
+            :meth:`combine`: the peers may still be reading outputs from it until they finish
+            their own combine. ``recv_count`` is ``[slots_per_rank]`` ``torch.int64``;
+            ``handle`` goes to :meth:`combine`.
         """
         mask = self.active_ranks if active_ranks is None else active_ranks
         timeout = self.timeout_us if timeout_us is None else int(timeout_us)
@@ -269,6 +273,8 @@ class EPBuffer:
             expert_out: ``[slots_per_rank, capacity, hidden]`` of the dispatch's dtype: the expert
                 output of each row of ``recv_x`` at the same position. Rows must be contiguous
                 (``recv_x`` itself, a contiguous tensor or any view with ``stride(1) == hidden``).
+                ``recv_x`` itself, with the outputs written over it, is the fast path: the peers
+                read them where they lie; any other tensor is copied into the segment once.
             topk_idx: the ``[num_tokens, topk]`` ``torch.int64`` tensor given to :meth:`dispatch`
                 (same values; a different one is refused).
             topk_weights: ``[num_tokens, topk]`` ``torch.float32``.
@@ -341,7 +347,9 @@ class EPBuffer:
         return items, self._log_seq
 
     def stats(self) -> dict[str, int]:
-        """Counters: ``dispatch_calls``, ``combine_calls``, ``peer_timeouts``, ``refused_stale_epoch``, ``seq``."""
+        """Counters: ``dispatch_calls``, ``combine_calls``, ``peer_timeouts``, ``refused_stale_epoch``, ``seq``,
+        ``overwritten_reads`` (owners dropped from a combine because they rewrote their return region
+        while this rank was still reading it: they had already given up on this rank)."""
         return dict(self._runtime.stats())
 
     def close(self) -> None:
