@@ -617,6 +617,7 @@ class KernelRuntime {
   size_t region_offset() const { return region_off_ + static_cast<size_t>(rank_) * region_bytes_; }
   size_t region_bytes() const { return region_bytes_; }
   uintptr_t region_alias() const { return region_alias_; }
+  std::pair<uint64_t, uint64_t> segment_file_id() const { return {segment_dev_, segment_ino_}; }
 
   // Declares where the caller mapped this rank's return region (region_offset(), region_bytes()
   // of the same segment) in its own address space; recv_x and expert_out found there are the
@@ -686,6 +687,8 @@ class KernelRuntime {
                                   "stale segment: unlink it)");
     }
     void* p = mmap(nullptr, total_bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    segment_dev_ = static_cast<uint64_t>(st.st_dev);
+    segment_ino_ = static_cast<uint64_t>(st.st_ino);
     ::close(fd);
     if (p == MAP_FAILED) throw std::runtime_error(std::string("mmap: ") + std::strerror(errno));
     base_ = static_cast<uint8_t*>(p);
@@ -882,6 +885,7 @@ class KernelRuntime {
   // This rank's return region as mapped a second time by the caller (EPBuffer), 0 if not: a
   // recv_x or expert_out there is the same memory as region(rank_).
   uintptr_t region_alias_ = 0;
+  uint64_t segment_dev_ = 0, segment_ino_ = 0;  // which file this rank mapped (a name can be reused)
 
   State state_ = State::kClosed;
   int64_t spin_ns_ = 0;
@@ -939,6 +943,7 @@ void register_ep_kernel(py::module_& m) {
       .def_property_readonly("region_offset", &KernelRuntime::region_offset)
       .def_property_readonly("region_bytes", &KernelRuntime::region_bytes)
       .def_property_readonly("region_alias", &KernelRuntime::region_alias)
+      .def_property_readonly("segment_file_id", &KernelRuntime::segment_file_id)
       .def("set_region_alias", &KernelRuntime::set_region_alias, py::arg("ptr"))
       .def_property_readonly("closed", &KernelRuntime::closed);
 

@@ -82,6 +82,9 @@ class KernelRuntime:
     @property
     def region_alias(self) -> int:
         """Where the caller mapped this rank's return region (0: not mapped)."""
+    @property
+    def segment_file_id(self) -> tuple[int, int]:
+        """``(st_dev, st_ino)`` of the segment file this runtime mapped."""
     def set_region_alias(self, ptr: int) -> None:
         """Declare the caller's own mapping of the return region; recv_x and expert_out found
         there are the region itself. 0 forgets it."""

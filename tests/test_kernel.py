@@ -269,6 +269,17 @@ def test_recv_x_outlives_close(cluster_id: str) -> None:
     torch.testing.assert_close(kept, x[rows])  # still mapped: the tensor holds its own mapping
 
 
+def test_region_is_mapped_only_from_the_file_the_kernel_mapped(cluster_id: str) -> None:
+    from elasticep.kernel import buffer as buffer_module
+
+    with _buffer(0, 1, cluster_id) as buf:
+        rt = buf._runtime
+        args = (buf.shm_name, rt.region_offset, rt.region_bytes)
+        assert buffer_module._map_region(*args, rt.segment_file_id) is not None
+        # The name unlinked and made anew by someone else: another file, not aliased.
+        assert buffer_module._map_region(*args, (rt.segment_file_id[0], rt.segment_file_id[1] + 1)) is None
+
+
 def test_without_a_second_mapping_recv_x_is_private(cluster_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from elasticep.kernel import buffer as buffer_module
 

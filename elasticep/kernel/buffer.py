@@ -151,7 +151,9 @@ class EPBuffer:
         self._hidden = self._runtime.hidden
         self._topk = self._runtime.topk
         self._max_tokens = self._runtime.max_tokens
-        self._region = _map_region(name, self._runtime.region_offset, self._runtime.region_bytes)
+        self._region = _map_region(
+            name, self._runtime.region_offset, self._runtime.region_bytes, self._runtime.segment_file_id
+        )
         if self._region is not None:
             self._runtime.set_region_alias(self._region.data_ptr())
         self._recv_view: tuple[torch.dtype, int, torch.Tensor] | None = None
@@ -390,12 +392,13 @@ class EPBuffer:
             del self._log[: len(self._log) - 1024]
 
 
-def _map_region(shm_name: str, offset: int, length: int) -> torch.Tensor | None:
+def _map_region(shm_name: str, offset: int, length: int, file_id: tuple[int, int]) -> torch.Tensor | None:
     """This rank's return region of segment ``shm_name`` as a ``uint8`` tensor, or None.
 
     A second mapping of the bytes the kernel maps at ``offset``: recv_x handed out from it stays
     valid after :meth:`EPBuffer.close` (the tensor keeps the mapping alive). None where POSIX
-    shared memory is not a file under /dev/shm; recv_x then lives in private memory.
+    shared memory is not a file under /dev/shm, or where the name now names another file than the
+    one the kernel mapped (``file_id`` = (st_dev, st_ino)): recv_x then lives in private memory.
     """
     path = _SHM_DIR + shm_name
     try:
@@ -403,6 +406,9 @@ def _map_region(shm_name: str, offset: int, length: int) -> torch.Tensor | None:
     except OSError:
         return None
     try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != tuple(file_id):
+            return None
         region = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
     finally:
         os.close(fd)
