@@ -365,6 +365,27 @@ class KernelRuntime {
     return std::vector<int64_t>(counts_.begin(), counts_.end());
   }
 
+  // dispatch_send_wait, then, when recv_x ([slots_per_rank, capacity, hidden], slot stride =
+  // capacity) fits in this rank's return region as mapped by the caller (set_region_alias),
+  // dispatch_unpack into it, in one call. Writes the row count of each local slot into
+  // counts_ptr ([slots_per_rank] int64) and returns (capacity, unpacked); when not unpacked
+  // (no alias, or too many rows) the caller picks a buffer and calls dispatch_unpack itself.
+  std::pair<int64_t, bool> dispatch(uintptr_t x_ptr, int64_t tokens, int dtype, uintptr_t topk_ptr,
+                                    uintptr_t active_ptr, int64_t timeout_us, int layer, uintptr_t counts_ptr) {
+    if (counts_ptr == 0) throw std::invalid_argument("null tensor pointer");
+    dispatch_send_wait(x_ptr, tokens, dtype, topk_ptr, active_ptr, timeout_us, layer);
+    auto* counts = reinterpret_cast<int64_t*>(counts_ptr);
+    int64_t capacity = 0;
+    for (int e = 0; e < slots_per_rank_; ++e) {
+      counts[e] = counts_[e];
+      capacity = std::max<int64_t>(capacity, counts_[e]);
+    }
+    const size_t need = static_cast<size_t>(slots_per_rank_) * capacity * row_bytes_for(dtype_);
+    if (region_alias_ == 0 || need > region_bytes_) return {capacity, false};
+    dispatch_unpack(region_alias_, capacity, capacity);
+    return {capacity, true};
+  }
+
   // Phase two of dispatch: copies the received rows into recv_x
   // ([slots_per_rank, capacity, hidden], rows of slot e at [e, :counts[e]], slot e starting
   // slot_stride rows after slot e - 1), ordered by source rank, source token, top-k position.
@@ -917,6 +938,9 @@ void register_ep_kernel(py::module_& m) {
            py::arg("epoch"), py::arg("shm_name"), py::arg("spin_us") = -1)
       .def("dispatch_send_wait", &KernelRuntime::dispatch_send_wait, py::arg("x_ptr"), py::arg("tokens"),
            py::arg("dtype"), py::arg("topk_ptr"), py::arg("active_ptr"), py::arg("timeout_us"), py::arg("layer"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("dispatch", &KernelRuntime::dispatch, py::arg("x_ptr"), py::arg("tokens"), py::arg("dtype"),
+           py::arg("topk_ptr"), py::arg("active_ptr"), py::arg("timeout_us"), py::arg("layer"), py::arg("counts_ptr"),
            py::call_guard<py::gil_scoped_release>())
       .def("dispatch_unpack", &KernelRuntime::dispatch_unpack, py::arg("recv_ptr"), py::arg("capacity"),
            py::arg("slot_stride"),

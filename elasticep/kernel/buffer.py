@@ -221,36 +221,43 @@ class EPBuffer:
         if self._pending is not None:
             raise RuntimeError("dispatch called again before combine of the previous dispatch")
         dtype = x.dtype
+        counts = torch.empty(self._slots_per_rank, dtype=torch.int64)
         with self._lock:
-            counts = self._runtime.dispatch_send_wait(
-                x.data_ptr(), tokens, _DTYPE_CODES[dtype], topk_idx.data_ptr(), mask.data_ptr(), timeout, layer
+            # One native call when recv_x fits in the return region (it unpacks there), two otherwise.
+            capacity, unpacked = self._runtime.dispatch(
+                x.data_ptr(), tokens, _DTYPE_CODES[dtype], topk_idx.data_ptr(), mask.data_ptr(), timeout, layer,
+                counts.data_ptr(),
             )
-            capacity = max(counts) if counts else 0
-            recv_x, slot_stride = self._recv_buffer(dtype, capacity)
-            self._runtime.dispatch_unpack(recv_x.data_ptr(), capacity, slot_stride)
+            if unpacked:
+                recv_x = self._region_view(dtype, capacity)
+            else:
+                recv_x, slot_stride = self._private_recv(dtype, capacity)
+                self._runtime.dispatch_unpack(recv_x.data_ptr(), capacity, slot_stride)
         self._after_call()
         handle = DispatchHandle(
             seq=self._runtime.seq, epoch=self.epoch, num_tokens=tokens, capacity=capacity, dtype=dtype
         )
         self._pending = handle
-        return recv_x, torch.tensor(counts, dtype=torch.int64), handle
+        return recv_x, counts, handle
 
-    def _recv_buffer(self, dtype: torch.dtype, capacity: int) -> tuple[torch.Tensor, int]:
-        """``recv_x`` ``[slots_per_rank, capacity, hidden]`` of ``dtype`` and its slot stride in rows.
-
-        In this rank's return region when it fits (then a combine of expert outputs written into
-        it in place moves no rows), else in a private pool that grows with headroom.
-        """
+    def _region_view(self, dtype: torch.dtype, capacity: int) -> torch.Tensor:
+        """``recv_x`` as the kernel unpacked it: ``[slots_per_rank, capacity, hidden]`` at the start
+        of this rank's return region, slot stride ``capacity`` (then a combine of expert outputs
+        written over it moves no rows)."""
         cached = self._recv_view
         if cached is not None and cached[0] == dtype and cached[1] == capacity:
-            return cached[2], capacity
+            return cached[2]
+        assert self._region is not None
         slots, hidden = self._slots_per_rank, self._hidden
-        region = self._region
         nbytes = slots * capacity * hidden * (4 if dtype == torch.float32 else 2)
-        if region is not None and nbytes <= region.numel():
-            recv_x = region[:nbytes].view(dtype).view(slots, capacity, hidden)
-            self._recv_view = (dtype, capacity, recv_x)
-            return recv_x, capacity
+        recv_x = self._region[:nbytes].view(dtype).view(slots, capacity, hidden)
+        self._recv_view = (dtype, capacity, recv_x)
+        return recv_x
+
+    def _private_recv(self, dtype: torch.dtype, capacity: int) -> tuple[torch.Tensor, int]:
+        """``recv_x`` in private memory (no region mapping, or more rows than the region holds) and
+        its slot stride in rows: a pool that grows with headroom."""
+        slots, hidden = self._slots_per_rank, self._hidden
         pool = self._recv_pool
         if pool is None or pool.dtype != dtype or pool.shape[1] < capacity:
             # Grow with headroom so that step-to-step variation in the counts does not reallocate.
