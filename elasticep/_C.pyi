@@ -26,6 +26,20 @@ class KernelRuntime:
     ) -> list[int]:
         """Post ``x`` ([tokens, hidden], dtype 0 = float32, 1 = bfloat16) routed by ``topk_idx``
         ([tokens, topk] int64) to every active rank; wait for theirs; return rows per local slot."""
+    def dispatch(
+        self,
+        x_ptr: int,
+        tokens: int,
+        dtype: int,
+        topk_ptr: int,
+        active_ptr: int,
+        timeout_us: int,
+        layer: int,
+        counts_ptr: int,
+    ) -> tuple[int, bool]:
+        """dispatch_send_wait, then dispatch_unpack into this rank's return region when recv_x
+        ([slots_per_rank, capacity, hidden], slot stride capacity) fits there; writes the counts
+        into ``counts_ptr`` ([slots_per_rank] int64); returns ``(capacity, unpacked)``."""
     def dispatch_unpack(self, recv_ptr: int, capacity: int, slot_stride: int) -> None:
         """Copy the received rows into ``recv`` ([slots_per_rank, slot_stride, hidden]), which may be
         the caller's mapping of this rank's return region."""
