@@ -353,16 +353,18 @@ class EventBus:
         self._gaps = 0
         self._lost = 0
         self._refused: collections.Counter[str] = collections.Counter()
-        self._published_by_type = {t: metrics.EVENTS_PUBLISHED.labels(EVENT_TAGS[t]) for t in EVENT_TYPES}
-        self._received_by_type = {t: metrics.EVENTS_RECEIVED.labels(EVENT_TAGS[t]) for t in EVENT_TYPES}
+        # Per event type, cumulative; plain ints on the hot paths, summed when metrics are
+        # scraped (elasticep_events_published_total / elasticep_events_received_total).
+        self._published_counts: dict[type, int] = {}
+        self._received_counts: dict[type, int] = {}
+        metrics.EVENTS_PUBLISHED.track(self, EventBus._published_by_tag)
+        metrics.EVENTS_RECEIVED.track(self, EventBus._received_by_tag)
         self._sender_event: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outbox: list[bytes] = []
         self._outbox_bytes = 0
         self._flush_scheduled = False
-        self._unflushed_counts: dict[type, int] = {}
-        self._received_counts: dict[type, int] = {}
-        self._received_flush_scheduled = False
+        self._send = self.transport.send
         self._has_block = False
         self._stall_task: asyncio.Task[None] | None = None
         self._push = False
@@ -406,6 +408,8 @@ class EventBus:
         await self.transport.close()
         for sub in list(self._subscriptions):
             sub.close()
+        metrics.EVENTS_PUBLISHED.retire(self)
+        metrics.EVENTS_RECEIVED.retire(self)
 
     async def __aenter__(self) -> "EventBus":
         await self.start()
@@ -460,24 +464,26 @@ class EventBus:
                     raise WouldBlock
         self._seq = seq = self._seq + 1
         env = Envelope(SCHEMA_VERSION, self.rank, self._epoch, seq, time.time_ns(), time.monotonic_ns(), event)
-        self._queue_frame(self._encode(env), t)
+        frame = self._encode(env)
+        self._published += 1
+        counts = self._published_counts
+        counts[t] = counts.get(t, 0) + 1
+        self._queue_frame(frame)
         for sub in subs:
             sub._offer(env)
         return env
 
-    def _queue_frame(self, frame: bytes, event_type: type) -> None:
-        # The first frame published in an event-loop iteration leaves at once (a lone event waits
-        # for nothing); frames published after it in the same iteration leave together at its end
-        # (one transport call, one ZeroMQ message), so a burst shares the per-message cost.
-        self._published += 1
-        counts = self._unflushed_counts
-        counts[event_type] = counts.get(event_type, 0) + 1
+    def _queue_frame(self, frame: bytes) -> None:
         if not self._flush_scheduled:
+            # The first frame published in an event-loop iteration leaves at once (a lone event
+            # waits for nothing); frames published after it in the same iteration leave together
+            # at its end (one transport call, one ZeroMQ message), so a burst shares the
+            # per-message cost.
             self._flush_scheduled = True
             assert self._loop is not None
             self._loop.call_soon(self._flush_scheduled_cb)
             try:
-                self.transport.send(frame)
+                self._send(frame)
             except TransportClosed:
                 log.warning("bus rank %d: event not sent, transport closed", self.rank)
             return
@@ -491,17 +497,21 @@ class EventBus:
         self._flush()
 
     def _flush(self) -> None:
-        """Hand queued frames to the transport and publish-side counts to the metrics."""
+        """Hand queued frames to the transport, as one call."""
         if self._outbox:
             frames, self._outbox, self._outbox_bytes = self._outbox, [], 0
             try:
                 self.transport.send_many(frames)
             except TransportClosed:
                 log.warning("bus rank %d: %d events not sent, transport closed", self.rank, len(frames))
-        if self._unflushed_counts:
-            counts, self._unflushed_counts = self._unflushed_counts, {}
-            for t, n in counts.items():
-                self._published_by_type[t].inc(n)
+
+    @staticmethod
+    def _published_by_tag(bus: "EventBus") -> dict[str, int]:
+        return {EVENT_TAGS[t]: n for t, n in dict(bus._published_counts).items()}
+
+    @staticmethod
+    def _received_by_tag(bus: "EventBus") -> dict[str, int]:
+        return {EVENT_TAGS[t]: n for t, n in dict(bus._received_counts).items()}
 
     async def publish(self, event: Event) -> Envelope:
         """Send ``event`` to every peer and deliver it to this rank's subscribers.
@@ -529,9 +539,12 @@ class EventBus:
             raise BusClosed(f"bus is {self._state}")
         encode = self.codec.encode
         envs = [self._envelope(e) for e in events]
+        counts = self._published_counts
         for env in envs:
             t = type(env.event)
-            self._queue_frame(encode(env), t)
+            self._published += 1
+            counts[t] = counts.get(t, 0) + 1
+            self._queue_frame(encode(env))
             for sub in self._routes.get(t, ()):
                 if not sub._offer(env):
                     sub._buffer.popleft()
@@ -657,20 +670,7 @@ class EventBus:
             for sub in routes[t]:
                 # Room was checked above; only a gap report just queued can have taken it.
                 sub._offer(env) or sub._push(env)
-        if counts and not self._received_flush_scheduled:
-            # The metrics follow one loop iteration later, after the woken consumers have run:
-            # a counter update (a lock in prometheus-client) stays off the delivery path.
-            self._received_flush_scheduled = True
-            assert self._loop is not None
-            self._loop.call_soon(self._flush_received_counts)
         return None
-
-    def _flush_received_counts(self) -> None:
-        self._received_flush_scheduled = False
-        if self._received_counts:
-            counts, self._received_counts = self._received_counts, {}
-            for t, n in counts.items():
-                self._received_by_type[t].inc(n)
 
     def _report_gap(self, sender: int, expected: int, got: int) -> None:
         lost = got - expected

@@ -490,7 +490,15 @@ class ZmqTransport(Transport):
     # --- data path ---------------------------------------------------------------------------
 
     def send(self, frame: bytes) -> None:
-        self.send_many([frame])
+        # One envelope, one message: the lone event's path, kept to one call into libzmq.
+        pub = self._pub
+        if pub is None or len(frame) + 12 > MAX_MESSAGE_BYTES:
+            self.send_many([frame])  # raises for a transport that cannot send
+            return
+        try:
+            pub.send(self._prefix + _LENGTH.pack(len(frame)) + frame, zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # PUB drops past its high-water mark; receivers see the gap
 
     def send_many(self, frames: list[bytes]) -> None:
         pub = self._pub
