@@ -330,3 +330,31 @@ async def test_block_policy_on_the_receive_path_loses_nothing_and_keeps_order():
             await asyncio.sleep(0)
         assert got == list(range(10))
         assert strict.statistics().dropped == 0 and b1.statistics().gaps == 0
+
+
+@pytest.mark.asyncio
+async def test_event_counts_by_type_are_exported_and_survive_close():
+    def published(tag: str) -> float:
+        return metrics.sample("elasticep_events_published_total", {"type": tag})
+
+    def received(tag: str) -> float:
+        return metrics.sample("elasticep_events_received_total", {"type": tag})
+
+    before = (published("heartbeat"), published("suspicion"), received("heartbeat"))
+    net = InProcessNetwork(seed=3)
+    a, b = EventBus(net.transport(0), 0), EventBus(net.transport(1), 1)
+    async with a, b:
+        sub = b.subscribe(Heartbeat, Suspicion)
+        for i in range(5):
+            await a.publish(Heartbeat(rank=0, step=i))
+        a.publish_many([Suspicion(observer=0, suspect=1, source="test", phi=1.0)] * 2)
+        for _ in range(7):
+            await asyncio.wait_for(sub.receive(), 5)
+        # Counted on the hot path as plain ints; summed when scraped.
+        assert published("heartbeat") == before[0] + 5
+        assert published("suspicion") == before[1] + 2
+        assert received("heartbeat") == before[2] + 5
+    # Closed buses fold their counts into the total: a counter never goes down.
+    assert (published("heartbeat"), published("suspicion"), received("heartbeat")) == (
+        before[0] + 5, before[1] + 2, before[2] + 5
+    )
