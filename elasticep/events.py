@@ -334,6 +334,9 @@ class Codec:
     def __init__(self, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
         self.max_frame_bytes = max_frame_bytes
         self._encoder = msgspec.msgpack.Encoder()
+        self.encoder = self._encoder
+        """The msgspec encoder itself: ``codec.encoder.encode(envelope)`` is :meth:`encode`
+        without the Python call around it (the bus's publish path uses it)."""
         self._envelope = msgspec.msgpack.Decoder(Envelope)
         self._header = msgspec.msgpack.Decoder(_Header)
         self._event = msgspec.msgpack.Decoder(Event)

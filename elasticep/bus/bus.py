@@ -153,8 +153,13 @@ class Subscription:
         buffer = self._buffer
         if len(buffer) < self.maxsize and not self._closed:
             buffer.append(env)
-            if self._waiters:
-                self._wake_one(self._waiters)
+            waiters = self._waiters
+            if waiters:
+                waiter = waiters.popleft()
+                if waiter.done():  # cancelled meanwhile: let the general path find another
+                    self._wake_one(waiters)
+                else:
+                    waiter.set_result(None)
             return True
         if self._closed:
             return True
@@ -244,32 +249,26 @@ class Subscription:
         return self
 
     async def __anext__(self) -> Envelope:
+        # receive()'s logic, inlined: one coroutine frame fewer between the bus's wake-up and
+        # the consumer, on the path every event's latency takes.
         buffer = self._buffer
-        if buffer:  # the common case under load, kept free of further calls
-            env = buffer.popleft()
-            self._delivered += 1
-            if self._space_waiters:
-                self._wake_one(self._space_waiters)
-            return env
-        if self._closed:
-            raise StopAsyncIteration
-        # One waiter, awaited here rather than through receive(): one coroutine frame fewer
-        # between the bus's wake-up and the consumer, on the path every event's latency takes.
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled() and buffer:
-                self._wake_one(self._waiters)  # we were picked to take an envelope: pass the turn on
-            raise
-        try:
-            return self.receive_nowait()
-        except WouldBlock:
-            # Another receiver took it first (several tasks on one subscription): wait again.
-            return await self.__anext__()
-        except EndOfStream:
-            raise StopAsyncIteration from None
+        while not buffer:  # under load the buffer is rarely empty: straight to the pop
+            if self._closed:
+                raise StopAsyncIteration
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled() and buffer:
+                    self._wake_one(self._waiters)  # we were picked to take an envelope: pass it on
+                raise
+            # Woken with an envelope, or by close(); or another receiver took it: loop.
+        env = buffer.popleft()
+        self._delivered += 1
+        if self._space_waiters:
+            self._wake_one(self._space_waiters)
+        return env
 
     def statistics(self) -> SubscriptionStatistics:
         return SubscriptionStatistics(
@@ -338,7 +337,7 @@ class EventBus:
         self.rank = rank
         self._epoch = epoch
         self.codec = codec if codec is not None else Codec()
-        self._encode = self.codec.encode
+        self._encode = self.codec.encoder.encode
         self.subscriber_maxsize = subscriber_maxsize
         self._seq = 0
         self._subscriptions: list[Subscription] = []

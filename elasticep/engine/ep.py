@@ -254,7 +254,7 @@ class KernelEP:
             raise RuntimeError("KernelEP.dispatch before set_view")
         recv_x, counts, handle = self._buffer.dispatch(x.contiguous(), slots.contiguous(), layer=layer)
         recv = [recv_x[e, : int(counts[e])] for e in range(recv_x.shape[0])]
-        return Dispatched(recv_x=recv, handle=(handle, recv_x.shape))
+        return Dispatched(recv_x=recv, handle=(handle, recv_x))
 
     def combine(
         self,
@@ -265,13 +265,17 @@ class KernelEP:
         *,
         layer: int,
     ) -> torch.Tensor:
-        kernel_handle, shape = handle.handle
-        out = torch.zeros(shape, dtype=kernel_handle.dtype)
+        kernel_handle, recv_x = handle.handle
+        # The outputs go over the tokens they were computed from, in recv_x: every expert has
+        # run by now, and recv_x lives in this rank's shared return region, so the owners of
+        # the tokens reduce straight from it (no staging copy, no zero fill; only the rows
+        # routed are read).
         for e, y in enumerate(expert_out):
-            if y.shape[0]:
-                out[e, : y.shape[0]] = y
+            n = y.shape[0]
+            if n and y.data_ptr() != recv_x[e].data_ptr():
+                recv_x[e, :n] = y
         return self._buffer.combine(
-            out, slots.contiguous(), weights.to(torch.float32).contiguous(), handle=kernel_handle, layer=layer
+            recv_x, slots.contiguous(), weights.to(torch.float32).contiguous(), handle=kernel_handle, layer=layer
         )
 
     def lost_ranks(self) -> list[int]:
