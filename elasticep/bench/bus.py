@@ -286,7 +286,7 @@ def _spawn(
     if connect:
         cmd += ["--connect", connect]
     if server_key:
-        cmd += ["--server-key", server_key]
+        cmd.append(f"--server-key={server_key}")  # a Z85 key may begin with "-"
     if args.endpoint:
         cmd += ["--endpoint", args.endpoint]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE if connect else None, text=True)
