@@ -124,19 +124,54 @@ async def _elasticep_subscriber(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+class _RawRecorder:
+    """A raw subscriber's socket and what it has seen (both raw baselines share it)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import zmq
+
+        self.events = args.events
+        self.ctx = zmq.Context(io_threads=1)
+        self.sock = self.ctx.socket(zmq.SUB)
+        if args.server_key:  # the floor: a CURVE client, as elasticep's subscribers are
+            self.sock.curve_serverkey = args.server_key.encode()
+            self.sock.curve_publickey, self.sock.curve_secretkey = zmq.curve_keypair()
+        self.sock.rcvhwm = args.hwm
+        self.sock.linger = 0
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sock.connect(args.connect)
+        self.latencies: list[int] = []
+        self.count = 0
+        self.first = self.last = 0
+        self.ready = False
+
+    def handle(self, data: bytes, now: int) -> bool:
+        """Record one frame received at ``now``; ``True`` once the whole burst has arrived."""
+        phase, sent = _RAW_HEAD.unpack_from(data)
+        if phase == _LATENCY:
+            self.latencies.append(now - sent)
+        elif phase == _THROUGHPUT:
+            if self.count == 0:
+                self.first = now
+            self.count += 1
+            self.last = now
+            return self.count >= self.events
+        elif not self.ready:
+            self.ready = True
+            print("ready", flush=True)
+        return False
+
+    def close(self) -> dict[str, Any]:
+        self.sock.close(linger=0)
+        self.ctx.term()
+        return _summary(self.latencies, self.count, self.last - self.first, self.events)
+
+
 def _raw_subscriber(args: argparse.Namespace) -> dict[str, Any]:
     import zmq
 
-    ctx = zmq.Context(io_threads=1)
-    sock = ctx.socket(zmq.SUB)
-    sock.rcvhwm = args.hwm
-    sock.linger = 0
-    sock.setsockopt(zmq.SUBSCRIBE, b"")
-    sock.connect(args.connect)
-    latencies: list[int] = []
-    count = 0
-    first = last = 0
-    ready = False
+    rec = _RawRecorder(args)
+    sock = rec.sock
     deadline = time.monotonic() + args.timeout
     sock.rcvtimeo = 200
     try:
@@ -144,29 +179,16 @@ def _raw_subscriber(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 data = sock.recv()
             except zmq.Again:
-                if count:
+                if rec.count:
                     break  # the throughput burst is over
                 continue
-            now = time.monotonic_ns()
-            phase, sent = _RAW_HEAD.unpack_from(data)
-            if phase == _PROBE:
-                if not ready:
-                    ready = True
-                    print("ready", flush=True)
-            elif phase == _LATENCY:
-                latencies.append(now - sent)
-            elif phase == _THROUGHPUT:
-                if count == 0:
-                    first = now
-                    sock.rcvtimeo = 1000
-                count += 1
-                last = now
-                if count >= args.events:
-                    break
+            if rec.handle(data, time.monotonic_ns()):
+                break
+            if rec.count == 1:
+                sock.rcvtimeo = 1000
     finally:
-        sock.close(linger=0)
-        ctx.term()
-    return _summary(latencies, count, last - first, args.events)
+        result = rec.close()
+    return result
 
 
 async def _raw_asyncio_subscriber(args: argparse.Namespace) -> dict[str, Any]:
@@ -181,46 +203,23 @@ async def _raw_asyncio_subscriber(args: argparse.Namespace) -> dict[str, Any]:
 
     import zmq
 
-    ctx = zmq.Context(io_threads=1)
-    sock = ctx.socket(zmq.SUB)
+    rec = _RawRecorder(args)
+    sock = rec.sock
     floor = bool(args.server_key)
-    if floor:
-        sock.curve_serverkey = args.server_key.encode()
-        sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
-    sock.rcvhwm = args.hwm
-    sock.linger = 0
-    sock.setsockopt(zmq.SUBSCRIBE, b"")
-    sock.connect(args.connect)
-    latencies: list[int] = []
-    count = 0
-    first = last = 0
-    ready = False
     loop = asyncio.get_running_loop()
     done = loop.create_future()
     queue: collections.deque[bytes] = collections.deque()
     waiters: list[asyncio.Future[None]] = []
 
-    def handle(data: bytes, now: int) -> None:
-        nonlocal count, first, last, ready
-        phase, sent = _RAW_HEAD.unpack_from(data)
-        if phase == _LATENCY:
-            latencies.append(now - sent)
-        elif phase == _THROUGHPUT:
-            if count == 0:
-                first = now
-            count += 1
-            last = now
-            if count >= args.events and not done.done():
-                done.set_result(None)
-        elif not ready:
-            ready = True
-            print("ready", flush=True)
+    def handle(data: bytes) -> None:
+        if rec.handle(data, time.monotonic_ns()) and not done.done():
+            done.set_result(None)
 
     def on_readable() -> None:
         while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             data = sock.recv(zmq.NOBLOCK)
             if not floor:
-                handle(data, time.monotonic_ns())
+                handle(data)
                 continue
             queue.append(data)
             if waiters and not waiters[0].done():
@@ -232,7 +231,7 @@ async def _raw_asyncio_subscriber(args: argparse.Namespace) -> dict[str, Any]:
                 waiter = loop.create_future()
                 waiters[:] = [waiter]
                 await waiter
-            handle(queue.popleft(), time.monotonic_ns())
+            handle(queue.popleft())
 
     consumer = loop.create_task(consume()) if floor else None
     fd = sock.getsockopt(zmq.FD)
@@ -242,15 +241,14 @@ async def _raw_asyncio_subscriber(args: argparse.Namespace) -> dict[str, Any]:
     try:
         while not done.done():
             await asyncio.sleep(0.2)
-            if (count and time.monotonic_ns() - last > 1e9) or time.monotonic() > deadline:
+            if (rec.count and time.monotonic_ns() - rec.last > 1e9) or time.monotonic() > deadline:
                 break
     finally:
         loop.remove_reader(fd)
         if consumer is not None:
             consumer.cancel()
-        sock.close(linger=0)
-        ctx.term()
-    return _summary(latencies, count, last - first, args.events)
+        result = rec.close()
+    return result
 
 
 def _subscriber_main(args: argparse.Namespace) -> int:

@@ -153,13 +153,8 @@ class Subscription:
         buffer = self._buffer
         if len(buffer) < self.maxsize and not self._closed:
             buffer.append(env)
-            waiters = self._waiters
-            if waiters:
-                waiter = waiters.popleft()
-                if waiter.done():  # cancelled meanwhile: let the general path find another
-                    self._wake_one(waiters)
-                else:
-                    waiter.set_result(None)
+            if self._waiters:
+                self._wake_one(self._waiters)
             return True
         if self._closed:
             return True
@@ -229,28 +224,17 @@ class Subscription:
 
     async def receive(self) -> Envelope:
         """The next envelope, waiting for one. Raises ``anyio.EndOfStream`` once closed and drained."""
-        while True:
-            if self._buffer or self._closed:
-                return self.receive_nowait()
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                # We may have been picked to take an envelope: pass the turn on.
-                if waiter.done() and not waiter.cancelled() and self._buffer:
-                    for other in self._waiters:
-                        if not other.done():
-                            other.set_result(None)
-                            break
-                raise
+        try:
+            return await self.__anext__()
+        except StopAsyncIteration:
+            raise EndOfStream from None
 
     def __aiter__(self) -> AsyncIterator[Envelope]:
         return self
 
     async def __anext__(self) -> Envelope:
-        # receive()'s logic, inlined: one coroutine frame fewer between the bus's wake-up and
-        # the consumer, on the path every event's latency takes.
+        # The waiting logic lives here, not in receive(): ``async for`` is the path every
+        # event's latency takes, and this keeps it one coroutine frame deep.
         buffer = self._buffer
         while not buffer:  # under load the buffer is rarely empty: straight to the pop
             if self._closed:
@@ -346,8 +330,6 @@ class EventBus:
         self._tracks: dict[int, list[int]] = {}
         self._task: asyncio.Task[None] | None = None
         self._state = "new"
-        self._published = 0
-        self._received = 0
         self._duplicates = 0
         self._gaps = 0
         self._lost = 0
@@ -464,7 +446,6 @@ class EventBus:
         self._seq = seq = self._seq + 1
         env = Envelope(SCHEMA_VERSION, self.rank, self._epoch, seq, time.time_ns(), time.monotonic_ns(), event)
         frame = self._encode(env)
-        self._published += 1
         counts = self._published_counts
         counts[t] = counts.get(t, 0) + 1
         self._queue_frame(frame)
@@ -541,7 +522,6 @@ class EventBus:
         counts = self._published_counts
         for env in envs:
             t = type(env.event)
-            self._published += 1
             counts[t] = counts.get(t, 0) + 1
             self._queue_frame(encode(env))
             for sub in self._routes.get(t, ()):
@@ -664,7 +644,6 @@ class EventBus:
                 track[1] = seq + 1
                 if gap_from:
                     self._report_gap(sender, gap_from, seq)
-            self._received += 1
             counts[t] = counts.get(t, 0) + 1
             for sub in routes[t]:
                 # Room was checked above; only a gap report just queued can have taken it.
@@ -749,8 +728,8 @@ class EventBus:
 
     def statistics(self) -> BusStatistics:
         return BusStatistics(
-            published=self._published,
-            received=self._received,
+            published=sum(self._published_counts.values()),
+            received=sum(self._received_counts.values()),
             duplicates=self._duplicates,
             gaps=self._gaps,
             lost=self._lost,
