@@ -66,6 +66,15 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "RankFenced",
         "StoreUnavailable",
     ),
+    "elasticep.errors": (
+        "ElasticEPError",
+        "InvalidArgument",
+        "NotStarted",
+        "Closed",
+        "WaitTimeout",
+        "EventTooLarge",
+        "UnsupportedEngineVersion",
+    ),
     "elasticep.eplb": (
         "Placement",
         "Plan",

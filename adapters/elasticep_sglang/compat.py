@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from importlib import metadata
 
+from elasticep.errors import UnsupportedEngineVersion
+
 __all__ = [
     "SUPPORTED_SGLANG",
     "SGLangNotInstalled",
@@ -32,7 +34,7 @@ class SGLangNotInstalled(ImportError):
     """``sglang`` cannot be imported: install the ``sglang`` extra (``pip install elasticep[sglang]``)."""
 
 
-class UnsupportedSGLangVersion(RuntimeError):
+class UnsupportedSGLangVersion(UnsupportedEngineVersion):
     """The installed SGLang is outside :data:`SUPPORTED_SGLANG`.
 
     Attributes:
@@ -41,9 +43,8 @@ class UnsupportedSGLangVersion(RuntimeError):
     """
 
     def __init__(self, found: str, supported: str = SUPPORTED_SGLANG) -> None:
-        self.found = found
-        self.supported = supported
         super().__init__(
+            "sglang", found, supported,
             f"elasticep_sglang supports sglang{supported}, found sglang {found}; "
             f"install a supported release (pip install 'sglang{supported}') or run SGLang without the hooks"
         )

@@ -34,6 +34,7 @@ from typing import AsyncIterator, Iterable, Literal
 from anyio import EndOfStream, WouldBlock
 
 from elasticep import metrics
+from elasticep.errors import Closed, EventTooLarge, NotStarted, WaitTimeout
 from elasticep.bus.transport import Frame, Transport, TransportClosed
 from elasticep.events import (
     EVENT_TAGS,
@@ -58,8 +59,22 @@ DEFAULT_SUBSCRIPTION_MAXSIZE = 10_000
 """Buffer of a subscription when ``maxsize`` is not given, events (``Config.subscriber_buffer``)."""
 
 
-class BusClosed(RuntimeError):
-    """The bus is not running (not started yet, or closed)."""
+class BusClosed(Closed):
+    """The bus is closed (an :class:`~elasticep.errors.Closed`)."""
+
+    def __init__(self, message: str = "bus is closed") -> None:
+        super().__init__("bus", message)
+
+
+class BusNotStarted(NotStarted, BusClosed):
+    """The bus was used before ``start()`` (an :class:`~elasticep.errors.NotStarted`).
+
+    Also a :class:`BusClosed`, which is what earlier releases raised here, so existing
+    ``except BusClosed`` clauses still catch it.
+    """
+
+    def __init__(self, message: str = "bus is not started yet: await bus.start() (or use `async with`) first") -> None:
+        NotStarted.__init__(self, "bus", message)
 
 
 @dataclass(frozen=True)
@@ -358,7 +373,7 @@ class EventBus:
     async def start(self) -> None:
         """Start the transport and the receive task."""
         if self._state != "new":
-            raise BusClosed(f"bus is {self._state}; a bus starts once")
+            raise BusClosed(f"bus is {self._state}; a bus starts once (make a new EventBus to start again)")
         self._sender_event = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         # Push delivery where the transport offers it (no task hop per batch), else a pull task.
@@ -403,6 +418,9 @@ class EventBus:
     def running(self) -> bool:
         return self._state == "running"
 
+    def _not_running(self) -> BusClosed:
+        return BusNotStarted() if self._state == "new" else BusClosed()
+
     # --- epoch -------------------------------------------------------------------------------
 
     @property
@@ -431,10 +449,12 @@ class EventBus:
         Raises:
             anyio.WouldBlock: a ``block``-policy local subscription for this type is full
                 (nothing was sent).
-            BusClosed: the bus is not running.
+            BusNotStarted: ``start()`` was not awaited yet.
+            BusClosed: the bus is closed.
+            EventTooLarge: the encoded frame exceeds ``codec.max_frame_bytes`` (nothing sent).
         """
         if self._state != "running":
-            raise BusClosed(f"bus is {self._state}")
+            raise self._not_running()
         t = type(event)
         subs = self._routes.get(t)
         if subs is None:
@@ -502,7 +522,7 @@ class EventBus:
         other event published in it (or at once when 256 KiB are queued).
         """
         if self._state != "running":
-            raise BusClosed(f"bus is {self._state}")
+            raise self._not_running()
         if self._has_block:
             for sub in self._routes.get(type(event), ()):
                 if sub.overflow == "block":
@@ -516,7 +536,7 @@ class EventBus:
         here rather than stalling a synchronous caller.
         """
         if self._state != "running":
-            raise BusClosed(f"bus is {self._state}")
+            raise self._not_running()
         encode = self.codec.encode
         envs = [self._envelope(e) for e in events]
         counts = self._published_counts
@@ -711,15 +731,19 @@ class EventBus:
     async def wait_heard_from(self, ranks: Iterable[int], timeout: float) -> None:
         """Wait until an envelope from each of ``ranks`` has arrived (bounded by ``timeout`` s).
 
-        Raises ``TimeoutError`` naming the ranks still silent.
+        Raises :class:`~elasticep.errors.WaitTimeout` (a ``TimeoutError``) naming the ranks still
+        silent, :class:`BusNotStarted` before ``start()``.
         """
         wanted = set(ranks) - {self.rank}
-        assert self._sender_event is not None, "start() the bus first"
+        if self._sender_event is None:
+            raise self._not_running()
         deadline = asyncio.get_running_loop().time() + timeout
         while not wanted <= self._tracks.keys():
             left = deadline - asyncio.get_running_loop().time()
             if left <= 0:
-                raise TimeoutError(f"rank {self.rank} heard nothing from ranks {sorted(wanted - self._tracks.keys())}")
+                silent = sorted(wanted - self._tracks.keys())
+                raise WaitTimeout(f"rank {self.rank} to hear from ranks {silent}", timeout,
+                                  f"nothing arrived from {silent}")
             self._sender_event.clear()
             try:
                 await asyncio.wait_for(self._sender_event.wait(), left)

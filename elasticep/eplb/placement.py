@@ -24,42 +24,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from elasticep.errors import RedundancyExhausted  # defined with the error family; importable here too
+
 __all__ = ["Placement", "RedundancyExhausted", "EMPTY"]
 
 #: The value of an empty physical slot in ``phy2log`` and of padding in ``log2phy``.
 EMPTY = -1
-
-
-class RedundancyExhausted(RuntimeError):
-    """Some logical expert cannot have a replica on a live rank.
-
-    Raised by the planner when the live slots are fewer than the logical experts (coverage is
-    impossible whatever moves), and by :meth:`Placement.dispatch_table` when a placement leaves an
-    expert without a live replica. Serving on would route tokens to a dead rank and return wrong
-    outputs, so callers must stop serving (or add ranks) instead.
-
-    Attributes:
-        needed: slots needed per layer (the number of logical experts).
-        live: slots available per layer on live ranks (for the dispatch-table case: the number of
-            logical experts that still have a live replica on the worst layer).
-        missing: ``(layer, expert)`` pairs without a live replica, when known (at most the first
-            16 are kept, to keep the error small).
-    """
-
-    def __init__(self, needed: int, live: int, missing: Sequence[tuple[int, int]] = (), detail: str = ""):
-        self.needed = int(needed)
-        self.live = int(live)
-        self.missing = tuple((int(a), int(b)) for a, b in list(missing)[:16])
-        self.detail = detail
-        msg = f"redundancy exhausted: {self.needed} slots needed per layer, {self.live} live"
-        if self.missing:
-            msg += f"; no live replica for (layer, expert) {list(self.missing)}"
-        if detail:
-            msg += f" ({detail})"
-        super().__init__(msg)
-
-    def __reduce__(self):  # keep the fields when pickled across processes
-        return (type(self), (self.needed, self.live, self.missing, self.detail))
 
 
 def _as_int64(x: Any) -> torch.Tensor:

@@ -28,6 +28,7 @@ from anyio import WouldBlock
 
 from elasticep import metrics
 from elasticep.config import Config
+from elasticep.errors import Closed, ElasticEPError, NotStarted, WaitTimeout, _rebuild
 from elasticep.events import Envelope, Heartbeat, Suspicion
 from elasticep.membership.core import (
     CasDone,
@@ -57,12 +58,15 @@ log = logging.getLogger(__name__)
 _END = object()
 
 
-class RankFenced(RuntimeError):
+class RankFenced(ElasticEPError, RuntimeError):
     """This rank fenced itself and stopped serving; ``reason`` says why."""
 
     def __init__(self, rank: int, epoch: int, reason: str) -> None:
         super().__init__(f"rank {rank} fenced at epoch {epoch}: {reason}")
         self.rank, self.epoch, self.reason = rank, epoch, reason
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), self.__dict__, self.args))
 
 
 class MembershipService:

@@ -25,12 +25,13 @@ import datetime
 import random
 import threading
 
+from elasticep.errors import ElasticEPError
 from elasticep.membership.view import View, decode_view, encode_view
 
 _ABSENT = b"\x00elasticep-absent"
 
 
-class StoreUnavailable(RuntimeError):
+class StoreUnavailable(ElasticEPError, RuntimeError):
     """The view store did not answer within its bound (or is down)."""
 
 

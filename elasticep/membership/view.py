@@ -6,6 +6,8 @@ from typing import Iterable
 
 import msgspec
 
+from elasticep.errors import ElasticEPError
+
 
 class View(msgspec.Struct, frozen=True, kw_only=True):
     """The member set of epoch ``epoch``; committed once by the view store, identical everywhere.
@@ -75,7 +77,7 @@ _ENCODER = msgspec.json.Encoder()
 _DECODER = msgspec.json.Decoder(View)
 
 
-class CorruptView(ValueError):
+class CorruptView(ElasticEPError, ValueError):
     """Bytes in the view store are not a valid view."""
 
 
