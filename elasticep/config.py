@@ -46,6 +46,19 @@ class Config:
     """A rank whose heartbeat lateness stays above this multiple of the median is reported gray."""
     history_size: int = 100
     """Heartbeat inter-arrival samples kept per peer for the phi estimate."""
+    detection_topology: str = "all"
+    """Who watches whom (:mod:`elasticep.membership.topology`): ``"all"``, every rank hears every
+    other (``N - 1`` subscriptions per rank; best up to a few dozen ranks), or ``"ring"``, each
+    rank hears and watches its ``monitors_per_rank`` nearest members in the rank-sorted ring
+    (per-rank cost independent of ``N``)."""
+    monitors_per_rank: int = 4
+    """Ring topology: how many ranks watch each rank (even, >= 4: ``monitors_per_rank / 2`` on
+    each side); each rank receives ``monitors_per_rank * 1000 / heartbeat_interval_ms``
+    heartbeats a second."""
+    startup_grace_s: float = 60.0
+    """A bootstrap member never heard since the first view is *joining* (still starting): it is
+    suspected only after this much silence, s, never by the steady-state timers (a process exit
+    still evicts it at once)."""
 
     # --- membership and store ---
     store_timeout_s: float = 2.0
@@ -130,6 +143,12 @@ class Config:
             raise ValueError("kernel_timeout_us must be > 0")
         if self.phi_threshold <= 0:
             raise ValueError("phi_threshold must be > 0")
+        if self.detection_topology not in ("all", "ring"):
+            raise ValueError(f"detection_topology must be 'all' or 'ring', not {self.detection_topology!r}")
+        if self.detection_topology == "ring" and (self.monitors_per_rank < 4 or self.monitors_per_rank % 2):
+            raise ValueError("monitors_per_rank must be an even number >= 4 with the ring topology")
+        if self.startup_grace_s * 1e3 < self.min_suspect_ms:
+            raise ValueError("startup_grace_s must be at least min_suspect_ms")
 
 
 def _parse(text: str, kind: type, name: str) -> Any:

@@ -42,6 +42,7 @@ class _Peer:
     heard: bool = False
     suspected: bool = False
     gray: bool = False
+    joining: bool = False  # never heard since watched as a starting peer: startup grace applies
 
 
 @dataclass
@@ -64,11 +65,13 @@ class HeartbeatMonitor:
 
     # --- inputs -----------------------------------------------------------------------------
 
-    def watch(self, peers: Iterable[int], now: float) -> None:
+    def watch(self, peers: Iterable[int], now: float, *, joining: bool = False) -> None:
         """Track exactly ``peers`` (minus this rank) from ``now``; new peers start unsuspected.
 
         A newly watched peer is treated as heard at ``now``, so it is suspected no sooner than
-        ``min_suspect_ms`` after it joined the watch list.
+        ``min_suspect_ms`` after it joined the watch list. With ``joining=True`` (the bootstrap
+        view: peers may still be starting) a new peer that has not been heard yet is suspected
+        only after ``Config.startup_grace_s`` of silence; its first heartbeat ends that grace.
         """
         wanted = {p for p in peers if p != self.rank}
         for p in list(self._peers):
@@ -76,7 +79,7 @@ class HeartbeatMonitor:
                 del self._peers[p]
         for p in wanted:
             if p not in self._peers:
-                self._peers[p] = _Peer(last_s=now, window=ArrivalWindow(self.config.history_size))
+                self._peers[p] = _Peer(last_s=now, window=ArrivalWindow(self.config.history_size), joining=joining)
 
     def heartbeat(self, peer: int, now: float, incarnation: int = 0) -> list[Event]:
         """Record a heartbeat from ``peer`` received at ``now``; returns a Refute if it was suspected."""
@@ -94,11 +97,16 @@ class HeartbeatMonitor:
             state.window.add(gap_ms)
         state.last_s = max(state.last_s, now)
         state.heard = True
+        state.joining = False
         state.incarnation = incarnation
         if state.suspected:
             state.suspected = False
             return [Refute(observer=self.rank, suspect=peer, source="heartbeat")]
         return []
+
+    def joining(self) -> set[int]:
+        """Peers still in their startup grace (watched as starting, not heard yet)."""
+        return {p for p, s in self._peers.items() if s.joining}
 
     def check(self, now: float) -> list[Event]:
         """Suspicions and gray reports due at ``now``; call about once per heartbeat interval."""
@@ -121,8 +129,10 @@ class HeartbeatMonitor:
             elapsed_ms = (now - state.last_s) * 1e3
             if elapsed_ms < cfg.min_suspect_ms:
                 continue
+            if state.joining and elapsed_ms < cfg.startup_grace_s * 1e3:
+                continue  # still starting: the steady-state timers do not apply yet
             level = self.phi(peer, now)
-            if level >= cfg.phi_threshold:
+            if level >= cfg.phi_threshold or state.joining:
                 state.suspected = True
                 out.append(
                     Suspicion(

@@ -48,6 +48,7 @@ from elasticep.events import (
     ViewInstalled,
     ViewProposal,
 )
+from elasticep.membership.topology import Topology
 from elasticep.membership.view import View
 
 # --- inputs that are not bus events -------------------------------------------------------------
@@ -211,6 +212,7 @@ class MembershipCore:
         self.view_incarnation = incarnation if join else 0
         self.view: View | None = None
         self.status = Status.SYNCING
+        self.topology = Topology.from_config(config)
         self.monitor = HeartbeatMonitor(rank, config)
         self.fusion = FusionPolicy(config)
         self.fence_reason = ""
@@ -239,6 +241,23 @@ class MembershipCore:
     @property
     def stopped(self) -> bool:
         return self.status in (Status.FENCED, Status.LEFT)
+
+    def hears(self, peer: int) -> bool:
+        """Whether this rank needs ``peer``'s bus stream under ``Config.detection_topology``.
+
+        Always true with ``"all"``. With ``"ring"``: ``peer`` is within ``monitors_per_rank / 2``
+        places of this rank in the ring of the current view's members (the bootstrap members
+        before the first view), a joiner counted at the place it would take. Symmetric, so the
+        transport can subscribe exactly to the ranks that this predicate selects.
+        """
+        if self.topology.everyone:
+            return peer != self.rank
+        members = self.view.members if self.view is not None else (self.initial or ())
+        return self.topology.hears(members, self.rank, peer)
+
+    def watched(self) -> tuple[int, ...]:
+        """The members whose heartbeats this rank's monitor tracks (all others, or its ring neighbours)."""
+        return self.monitor.peers
 
     # --- the one entry point ----------------------------------------------------------------
 
@@ -569,7 +588,9 @@ class MembershipCore:
         added = tuple(sorted(new - old))
         for r in added:
             self._seen_incarnation.pop(r, None)
-        self.monitor.watch(view.members, now)
+        # A bootstrap member's first view: peers not heard yet may still be starting.
+        starting = previous is None and view.epoch == 1 and self.initial is not None and not self.join
+        self.monitor.watch(self.topology.neighbors(view.members, self.rank), now, joining=starting)
         out: list[Action] = []
         now_member = self.is_member
         if now_member:
@@ -629,7 +650,17 @@ class MembershipCore:
         if not target:
             return self._note("not proposing an empty view")
         my_suspects = self.monitor.suspected()
-        in_line = sorted(m for m in members if m not in verdicts and (m == self.rank or m not in my_suspects))
+
+        def eligible(m: int) -> bool:
+            return m not in verdicts and (m == self.rank or m not in my_suspects)
+
+        # With the ring, only the changed ranks' neighbours can know of the change: the line is
+        # drawn among them (everyone else learns the outcome from the store). If all of them
+        # are gone, every member stands in line, as with the all-to-all topology.
+        pool = self.topology.in_line(view.members, set(verdicts) | set(joiners))
+        in_line = sorted(m for m in (members if pool is None else pool & members) if eligible(m))
+        if pool is not None and not in_line:
+            in_line = sorted(m for m in members if eligible(m))
         if self.rank not in in_line:
             return []
         place = in_line.index(self.rank)

@@ -9,6 +9,7 @@ crashed process to every live rank). Each core ticks as often as it asks
 Commands (one per line, ``#`` starts a comment)::
 
     cluster 5 [field=value ...]        five ranks 0..4 with Config.local(field=value, ...)
+                                       (detection_topology=ring: each rank hears only its ring)
     tick 120ms | tick 2s               advance the clock
     fail 3                             SIGKILL: the process is gone, the launcher reports it
     hang 3 / resume 3                  SIGSTOP / SIGCONT: silent, no report; messages queue up
@@ -107,8 +108,9 @@ class Sim:
         return True
 
     def send(self, src: int, item: object) -> None:
-        for dst in self.ranks:
-            if dst != src and self.linked(src, dst):
+        for dst, r in self.ranks.items():
+            # A rank receives only the streams its topology subscribes to (all, or its ring).
+            if dst != src and self.linked(src, dst) and r.core.hears(src):
                 heapq.heappush(self._queue, (self.now + HOP_S, next(self._order), dst, item))
 
     def handle(self, rank: int, actions: list) -> None:

@@ -1,0 +1,93 @@
+"""The detection topology (pure): who hears whom, the ring's bounded fan-out, the startup grace."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from elasticep.config import Config
+from elasticep.detect.monitor import HeartbeatMonitor
+from elasticep.events import Heartbeat, Suspicion
+from elasticep.membership.core import CasDone, MembershipCore, Publish, ReadView, Tick, ViewRead
+from elasticep.membership.topology import Topology, ring_distance
+from elasticep.membership.view import View
+
+
+def test_ring_is_symmetric_and_bounded() -> None:
+    rng = random.Random(3)
+    ring = Topology("ring", 4)
+    for _ in range(300):
+        members = tuple(sorted(rng.sample(range(40), rng.randint(1, 20))))
+        for rank in range(40):
+            neighbors = ring.neighbors(members, rank)
+            assert len(neighbors) <= 4
+            assert neighbors == tuple(m for m in members if m != rank and ring.hears(members, rank, m))
+            for peer in range(40):
+                assert ring.hears(members, rank, peer) == ring.hears(members, peer, rank)
+
+
+def test_ring_neighbours_and_joiner_sponsors() -> None:
+    ring = Topology("ring", 4)
+    members = tuple(range(0, 20, 2))  # 0, 2, ..., 18
+    assert ring.neighbors(members, 0) == (2, 4, 16, 18)
+    assert ring.neighbors(members, 7) == (4, 6, 8, 10)  # a joiner's sponsors: where it would sit
+    assert ring_distance(members, 6, 7) == 1 and ring_distance(members, 0, 18) == 1
+    assert Topology("all").neighbors(members, 0) == members[1:]
+    assert ring.neighbors((1, 2, 3, 4, 5), 1) == (2, 3, 4, 5)  # a small ring is all-to-all
+    assert ring.messages_per_rank_per_s(1024, 40.0) == 100.0
+    assert Topology("all").messages_per_rank_per_s(1024, 40.0) == 1023 * 25.0
+
+
+def test_topology_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="detection_topology"):
+        Config.local(detection_topology="star")
+    with pytest.raises(ValueError, match="monitors_per_rank"):
+        Config.local(detection_topology="ring", monitors_per_rank=3)
+    with pytest.raises(ValueError, match="monitors_per_rank"):
+        Topology("ring", 2)
+    assert Config.local(detection_topology="ring", monitors_per_rank=6).monitors_per_rank == 6
+
+
+def test_core_with_ring_watches_only_its_neighbours() -> None:
+    cfg = Config.local(detection_topology="ring")
+    core = MembershipCore(5, cfg, initial_members=tuple(range(64)))
+    view = View.of(1, range(64), reason="bootstrap")
+    core.step(CasDone(view, view), 0.0)
+    assert core.watched() == (3, 4, 6, 7)
+    assert core.hears(7) and not core.hears(8) and core.hears(100) is False
+    assert Config.local().detection_topology == "all"
+
+
+def _suspects(actions, core: MembershipCore | None = None, now: float = 0.0) -> set[int]:
+    for a in actions:
+        if core is not None and isinstance(a, ReadView):  # the store holds nothing newer
+            actions = actions + core.step(ViewRead(a.epoch, None), now)
+    return {a.event.suspect for a in actions if isinstance(a, Publish) and isinstance(a.event, Suspicion)}
+
+
+def test_a_starting_peer_is_joining_until_first_heard() -> None:
+    cfg = Config.local(startup_grace_s=5.0)
+    core = MembershipCore(0, cfg, initial_members=(0, 1, 2))
+    view = View.of(1, (0, 1, 2), reason="bootstrap")
+    _suspects(core.step(CasDone(view, view), 0.0), core)
+    assert core.status == "member" and core.monitor.joining() == {1, 2}
+    t, seen = 0.0, set()
+    while t < 4.9:  # rank 1 heartbeats, rank 2 never started: neither is suspected yet
+        t = round(t + 0.04, 3)
+        core.step(Heartbeat(rank=1, incarnation=0), t) if t < 1.0 else None
+        seen |= _suspects(core.step(Tick(), t), core, t)
+    assert 2 not in seen and core.monitor.joining() == {2}
+    assert seen == {1}, "a heard peer that goes silent is judged by the steady-state timers"
+    while t < 5.2:
+        t = round(t + 0.04, 3)
+        seen |= _suspects(core.step(Tick(), t), core, t)
+    assert 2 in seen, "past startup_grace_s the never-heard peer is suspected"
+
+
+def test_monitor_startup_grace_applies_to_the_first_view_only() -> None:
+    cfg = Config.local(startup_grace_s=5.0)
+    monitor = HeartbeatMonitor(0, cfg)
+    monitor.watch([1], 0.0)
+    monitor.watch([1, 2], 0.0, joining=True)
+    assert monitor.joining() == {2}  # rank 1 was already watched as a running peer
