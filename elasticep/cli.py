@@ -21,6 +21,7 @@ BENCHES: dict[str, str] = {
     "plan": "elasticep.bench.plan",
     "transfer": "elasticep.bench.transfer",
     "recovery": "elasticep.bench.recovery",
+    "scale": "elasticep.bench.scale",
 }
 
 USAGE = """usage: elasticep <command> [options]
