@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from elasticep import metrics
+from elasticep.eplb import _repack
 from elasticep.eplb.placement import EMPTY, Placement, RedundancyExhausted
 
 __all__ = [
@@ -442,12 +443,32 @@ def _assemble(w: np.ndarray, R: int, S: int) -> np.ndarray:
     ``[B, R*S]`` expert of each slot, each rank's slots in ascending expert order."""
     B, E = w.shape
     N = R * S
-    cnt = _replicate(w, N)
-    rep = np.repeat(np.tile(np.arange(E), B), cnt.ravel()).reshape(B, N)
-    rep_load = _take(w / cnt, rep)
-    pack_of = _pack(rep_load, R, S)
-    order = np.argsort(pack_of * (E + 1) + rep, axis=1, kind="stable")
-    return _take(rep, order)
+    # Replica counts that minimise the largest load per replica can still pack badly on very
+    # skewed loads (a hot expert split into more pieces than there are ranks, each over half a
+    # rank's share, so that some rank holds two); other candidates hold back k of the extra
+    # replicas from that rule and give them to the lightest experts instead. Each candidate is
+    # packed and every row keeps its best (k = 0 first on ties: the plain rule).
+    extra = N - E
+    ks = sorted({0, *(k for k in (R // 4, R // 2, R) if 0 < k <= min(extra, E))})
+    best_p, best_peak = None, None
+    for k in ks:
+        cnt = _replicate(w, N - k)
+        if k:
+            light = np.argsort(w / cnt, axis=1, kind="stable")[:, :k]
+            np.put_along_axis(cnt, light, np.take_along_axis(cnt, light, 1) + 1, 1)
+        rep = np.repeat(np.tile(np.arange(E), B), cnt.ravel()).reshape(B, N)
+        rep_load = _take(w / cnt, rep)
+        pack_of = _pack(rep_load, R, S)
+        order = np.argsort(pack_of * (E + 1) + rep, axis=1, kind="stable")
+        cand = _take(rep, order)
+        peak = _counts_weighted(pack_of, rep_load, R).max(1)
+        if best_p is None:
+            best_p, best_peak = cand, peak
+        else:
+            better = peak < best_peak * (1 - 1e-9)
+            best_p = np.where(better[:, None], cand, best_p)
+            best_peak = np.where(better, peak, best_peak)
+    return best_p
 
 
 def _initial_hierarchical(w: np.ndarray, R: int, S: int, G: int, nodes: int) -> np.ndarray:
@@ -538,6 +559,7 @@ def replan(
     p, lb = _repair(start, w, tslot, target, speed, S)
     before = float(_layer_balance(_rank_loads(p, w, S)[0], target, speed).mean())
     p = _rebalance(p, cur_p, w, tslot, target, speed, S, budget, float(tolerance))
+    p = _reseat_stuck(p, start, cur_p, w, tslot, target, speed, S, budget, lb, float(tolerance))
     # a safety net: where simply filling the holes in order happens to balance a layer better
     # than the search did (small layers with few ranks, where a greedy step can get stuck), take
     # it; it costs the lower bound only, so the budget still holds
@@ -941,6 +963,72 @@ def _rebalance(
             st_all = st_trial
         else:
             st_all.merge(st_trial, passed, sub)
+    return p
+
+
+def _reseat_stuck(
+    p: np.ndarray,
+    start: np.ndarray,
+    cur_p: np.ndarray,
+    w: np.ndarray,
+    tslot: np.ndarray,
+    target: np.ndarray,
+    speed: np.ndarray,
+    S: int,
+    budget: int | None,
+    lb: int,
+    tolerance: float,
+) -> np.ndarray:
+    """Second chance for the layers the local search left well off balance (skewed loads, where
+    a hot expert that lost replicas needs a new one on a rank that must first shed most of its
+    load: no single step of one or two slots gets there).
+
+    Those layers are repacked from ``start`` (sticky: replicas stay where they are unless their
+    rank is over the mean; see :mod:`elasticep.eplb._repack`), the local search runs again from
+    there within what the budget leaves, and each such layer takes the result if it is better
+    balanced; under a budget, layers are switched best gain first while the total fits.
+    """
+    L, E = w.shape
+    rank_load, _ = _rank_loads(p, w, S)
+    bal = _layer_balance(rank_load, target, speed)
+    stuck = bal > 1.0 + max(3.0 * tolerance, 0.02)
+    if not stuck.any():
+        return p
+    moves = ((p != cur_p) & (p >= 0)).sum(1)
+    sub = np.flatnonzero(stuck)
+    live = int(target.sum()) * S
+    st0 = start[sub]
+    cc = _counts(np.where(st0 < 0, E, st0), E + 1)[:, :E]
+    mean = w[sub].sum(1) / speed[target].sum()
+    c = _repack.restore_counts(_repack.keep_counts(cc, w[sub], live), w[sub], 0.5 * mean, S)
+    q = _repack.repack(st0, w[sub], c, target, speed, S, np.zeros(sub.size))
+    q_moves = ((q != cur_p[sub]) & (q >= 0)).sum(1)
+    if budget is None:
+        sub_budget = None
+    else:
+        allowed = lb + budget - int(moves[~stuck].sum())  # moves the stuck layers may use
+        sub_budget = allowed - int(q_moves.sum())
+        if sub_budget < 0:
+            return p
+    q = _rebalance(q, cur_p[sub], w[sub], tslot, target, speed, S, sub_budget, tolerance)
+    q_moves = ((q != cur_p[sub]) & (q >= 0)).sum(1)
+    q_bal = _layer_balance(_rank_loads(q, w[sub], S)[0], target, speed)
+    take = q_bal < bal[sub] - 1e-12
+    if budget is not None:
+        # start from the old layers, switch the best gains per extra move first while they fit
+        spare = allowed - int(moves[sub].sum())
+        extra = q_moves - moves[sub]
+        gain = bal[sub] - q_bal
+        eff = np.where(extra > 0, gain / np.maximum(extra, 1), _INF)
+        take_now = np.zeros(sub.size, dtype=bool)
+        for i in np.argsort(-eff, kind="stable"):
+            if take[i] and extra[i] <= spare:
+                take_now[i] = True
+                spare -= int(extra[i])
+        take = take_now
+    if take.any():
+        p = p.copy()
+        p[sub[take]] = q[take]
     return p
 
 
