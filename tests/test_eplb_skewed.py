@@ -4,10 +4,13 @@ output checked against plain loops."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from elasticep import cli
 from elasticep.eplb import balance, initial, layer_balance, lower_bound, moved_slots, replan
 from elasticep.eplb import _repack
 
@@ -78,3 +81,15 @@ def test_repack_fills_every_target_slot_with_the_counts(seed):
             assert (e >= 0) == bool(target[s // S])
         for e in range(E):
             assert row.count(e) == c[b, e]
+
+
+@pytest.mark.timeout(240)
+def test_bench_plan_families_at_a_tiny_size(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert cli.main(["bench", "plan", "--layers", "1", "--repeat", "1", "--families", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["families"]
+    assert {(r["shape"], r["family"], r["dead"]) for r in rows} >= {("qwen3_moe", "zipf", 2), ("deepseek_v3", "hot_expert", 1)}
+    for r in rows:
+        assert r["elasticep_2x_moved_slots"] <= 2 * r["lower_bound_moves"]
+        assert r["elasticep_4x_moved_slots"] <= 4 * r["lower_bound_moves"]
+        assert "balance_2x_max_1.15" in r["targets"]

@@ -160,6 +160,85 @@ def run(sigma: float = 0.8, seed: int = 0, repeat: int = 3, with_sglang: bool = 
     return report
 
 
+SHAPES = {"deepseek_v3": (58, 256, 32, 9), "qwen3_moe": (48, 128, 16, 10)}
+FAMILIES = [("zipf", 0.8), ("zipf", 1.0), ("zipf", 1.2), ("zipf", 1.4), ("lognormal", 1.5),
+            ("lognormal", 2.0), ("hot_expert", 0.2)]
+
+
+def family_load(kind: str, param: float, layers: int, experts: int, seed: int) -> torch.Tensor:
+    """``[layers, experts]`` float64 skewed loads, seeded, each layer summing to ``experts``:
+    ``zipf`` (expert of popularity rank k carries 1/k^param, ranks shuffled per layer),
+    ``lognormal`` (sigma ``param``), ``hot_expert`` (one expert takes ``param`` of its layer,
+    the rest log-normal with sigma 0.8)."""
+    rng = np.random.default_rng(seed)
+    if kind == "zipf":
+        base = 1.0 / np.arange(1, experts + 1) ** param
+        w = np.stack([rng.permutation(base) for _ in range(layers)])
+    elif kind == "lognormal":
+        w = rng.lognormal(0.0, param, (layers, experts))
+    elif kind == "hot_expert":
+        w = rng.lognormal(0.0, 0.8, (layers, experts))
+        hot = rng.integers(0, experts, layers)
+        w[np.arange(layers), hot] = 0.0
+        w[np.arange(layers), hot] = w.sum(1) * param / (1 - param)
+    else:
+        raise ValueError(f"unknown load family {kind!r}")
+    return torch.from_numpy(w / w.sum(1, keepdims=True) * experts)
+
+
+def run_families(seed: int = 0, repeat: int = 3, layers: int | None = None) -> list[dict]:
+    """Every shape x family x (one, two dead ranks): SGLang's full replan and elasticep at 2x,
+    4x the lower bound, at a quarter of SGLang's moved slots and unlimited, in the same run."""
+    sg_mod, _ = _sglang()
+    rows: list[dict] = []
+    for shape, (L, E, R, S) in SHAPES.items():
+        L = L if layers is None else layers
+        for kind, param in FAMILIES:
+            load = family_load(kind, param, L, E, seed)
+            start = initial(load, R, S)
+            for dead in ([R // 4], [R // 4, 3 * R // 4]):
+                alive = torch.ones(R, dtype=torch.bool)
+                alive[dead] = False
+                lb = lower_bound(start, alive)
+                row: dict[str, Any] = {"shape": shape, "family": kind, "param": param, "dead": len(dead),
+                                       "lower_bound_moves": lb, "sglang_ms": None,
+                                       "sglang_moved_slots": None, "sglang_balance": None}
+                if sg_mod is not None:
+                    ms, sp = _median_ms(lambda: _sglang_plan(sg_mod, load, alive, S), repeat)
+                    row.update(sglang_ms=ms, sglang_moved_slots=moved_slots(start, sp, alive),
+                               sglang_balance=balance(sp, load, alive))
+                budgets = [("2x", lb), ("4x", 3 * lb), ("unlimited", None)]
+                if row["sglang_moved_slots"] is not None:
+                    budgets.insert(2, ("quarter_of_sglang", max(0, row["sglang_moved_slots"] // 4 - lb)))
+                for name, mm in budgets:
+                    ms, plan = _median_ms(lambda: replan(start, load, alive, max_moves=mm), repeat)
+                    row[f"elasticep_{name}_ms"] = ms
+                    row[f"elasticep_{name}_moved_slots"] = moved_slots(start, plan.placement, alive)
+                    row[f"elasticep_{name}_balance"] = balance(plan.placement, load, alive)
+                t = {"balance_2x_max_1.15": row["elasticep_2x_balance"] <= 1.15,
+                     "balance_4x_max_1.05": row["elasticep_4x_balance"] <= 1.05}
+                if row["sglang_balance"] is not None:
+                    t["quarter_moves_balance_within_0.01"] = (
+                        row["elasticep_quarter_of_sglang_balance"] <= row["sglang_balance"] + 0.01)
+                    t["time_at_most_third_of_sglang"] = max(
+                        row[f"elasticep_{n}_ms"] for n, _ in budgets) <= row["sglang_ms"] / 3
+                row["targets"] = t
+                rows.append(row)
+    return rows
+
+
+def print_families(rows: list[dict], out=None) -> None:
+    out = sys.stdout if out is None else out
+    print("skewed families: balance/moved per budget | sglang; targets missed", file=out)
+    for r in rows:
+        cells = [f"{n} {r[f'elasticep_{n}_balance']:.4f}/{r[f'elasticep_{n}_moved_slots']}/{r[f'elasticep_{n}_ms']:.0f}ms"
+                 for n in ("2x", "4x", "quarter_of_sglang", "unlimited") if f"elasticep_{n}_balance" in r]
+        sg = "-" if r["sglang_balance"] is None else f"{r['sglang_balance']:.4f}/{r['sglang_moved_slots']}/{r['sglang_ms']:.0f}ms"
+        missed = [k for k, v in r["targets"].items() if not v]
+        print(f"{r['shape']:<12}{r['family']:<11}{r['param']:<4} dead {r['dead']} lb {r['lower_bound_moves']:>4} | "
+              + " ".join(cells) + f" | sglang {sg} | missed: {', '.join(missed) or 'none'}", file=out)
+
+
 def _targets(cases: list[dict]) -> dict:
     rows = {c["budget"]: c for c in cases if c["name"] == "one_dead"}
     out: dict[str, Any] = {
@@ -180,7 +259,8 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def print_table(report: dict, out=sys.stdout) -> None:
+def print_table(report: dict, out=None) -> None:
+    out = sys.stdout if out is None else out  # at call time: the caller may have replaced it
     print(f"elasticep bench plan: {report['shape']['layers']} layers x {report['shape']['experts']} experts, "
           f"{report['shape']['ranks']} ranks, lognormal load sigma={report['load']['sigma']}, "
           f"median of {report['repeat']}; baseline: SGLang {report['sglang']}", file=out)
@@ -209,9 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per planner and case; the median is reported")
     ap.add_argument("--no-sglang", action="store_true", help="skip the SGLang baseline")
     ap.add_argument("--layers", type=int, default=LAYERS, help=f"MoE layers (default {LAYERS}, DeepSeek-V3's)")
+    ap.add_argument("--families", action="store_true",
+                    help="also run the skewed families (Zipf, log-normal, hot expert) at DeepSeek-V3's and Qwen3-MoE's shapes")
     args = ap.parse_args(argv)
     report = run(args.sigma, args.seed, args.repeat, with_sglang=not args.no_sglang, layers=args.layers)
     print_table(report)
+    if args.families:
+        report["families"] = run_families(args.seed, args.repeat, None if args.layers == LAYERS else args.layers)
+        print_families(report["families"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
