@@ -75,6 +75,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "EventTooLarge",
         "UnsupportedEngineVersion",
     ),
+        "EtcdViewStore",
+        "open_view_store",
     "elasticep.eplb": (
         "Placement",
         "Plan",
@@ -119,7 +121,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "run_demo",
     ),
     "elasticep.engine.timeline": ("Timeline",),
-    "elasticep.testing": ("FaultInjector",),
+    "elasticep.testing": ("FaultInjector", "EtcdCluster"),
 }
 
 _WHERE: dict[str, str] = {name: module for module, names in _EXPORTS.items() for name in names}

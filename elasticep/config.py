@@ -69,6 +69,13 @@ class Config:
     also proves the store is reachable (see ``store_timeout_s``)."""
     join_timeout_s: float = 30.0
     """How long a joining rank waits to be admitted before it gives up, s."""
+    view_store: str = "tcpstore"
+    """Where views are committed: ``"tcpstore"`` (the launcher-hosted ``TCPStore``, zero set-up,
+    lost with its host) or ``"etcd"`` (an etcd cluster at ``etcd_endpoints``, which outlives any
+    minority of its members); see :func:`elasticep.membership.open_view_store`."""
+    etcd_endpoints: str = ""
+    """The etcd members' client endpoints, ``"HOST:PORT,HOST:PORT,..."``; needed when
+    ``view_store="etcd"``."""
 
     # --- data plane ---
     kernel_timeout_us: int = 200_000
@@ -143,6 +150,10 @@ class Config:
             raise ValueError("kernel_timeout_us must be > 0")
         if self.phi_threshold <= 0:
             raise ValueError("phi_threshold must be > 0")
+        if self.view_store not in ("tcpstore", "etcd"):
+            raise ValueError(f"view_store must be 'tcpstore' or 'etcd', not {self.view_store!r}")
+        if self.view_store == "etcd" and not self.etcd_endpoints.strip():
+            raise ValueError("view_store='etcd' needs etcd_endpoints (HOST:PORT,...)")
         if self.detection_topology not in ("all", "ring"):
             raise ValueError(f"detection_topology must be 'all' or 'ring', not {self.detection_topology!r}")
         if self.detection_topology == "ring" and (self.monitors_per_rank < 4 or self.monitors_per_rank % 2):

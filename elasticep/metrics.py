@@ -127,6 +127,11 @@ RECONFIG_PHASE_SECONDS = Histogram(
     registry=REGISTRY,
 )
 STALE_EPOCH_REFUSED = Counter(
+VIEW_STORE_FAILOVERS = Counter(
+    "elasticep_view_store_failovers_total",
+    "Times a replicated view store client (etcd) moved to another endpoint after a failed attempt.",
+    registry=REGISTRY,
+)
     "elasticep_stale_epoch_refused_total",
     "Messages, transfers or collectives refused for carrying an old epoch, by channel.",
     ["channel"],

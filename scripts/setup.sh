@@ -22,6 +22,16 @@ if ! ldconfig -p | grep -q libibverbs.so.1 || ! ldconfig -p | grep -q libnuma.so
   fi
 fi
 
+# etcd (the replicated view store; tests start their own members) and nftables (the network
+# namespace host harness in elasticep.testing.netns).
+if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null || ! command -v nft >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client nftables >/dev/null
+  else
+    echo "elasticep setup: etcd or nft is missing; install them (apt-get install etcd-server etcd-client nftables)" >&2
+  fi
+fi
+
 # Quiet on success; the whole log on failure.
 run() {
   local log
@@ -40,7 +50,7 @@ pip=(run "$py" -m pip install -q --disable-pip-version-check)
 "$py" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null \
   || "${pip[@]}" torch==2.13.0
 "${pip[@]}" "setuptools>=68" wheel "pybind11>=2.12"
-"${pip[@]}" --no-build-isolation -e ".[engine,dev,docs,mooncake]"
+"${pip[@]}" --no-build-isolation -e ".[engine,dev,docs,mooncake,etcd]"
 # SGLang declares a CUDA torch pin; its EPLB and expert-location modules run on CPU without it.
 if ! "$py" -c 'import sglang' 2>/dev/null; then
   "${pip[@]}" --no-deps "sglang==0.5.23"

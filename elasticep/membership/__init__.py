@@ -23,7 +23,14 @@ from elasticep.membership.core import (
     ViewRead,
 )
 from elasticep.membership.service import MembershipService, RankFenced
-from elasticep.membership.store import InMemoryViewStore, StoreUnavailable, TCPStoreViewStore, ViewStore
+from elasticep.membership.etcd_store import EtcdViewStore
+from elasticep.membership.store import (
+    InMemoryViewStore,
+    StoreUnavailable,
+    TCPStoreViewStore,
+    ViewStore,
+    open_view_store,
+)
 from elasticep.membership.view import CorruptView, View, decode_view, encode_view
 
 __all__ = [
@@ -31,6 +38,7 @@ __all__ = [
     "CasDone",
     "CompareAndSet",
     "CorruptView",
+    "EtcdViewStore",
     "Fence",
     "InMemoryViewStore",
     "Install",
@@ -53,4 +61,5 @@ __all__ = [
     "ViewStore",
     "decode_view",
     "encode_view",
+    "open_view_store",
 ]

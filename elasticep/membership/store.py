@@ -15,6 +15,9 @@ Two implementations behind one interface:
 
 Both bound every operation by ``timeout_s`` and raise :class:`StoreUnavailable` past it; the
 membership service turns a store lost for longer than ``Config.store_timeout_s`` into a fence.
+
+A third, :class:`~elasticep.membership.etcd_store.EtcdViewStore`, keeps the chain on an etcd
+cluster that outlives any one host; :func:`open_view_store` picks one from ``Config.view_store``.
 """
 
 from __future__ import annotations
@@ -216,3 +219,26 @@ class TCPStoreViewStore(ViewStore):
 
     async def read(self, epoch: int, *, rank: int = -1) -> View | None:
         return await self._run(self.read_nowait, epoch, rank=rank)
+
+
+def open_view_store(config, *, tcpstore: str | None = None, prefix: str = "elasticep") -> ViewStore:
+    """The view store ``config.view_store`` names, bounded by ``config.store_timeout_s``.
+
+    Args:
+        config: a :class:`~elasticep.config.Config`; ``view_store="etcd"`` uses
+            ``etcd_endpoints``, ``"tcpstore"`` the launcher's store at ``tcpstore``.
+        tcpstore: ``HOST:PORT`` of the launcher-hosted ``TCPStore`` (needed for ``"tcpstore"``).
+        prefix: key prefix (several clusters can share one store).
+    """
+    if config.view_store == "etcd":
+        from elasticep.membership.etcd_store import EtcdViewStore
+
+        return EtcdViewStore(config.etcd_endpoints, timeout_s=config.store_timeout_s, prefix=prefix)
+    if config.view_store == "tcpstore":
+        if not tcpstore:
+            raise ValueError("view_store='tcpstore' needs the launcher's store address (HOST:PORT)")
+        host, _, port = tcpstore.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"store address must be HOST:PORT, not {tcpstore!r}")
+        return TCPStoreViewStore(host, int(port), timeout_s=config.store_timeout_s, prefix=prefix)
+    raise ValueError(f"unknown view store {config.view_store!r}")

@@ -48,15 +48,15 @@ def _parse_overrides(items: list[str]) -> dict[str, object]:
 async def run(args: argparse.Namespace) -> int:
     from elasticep.bus import ClusterKeys, EventBus, ZmqTransport, connect_store
     from elasticep.membership.service import MembershipService, RankFenced
-    from elasticep.membership.store import TCPStoreViewStore
+    from elasticep.membership.store import open_view_store
 
     profile = Config.cluster if args.profile == "cluster" else Config.local
     config = profile(**_parse_overrides(args.config))
     keys = ClusterKeys.from_env()
     bus_store = connect_store(args.store, timeout_s=config.store_timeout_s * 5)
-    host, _, port = args.store.rpartition(":")
-    view_store = TCPStoreViewStore(host, int(port), timeout_s=config.store_timeout_s)
-    transport = ZmqTransport(args.rank, keys, bus_store, incarnation=args.incarnation or None,
+    # The view store is Config.view_store's (the launcher's TCPStore by default, or etcd).
+    view_store = open_view_store(config, tcpstore=args.store)
+    transport = ZmqTransport(args.rank, keys, bus_store, endpoint=args.bind, incarnation=args.incarnation or None,
                              poll_interval_s=0.05)
     bus = EventBus(transport, args.rank)
 
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world", type=int, required=True, help="ranks of the bootstrap view (0..world-1)")
     parser.add_argument("--store", required=True, help="HOST:PORT of the launcher's TCPStore")
+    parser.add_argument("--bind", default=None, help="the bus PUB socket's endpoint (default tcp://127.0.0.1:*)")
     parser.add_argument("--join", action="store_true", help="a restarted or new process: ask to be admitted")
     parser.add_argument("--incarnation", type=int, default=0, help="0: the bus picks one (wall-clock ns)")
     parser.add_argument("--profile", choices=("local", "cluster"), default="local")

@@ -1,9 +1,13 @@
 """Fault injection and pytest fixtures for testing code built on elasticep.
 
-Enable the fixtures (``tiny_model``, ``oracle``, ``launcher``, ``fault_injector``, ``tcp_store``)
+:class:`EtcdCluster` starts a real etcd cluster for tests of the replicated view store.
+
+Enable the fixtures (``tiny_model``, ``oracle``, ``launcher``, ``fault_injector``, ``tcp_store``,
+``etcd_cluster``)
 with ``pytest_plugins = ["elasticep.testing.fixtures"]`` in a ``conftest.py``.
 """
 
+from elasticep.testing.etcd import EtcdCluster, etcd_available
 from elasticep.testing.faults import FaultInjector, InjectedFault
 
-__all__ = ["FaultInjector", "InjectedFault"]
+__all__ = ["EtcdCluster", "FaultInjector", "InjectedFault", "etcd_available"]

@@ -1,7 +1,8 @@
 """pytest fixtures shipped with elasticep; enable with ``pytest_plugins = ["elasticep.testing.fixtures"]``.
 
 ``tiny_model``, ``oracle``, ``launcher`` (2 ranks, every slot in each rank), ``ep_launcher`` (3
-expert-parallel kernel ranks with membership and reconfiguration), ``fault_injector``, ``tcp_store``.
+expert-parallel kernel ranks with membership and reconfiguration), ``fault_injector``, ``tcp_store``,
+``etcd_cluster`` (3 etcd members on loopback).
 """
 
 from __future__ import annotations
@@ -28,6 +29,21 @@ def tcp_store():
     store.set_timeout(__import__("datetime").timedelta(seconds=10))
     yield store
     del store
+
+
+@pytest.fixture
+def etcd_cluster():
+    """A real 3-member etcd cluster on loopback (:class:`~elasticep.testing.etcd.EtcdCluster`),
+    healthy when the test starts, every member killed and its data removed at teardown. Skips,
+    saying so, where the ``etcd`` binaries are not installed."""
+    from elasticep.testing.etcd import EtcdCluster, etcd_available
+
+    reason = etcd_available()
+    if reason is not None:
+        pytest.skip(reason)
+    with EtcdCluster(3) as cluster:
+        cluster.wait_healthy(30)
+        yield cluster
 
 
 # --- reference engine ---------------------------------------------------------------------------
