@@ -24,6 +24,10 @@ Replanning after a membership change works in two phases, each vectorised over a
    balance or nothing improves it. Its peak never rises, so the result is never less balanced
    than the repair alone; and where filling the holes in id order happens to do better on a
    layer, that layer takes it (it costs the lower bound only).
+3. **Reseat** (skewed loads): a layer the search leaves more than ``max(3 * tolerance, 0.02)``
+   off balance is repacked from the current placement (:mod:`elasticep.eplb._repack`: replica
+   counts first, then every replica stays unless its rank is over the mean) and searched again;
+   it takes the result where that is better balanced and the budget allows.
 
 Who calls it: the reconfiguration pipeline on every new view (``replan``), the engines at start
 (``initial``), ``elasticep plan`` and ``elasticep bench plan``.
