@@ -195,35 +195,112 @@ def _load_array(load: Any, num_layers: int | None, num_experts: int | None) -> n
     return np.ascontiguousarray(w)
 
 
-def _rank_mask(x: Any, num_ranks: int, what: str) -> np.ndarray:
-    """A ``[num_ranks]`` bool mask from a bool mask or a collection of rank ids."""
-    if x is None:
-        return np.zeros(num_ranks, dtype=bool)
-    a = _to_numpy(x) if isinstance(x, (torch.Tensor, np.ndarray)) else np.asarray(list(x))
-    a = a.reshape(-1)
-    if a.dtype == bool:
-        if a.size != num_ranks:
-            raise ValueError(f"{what} has {a.size} entries, expected {num_ranks}")
-        return a.copy()
+def _refuse(message: str) -> InvalidArgument:
+    metrics.API_REFUSED.labels("planner").inc()
+    return InvalidArgument(message)
+
+
+def _flat(x: Any, what: str) -> np.ndarray:
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return _to_numpy(x).reshape(-1)
+    if isinstance(x, (str, bytes)) or not hasattr(x, "__iter__"):
+        raise _refuse(f"{what} must be a [R] mask or a collection of rank ids, got {type(x).__name__}")
+    items = list(x)
+    if any(isinstance(v, (torch.Tensor, np.ndarray)) and np.ndim(v) > 0 for v in items):
+        raise _refuse(f"{what} must be flat: a [R] mask or a collection of rank ids")
+    try:
+        return np.asarray([v.item() if hasattr(v, "item") else v for v in items]).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise _refuse(f"{what}: {exc}") from None
+
+
+def _mask_arg(x: Any, num_ranks: int, what: str, *, grow: bool) -> np.ndarray:
+    """A bool mask from a ``[R]`` mask: bool, or integer 0/1 (SGLang's and Mooncake EP's
+    ``active_ranks`` is ``torch.int32``). ``R`` must be ``num_ranks``, or more when ``grow``."""
+    a = _flat(x, what)
+    if a.dtype != bool:
+        if a.size and not np.issubdtype(a.dtype, np.integer):
+            raise _refuse(f"{what} must be a bool or 0/1 integer mask, got dtype {a.dtype}")
+        if a.size and not np.isin(a, (0, 1)).all():
+            raise _refuse(f"{what} is a mask and holds values other than 0 and 1 (rank ids go in alive_ranks=)")
+        a = a.astype(bool)
+    if a.size < num_ranks:
+        raise _refuse(f"{what} has {a.size} entries but the placement has {num_ranks} ranks; mark ranks dead, never drop them")
+    if a.size > num_ranks and not grow:
+        raise _refuse(f"{what} has {a.size} entries, expected {num_ranks}")
+    return a.copy()
+
+
+def _ids_arg(x: Any, num_ranks: int, what: str, *, grow: bool) -> np.ndarray:
+    """A bool mask from a collection of distinct rank ids; with ``grow``, an id at or beyond
+    ``num_ranks`` adds ranks (scale-up), else it is refused."""
+    a = _flat(x, what)
     if a.size == 0:
         return np.zeros(num_ranks, dtype=bool)
-    if not np.issubdtype(a.dtype, np.integer):
-        raise ValueError(f"{what} must be a bool mask or rank ids, got dtype {a.dtype}")
-    if a.min() < 0 or a.max() >= num_ranks:
-        raise ValueError(f"{what} names ranks outside 0..{num_ranks - 1}")
-    mask = np.zeros(num_ranks, dtype=bool)
+    if a.dtype == bool or not np.issubdtype(a.dtype, np.integer):
+        raise _refuse(f"{what} must hold integer rank ids, got dtype {a.dtype} (a bool mask goes in alive_mask=)")
+    if a.min() < 0:
+        raise _refuse(f"{what} names a negative rank ({int(a.min())})")
+    if np.unique(a).size != a.size:
+        raise _refuse(
+            f"{what} names a rank twice: rank ids must be distinct (a 0/1 mask such as SGLang's active_ranks goes in alive_mask=)"
+        )
+    if a.max() >= num_ranks and not grow:
+        raise _refuse(f"{what} names ranks outside 0..{num_ranks - 1}")
+    mask = np.zeros(max(num_ranks, int(a.max()) + 1), dtype=bool)
     mask[a] = True
     return mask
 
 
-def _mask_len(x: Any) -> int | None:
-    """Length of ``x`` if it is a bool mask (which fixes the rank count), else None."""
+def _is_mask_like(x: Any) -> bool | None:
+    """For the positional ``alive``: True for a bool mask, False for rank ids, None when ambiguous."""
     if isinstance(x, (torch.Tensor, np.ndarray)):
         a = _to_numpy(x)
-        return int(a.size) if a.dtype == bool else None
+        if a.dtype == bool:
+            return True
+        if np.issubdtype(a.dtype, np.integer):
+            return None
+        return False  # refused with its dtype by _ids_arg
     if isinstance(x, (list, tuple)) and x and all(isinstance(v, (bool, np.bool_)) for v in x):
-        return len(x)
-    return None
+        return True
+    return False
+
+
+def _alive_arg(num_ranks: int, alive: Any, alive_mask: Any, alive_ranks: Any, *, grow: bool = True) -> np.ndarray:
+    """The live ranks as a ``[R]`` bool mask, ``R >= num_ranks``, from exactly one of the forms."""
+    given = [name for name, v in (("alive", alive), ("alive_mask", alive_mask), ("alive_ranks", alive_ranks)) if v is not None]
+    if len(given) != 1:
+        raise _refuse(
+            "give the live ranks once: alive_mask= ([R] bool or 0/1 mask) or alive_ranks= (rank ids)"
+            + (f", not {' and '.join(given)}" if given else "")
+        )
+    if alive_mask is not None:
+        return _mask_arg(alive_mask, num_ranks, "alive_mask", grow=grow)
+    if alive_ranks is not None:
+        return _ids_arg(alive_ranks, num_ranks, "alive_ranks", grow=grow)
+    kind = _is_mask_like(alive)
+    if kind is None:
+        raise _refuse(
+            "alive is an integer tensor, which reads both as a 0/1 mask (SGLang's int32 active_ranks) and as "
+            "rank ids: pass it as alive_mask= or alive_ranks= (or as a bool tensor)"
+        )
+    if kind:
+        return _mask_arg(alive, num_ranks, "alive", grow=grow)
+    return _ids_arg(alive, num_ranks, "alive", grow=grow)
+
+
+def _leaving_arg(leaving: Any, num_ranks: int) -> np.ndarray:
+    if leaving is None:
+        return np.zeros(num_ranks, dtype=bool)
+    kind = _is_mask_like(leaving)
+    if kind is None:
+        a = _to_numpy(leaving).reshape(-1)
+        kind = a.size == num_ranks and bool(np.isin(a, (0, 1)).all()) and np.unique(a).size < a.size
+        if a.size == num_ranks and not kind and np.isin(a, (0, 1)).all():
+            raise _refuse("leaving is an integer tensor that reads both as a mask and as rank ids: pass a bool mask or a list of ids")
+    if kind:
+        return _mask_arg(leaving, num_ranks, "leaving", grow=False)
+    return _ids_arg(leaving, num_ranks, "leaving", grow=False)
 
 
 def _speed(rank_speed: Any, num_ranks: int) -> np.ndarray:
