@@ -44,6 +44,7 @@ import torch
 
 from elasticep import metrics
 from elasticep.eplb import _repack
+from elasticep.errors import InvalidArgument
 from elasticep.eplb.placement import EMPTY, Placement, RedundancyExhausted
 
 __all__ = [
@@ -196,7 +197,6 @@ def _load_array(load: Any, num_layers: int | None, num_experts: int | None) -> n
 
 
 def _refuse(message: str) -> InvalidArgument:
-    metrics.API_REFUSED.labels("planner").inc()
     return InvalidArgument(message)
 
 
@@ -294,10 +294,8 @@ def _leaving_arg(leaving: Any, num_ranks: int) -> np.ndarray:
         return np.zeros(num_ranks, dtype=bool)
     kind = _is_mask_like(leaving)
     if kind is None:
-        a = _to_numpy(leaving).reshape(-1)
-        kind = a.size == num_ranks and bool(np.isin(a, (0, 1)).all()) and np.unique(a).size < a.size
-        if a.size == num_ranks and not kind and np.isin(a, (0, 1)).all():
-            raise _refuse("leaving is an integer tensor that reads both as a mask and as rank ids: pass a bool mask or a list of ids")
+        raise _refuse("leaving is an integer tensor, which reads both as a 0/1 mask and as rank ids: "
+                      "pass a bool mask or a list of rank ids")
     if kind:
         return _mask_arg(leaving, num_ranks, "leaving", grow=False)
     return _ids_arg(leaving, num_ranks, "leaving", grow=False)
@@ -365,7 +363,7 @@ def layer_balance(placement: Placement, load: Any, alive: Any | None = None, ran
     mean is the total over the total live speed. A layer without load has balance 1.0.
     """
     R = placement.num_ranks
-    alive_m = np.ones(R, dtype=bool) if alive is None else _rank_mask(alive, R, "alive")
+    alive_m = np.ones(R, dtype=bool) if alive is None else _alive_arg(R, alive, None, None, grow=False)
     if not alive_m.any():
         raise ValueError("no live rank")
     w = _load_array(load, placement.num_layers, placement.num_experts)
@@ -400,9 +398,10 @@ def moved_slots(a: Placement, b: Placement, alive: Any | None = None) -> int:
 def lower_bound(current: Placement, alive: Any, leaving: Any | None = None) -> int:
     """Moves any valid plan needs: (layer, expert) pairs with no replica on a rank that is alive
     and not leaving."""
-    R = max(current.num_ranks, _mask_len(alive) or 0)
+    alive_m = _alive_arg(current.num_ranks, alive, None, None)
+    R = alive_m.size
     cur = current.with_ranks(R) if R > current.num_ranks else current
-    target = _rank_mask(alive, R, "alive") & ~_rank_mask(leaving, R, "leaving")
+    target = alive_m & ~_leaving_arg(leaving, R)
     return int((cur.masked(torch.from_numpy(target)).logcnt == 0).sum())
 
 
@@ -571,8 +570,10 @@ def _initial_hierarchical(w: np.ndarray, R: int, S: int, G: int, nodes: int) -> 
 def replan(
     current: Placement,
     load: Any,
-    alive: Any,
+    alive: Any = None,
     *,
+    alive_mask: Any = None,
+    alive_ranks: Any = None,
     max_moves: int | None = None,
     rank_speed: Any | None = None,
     leaving: Any | None = None,
@@ -585,7 +586,11 @@ def replan(
             they are ignored).
         load: ``[layers, experts]`` (or ``[experts]``, the same for every layer) non-negative
             expected load per expert, e.g. tokens routed to it over the last window.
-        alive: ``[R]`` bool mask, or the ids of the live ranks (then ``R = current.num_ranks``).
+        alive: the live ranks, given once in one of three forms. ``alive_mask=``: ``[R]`` bool, or
+            0/1 integers (SGLang's ``torch.int32`` ``active_ranks``). ``alive_ranks=``: distinct
+            rank ids; an id at or past ``current.num_ranks`` adds ranks (scale-up). Positional
+            ``alive``: a bool mask or a list/range of ids; an integer tensor is refused as
+            ambiguous (:class:`~elasticep.errors.InvalidArgument`).
             ``R`` may exceed ``current.num_ranks`` (scale-up: the new ranks start empty). A rank
             alive again after a failure (rejoin) holds what ``current`` says for it; pass its
             slots as -1 if its weights were lost.
@@ -608,15 +613,10 @@ def replan(
         ValueError: inconsistent shapes or values.
     """
     S = current.slots_per_rank
-    n_mask = _mask_len(alive)
-    if n_mask is not None and n_mask < current.num_ranks:
-        raise ValueError(
-            f"alive has {n_mask} ranks but current has {current.num_ranks}; mark ranks dead, never drop them"
-        )
-    R = max(current.num_ranks, n_mask or 0)
+    alive_m = _alive_arg(current.num_ranks, alive, alive_mask, alive_ranks)
+    R = alive_m.size
     cur = current.with_ranks(R) if R > current.num_ranks else current
-    alive_m = _rank_mask(alive, R, "alive")
-    leaving_m = _rank_mask(leaving, R, "leaving")
+    leaving_m = _leaving_arg(leaving, R)
     target = alive_m & ~leaving_m
     speed = _speed(rank_speed, R)
     L, E, N = cur.num_layers, cur.num_experts, cur.num_slots
