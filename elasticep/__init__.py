@@ -63,6 +63,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "ViewStore",
         "InMemoryViewStore",
         "TCPStoreViewStore",
+        "EtcdViewStore",
+        "open_view_store",
         "RankFenced",
         "StoreUnavailable",
     ),
@@ -75,8 +77,6 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "EventTooLarge",
         "UnsupportedEngineVersion",
     ),
-        "EtcdViewStore",
-        "open_view_store",
     "elasticep.eplb": (
         "Placement",
         "Plan",
