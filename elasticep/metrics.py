@@ -114,6 +114,11 @@ STORE_CONFLICTS = Counter(
     "Proposals that lost the compare-and-set to a rival for the same epoch.",
     registry=REGISTRY,
 )
+VIEW_STORE_FAILOVERS = Counter(
+    "elasticep_view_store_failovers_total",
+    "Times a replicated view store client (etcd) moved to another endpoint after a failed attempt.",
+    registry=REGISTRY,
+)
 FENCED = Counter(
     "elasticep_fenced_total", "Times this rank fenced itself, by reason.", ["reason"], registry=REGISTRY
 )
@@ -127,11 +132,6 @@ RECONFIG_PHASE_SECONDS = Histogram(
     registry=REGISTRY,
 )
 STALE_EPOCH_REFUSED = Counter(
-VIEW_STORE_FAILOVERS = Counter(
-    "elasticep_view_store_failovers_total",
-    "Times a replicated view store client (etcd) moved to another endpoint after a failed attempt.",
-    registry=REGISTRY,
-)
     "elasticep_stale_epoch_refused_total",
     "Messages, transfers or collectives refused for carrying an old epoch, by channel.",
     ["channel"],
