@@ -71,10 +71,23 @@ def read_placement(path: str, slots_per_rank: int | None, num_experts: int) -> P
     raise ValueError(f"{path}: expected a dict with 'phy2log' or 'physical_to_logical_map'")
 
 
-def _ids(text: str | None) -> list[int]:
+def _ids(text: str | None, what: str = "ranks", num_ranks: int | None = None) -> list[int]:
+    """Comma-separated rank ids; each must be an integer in ``0..num_ranks-1`` (ValueError)."""
     if not text:
         return []
-    return [int(x) for x in text.split(",") if x.strip()]
+    ids = []
+    for x in text.split(","):
+        if not x.strip():
+            continue
+        try:
+            r = int(x)
+        except ValueError:
+            raise ValueError(f"--{what}: {x.strip()!r} is not a rank id") from None
+        if r < 0 or (num_ranks is not None and r >= num_ranks):
+            bound = f"0..{num_ranks - 1}" if num_ranks is not None else ">= 0"
+            raise ValueError(f"--{what}: rank {r} is outside {bound}")
+        ids.append(r)
+    return ids
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             current = read_placement(args.current, args.slots_per_rank, load.shape[1])
             R = max(args.ranks or current.num_ranks, current.num_ranks)
             alive = torch.ones(R, dtype=torch.bool)
-            alive[_ids(args.dead)] = False
-            plan = replan(current, load, alive, max_moves=args.max_moves, leaving=_ids(args.leaving))
+            alive[_ids(args.dead, "dead", R)] = False
+            plan = replan(current, load, alive, max_moves=args.max_moves, leaving=_ids(args.leaving, "leaving", R))
             placement = plan.placement
             result: dict[str, Any] = {"mode": "replan", **plan.summary()}
             if args.moves:
