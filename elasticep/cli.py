@@ -31,6 +31,10 @@ commands:
   monitor              print a running cluster's events live
   plan                 plan an expert placement from a load file
   bench <name>         benchmarks: {benches}
+
+options:
+  -h, --help           this message
+  -V, --version        print the version and exit
 """.format(benches=", ".join(BENCHES))
 
 
@@ -38,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
+        return 0
+    if args[0] in ("-V", "--version"):
+        from elasticep import __version__
+
+        print(f"elasticep {__version__}")
         return 0
     cmd, rest = args[0], args[1:]
     if cmd == "bench":
