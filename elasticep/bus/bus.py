@@ -466,6 +466,11 @@ class EventBus:
         self._seq = seq = self._seq + 1
         env = Envelope(SCHEMA_VERSION, self.rank, self._epoch, seq, time.time_ns(), time.monotonic_ns(), event)
         frame = self._encode(env)
+        if len(frame) > self.codec.max_frame_bytes:
+            # every peer would refuse it as oversize while local subscribers got it: refuse here
+            self._seq = seq - 1
+            metrics.FRAMES_REFUSED.labels("oversize_publish").inc()
+            raise EventTooLarge(EVENT_TAGS[t], len(frame), self.codec.max_frame_bytes)
         counts = self._published_counts
         counts[t] = counts.get(t, 0) + 1
         self._queue_frame(frame)
@@ -539,11 +544,18 @@ class EventBus:
             raise self._not_running()
         encode = self.codec.encode
         envs = [self._envelope(e) for e in events]
+        frames = [encode(env) for env in envs]
+        limit = self.codec.max_frame_bytes
+        for env, frame in zip(envs, frames):
+            if len(frame) > limit:  # nothing of the batch is sent
+                self._seq -= len(envs)
+                metrics.FRAMES_REFUSED.labels("oversize_publish").inc()
+                raise EventTooLarge(EVENT_TAGS[type(env.event)], len(frame), limit)
         counts = self._published_counts
-        for env in envs:
+        for env, frame in zip(envs, frames):
             t = type(env.event)
             counts[t] = counts.get(t, 0) + 1
-            self._queue_frame(encode(env))
+            self._queue_frame(frame)
             for sub in self._routes.get(t, ()):
                 if not sub._offer(env):
                     sub._buffer.popleft()
