@@ -67,7 +67,8 @@ class ScrapedCounter:
 FRAMES_REFUSED = Counter(
     "elasticep_frames_refused_total",
     "Frames the bus refused, by reason (malformed, unknown_type, schema_too_new, oversize, "
-    "sender_mismatch, stale_epoch, duplicate, stale_incarnation).",
+    "sender_mismatch, stale_epoch, duplicate, stale_incarnation, unregistered_incarnation, "
+    "seq_out_of_bounds).",
     ["reason"],
     registry=REGISTRY,
 )
@@ -91,6 +92,18 @@ BUS_HANDSHAKE_FAILURES = Counter(
     "CURVE handshakes that failed, by side: publisher (a subscriber without a cluster key was "
     "refused) or subscriber (a peer's endpoint did not hold the pinned rank key).",
     ["side"],
+    registry=REGISTRY,
+)
+RENDEZVOUS_REFUSED = Counter(
+    "elasticep_rendezvous_refused_total",
+    "Records in the bus rendezvous store that were skipped, by reason: malformed, unsigned, "
+    "bad_signature (not signed by the rank whose key holds it), unknown_rank, oversize.",
+    ["reason"],
+    registry=REGISTRY,
+)
+RENDEZVOUS_REREGISTERED = Counter(
+    "elasticep_rendezvous_reregistered_total",
+    "Times this process found its own rendezvous record overwritten or gone and wrote it again.",
     registry=REGISTRY,
 )
 QUEUE_DEPTH = Gauge(

@@ -95,6 +95,7 @@ async def main():
             "peers": sorted(transport.peers()),
             "connected": sorted(ever_connected),
             "handshake_failures": transport.handshake_failures,
+            "rendezvous_refused": dict(transport.rendezvous.refused),
             "loop": type(asyncio.get_running_loop()).__module__,
         }
     await asyncio.to_thread(store.set, f"t/result/{rank}", json.dumps(result))
@@ -226,16 +227,18 @@ def test_three_processes_over_curve_with_intruders_and_monitor(tcp_store, tmp_pa
             assert res["got"][str(p)] == [float(i) for i in range(1, BURST + 1)], (r, p)
         assert res["gaps"] == 0
         assert set(range(LIVE)) - {r} <= set(res["connected"])
-        # The watcher found the intruder's and the forger's registrations and tried them ...
-        assert {INTRUDER_RANK, FORGER_RANK} <= set(res["peers"])
-        # ... the intruder never completed a handshake, so nothing of it was ever accepted,
+        # The intruder's registration carries no signature of rank 3: refused and counted, never
+        # connected to, nothing of it ever accepted ...
+        assert INTRUDER_RANK not in res["peers"] and res["rendezvous_refused"].get("unsigned", 0) >= 1
         assert INTRUDER_RANK not in res["connected"] and INTRUDER_RANK not in res["heard_from"]
-        assert res["handshake_failures"] >= 1
-        # ... and the forger's frames were refused for claiming another sender.
+        # ... the forger's (a real member's, validly signed) was tried and connected, but its
+        # frames were refused for claiming another sender.
+        assert FORGER_RANK in res["peers"]
         assert FORGER_RANK in res["connected"] and FORGER_RANK not in res["heard_from"]
         assert res["refused"].get("sender_mismatch", 0) >= 1
     assert sent_by_intruder > 10 and forged > 10
     assert intruder_received == 0  # rank 0's ZAP handler refused the unknown subscriber key
+    assert results[0]["handshake_failures"] >= 1
 
     lines = out.strip().splitlines()
     assert len(lines) == 6, (out, err)

@@ -16,6 +16,9 @@ Receive-side rules, per sender rank:
   ``elasticep_bus_gaps_total``.
 * A larger transport incarnation (the sender restarted; its seq starts at 1 again) resets the
   tracking; a smaller one (a zombie of a replaced process) is refused as ``stale_incarnation``.
+* Sequence numbers are bounded: a first envelope above :data:`MAX_FIRST_SEQ`, or a jump of more
+  than :data:`MAX_SEQ_JUMP` past the expected one, is refused as ``seq_out_of_bounds`` (no honest
+  sender gets there; accepting it would make every later real envelope a "duplicate").
 * Every frame the codec refuses is counted per reason and dropped; nothing stops the loop.
 
 Envelopes the bus makes for itself (``SequenceGap``) carry this rank as sender and ``seq == 0``:
@@ -54,6 +57,11 @@ OVERFLOW_POLICIES: tuple[str, ...] = ("drop_oldest", "drop_newest", "block")
 
 _FLUSH_BYTES = 256 * 1024
 """Queued outgoing bytes that trigger a send before the end of the event-loop iteration."""
+
+MAX_SEQ_JUMP = 1 << 32
+"""The largest forward jump in one sender's sequence numbers taken as lost events."""
+MAX_FIRST_SEQ = 1 << 48
+"""The largest sequence number accepted as the first one seen from a sender incarnation."""
 
 DEFAULT_SUBSCRIPTION_MAXSIZE = 10_000
 """Buffer of a subscription when ``maxsize`` is not given, events (``Config.subscriber_buffer``)."""
@@ -650,6 +658,9 @@ class EventBus:
             track = tracks.get(sender)
             gap_from = 0
             if track is None or incarnation > track[0]:
+                if seq > MAX_FIRST_SEQ:
+                    self._refuse("seq_out_of_bounds", sender)
+                    continue
                 new_sender = True
             elif incarnation < track[0]:
                 self._refuse("stale_incarnation", sender)
@@ -661,6 +672,9 @@ class EventBus:
                     if seq < expected:
                         self._duplicates += 1
                         self._refuse("duplicate", sender)
+                        continue
+                    if seq - expected > MAX_SEQ_JUMP:
+                        self._refuse("seq_out_of_bounds", sender)
                         continue
                     gap_from = expected
             if has_block:

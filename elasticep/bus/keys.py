@@ -13,12 +13,19 @@ What each key can do:
 * **The monitor secret key** lets a process subscribe to every rank. No rank subscribes to the
   monitor key, so it cannot publish anything anyone receives.
 * **Public keys** are not secrets; they name who is in the cluster.
+* **A rank's registration signing key** (Ed25519, derived from its CURVE secret key, so whoever
+  holds one holds the other) signs the rank's record in the rendezvous store; every process checks
+  the signature against ``sign_public`` here, never against anything in the record itself. The
+  store is not authenticated, so this is what keeps a party that can write the store from
+  pointing peers at an endpoint of its choosing.
 
 Generate keys for the largest world the cluster may grow to: a rank without a keypair cannot join.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -26,11 +33,15 @@ from pathlib import Path
 from typing import Mapping
 
 import zmq
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 KEYS_ENV = "ELASTICEP_BUS_KEYS"
 """Environment variable that carries a rank's keys as JSON (see :meth:`ClusterKeys.to_env`)."""
 
-_FORMAT = 1
+_FORMAT = 2
+_SIGNING_CONTEXT = b"elasticep bus registration signing key v1\0"
 
 
 class MissingKey(KeyError):
@@ -42,18 +53,29 @@ def _require_curve() -> None:
         raise RuntimeError("this libzmq was built without CURVE; the bus refuses to run unencrypted")
 
 
+def _signing_key(curve_secret: bytes) -> Ed25519PrivateKey:
+    """The Ed25519 key a rank signs its registrations with, derived from its CURVE secret key."""
+    return Ed25519PrivateKey.from_private_bytes(hashlib.sha256(_SIGNING_CONTEXT + curve_secret).digest())
+
+
+def _sign_public_of(curve_secret: bytes) -> bytes:
+    return _signing_key(curve_secret).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
 @dataclass(frozen=True)
 class ClusterKeys:
     """CURVE keys of a cluster, as Z85 text (40 ASCII bytes per key).
 
     ``public`` maps every rank that may ever be a member to its public key; ``secret`` holds the
-    secret keys this holder may use (all of them only in the launcher).
+    secret keys this holder may use (all of them only in the launcher); ``sign_public`` maps every
+    rank to the raw 32-byte Ed25519 public key its rendezvous registrations are checked against.
     """
 
     public: Mapping[int, bytes]
     monitor_public: bytes
     secret: Mapping[int, bytes] = field(default_factory=dict)
     monitor_secret: bytes | None = None
+    sign_public: Mapping[int, bytes] = field(default_factory=dict)
 
     @classmethod
     def generate(cls, world: int) -> "ClusterKeys":
@@ -66,7 +88,8 @@ class ClusterKeys:
         for rank in range(world):
             public[rank], secret[rank] = zmq.curve_keypair()
         monitor_public, monitor_secret = zmq.curve_keypair()
-        return cls(public, monitor_public, secret, monitor_secret)
+        sign_public = {rank: _sign_public_of(key) for rank, key in secret.items()}
+        return cls(public, monitor_public, secret, monitor_secret, sign_public)
 
     @property
     def world(self) -> int:
@@ -75,13 +98,15 @@ class ClusterKeys:
 
     def for_rank(self, rank: int) -> "ClusterKeys":
         """What rank ``rank``'s process gets: its own secret key and all public keys."""
-        return ClusterKeys(dict(self.public), self.monitor_public, {rank: self.rank_secret(rank)}, None)
+        return ClusterKeys(
+            dict(self.public), self.monitor_public, {rank: self.rank_secret(rank)}, None, dict(self.sign_public)
+        )
 
     def for_monitor(self) -> "ClusterKeys":
         """What a monitoring tool gets: the monitor secret key and all public keys."""
         if self.monitor_secret is None:
             raise MissingKey("these credentials do not hold the monitor secret key")
-        return ClusterKeys(dict(self.public), self.monitor_public, {}, self.monitor_secret)
+        return ClusterKeys(dict(self.public), self.monitor_public, {}, self.monitor_secret, dict(self.sign_public))
 
     def rank_public(self, rank: int) -> bytes:
         try:
@@ -94,6 +119,23 @@ class ClusterKeys:
             return self.secret[rank]
         except KeyError:
             raise MissingKey(f"these credentials do not hold rank {rank}'s secret key") from None
+
+    def sign(self, rank: int, message: bytes) -> bytes:
+        """Rank ``rank``'s 64-byte Ed25519 signature of ``message`` (needs its secret key)."""
+        return _signing_key(self.rank_secret(rank)).sign(message)
+
+    def verify(self, rank: int, message: bytes, signature: bytes) -> bool:
+        """Whether ``signature`` is rank ``rank``'s signature of ``message``.
+
+        Checked against :attr:`sign_public` only; ``False`` for a rank without a signing key."""
+        key = self.sign_public.get(rank)
+        if key is None:
+            return False
+        try:
+            Ed25519PublicKey.from_public_bytes(key).verify(signature, message)
+        except (InvalidSignature, ValueError):
+            return False
+        return True
 
     def allowed_subscribers(self) -> frozenset[bytes]:
         """Public keys a rank's PUB socket accepts: every member and the monitor."""
@@ -109,6 +151,9 @@ class ClusterKeys:
                 "monitor_public": self.monitor_public.decode(),
                 "secret": {str(r): k.decode() for r, k in sorted(self.secret.items())},
                 "monitor_secret": self.monitor_secret.decode() if self.monitor_secret else None,
+                "sign_public": {
+                    str(r): base64.b64encode(k).decode() for r, k in sorted(self.sign_public.items())
+                },
             }
         )
 
@@ -117,18 +162,28 @@ class ClusterKeys:
         try:
             data = json.loads(text)
             if data.get("format") != _FORMAT:
-                raise ValueError(f"unknown key file format {data.get('format')!r}")
+                raise ValueError(
+                    f"unknown key file format {data.get('format')!r} (this version reads format {_FORMAT}; "
+                    "generate the keys again)"
+                )
             keys = cls(
                 public={int(r): k.encode() for r, k in data["public"].items()},
                 monitor_public=data["monitor_public"].encode(),
                 secret={int(r): k.encode() for r, k in data.get("secret", {}).items()},
                 monitor_secret=data["monitor_secret"].encode() if data.get("monitor_secret") else None,
+                sign_public={int(r): base64.b64decode(k, validate=True) for r, k in data["sign_public"].items()},
             )
-        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:  # JSONDecodeError, binascii.Error
             raise ValueError(f"not an elasticep key file: {exc}") from None
         for key in (*keys.public.values(), *keys.secret.values(), keys.monitor_public):
             if len(key) != 40:
                 raise ValueError("a CURVE key in Z85 text is 40 characters")
+        for key in keys.sign_public.values():
+            if len(key) != 32:
+                raise ValueError("an Ed25519 public key is 32 bytes")
+        for rank, secret in keys.secret.items():
+            if keys.sign_public.get(rank) != _sign_public_of(secret):
+                raise ValueError(f"rank {rank}'s signing public key does not match its secret key")
         return keys
 
     def save(self, path: str | os.PathLike[str]) -> Path:

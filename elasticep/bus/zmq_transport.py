@@ -14,6 +14,17 @@ store round trip from a worker thread, never a busy loop) and connects to ranks 
 later (joiners, scale-up) or re-registered at a new endpoint (restarts); :meth:`refresh` does the
 same at once, for a membership service that knows a rank just joined.
 
+The store is not authenticated, so nothing read from it is taken on trust:
+
+* a record must carry its rank's signature (checked against :class:`~elasticep.bus.ClusterKeys`);
+  anything else is skipped and counted, and the watcher keeps polling;
+* a validly signed record older than the one in use (a replay) is ignored;
+* a peer's working connection is replaced only once a socket to the new endpoint has completed
+  its CURVE handshake (proof that the rank's secret key is there); until then the old one
+  keeps serving, so a bogus endpoint costs a failed handshake, never a working link;
+* a rank that finds its own record overwritten (or gone) writes it again, at once when the
+  registration log shows the write, and otherwise within :data:`SELF_CHECK_S`.
+
 Wire message: the sending transport's incarnation (8 bytes, little-endian), then one or more
 envelopes, each as a 4-byte little-endian length and the encoded envelope. The bus hands all
 envelopes it published in one event-loop iteration to :meth:`ZmqTransport.send_many` and they
@@ -23,6 +34,16 @@ receivers tell a restarted rank (sequence numbers start at 1 again) from duplica
 whose lengths do not add up is refused as ``malformed`` from the bad length on. ZeroMQ drops
 messages past the high-water mark (``hwm``) on either side; the bus sees the hole in the sequence
 numbers and reports it.
+
+What a peer controls is bounded: a subscriber socket refuses (``ZMQ_MAXMSGSIZE``) any message
+longer than the longest one a sender makes (:func:`max_message_bytes` of the codec's frame limit),
+before reading it into memory (and connects again: libzmq itself would not, after that error); a
+message whose incarnation is not the one in the peer's signed registration is refused
+(``elasticep_frames_refused_total{reason="stale_incarnation"}`` below it,
+``{reason="unregistered_incarnation"}`` above it, which also reads the store again at once: a
+rank restarted at a fixed endpoint is accepted as soon as its new registration is read). So no
+message can move the incarnation the bus tracks for a rank anywhere its signed record does not,
+and one absurd incarnation cannot make the rank's later real frames look stale.
 
 Socket monitors on every socket report handshakes and disconnects: :meth:`connected` lists peers
 whose handshake succeeded, failed CURVE handshakes are counted in
@@ -50,6 +71,7 @@ from zmq.utils.monitor import recv_monitor_message
 from elasticep import metrics
 from elasticep.bus.keys import ClusterKeys, MissingKey, _require_curve
 from elasticep.bus.rendezvous import DEFAULT_PREFIX, Registration, StoreRendezvous
+from elasticep.events import MAX_FRAME_BYTES
 from elasticep.bus.transport import Frame, Transport, TransportClosed, new_incarnation
 
 log = logging.getLogger(__name__)
@@ -61,9 +83,21 @@ DEFAULT_HWM = 100_000
 """High-water mark per socket, messages (``Config.bus_hwm``)."""
 
 MAX_MESSAGE_BYTES = 256 * 1024
-"""A batch of envelopes is split into ZeroMQ messages of at most about this many bytes."""
+"""A batch of envelopes is split into ZeroMQ messages of at most this many bytes (a single
+envelope longer than that travels alone)."""
+
+SELF_CHECK_S = 1.0
+"""How often a rank reads its own record back to catch a silent overwrite, s."""
+
+
+def max_message_bytes(max_frame_bytes: int = MAX_FRAME_BYTES) -> int:
+    """The longest ZeroMQ message a sender makes when every envelope is at most
+    ``max_frame_bytes``: a batch of :data:`MAX_MESSAGE_BYTES`, or one envelope with its
+    12-byte header. Subscriber sockets refuse anything longer (``ZMQ_MAXMSGSIZE``)."""
+    return max(MAX_MESSAGE_BYTES, 12 + max_frame_bytes)
 
 _RECEIVE_BATCH = 4096
+_RECONNECT_S = 0.02  # the sockets' reconnect_ivl
 _INCARNATION = struct.Struct("<Q")
 _LENGTH = struct.Struct("<I")
 
@@ -93,7 +127,7 @@ class _AllowedKeys:
 
 
 class _Peer:
-    __slots__ = ("rank", "sock", "monitor", "endpoint", "incarnation", "failing")
+    __slots__ = ("rank", "sock", "monitor", "endpoint", "incarnation", "failing", "refused")
 
     def __init__(self, rank: int, sock: zmq.Socket, monitor: zmq.Socket, endpoint: str, incarnation: int) -> None:
         self.rank = rank
@@ -102,6 +136,7 @@ class _Peer:
         self.endpoint = endpoint
         self.incarnation = incarnation
         self.failing = False  # in a streak of failed handshakes (logged once per streak)
+        self.refused = 0  # messages refused for their incarnation
 
 
 class ZmqTransport(Transport):
@@ -119,6 +154,8 @@ class ZmqTransport(Transport):
         prefix: store key prefix of the rendezvous.
         poll_interval_s: how often the watcher looks for new registrations, s (0 disables it;
             then call :meth:`refresh`).
+        max_frame_bytes: the longest envelope accepted (the codec's limit); subscriber sockets
+            refuse messages longer than :func:`max_message_bytes` of it unread.
     """
 
     def __init__(
@@ -132,6 +169,7 @@ class ZmqTransport(Transport):
         hwm: int = DEFAULT_HWM,
         prefix: str = DEFAULT_PREFIX,
         poll_interval_s: float = 0.05,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
     ) -> None:
         _require_curve()
         self.rank = rank
@@ -140,7 +178,8 @@ class ZmqTransport(Transport):
         if not 0 <= self.incarnation < 1 << 64:
             raise ValueError("incarnation must fit in 64 unsigned bits")
         self.hwm = hwm
-        self.rendezvous = StoreRendezvous(store, prefix)
+        self.rendezvous = StoreRendezvous(store, prefix, keys=keys)
+        self.max_message_bytes = max_message_bytes(max_frame_bytes)
         self.poll_interval_s = poll_interval_s
         self.read_only = rank == MONITOR_RANK
         if self.read_only:
@@ -161,6 +200,13 @@ class ZmqTransport(Transport):
         self._pub: zmq.Socket | None = None
         self._pub_monitor: zmq.Socket | None = None
         self._peers: dict[int, _Peer] = {}
+        self._pending: dict[int, _Peer] = {}  # a new endpoint, until its handshake succeeds
+        self._registration: tuple[str, int] | None = None  # what this rank wrote under its key
+        self._next_self_check = 0.0
+        self.reregistrations = 0
+        """Times this rank found its record overwritten or gone and wrote it again."""
+        self.refused: dict[str, int] = {}
+        """Messages this transport refused before the bus saw them, by reason."""
         self._ready: set[int] = set()
         self._known_readable: set[int] = set()
         self._connected: set[int] = set()
@@ -219,7 +265,9 @@ class ZmqTransport(Transport):
             pub.bind(bind)
             self._pub = pub
             self.endpoint = pub.last_endpoint.decode()
+            self._registration = (self.endpoint, self.incarnation)
             await self._in_thread(self.rendezvous.register, self.rank, self.endpoint, self.incarnation)
+            self._next_self_check = time.monotonic() + SELF_CHECK_S
         await self.refresh()
         if self.poll_interval_s > 0:
             self._watcher = self._loop.create_task(self._watch_store(), name=f"elasticep-bus-watch-{self.rank}")
@@ -234,9 +282,10 @@ class ZmqTransport(Transport):
                 await self._watcher
             except asyncio.CancelledError:
                 pass
-        for peer in list(self._peers.values()):
+        for peer in [*self._peers.values(), *self._pending.values()]:
             self._close_peer(peer)
         self._peers.clear()
+        self._pending.clear()
         if self._pub_monitor is not None:
             self._unwatch(self._pub_monitor)
         if self._pub is not None:
@@ -272,9 +321,38 @@ class ZmqTransport(Transport):
             if self._closed:
                 return
             self._seen_registrations = seen
-            for reg in found.values():
-                if reg.rank != self.rank:
+            for rank, reg in found.items():
+                if rank == self.rank:
+                    if not self._is_own(reg):
+                        await self._reregister(reg)
+                elif reg is not None:
                     self._connect(reg)
+
+    def _is_own(self, reg: Registration | None) -> bool:
+        if self._registration is None:
+            return True  # a monitor registers nothing
+        return reg is not None and (reg.endpoint, reg.incarnation) == self._registration
+
+    async def _reregister(self, found: Registration | None) -> None:
+        assert self.endpoint is not None
+        what = "gone or refused" if found is None else f"pointing at {found.endpoint}"
+        log.warning("bus rank %d: its rendezvous record was overwritten (%s); registering again", self.rank, what)
+        self.reregistrations += 1
+        metrics.RENDEZVOUS_REREGISTERED.inc()
+        await self._in_thread(self.rendezvous.register, self.rank, self.endpoint, self.incarnation)
+
+    async def check_registration(self) -> bool:
+        """Read this rank's record back and write it again if it was overwritten or removed
+        without a registration-log entry; returns whether it had to. The watcher calls this
+        every :data:`SELF_CHECK_S` (with ``poll_interval_s=0``, call it yourself)."""
+        self._next_self_check = time.monotonic() + SELF_CHECK_S
+        if self._registration is None or self._closed:
+            return False
+        reg = await self._in_thread(self.rendezvous.lookup, self.rank)
+        if self._closed or self._is_own(reg):
+            return False
+        await self._reregister(reg)
+        return True
 
     async def _watch_store(self) -> None:
         while True:
@@ -283,26 +361,66 @@ class ZmqTransport(Transport):
                 count = await self._in_thread(self.rendezvous.count)
                 if count != self._seen_registrations:
                     await self.refresh()
+                if self._registration is not None and time.monotonic() >= self._next_self_check:
+                    await self.check_registration()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                # The store may be briefly unreachable; the next poll retries.
+                # The store may be briefly unreachable; the next poll retries. (Bad records do
+                # not land here: the rendezvous skips and counts them.)
                 log.warning("bus rank %d: rendezvous poll failed: %s", self.rank, exc)
 
     def _connect(self, reg: Registration) -> None:
         peer = self._peers.get(reg.rank)
+        pending = self._pending.get(reg.rank)
         if peer is not None:
+            if reg.incarnation < peer.incarnation:
+                # A validly signed but older record (replayed into the store): never go back.
+                log.warning("bus rank %d: ignored an older registration of rank %d (incarnation %d < %d)",
+                            self.rank, reg.rank, reg.incarnation, peer.incarnation)
+                return
             if peer.endpoint == reg.endpoint:
                 peer.incarnation = reg.incarnation  # same address: ZeroMQ reconnects by itself
+                if pending is not None:  # the rank is back where it was: drop the candidate
+                    self._close_peer(pending)
+                    del self._pending[reg.rank]
                 return
-            log.info("bus rank %d: rank %d moved to %s", self.rank, reg.rank, reg.endpoint)
-            self._close_peer(peer)
-            del self._peers[reg.rank]
+            if pending is not None:
+                if pending.endpoint == reg.endpoint:
+                    pending.incarnation = max(pending.incarnation, reg.incarnation)
+                    return
+                self._close_peer(pending)
+                del self._pending[reg.rank]
+            # Keep the working link until the new endpoint proves it holds the rank's key.
+            log.info("bus rank %d: rank %d registered at %s; switching once its handshake succeeds",
+                     self.rank, reg.rank, reg.endpoint)
+            candidate = self._open_peer(reg)
+            if candidate is not None:
+                self._pending[reg.rank] = candidate
+            return
+        peer = self._open_peer(reg)
+        if peer is not None:
+            self._peers[reg.rank] = peer
+
+    def _promote(self, candidate: _Peer) -> None:
+        """``candidate`` completed its handshake: it replaces the rank's working connection."""
+        rank = candidate.rank
+        del self._pending[rank]
+        old = self._peers.get(rank)
+        if old is not None:
+            log.info("bus rank %d: rank %d moved to %s", self.rank, rank, candidate.endpoint)
+            self._close_peer(old)
+        self._peers[rank] = candidate
+        assert self._loop is not None
+        # Messages may already wait on the new socket, read while it was a candidate: look now.
+        self._loop.call_soon(functools.partial(self._on_sub_readable, rank, candidate.sock))
+
+    def _open_peer(self, reg: Registration) -> _Peer | None:
         try:
             server_key = self.keys.rank_public(reg.rank)
         except MissingKey:
             log.warning("bus rank %d: rank %d registered but has no cluster key; not connecting", self.rank, reg.rank)
-            return
+            return None
         assert self._ctx is not None
         sock = self._ctx.socket(zmq.SUB)
         sock.curve_serverkey = server_key
@@ -310,6 +428,8 @@ class ZmqTransport(Transport):
         sock.curve_secretkey = self._secret
         sock.rcvhwm = self.hwm
         sock.linger = 0
+        # A longer message is refused (the connection dropped) before it is read into memory.
+        sock.maxmsgsize = self.max_message_bytes
         # Reconnect fast to a restarted peer, back off from one that keeps failing.
         sock.reconnect_ivl = 20
         sock.reconnect_ivl_max = 1000
@@ -317,9 +437,9 @@ class ZmqTransport(Transport):
         monitor = sock.get_monitor_socket(_SUB_MONITOR_EVENTS)
         sock.connect(reg.endpoint)
         peer = _Peer(reg.rank, sock, monitor, reg.endpoint, reg.incarnation)
-        self._peers[reg.rank] = peer
         self._watch(sock, functools.partial(self._on_sub_readable, reg.rank, sock))
         self._watch(monitor, lambda p=peer: self._on_sub_monitor(p))
+        return peer
 
     def _close_peer(self, peer: _Peer) -> None:
         self._unwatch(peer.sock)
@@ -327,6 +447,8 @@ class ZmqTransport(Transport):
         peer.sock.disable_monitor()
         peer.sock.close(linger=0)
         peer.monitor.close(linger=0)
+        if self._pending.get(peer.rank) is peer:
+            return  # a candidate: the working connection's state is untouched
         self._ready.discard(peer.rank)
         self._known_readable.discard(peer.rank)
         self._connected.discard(peer.rank)
@@ -449,11 +571,23 @@ class ZmqTransport(Transport):
             except zmq.Again:
                 break
             log.debug("bus rank %d: socket event %r for rank %d", self.rank, event, peer.rank)
+            candidate = self._pending.get(peer.rank) is peer
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 peer.failing = False
+                if candidate:
+                    self._promote(peer)
+                was = peer.rank in self._connected
                 self._connected.add(peer.rank)
-                self._notify(peer.rank, "connected")
+                if not (candidate and was):
+                    self._notify(peer.rank, "connected")
             elif event == zmq.EVENT_DISCONNECTED:
+                if candidate:
+                    continue
+                # libzmq does not reconnect after a protocol error (e.g. a message over
+                # ZMQ_MAXMSGSIZE): connect again ourselves, so one bad message costs a reconnect,
+                # not the link. (After an ordinary disconnect this replaces libzmq's own retry.)
+                assert self._loop is not None
+                self._loop.call_later(_RECONNECT_S, self._reconnect, peer)
                 if peer.rank in self._connected:
                     self._connected.discard(peer.rank)
                     self._notify(peer.rank, "disconnected")
@@ -468,6 +602,15 @@ class ZmqTransport(Transport):
                         "hold rank %d's key)", self.rank, peer.rank, peer.endpoint, peer.rank,
                     )
                     self._notify(peer.rank, "handshake_failed")
+
+    def _reconnect(self, peer: _Peer) -> None:
+        if self._closed or peer.sock.closed or self._peers.get(peer.rank) is not peer:
+            return
+        try:
+            peer.sock.disconnect(peer.endpoint)
+        except zmq.ZMQError:
+            pass  # libzmq had already dropped the endpoint
+        peer.sock.connect(peer.endpoint)
 
     def _on_pub_monitor(self) -> None:
         monitor = self._pub_monitor
@@ -510,13 +653,14 @@ class ZmqTransport(Transport):
         parts = [self._prefix]
         size = 8
         for frame in frames:
-            parts.append(pack(len(frame)))
-            parts.append(frame)
-            size += 4 + len(frame)
-            if size >= MAX_MESSAGE_BYTES:
+            if size + 4 + len(frame) > MAX_MESSAGE_BYTES and len(parts) > 1:
+                # Flush first, so a message is a batch within the bound or one envelope alone.
                 self._send_message(pub, b"".join(parts))
                 parts = [self._prefix]
                 size = 8
+            parts.append(pack(len(frame)))
+            parts.append(frame)
+            size += 4 + len(frame)
         if len(parts) > 1:
             self._send_message(pub, b"".join(parts))
 
@@ -545,8 +689,24 @@ class ZmqTransport(Transport):
                 break
         return out
 
-    @staticmethod
-    def _read_peer(peer: _Peer, out: list[Frame], known: bool) -> bool:
+    def _refuse_message(self, peer: _Peer, reason: str, incarnation: int) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        metrics.FRAMES_REFUSED.labels(reason).inc()
+        peer.refused += 1
+        if peer.refused & (peer.refused - 1) == 0:  # 1st, 2nd, 4th, ...: a flood does not flood the log
+            log.warning("bus rank %d: refused %d message(s) from rank %d: incarnation %d against the registered %d",
+                        self.rank, peer.refused, peer.rank, incarnation, peer.incarnation)
+        if reason == "unregistered_incarnation" and self._loop is not None and not self._closed:
+            # A restart at the same endpoint whose registration we have not read yet: look now.
+            self._loop.call_soon(lambda: self._closed or self._loop.create_task(self._refresh_quietly()))
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.refresh()
+        except Exception as exc:
+            log.warning("bus rank %d: rendezvous read failed: %s", self.rank, exc)
+
+    def _read_peer(self, peer: _Peer, out: list[Frame], known: bool) -> bool:
         """Append ``peer``'s queued messages' envelopes to ``out`` up to ``_RECEIVE_BATCH``.
 
         ``known``: the caller has just seen POLLIN on the socket, or its FD has just fired.
@@ -577,6 +737,10 @@ class ZmqTransport(Transport):
                 out.append((rank, peer.incarnation, b""))  # no room for a header: malformed
                 continue
             incarnation = _INCARNATION.unpack_from(data)[0]
+            if incarnation != peer.incarnation:
+                reason = "stale_incarnation" if incarnation < peer.incarnation else "unregistered_incarnation"
+                self._refuse_message(peer, reason, incarnation)
+                continue
             offset = 8
             while offset < end:
                 if offset + 4 > end:
