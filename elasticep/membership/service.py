@@ -126,11 +126,24 @@ class MembershipService:
     @property
     def current(self) -> View | None:
         """The installed view while this rank is a member; None before, and after fence or leave."""
+        if self._state == "closed":
+            return None
         return self.core.view if self.core.is_member and not self.core.stopped else None
 
     @property
     def status(self) -> str:
+        """``"new"`` before :meth:`start`, ``"closed"`` after :meth:`close`, else the core's
+        (``syncing``, ``member``, ``joining``, ``fenced``, ``left``)."""
+        if self._state in ("new", "closed") and not self.core.stopped:
+            return self._state
         return self.core.status
+
+    def _check_running(self, what: str) -> None:
+        if self._state == "new":
+            raise NotStarted("membership", f"membership service of rank {self.rank} is not started: "
+                             f"await start() before {what}")
+        if self._state == "closed":
+            raise Closed("membership", f"membership service of rank {self.rank} is closed; {what} is not possible")
 
     def views(self) -> AsyncIterator[View]:
         """Every view installed from now on, starting with the current one.
@@ -140,7 +153,7 @@ class MembershipService:
         queue: asyncio.Queue = asyncio.Queue(maxsize=10_000)
         if self.current is not None:
             queue.put_nowait(self.current)
-        if self.core.stopped:
+        if self.core.stopped or self._state == "closed":
             queue.put_nowait(self.fenced or _END)
         else:
             self._streams.append(queue)
@@ -160,7 +173,11 @@ class MembershipService:
                 self._streams.remove(queue)
 
     async def wait_member(self, timeout: float) -> View:
-        """Wait until this rank is in an installed view (bootstrap or admitted after a join)."""
+        """Wait until this rank is in an installed view (bootstrap or admitted after a join).
+
+        Raises :class:`~elasticep.errors.WaitTimeout` after ``timeout`` s, ``NotStarted`` /
+        ``Closed`` when the service is not running, :class:`RankFenced` if fenced."""
+        self._check_running("wait_member()")
         async def member() -> View:
             while self.current is None:
                 if self.fenced is not None:
@@ -168,10 +185,15 @@ class MembershipService:
                 self._changed.clear()
                 await self._changed.wait()
             return self.current
-        return await asyncio.wait_for(member(), timeout)
+        try:
+            return await asyncio.wait_for(member(), timeout)
+        except asyncio.TimeoutError:
+            raise WaitTimeout(f"rank {self.rank} to become a member", timeout, f"status {self.status}") from None
 
     async def wait_view(self, predicate: Callable[[View], bool], timeout: float) -> View:
-        """Wait until the installed view satisfies ``predicate``; raises :class:`RankFenced` if fenced."""
+        """Wait until the installed view satisfies ``predicate``; raises :class:`RankFenced` if
+        fenced, :class:`~elasticep.errors.WaitTimeout` after ``timeout`` s."""
+        self._check_running("wait_view()")
         async def until() -> View:
             while True:
                 if self.fenced is not None:
@@ -181,7 +203,11 @@ class MembershipService:
                     return view
                 self._changed.clear()
                 await self._changed.wait()
-        return await asyncio.wait_for(until(), timeout)
+        try:
+            return await asyncio.wait_for(until(), timeout)
+        except asyncio.TimeoutError:
+            seen = self.current.describe() if self.current is not None else "no view"
+            raise WaitTimeout(f"a view matching the predicate on rank {self.rank}", timeout, f"last {seen}") from None
 
     async def wait_stopped(self) -> None:
         """Return once this rank fenced itself or left (check :attr:`fenced` for which)."""
@@ -197,7 +223,9 @@ class MembershipService:
         from :class:`~elasticep.detect.MaskSource`, a collective error. ``publish=True`` also
         sends it to the other ranks (do that for signals only this rank can see).
         """
-        if self._state != "running" or self.core.stopped:
+        if self._state != "running":
+            self._check_running("report()")
+        if self.core.stopped:
             return
         actions = self.core.step(event, self.clock())
         self._apply(([Publish(event)] if publish else []) + actions)
@@ -207,6 +235,7 @@ class MembershipService:
 
         This rank keeps serving until that view is committed; then :meth:`views` ends.
         """
+        self._check_running("leave()")
         self._apply(self.core.step(LeaveCommand(reason), self.clock()))
         bound = self.config.join_timeout_s if timeout is None else timeout
 
@@ -218,7 +247,10 @@ class MembershipService:
                 await self._changed.wait()
             assert self.core.view is not None
             return self.core.view
-        return await asyncio.wait_for(left(), bound)
+        try:
+            return await asyncio.wait_for(left(), bound)
+        except asyncio.TimeoutError:
+            raise WaitTimeout(f"the view without rank {self.rank} (graceful leave)", bound, f"status {self.status}") from None
 
     # --- lifecycle --------------------------------------------------------------------------
 
