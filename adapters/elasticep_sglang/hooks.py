@@ -17,6 +17,8 @@ Each SGLang process (the launcher and every scheduler it spawns) must install th
 
 from __future__ import annotations
 
+from elasticep.errors import ElasticEPError
+
 import logging
 import os
 import sys
@@ -113,6 +115,10 @@ class InstalledHooks:
 _installed: InstalledHooks | None = None
 
 
+class HooksAlreadyInstalled(ElasticEPError, RuntimeError):
+    """:func:`install_hooks` was called with a feed or mask source after an install without it."""
+
+
 def installed_hooks() -> InstalledHooks | None:
     """The hooks installed in this process, or None."""
     return _installed
@@ -151,6 +157,16 @@ def install_hooks(
     """
     global _installed
     if _installed is not None:
+        step = _installed.step
+        had_feed = step.feed if step is not None else None
+        had_source = step.mask_source if step is not None else None
+        if (feed is not None and feed is not had_feed) or (mask_source is not None and mask_source is not had_source):
+            # returning the first install would silently drop this feed: no step boundary for it
+            raise HooksAlreadyInstalled(
+                "elasticep_sglang hooks are already installed in this process (by the launch wrapper, the "
+                "plugin or an earlier call) without this feed/mask source; pass it to the first install, "
+                "or call uninstall_hooks() and install again"
+            )
         return _installed
     version = check_sglang_version()
     import importlib
