@@ -15,6 +15,18 @@ __version__ = "0.1.0"
 
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "elasticep.config": ("Config",),
+    "elasticep.agent": (
+        "Agent",
+        "EngineHooks",
+        "Commit",
+        "StagedSlot",
+        "AgentError",
+        "AgentFenced",
+        "AgentStateError",
+        "AgentStopped",
+        "HookFailed",
+        "HookTimeout",
+    ),
     "elasticep.events": (
         "Codec",
         "Envelope",

@@ -242,3 +242,19 @@ SGLANG_VIEWS = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+
+# engine-neutral agent
+AGENT_ERRORS = Counter(
+    "elasticep_agent_errors_total",
+    "Calls the agent refused or could not honour, by kind (started_twice, not_started, "
+    "report_not_running, stopped_during_reconfiguration, signal_failed).",
+    ["kind"],
+    registry=REGISTRY,
+)
+HOOK_FAILURES = Counter(
+    "elasticep_hook_failures_total",
+    "Engine hook calls that raised (kind=error) or overran the agent's hook_timeout_s "
+    "(kind=timeout), by hook.",
+    ["hook", "kind"],
+    registry=REGISTRY,
+)

@@ -151,8 +151,9 @@ class Engine(Protocol):
     def current_placement(self) -> Any:
         """The placement being served now."""
 
-    def commit(self, epoch: int, plan: Any, staged: Any, group: Any) -> None:
-        """Swap placement, dispatch map, staged weights, group and epoch in one step."""
+    def commit(self, epoch: int, plan: Any, staged: Any, group: Any) -> None | Awaitable[None]:
+        """Swap placement, dispatch map, staged weights, group and epoch in one step (may return
+        an awaitable, which the pipeline awaits before ``resume``)."""
 
     def resume(self, epoch: int) -> None:
         """Replay the step the failure interrupted and go on serving."""
@@ -320,9 +321,12 @@ class ReconfigPipeline:
         if self._barrier is not None:
             await self._race(self._barrier.wait(view.epoch, view.members, self._commit_timeout_s), view.epoch)
         self._check(view.epoch)
-        # From here on nothing awaits: the swap is atomic with respect to the event loop.
+        # From here on nothing but the engine's own commit awaits: the swap is atomic with
+        # respect to the pipeline (a newer view only supersedes the next run).
         self.fence.advance(view.epoch)
-        self._engine.commit(view.epoch, plan, staged, group)
+        done = self._engine.commit(view.epoch, plan, staged, group)
+        if inspect.isawaitable(done):
+            await done
 
     async def _resume(self, epoch: int) -> None:
         self._engine.resume(epoch)
