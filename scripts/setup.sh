@@ -22,8 +22,8 @@ if ! ldconfig -p | grep -q libibverbs.so.1 || ! ldconfig -p | grep -q libnuma.so
   fi
 fi
 
-# etcd (the replicated view store; tests start their own members) and nftables (the network
-# namespace host harness in elasticep.testing.netns).
+# etcd (the replicated view store; tests start their own members) and nftables (for network
+# fault injection between namespace hosts).
 if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null || ! command -v nft >/dev/null; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client nftables >/dev/null

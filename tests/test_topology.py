@@ -85,6 +85,23 @@ def test_a_starting_peer_is_joining_until_first_heard() -> None:
     assert 2 in seen, "past startup_grace_s the never-heard peer is suspected"
 
 
+def test_peers_heard_in_the_bootstrap_handshake_are_not_starting() -> None:
+    # the service heard every bootstrap member before start(): a peer silent right after the
+    # first view is judged by the steady-state timers, not left alone for startup_grace_s
+    cfg = Config.local(startup_grace_s=60.0)
+    core = MembershipCore(0, cfg, initial_members=(0, 1, 2))
+    core.bootstrap_heard = True
+    view = View.of(1, (0, 1, 2), reason="bootstrap")
+    _suspects(core.step(CasDone(view, view), 0.0), core)
+    assert core.monitor.joining() == set()
+    t, seen = 0.0, set()
+    while t < 1.0:
+        t = round(t + 0.04, 3)
+        core.step(Heartbeat(rank=1, incarnation=0), t)
+        seen |= _suspects(core.step(Tick(), t), core, t)
+    assert 2 in seen and 1 not in seen
+
+
 def test_monitor_startup_grace_applies_to_the_first_view_only() -> None:
     cfg = Config.local(startup_grace_s=5.0)
     monitor = HeartbeatMonitor(0, cfg)

@@ -216,6 +216,9 @@ class MembershipCore:
         self.monitor = HeartbeatMonitor(rank, config)
         self.fusion = FusionPolicy(config)
         self.fence_reason = ""
+        self.bootstrap_heard = False
+        """Set by the driver when every bootstrap member was heard before :meth:`start` (then no
+        peer is treated as still starting)."""
         self._started = False
         self._cas: View | None = None
         self._read: int | None = None
@@ -589,7 +592,8 @@ class MembershipCore:
         for r in added:
             self._seen_incarnation.pop(r, None)
         # A bootstrap member's first view: peers not heard yet may still be starting.
-        starting = previous is None and view.epoch == 1 and self.initial is not None and not self.join
+        starting = (previous is None and view.epoch == 1 and self.initial is not None and not self.join
+                    and not self.bootstrap_heard)
         self.monitor.watch(self.topology.neighbors(view.members, self.rank), now, joining=starting)
         out: list[Action] = []
         now_member = self.is_member

@@ -273,12 +273,20 @@ class MembershipService:
             self._subscribed_disconnects = True
         core = self.core
         if core.initial is not None and not core.join:
-            await self._await_peers(core.initial, self.config.join_timeout_s if ready_timeout is None else ready_timeout)
+            heard = await self._await_peers(core.initial, self.config.join_timeout_s if ready_timeout is None else ready_timeout)
+        else:
+            heard = False
+        # every bootstrap peer already spoke on the bus: none of them is still starting, so the
+        # steady-state detector applies at once (not the startup grace)
+        core.bootstrap_heard = heard
         self._apply(core.start(self.clock()))
+        if heard:
+            core.monitor.mark_heard(core.initial, self.clock())
         self._spawn(self._receive_loop(), "receive")
         self._spawn(self._tick_loop(), "tick")
 
-    async def _await_peers(self, members: tuple[int, ...], timeout: float) -> None:
+    async def _await_peers(self, members: tuple[int, ...], timeout: float) -> bool:
+        """Heartbeat until every one of ``members`` was heard; True if all were in time."""
         hb = Heartbeat(rank=self.rank, incarnation=self.core.incarnation)
         deadline = self.clock() + timeout
         waiter = asyncio.ensure_future(self.bus.wait_heard_from(members, timeout))
@@ -288,6 +296,8 @@ class MembershipService:
                 await asyncio.wait({waiter}, timeout=self.config.heartbeat_interval_ms / 1e3)
             if waiter.done() and waiter.exception() is not None:
                 log.warning("rank %d: %s; starting anyway", self.rank, waiter.exception())
+                return False
+            return waiter.done() and not waiter.cancelled()
         finally:
             if not waiter.done():
                 waiter.cancel()
