@@ -107,6 +107,41 @@ def connect_store(address: str, timeout_s: float = 30.0):
                     wait_for_workers=False)
 
 
+def latest_placement(store, cluster: str, before: int):
+    """``(epoch, Placement)`` committed most recently below epoch ``before`` in ``store``."""
+    from elasticep.eplb.placement import Placement
+
+    latest = int(store.add(f"elasticep/{cluster}/placement_latest", 0))
+    e = min(latest, before - 1)
+    while e >= 1:
+        key = placement_key(cluster, e)
+        if store.check([key]):
+            return e, Placement.from_dict(json.loads(store.get(key)))
+        e -= 1
+    raise RuntimeError(f"no committed placement below epoch {before} in the store")
+
+
+def publish_placement(store, cluster: str, epoch: int, placement) -> None:
+    """Record ``placement`` as committed at ``epoch`` (and advance the latest-epoch counter)."""
+    store.set(placement_key(cluster, epoch), json.dumps(placement.to_dict()))
+    latest = int(store.add(f"elasticep/{cluster}/placement_latest", 0))
+    if epoch > latest:
+        store.add(f"elasticep/{cluster}/placement_latest", epoch - latest)
+
+
+def store_barrier(store, key: str, world: int, timeout_s: float) -> None:
+    """Wait until ``world`` ranks arrived at ``key``: no rank enters the first step (whose
+    kernel waits are bounded) while a peer is still starting."""
+    store.add(key, 1)
+    deadline = time.monotonic() + timeout_s
+    delay = 0.002
+    while store.add(key, 0) < world:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {store.add(key, 0)} of {world} ranks reached {key}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+
+
 @dataclass
 class _Plan:
     """What the pipeline carries from ``plan`` to ``commit`` on this rank."""
@@ -271,13 +306,12 @@ class Agent:
         if self.join:
             if not self._wait_view(self._is_member, self.config.join_timeout_s):
                 raise TimeoutError(f"rank {self.rank} was not admitted within {self.config.join_timeout_s} s")
-            if self.boundary() is None:  # pragma: no cover - boundary returns a status or raises
-                raise AgentFenced(self.rank, self.epoch, "not admitted")
+            self.boundary()  # the admitting view's commit fills this rank's slots
         else:
             if self.rank == min(self.members) and not self.store.check([placement_key(self.cluster, 1)]):
                 # the bootstrap placement is what every later plan starts from
                 self._publish_placement(1, self.hooks.placement())
-            self._store_barrier(f"elasticep/{self.cluster}/ready", len(self.members), timeout)
+            store_barrier(self.store, f"elasticep/{self.cluster}/ready", len(self.members), timeout)
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -575,18 +609,6 @@ class Agent:
         self.history.append(result)
         return result
 
-    def _store_barrier(self, key: str, world: int, timeout_s: float) -> None:
-        """Wait until ``world`` ranks arrived at ``key``: no rank enters the first step (whose
-        kernel waits are bounded) while a peer is still starting."""
-        self.store.add(key, 1)
-        deadline = time.monotonic() + timeout_s
-        delay = 0.002
-        while self.store.add(key, 0) < world:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {self.store.add(key, 0)} of {world} ranks reached {key}")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
-
     # ------------------------------------------------------------------ hooks
 
     async def _hook(self, name: str, *args: Any, required: bool = False) -> Any:
@@ -753,22 +775,10 @@ class Agent:
     # ------------------------------------------------------------------ placement bookkeeping
 
     def _latest_placement(self, before: int):
-        from elasticep.eplb.placement import Placement
-
-        latest = int(self.store.add(f"elasticep/{self.cluster}/placement_latest", 0))
-        e = min(latest, before - 1)
-        while e >= 1:
-            key = placement_key(self.cluster, e)
-            if self.store.check([key]):
-                return e, Placement.from_dict(json.loads(self.store.get(key)))
-            e -= 1
-        raise RuntimeError(f"no committed placement below epoch {before} in the store")
+        return latest_placement(self.store, self.cluster, before)
 
     def _publish_placement(self, epoch: int, placement) -> None:
-        self.store.set(placement_key(self.cluster, epoch), json.dumps(placement.to_dict()))
-        latest = int(self.store.add(f"elasticep/{self.cluster}/placement_latest", 0))
-        if epoch > latest:
-            self.store.add(f"elasticep/{self.cluster}/placement_latest", epoch - latest)
+        publish_placement(self.store, self.cluster, epoch, placement)
 
     # ------------------------------------------------------------------ the loop thread
 

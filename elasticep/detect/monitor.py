@@ -104,15 +104,6 @@ class HeartbeatMonitor:
             return [Refute(observer=self.rank, suspect=peer, source="heartbeat")]
         return []
 
-    def mark_heard(self, peers: Iterable[int], now: float) -> None:
-        """``peers`` were heard at ``now`` outside the monitor (e.g. the bootstrap handshake):
-        their startup grace ends, as a heartbeat would end it."""
-        for p in peers:
-            state = self._peers.get(p)
-            if state is not None:
-                state.joining = False
-                state.last_s = max(state.last_s, now)
-
     def joining(self) -> set[int]:
         """Peers still in their startup grace (watched as starting, not heard yet)."""
         return {p for p, s in self._peers.items() if s.joining}

@@ -49,6 +49,9 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
+from elasticep.agent.agent import _left_key, _xfer_key, latest_placement, placement_key, plan_key, publish_placement
+from elasticep.agent.agent import connect_store as _connect
+from elasticep.agent.agent import store_barrier as _store_barrier
 from elasticep.bus import BusClosed, new_event_loop
 from elasticep.engine import protocol as P
 from elasticep.engine.rank import drain_launcher
@@ -74,24 +77,6 @@ _LEAVE_LINGER_S = 3.0
 def work_flags_path(cluster: str) -> str:
     """The shared page where each rank posts how many requests it has (idle back-off)."""
     return f"/dev/shm/elasticep-{cluster}-work"
-
-
-def placement_key(cluster: str, epoch: int) -> str:
-    """Store key of the placement committed at ``epoch`` (JSON of ``Placement.to_dict()``)."""
-    return f"elasticep/{cluster}/placement/{epoch}"
-
-
-def plan_key(cluster: str, epoch: int) -> str:
-    """Store key where the leader of view ``epoch`` publishes the plan every member applies."""
-    return f"elasticep/{cluster}/plan/{epoch}"
-
-
-def _left_key(cluster: str, rank: int) -> str:
-    return f"elasticep/{cluster}/left/{rank}"
-
-
-def _xfer_key(cluster: str, rank: int) -> str:
-    return f"elasticep/{cluster}/xfer/{rank}"
 
 
 class _WorkFlags:
@@ -343,22 +328,10 @@ class EPRankServer:
 
     def _latest_placement(self, before: int):
         """``(epoch, Placement)`` committed most recently below epoch ``before``."""
-        from elasticep.eplb.placement import Placement
-
-        latest = int(self.store.add(f"elasticep/{self.cluster}/placement_latest", 0))
-        e = min(latest, before - 1)
-        while e >= 1:
-            key = placement_key(self.cluster, e)
-            if self.store.check([key]):
-                return e, Placement.from_dict(json.loads(self.store.get(key)))
-            e -= 1
-        raise RuntimeError(f"no committed placement below epoch {before} in the store")
+        return latest_placement(self.store, self.cluster, before)
 
     def _publish_placement(self, epoch: int, placement) -> None:
-        self.store.set(placement_key(self.cluster, epoch), json.dumps(placement.to_dict()))
-        latest = int(self.store.add(f"elasticep/{self.cluster}/placement_latest", 0))
-        if epoch > latest:
-            self.store.add(f"elasticep/{self.cluster}/placement_latest", epoch - latest)
+        publish_placement(self.store, self.cluster, epoch, placement)
 
     # ------------------------------------------------------------------ control thread
 
@@ -892,29 +865,6 @@ def _moves(base, new, alive) -> list:
             src = [s for s in ((b[layer] == e) & (n[layer] == e)).nonzero().flatten().tolist() if s // spr in alive]
             out.append(ExpertMove(layer, slot, e, tuple(src)))
     return out
-
-
-def _connect(address: str, timeout_s: float = 30.0):
-    import datetime
-
-    from torch.distributed import TCPStore
-
-    host, _, port = address.rpartition(":")
-    return TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=timeout_s), use_libuv=True,
-                    wait_for_workers=False)
-
-
-def _store_barrier(store, key: str, world: int, timeout_s: float) -> None:
-    """Wait until ``world`` ranks arrived at ``key``: no rank enters the first lockstep step
-    (whose kernel waits are bounded) while a peer is still starting."""
-    store.add(key, 1)
-    deadline = time.monotonic() + timeout_s
-    delay = 0.002
-    while store.add(key, 0) < world:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {store.add(key, 0)} of {world} ranks reached {key}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.02)
 
 
 def run_ep_rank(spec: P.RankSpec) -> int:

@@ -280,8 +280,6 @@ class MembershipService:
         # steady-state detector applies at once (not the startup grace)
         core.bootstrap_heard = heard
         self._apply(core.start(self.clock()))
-        if heard:
-            core.monitor.mark_heard(core.initial, self.clock())
         self._spawn(self._receive_loop(), "receive")
         self._spawn(self._tick_loop(), "tick")
 
