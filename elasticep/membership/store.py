@@ -154,6 +154,9 @@ class TCPStoreViewStore(ViewStore):
         timeout_s: bound on one operation (``Config.store_timeout_s``).
         prefix: key prefix, so several clusters can share one store.
         store: an existing client or server object to use instead of connecting.
+        connect_timeout_s: bound on the first connection, apart from ``timeout_s``: a whole
+            cluster connecting at start-up can take longer than one operation may, and a slow
+            connect is not a lost store. Connect ahead of the first operation with :meth:`connect`.
 
     Keys are ``{prefix}/view/{epoch}`` holding JSON views. A read is one ``compare_set`` with an
     expected value no view can have, so it never writes and costs one round trip whether the key
@@ -169,20 +172,29 @@ class TCPStoreViewStore(ViewStore):
         timeout_s: float = 2.0,
         prefix: str = "elasticep",
         store: object | None = None,
+        connect_timeout_s: float = 30.0,
     ) -> None:
         self.host, self.port, self.timeout_s, self.prefix = host, port, timeout_s, prefix
+        self.connect_timeout_s = max(connect_timeout_s, timeout_s)
         self._store = store
         self._lock = threading.Lock()
+
+    def connect(self) -> None:
+        """Open the client now (blocking, bounded by ``connect_timeout_s``); idempotent."""
+        with self._lock:
+            self._client()
 
     def _client(self):
         if self._store is None:
             from torch.distributed import TCPStore
 
             try:
-                self._store = TCPStore(self.host, self.port, is_master=False, use_libuv=True,
-                                       timeout=datetime.timedelta(seconds=self.timeout_s))
+                store = TCPStore(self.host, self.port, is_master=False, use_libuv=True, wait_for_workers=False,
+                                 timeout=datetime.timedelta(seconds=self.connect_timeout_s))
+                store.set_timeout(datetime.timedelta(seconds=self.timeout_s))
             except (RuntimeError, TimeoutError) as exc:
                 raise StoreUnavailable(f"cannot reach the view store at {self.host}:{self.port}: {exc}") from None
+            self._store = store
         return self._store
 
     def _key(self, epoch: int) -> str:
@@ -209,6 +221,12 @@ class TCPStoreViewStore(ViewStore):
         return decode_view(data)
 
     async def _run(self, fn, *args, **kwargs):
+        if self._store is None:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.connect), self.connect_timeout_s)
+            except asyncio.TimeoutError:
+                raise StoreUnavailable(f"cannot reach the view store at {self.host}:{self.port} "
+                                       f"within {self.connect_timeout_s:g} s") from None
         try:
             return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), self.timeout_s)
         except asyncio.TimeoutError:
