@@ -257,6 +257,7 @@ class Agent:
         """The members of the epoch this rank serves."""
         self.exhausted: str | None = None
         """Why the cluster stopped serving (redundancy exhausted), or None."""
+        self._exhausted_epoch = 0
         self.fenced: str | None = None
         self.history: list[Any] = []
         """Every :class:`~elasticep.reconfig.ReconfigResult` of this rank, in order."""
@@ -377,6 +378,8 @@ class Agent:
                 return STOPPED if self.exhausted is not None else SERVING
             if not self._is_member(view):
                 raise self._fence(f"view {view.epoch} ({list(view.members)}) does not include rank {self.rank}")
+            if self.exhausted is not None and view.epoch == self._exhausted_epoch:
+                return STOPPED  # the leader's plan for this view said so; only a newer view can cover
             result = self._run_pipeline(view)
             if result.status == "committed":
                 if self.exhausted is not None:
@@ -389,6 +392,7 @@ class Agent:
                 continue
             if isinstance(result.error, RedundancyExhausted):
                 self.exhausted = f"cluster stopped serving: {result.error}"
+                self._exhausted_epoch = view.epoch
                 print(f"rank {self.rank}: {self.exhausted}", file=sys.stderr)
                 # nothing newer is committed: this epoch is not served (no step runs in it)
                 return STOPPED

@@ -18,6 +18,7 @@ import msgspec
 
 __all__ = [
     "FaultPlan",
+    "drain",
     "RankSpec",
     "Generate",
     "SetFaults",
@@ -222,3 +223,26 @@ def parse_identity(ident: bytes) -> tuple[int, int]:
         return int(r), int(i)
     except (UnicodeDecodeError, ValueError):
         raise ProtocolError(f"bad rank identity {ident!r}") from None
+
+
+def drain(sock, rank: int, handle, timeout_ms: int) -> None:
+    """Hand every waiting launcher message on the rank's DEALER ``sock`` to ``handle``, blocking
+    up to ``timeout_ms`` for the first. A frame that does not decode is reported on stderr and
+    skipped; the loop goes on."""
+    import sys
+
+    import zmq
+
+    if not sock.poll(timeout_ms):
+        return
+    while True:
+        try:
+            frame = sock.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        try:
+            msg = decode_to_rank(frame)
+        except ProtocolError as exc:
+            print(f"rank {rank}: dropped a frame: {exc}", file=sys.stderr)
+            continue
+        handle(msg)

@@ -28,7 +28,7 @@ import os
 import signal
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import zmq
 
@@ -51,26 +51,6 @@ def _die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass
-
-
-def drain_launcher(sock: zmq.Socket, rank: int, handle: Callable[[P.ToRank], None], timeout_ms: int) -> None:
-    """Hand every waiting launcher message to ``handle``, blocking up to ``timeout_ms`` for the first.
-
-    A frame that does not decode is reported on stderr and skipped; the loop goes on.
-    """
-    if not sock.poll(timeout_ms):
-        return
-    while True:
-        try:
-            frame = sock.recv(zmq.NOBLOCK)
-        except zmq.Again:
-            return
-        try:
-            msg = P.decode_to_rank(frame)
-        except P.ProtocolError as exc:
-            print(f"rank {rank}: dropped a frame: {exc}", file=sys.stderr)
-            continue
-        handle(msg)
 
 
 class RankServer:
@@ -121,7 +101,7 @@ class RankServer:
         self._sock.send(P.encode(msg))
 
     def _drain(self, timeout_ms: int) -> None:
-        drain_launcher(self._sock, self.rank, self._handle, timeout_ms)
+        P.drain(self._sock, self.rank, self._handle, timeout_ms)
 
     def _handle(self, msg: P.ToRank) -> None:
         if isinstance(msg, P.Generate):
