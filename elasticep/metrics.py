@@ -190,9 +190,11 @@ REDUNDANCY_EXHAUSTED = Counter(
 )
 
 
-def serve(port: int, addr: str = "127.0.0.1") -> None:
-    """Serve ``/metrics`` over HTTP on ``addr:port`` from a daemon thread."""
-    start_http_server(port, addr=addr, registry=REGISTRY)
+def serve(port: int, addr: str = "127.0.0.1"):
+    """Serve ``/metrics`` over HTTP on ``addr:port`` from a daemon thread; returns the server
+    (``server.server_port`` is the bound port, ``server.shutdown()`` stops it)."""
+    result = start_http_server(port, addr=addr, registry=REGISTRY)
+    return result[0] if isinstance(result, tuple) else result
 
 
 def sample(name: str, labels: dict[str, str] | None = None) -> float:

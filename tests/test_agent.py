@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 import uuid
 from datetime import timedelta
 
@@ -145,7 +146,7 @@ def test_a_stopped_rank_is_evicted_and_every_survivor_commits_the_same_view(clus
 
 def test_front_door_misuse_is_typed_and_counted(cluster) -> None:
     hooks = [ToyHooks(ranks=2) for _ in range(2)]
-    agents = _agents(cluster, hooks, range(2))
+    agents = _agents(cluster, hooks, range(2), metrics_port=0)
     before = metrics.sample("elasticep_agent_errors_total", {"kind": "not_started"})
     with pytest.raises(AgentStateError, match="call start"):
         agents[0].boundary()
@@ -160,9 +161,18 @@ def test_front_door_misuse_is_typed_and_counted(cluster) -> None:
         with pytest.raises(AgentStateError, match="starts once"):
             agents[0].start()
         assert metrics.sample("elasticep_agent_errors_total", {"kind": "started_twice"}) == twice + 1
+        # the agent serves the Prometheus page while it runs, with the count just made
+        page = urllib.request.urlopen(f"http://{agents[0].metrics_address}/metrics", timeout=10).read().decode()
+        assert f'elasticep_agent_errors_total{{kind="started_twice"}} {twice + 1}' in page
+        address = agents[0].metrics_address
     finally:
         for a in agents:
             a.stop()
+    assert agents[0].metrics_address is None
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://{address}/metrics", timeout=2)
+    with pytest.raises(ValueError, match="metrics_port"):
+        Agent(0, ToyHooks(), store=cluster["store"], members=(0,), keys=cluster["keys"], metrics_port=70000)
     with pytest.raises(AgentStopped):
         agents[0].boundary()
     with pytest.raises(ValueError, match="bootstrap members"):

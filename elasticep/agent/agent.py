@@ -196,6 +196,10 @@ class Agent:
         commit_timeout_s: bound on the commit barrier, s.
         transfer_host: the address the Mooncake transfer engine listens on.
         bus_endpoint: where the bus binds (default ``tcp://127.0.0.1:*``).
+        metrics_port: serve the Prometheus ``/metrics`` page on this port from :meth:`start`
+            to :meth:`stop` (0 picks a free port: :attr:`metrics_address`); None serves nothing
+            (the process may serve :func:`elasticep.metrics.serve` itself).
+        metrics_addr: the address the metrics page binds.
 
     Thread-safety: :meth:`start`, :meth:`boundary`, :meth:`peers_lost`, :meth:`request_leave`
     and :meth:`finish_leave` are for the engine's serving thread; :meth:`report`,
@@ -220,6 +224,8 @@ class Agent:
         commit_timeout_s: float = 10.0,
         transfer_host: str = "127.0.0.1",
         bus_endpoint: str | None = None,
+        metrics_port: int | None = None,
+        metrics_addr: str = "127.0.0.1",
     ) -> None:
         from elasticep.bus import ClusterKeys
 
@@ -231,6 +237,8 @@ class Agent:
             raise ValueError(f"groups must be 'gloo' or None, not {groups!r}")
         if hook_timeout_s <= 0 or commit_timeout_s <= 0:
             raise ValueError("hook_timeout_s and commit_timeout_s must be > 0")
+        if metrics_port is not None and not (isinstance(metrics_port, int) and 0 <= metrics_port < 65536):
+            raise ValueError(f"metrics_port must be a port number or None, not {metrics_port!r}")
         self.rank = rank
         self.hooks = hooks
         self.cluster = cluster
@@ -251,6 +259,10 @@ class Agent:
         self.commit_timeout_s = commit_timeout_s
         self._transfer_host = transfer_host
         self._bus_endpoint = bus_endpoint
+        self._metrics_port, self._metrics_addr = metrics_port, metrics_addr
+        self._metrics_server: Any = None
+        self.metrics_address: str | None = None
+        """``HOST:PORT`` of the metrics page while it is served, or None."""
         self.epoch = 0 if self.join else 1
         """The epoch this rank serves (the bootstrap view is epoch 1; a joiner serves none yet)."""
         self.members: tuple[int, ...] = () if initial is None else initial
@@ -296,6 +308,9 @@ class Agent:
             metrics.AGENT_ERRORS.labels("started_twice").inc()
             raise AgentStateError(f"an Agent starts once; this one is {self._state}", self._state)
         self._state = "starting"
+        if self._metrics_port is not None:
+            self._metrics_server = metrics.serve(self._metrics_port, self._metrics_addr)
+            self.metrics_address = f"{self._metrics_addr}:{self._metrics_server.server_port}"
         self._setup_transfer()
         self._thread = threading.Thread(target=self._main, name=f"elasticep-agent-{self.rank}", daemon=True)
         self._thread.start()
@@ -340,6 +355,10 @@ class Agent:
         self._hook_pool.shutdown(wait=False)
         if self.executor is not None:
             self.executor.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server, self.metrics_address = None, None
 
     def __enter__(self) -> "Agent":
         return self.start()
