@@ -188,6 +188,18 @@ REDUNDANCY_EXHAUSTED = Counter(
     "Views after which some logical expert had no live replica.",
     registry=REGISTRY,
 )
+BACKUP_ERRORS = Counter(
+    "elasticep_backup_errors_total",
+    "Host-memory backup requests refused or failed, by kind (invalid_argument, over_budget: a plan "
+    "larger than the store's slots, load_failed: no source could fill a backup).",
+    ["kind"],
+    registry=REGISTRY,
+)
+BACKUP_EXPERTS = Gauge(
+    "elasticep_backup_experts",
+    "Experts this rank keeps in its host-memory backup store.",
+    registry=REGISTRY,
+)
 
 
 def serve(port: int, addr: str = "127.0.0.1"):

@@ -3,7 +3,8 @@
 Each rank runs one :class:`TransferExecutor` over its :class:`~elasticep.transfer.ExpertWeights`.
 For every move whose destination slot is on this rank it pulls the expert's tensors from the
 cheapest source that works, in order: a replica slot on a live rank (a local slot is a memory
-copy), each host backup that holds the layer, then the safetensors on disk. Moves that read from
+copy), each host backup that holds the expert (a rank's :class:`~elasticep.transfer.BackupStore`
+or a backup process), then the safetensors on disk. Moves that read from
 the same peer go out as one batched, asynchronous read; batches to different peers run at once.
 A source that fails (killed, hung past ``MC_TRANSFER_TIMEOUT``, or a checksum mismatch) yields a
 :class:`~elasticep.events.TransferFailed` event and the move goes to its next source.
@@ -37,8 +38,9 @@ import torch
 from elasticep import metrics
 from elasticep.errors import StaleEpoch
 from elasticep.events import TransferEndpoint, TransferFailed
+from elasticep.transfer.backup import backup_source_buffers
 from elasticep.transfer.layout import ExpertLayout, ExpertWeights, expert_crc32
-from elasticep.transfer.sources import DiskSource
+from elasticep.transfer.sources import SOURCE_KINDS, DiskSource
 from elasticep.transfer.transport import Transport, TransportError
 
 __all__ = [
@@ -110,6 +112,13 @@ class TransferReport:
             counts[m.source_kind] += 1
         return dict(counts)
 
+    def bytes_by_source(self) -> dict[str, int]:
+        """Bytes moved per source kind, every kind of ``SOURCE_KINDS`` present (0 if unused)."""
+        counts = {kind: 0 for kind in SOURCE_KINDS}
+        for m in self.moved:
+            counts[m.source_kind] = counts.get(m.source_kind, 0) + m.nbytes
+        return counts
+
 
 class StaleTransfer(StaleEpoch):
     """A transfer for ``epoch`` was refused or abandoned because the executor is at ``current``.
@@ -142,6 +151,7 @@ class _Source:
     peer: str = ""  # transfer engine address; "" for local copies and disk
     local_slot: int = -1  # slot index inside the source's buffers (replica: slot % spr; host: expert)
     buffers: Mapping[str, tuple[int, int]] | None = None
+    local_weights: ExpertWeights | None = None  # a local copy's source buffers (None: the serving ones)
 
 
 @dataclass(frozen=True, eq=False)
@@ -231,6 +241,12 @@ class TransferExecutor:
         # A few registered bytes that connect() reads peers' first bytes into.
         self._scratch = torch.zeros(64, dtype=torch.uint8)
         transport.register(self._scratch.data_ptr(), self._scratch.numel())
+        self.backups = None  # this rank's BackupStore, once attached
+
+    def attach_backups(self, store) -> None:
+        """Serve ``store`` (this rank's :class:`~elasticep.transfer.BackupStore`, registered with
+        the same transport) to peers through :meth:`endpoint`, and read it as a local source."""
+        self.backups = store
 
     # --- epoch and endpoints -----------------------------------------------------------------
 
@@ -248,11 +264,14 @@ class TransferExecutor:
 
     def endpoint(self, epoch: int | None = None) -> TransferEndpoint:
         """This rank's :class:`TransferEndpoint` (its buffers and engine address), to publish."""
+        buffers = self.weights.endpoint_buffers()
+        if self.backups is not None:
+            buffers.update(self.backups.endpoint_buffers())
         return TransferEndpoint(
             rank=self.rank,
             epoch=self._epoch if epoch is None else epoch,
             peer=self.transport.peer,
-            buffers=self.weights.endpoint_buffers(),
+            buffers=buffers,
         )
 
     def learn(self, endpoint: TransferEndpoint) -> bool:
@@ -398,6 +417,32 @@ class TransferExecutor:
         moves = list(plan.moves)  # type: ignore[attr-defined]
         return await asyncio.to_thread(self.stage_moves, moves, epoch=epoch, alive=alive)
 
+    def load_into(
+        self,
+        pairs: Sequence[tuple[int, int]],
+        dst: ExpertWeights,
+        slot_of: Mapping[tuple[int, int], int],
+        *,
+        sources: Mapping[tuple[int, int], Sequence[int]],
+        epoch: int,
+        alive: Collection[int] | None = None,
+        timeout: float | None = None,
+    ) -> TransferReport:
+        """Load experts into buffers that are not serving slots (a :class:`BackupStore`'s).
+
+        Each ``(layer, expert)`` of ``pairs`` goes to slot ``slot_of[pair]`` of ``dst``, from
+        the cheapest source that works, as for a move: the physical slots ``sources[pair]`` of
+        live replicas, then host backups, then disk. Raises as :meth:`run` does.
+        """
+        self.advance(epoch)
+        alive_set = None if alive is None else set(alive)
+        states = []
+        for layer, expert in pairs:
+            move = ExpertMove(layer, -1, expert, tuple(sources.get((layer, expert), ())))
+            states.append(_MoveState(move, self._candidates(move, set(), alive_set), dst, slot_of[(layer, expert)]))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._drive_inner(epoch, states, deadline)
+
     def close(self) -> None:
         """Stop the worker threads (after the last job) and unregister the weights."""
         self._pool.shutdown(wait=True)
@@ -424,6 +469,18 @@ class TransferExecutor:
             elif rank in ranks:
                 ep = ranks[rank]
                 out.append(_Source("replica", rank, ep.peer, slot % spr, ep.buffers))
+        # host-memory backups kept by serving ranks: this rank's own (a memory copy) first
+        store = self.backups
+        if store is not None and store.holds(move.layer, move.expert):
+            out.append(_Source("host", self.rank, local_slot=store.index[(move.layer, move.expert)],
+                               local_weights=store.weights))
+        for rank in sorted(ranks):
+            if rank == self.rank or (alive is not None and rank not in alive):
+                continue
+            ep = ranks[rank]
+            bufs = backup_source_buffers(ep, self.layout, move.layer, move.expert)
+            if bufs is not None:
+                out.append(_Source("host", rank, ep.peer, 0, bufs))
         names = [self.layout.buffer_name(move.layer, t.name) for t in self.layout.tensors]
         for rank, ep in hosts:
             if all(n in ep.buffers for n in names):
@@ -455,7 +512,8 @@ class TransferExecutor:
         spr = self.layout.slots_per_rank
         for st in states:
             m = st.move
-            src, dst = self.weights.expert(m.layer, st.source.local_slot), st.dst.expert(m.layer, st.dst_slot)
+            weights = st.source.local_weights if st.source.local_weights is not None else self.weights
+            src, dst = weights.expert(m.layer, st.source.local_slot), st.dst.expert(m.layer, st.dst_slot)
             for name, t in dst.items():
                 t.copy_(src[name])
         return True
