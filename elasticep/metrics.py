@@ -120,8 +120,9 @@ SUSPICIONS = Counter(
 EVICTIONS = Counter(
     "elasticep_evictions_total", "Ranks removed from the view, by cause.", ["cause"], registry=REGISTRY
 )
-VIEW_EPOCH = Gauge("elasticep_view_epoch", "Epoch of the installed view.", registry=REGISTRY)
-VIEW_MEMBERS = Gauge("elasticep_view_members", "Members of the installed view.", registry=REGISTRY)
+VIEW_EPOCH = Gauge("elasticep_view_epoch", "Epoch of the view installed on each rank.", ["rank"], registry=REGISTRY)
+VIEW_MEMBERS = Gauge("elasticep_view_members", "Members of the view installed on each rank.", ["rank"],
+                     registry=REGISTRY)
 STORE_CONFLICTS = Counter(
     "elasticep_view_store_conflicts_total",
     "Proposals that lost the compare-and-set to a rival for the same epoch.",

@@ -331,7 +331,7 @@ async def test_service_reports_views_in_order_and_sets_the_bus_epoch() -> None:
         assert second.epoch == 2 and second.members == (0, 1, 2)
         await asyncio.gather(*(s.wait_view(lambda v: v.epoch == 2, 5) for s in services[:3]))
         assert [b.epoch for b in buses[:3]] == [2, 2, 2]
-        assert metrics.sample("elasticep_view_epoch") == 2.0
+        assert [metrics.sample("elasticep_view_epoch", {"rank": str(r)}) for r in range(3)] == [2.0, 2.0, 2.0]
         assert metrics.sample("elasticep_evictions_total", {"cause": "exit"}) >= evictions_before + 1
         assert all(s.history == services[0].history for s in services[1:3])
     finally:

@@ -31,11 +31,22 @@ from elasticep.membership.store import (
     ViewStore,
     open_view_store,
 )
-from elasticep.membership.view import CorruptView, View, decode_view, encode_view
+from elasticep.membership.view import (
+    Cause,
+    ChangeKind,
+    CorruptView,
+    MemberChange,
+    View,
+    ViewDiff,
+    decode_view,
+    encode_view,
+)
 
 __all__ = [
     "Action",
     "CasDone",
+    "Cause",
+    "ChangeKind",
     "CompareAndSet",
     "CorruptView",
     "EtcdViewStore",
@@ -44,6 +55,7 @@ __all__ = [
     "Install",
     "LeaveCommand",
     "Left",
+    "MemberChange",
     "MembershipCore",
     "MembershipService",
     "Note",
@@ -57,6 +69,7 @@ __all__ = [
     "TCPStoreViewStore",
     "Tick",
     "View",
+    "ViewDiff",
     "ViewRead",
     "ViewStore",
     "decode_view",

@@ -25,11 +25,13 @@ majority, it finds itself outside the majority's view (or loses the store) and f
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Union
 
 from elasticep.config import Config
 from elasticep.detect.fusion import FusionPolicy, Verdict
+from elasticep.errors import InvalidArgument
 from elasticep.detect.monitor import HeartbeatMonitor
 from elasticep.events import (
     CollectiveError,
@@ -49,7 +51,7 @@ from elasticep.events import (
     ViewProposal,
 )
 from elasticep.membership.topology import Topology
-from elasticep.membership.view import View
+from elasticep.membership.view import MAX_DETAIL_CHARS, Cause, ChangeKind, MemberChange, View
 
 # --- inputs that are not bus events -------------------------------------------------------------
 
@@ -173,6 +175,18 @@ class Status:
     LEFT = "left"
 
 
+def rank_id(name: str, value: object) -> int:
+    """``value`` as a rank id (any integer type, numpy's and torch's included); else
+    :class:`~elasticep.errors.InvalidArgument` naming ``name``."""
+    try:
+        rank = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        rank = -1
+    if isinstance(value, bool) or rank < 0:
+        raise InvalidArgument(f"{name}: a rank id is an int >= 0, not {value!r}")
+    return rank
+
+
 JOIN_RETRY_INTERVALS = 5
 """A joining rank repeats its JoinRequest every this many heartbeat intervals."""
 
@@ -199,10 +213,26 @@ class MembershipCore:
         incarnation: int = 0,
         join: bool = False,
     ) -> None:
+        rank = rank_id("rank", rank)
+        if not isinstance(config, Config):
+            raise InvalidArgument(f"config must be an elasticep.Config, not {type(config).__name__}")
+        if not isinstance(incarnation, int) or isinstance(incarnation, bool) or incarnation < 0:
+            raise InvalidArgument(f"incarnation must be an int >= 0, not {incarnation!r}")
         if initial_members is None and not join:
-            raise ValueError("a rank needs initial_members, or join=True to be admitted into a running cluster")
-        if initial_members is not None and rank not in initial_members and not join:
-            raise ValueError(f"rank {rank} is not among initial_members {tuple(initial_members)}")
+            raise InvalidArgument("a rank needs initial_members, or join=True to be admitted into a running cluster")
+        if initial_members is not None and join:
+            raise InvalidArgument("give initial_members (a bootstrap rank) or join=True (a rank that asks to be "
+                                  "admitted into a running cluster), not both: a joiner learns the members "
+                                  "from the view store")
+        if initial_members is not None:
+            if isinstance(initial_members, (str, bytes)) or not hasattr(initial_members, "__iter__"):
+                raise InvalidArgument(f"initial_members must be a sequence of rank ids, not {initial_members!r}")
+            initial_members = tuple(rank_id("initial_members", m) for m in initial_members)
+            if len(set(initial_members)) != len(initial_members):
+                dup = sorted({m for m in initial_members if initial_members.count(m) > 1})
+                raise InvalidArgument(f"initial_members {initial_members} repeats rank(s) {dup}")
+            if rank not in initial_members:
+                raise InvalidArgument(f"rank {rank} is not among initial_members {initial_members}")
         self.rank = rank
         self.config = config
         self.incarnation = incarnation
@@ -678,7 +708,15 @@ class MembershipCore:
             self._causes[r] = v.cause
         incarnations = {r: inc for r, inc in view.incarnation_map().items() if r in target}
         incarnations.update(joiners)
-        proposal = View.of(view.epoch + 1, target, incarnations=incarnations, proposer=self.rank, reason=reason)
+        # The causes as typed records in the view itself: every rank reads the proposer's.
+        changes = [MemberChange(rank=r, kind=ChangeKind.LEFT if v.cause == "leave" else ChangeKind.EVICTED,
+                                cause=Cause.of(v.cause), detail=v.reason[:MAX_DETAIL_CHARS],
+                                incarnation=view.incarnation_of(r))
+                   for r, v in sorted(verdicts.items())]
+        changes += [MemberChange(rank=r, kind=ChangeKind.JOINED, cause=Cause.JOIN, incarnation=inc)
+                    for r, inc in sorted(joiners.items())]
+        proposal = View.of(view.epoch + 1, target, incarnations=incarnations, proposer=self.rank, reason=reason,
+                           changes=changes)
         self._cas = proposal
         return [
             Note(f"rank {self.rank} proposes {proposal.describe()}: {reason}"),

@@ -28,7 +28,7 @@ from anyio import WouldBlock
 
 from elasticep import metrics
 from elasticep.config import Config
-from elasticep.errors import Closed, ElasticEPError, NotStarted, WaitTimeout, _rebuild
+from elasticep.errors import Closed, ElasticEPError, InvalidArgument, NotStarted, WaitTimeout, _rebuild
 from elasticep.events import Envelope, Heartbeat, Suspicion
 from elasticep.membership.core import (
     CasDone,
@@ -46,9 +46,10 @@ from elasticep.membership.core import (
     StoreFailed,
     Tick,
     ViewRead,
+    rank_id,
 )
 from elasticep.membership.store import StoreUnavailable, ViewStore
-from elasticep.membership.view import CorruptView, View
+from elasticep.membership.view import ChangeKind, CorruptView, View, ViewDiff
 
 if TYPE_CHECKING:
     from elasticep.bus import EventBus
@@ -101,6 +102,23 @@ class MembershipService:
         clock: Callable[[], float] = time.monotonic,
         on_install: Callable[[View, int], None] | None = None,
     ) -> None:
+        rank = rank_id("rank", rank)
+        bus_rank = getattr(bus, "rank", None)
+        if not (hasattr(bus, "subscribe") and hasattr(bus, "publish_nowait")):
+            raise InvalidArgument(f"bus must be an elasticep EventBus, not {type(bus).__name__}")
+        if bus_rank != rank:
+            raise InvalidArgument(f"the bus is rank {bus_rank}'s, the service rank {rank}'s: "
+                                  "each rank's service needs that rank's own bus")
+        if not (callable(getattr(store, "compare_and_set", None)) and callable(getattr(store, "read", None))):
+            raise InvalidArgument(f"store must be a ViewStore, not {type(store).__name__}")
+        if config is not None and not isinstance(config, Config):
+            raise InvalidArgument(f"config must be an elasticep.Config or None, not {type(config).__name__}")
+        if not isinstance(join, bool):
+            raise InvalidArgument(f"join must be True or False, not {join!r}")
+        if not callable(clock):
+            raise InvalidArgument("clock must be a callable returning monotonic seconds")
+        if on_install is not None and not callable(on_install):
+            raise InvalidArgument("on_install must be a callable on_install(view, wall_ns) or None")
         self.rank = rank
         self.bus = bus
         self.store = store
@@ -115,11 +133,17 @@ class MembershipService:
         """Every view this rank installed, in order."""
         self.fenced: RankFenced | None = None
         self._streams: list[asyncio.Queue] = []
+        self._diff_streams: list[asyncio.Queue] = []
+        self._last_diff: ViewDiff | None = None
+        self._ended: str | None = None
+        self._leave_diff: ViewDiff | None = None
         self._tasks: set[asyncio.Task] = set()
         self._sub = None
         self._state = "new"
         self._changed = asyncio.Event()
         self._subscribed_disconnects = False
+        self._filtered_view: View | None = None
+        self._filtering = False
 
     # --- public API -------------------------------------------------------------------------
 
@@ -148,7 +172,9 @@ class MembershipService:
     def views(self) -> AsyncIterator[View]:
         """Every view installed from now on, starting with the current one.
 
-        Ends after a graceful leave; raises :class:`RankFenced` once this rank fenced itself.
+        Ends after a graceful leave or :meth:`close` (:attr:`ended` says which; :meth:`changes`
+        also yields the view this rank left by); raises :class:`RankFenced` once this rank
+        fenced itself.
         """
         queue: asyncio.Queue = asyncio.Queue(maxsize=10_000)
         if self.current is not None:
@@ -159,7 +185,34 @@ class MembershipService:
             self._streams.append(queue)
         return self._iterate(queue)
 
-    async def _iterate(self, queue: asyncio.Queue) -> AsyncIterator[View]:
+    @property
+    def ended(self) -> str | None:
+        """Why this service stopped: ``"left"`` (its graceful leave committed), ``"fenced"``
+        (see :attr:`fenced`), ``"closed"`` (:meth:`close` before either); None while running."""
+        return self._ended
+
+    def changes(self) -> AsyncIterator[ViewDiff]:
+        """What each installed view changed, from now on: a :class:`~elasticep.membership.ViewDiff`
+        per view (joined, left, evicted, each with a typed :class:`~elasticep.membership.Cause`),
+        starting with the current view's diff from the view before it.
+
+        How it ends tells why: after a graceful leave the last item is the diff of the committed
+        view without this rank (``this rank in diff.left``), then the iterator ends; after
+        :meth:`close` it just ends; once this rank fenced itself it raises :class:`RankFenced`.
+        :attr:`ended` says the same afterwards.
+        """
+        queue: asyncio.Queue = asyncio.Queue(maxsize=10_000)
+        if self.current is not None and self._last_diff is not None:
+            queue.put_nowait(self._last_diff)
+        if self.core.stopped or self._state == "closed":
+            if self._ended == "left" and self._leave_diff is not None:
+                queue.put_nowait(self._leave_diff)
+            queue.put_nowait(self.fenced or _END)
+        else:
+            self._diff_streams.append(queue)
+        return self._iterate(queue, self._diff_streams)
+
+    async def _iterate(self, queue: asyncio.Queue, streams: list | None = None) -> AsyncIterator:
         try:
             while True:
                 item = await queue.get()
@@ -169,8 +222,9 @@ class MembershipService:
                     raise item
                 yield item
         finally:
-            if queue in self._streams:
-                self._streams.remove(queue)
+            streams = self._streams if streams is None else streams
+            if queue in streams:
+                streams.remove(queue)
 
     async def wait_member(self, timeout: float) -> View:
         """Wait until this rank is in an installed view (bootstrap or admitted after a join).
@@ -264,6 +318,7 @@ class MembershipService:
         if self._state != "new":
             raise RuntimeError("a MembershipService starts once")
         self._state = "running"
+        self._filtering = self._hook_topology()
         if not self.bus.running:
             await self.bus.start()
         self._sub = self.bus.subscribe(maxsize=self.config.subscriber_buffer, name=f"membership-{self.rank}")
@@ -273,7 +328,9 @@ class MembershipService:
             self._subscribed_disconnects = True
         core = self.core
         if core.initial is not None and not core.join:
-            heard = await self._await_peers(core.initial, self.config.join_timeout_s if ready_timeout is None else ready_timeout)
+            # with the ring, a rank waits for (and watches) only its neighbours
+            peers = core.initial if core.topology.everyone else tuple(m for m in core.initial if core.hears(m))
+            heard = await self._await_peers(peers, self.config.join_timeout_s if ready_timeout is None else ready_timeout)
         else:
             heard = False
         # every bootstrap peer already spoke on the bus: none of them is still starting, so the
@@ -282,6 +339,22 @@ class MembershipService:
         self._apply(core.start(self.clock()))
         self._spawn(self._receive_loop(), "receive")
         self._spawn(self._tick_loop(), "tick")
+
+    def _hook_topology(self) -> bool:
+        """With a bounded detection topology (the ring), the bus transport subscribes only to the
+        ranks the core hears: ``monitors_per_rank`` sockets per rank, not ``N - 1``. Re-evaluated
+        whenever the core's view changes (:meth:`_apply`). A joiner hears no one until it has
+        read the view from the store."""
+        transport = getattr(self.bus, "transport", None)
+        if self.core.topology.everyone or not callable(getattr(transport, "set_peer_filter", None)):
+            return False
+        core = self.core
+
+        def wanted(peer: int) -> bool:
+            return (core.view is not None or core.initial is not None) and core.hears(peer)
+
+        self._filtered_view = core.view
+        return bool(transport.set_peer_filter(wanted))
 
     async def _await_peers(self, members: tuple[int, ...], timeout: float) -> bool:
         """Heartbeat until every one of ``members`` was heard; True if all were in time."""
@@ -309,6 +382,8 @@ class MembershipService:
         if self._state == "closed":
             return
         self._state = "closed"
+        if self._ended is None:
+            self._ended = "closed"
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -411,15 +486,28 @@ class MembershipService:
                 metrics.FENCED.labels(action.label).inc()
                 log.warning("rank %d fenced at epoch %d: %s", self.rank, action.epoch, action.reason)
                 self.fenced = RankFenced(self.rank, action.epoch, action.reason)
+                self._ended = "fenced"
                 self._end_streams(self.fenced)
             elif isinstance(action, Left):
                 log.info("rank %d left at epoch %d", self.rank, action.epoch)
+                self._ended = "left"
+                if self.core.view is not None:
+                    # the view without this rank: the last change a leaving rank sees
+                    self._leave_diff = self.core.view.diff(self.history[-1] if self.history else None)
+                    for queue in self._diff_streams:
+                        try:
+                            queue.put_nowait(self._leave_diff)
+                        except asyncio.QueueFull:
+                            pass
                 self._end_streams(_END)
             elif isinstance(action, Note):
                 log.info("rank %d: %s", self.rank, action.text)
             elif isinstance(action, Refused):
                 metrics.FRAMES_REFUSED.labels(action.reason).inc()
                 log.warning("rank %d refused input (%s): %s", self.rank, action.reason, action.detail)
+        if self._filtering and self.core.view is not self._filtered_view:
+            self._filtered_view = self.core.view
+            self.bus.transport.apply_peer_filter()  # the ring's neighbours follow the member set
         self._changed.set()
 
     def _install(self, action: Install) -> None:
@@ -428,23 +516,33 @@ class MembershipService:
         if view.epoch > self.bus.epoch:
             self.bus.epoch = view.epoch
         self.history.append(view)
-        metrics.VIEW_EPOCH.set(view.epoch)
-        metrics.VIEW_MEMBERS.set(len(view.members))
-        for rank, cause in action.removed.items():
-            metrics.EVICTIONS.labels(cause).inc()
+        diff = view.diff(action.previous)
+        self._last_diff = diff
+        label = str(self.rank)
+        metrics.VIEW_EPOCH.labels(label).set(view.epoch)
+        metrics.VIEW_MEMBERS.labels(label).set(len(view.members))
+        for change in diff.changes:
+            if change.kind is not ChangeKind.JOINED:
+                metrics.EVICTIONS.labels(change.cause.value).inc()
         log.info("rank %d installed %s (%s)", self.rank, view.describe(), view.reason)
         for queue in self._streams:
             try:
                 queue.put_nowait(view)
             except asyncio.QueueFull:
                 log.error("rank %d: a views() consumer is 10000 views behind; dropping", self.rank)
+        for queue in self._diff_streams:
+            try:
+                queue.put_nowait(diff)
+            except asyncio.QueueFull:
+                log.error("rank %d: a changes() consumer is 10000 views behind; dropping", self.rank)
         if self.on_install is not None:
             self.on_install(view, wall_ns)
 
     def _end_streams(self, item: object) -> None:
-        for queue in self._streams:
-            try:
-                queue.put_nowait(item)
-            except asyncio.QueueFull:
-                pass
-        self._streams.clear()
+        for streams in (self._streams, self._diff_streams):
+            for queue in streams:
+                try:
+                    queue.put_nowait(item)
+                except asyncio.QueueFull:
+                    pass
+            streams.clear()
