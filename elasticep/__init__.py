@@ -142,6 +142,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "elasticep.engine.timeline": ("Timeline",),
     "elasticep.testing": ("FaultInjector", "EtcdCluster"),
+    "elasticep.testing.hosts": ("HostNet", "HostCluster"),
 }
 
 _WHERE: dict[str, str] = {name: module for module, names in _EXPORTS.items() for name in names}

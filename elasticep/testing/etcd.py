@@ -4,8 +4,9 @@ Each member runs as its own process with its own data directory (on ``/dev/shm``
 one, so that fsync costs nothing on a test machine), its own client and peer ports, and tuned
 raft timing (``heartbeat_ms``, ``election_ms``) so that a dead leader is replaced in about
 ``election_ms`` rather than etcd's default second. Members listen on loopback by default, on
-ports chosen free; the network-namespace harness (:mod:`elasticep.testing.netns`) places each
-member on its own "host" instead by passing ``hosts`` and ``exec_prefix``.
+ports chosen free; to place each member on its own "host" of the network-namespace harness
+(:class:`elasticep.testing.hosts.HostNet`), pass ``hosts=[h.addr ...]`` and
+``exec_prefix=[h.exec_prefix ...]``.
 
 Example::
 
