@@ -65,6 +65,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "StoreRendezvous",
         "Transport",
         "BusClosed",
+        "NotAnEventType",
         "new_event_loop",
     ),
     "elasticep.detect": ("FusionPolicy", "HeartbeatMonitor", "MaskProvider", "MaskSource", "ProcessExitWatcher"),

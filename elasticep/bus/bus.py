@@ -23,6 +23,14 @@ Receive-side rules, per sender rank:
 
 Envelopes the bus makes for itself (``SequenceGap``) carry this rank as sender and ``seq == 0``:
 they are local only and never consume a wire sequence number.
+
+User-defined event types: :meth:`EventBus.register_event_type` registers a ``msgspec.Struct`` of
+the application's under a ``kind`` name. Such an event travels as a
+:class:`~elasticep.events.Custom` whose ``data`` is the struct's msgpack encoding, so peers need
+no schema change; a subscription that names the type gets the decoded struct, one that names
+``Custom`` (or nothing: all events) keeps getting the raw ``Custom``. A registered kind that fails
+to decode into its type is counted under ``elasticep_frames_refused_total{reason="bad_user_event"}``
+and not delivered to that type's subscribers.
 """
 
 from __future__ import annotations
@@ -34,16 +42,18 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterable, Literal
 
+import msgspec
 from anyio import EndOfStream, WouldBlock
 
 from elasticep import metrics
-from elasticep.errors import Closed, EventTooLarge, NotStarted, WaitTimeout
+from elasticep.errors import Closed, ElasticEPError, EventTooLarge, InvalidArgument, NotStarted, WaitTimeout
 from elasticep.bus.transport import Frame, Transport, TransportClosed
 from elasticep.events import (
     EVENT_TAGS,
     EVENT_TYPES,
     SCHEMA_VERSION,
     Codec,
+    Custom,
     Envelope,
     Event,
     FrameRefused,
@@ -83,6 +93,15 @@ class BusNotStarted(NotStarted, BusClosed):
 
     def __init__(self, message: str = "bus is not started yet: await bus.start() (or use `async with`) first") -> None:
         NotStarted.__init__(self, "bus", message)
+
+
+class NotAnEventType(ElasticEPError, TypeError):
+    """An object that is neither an elasticep event nor a type registered on this bus with
+    :meth:`EventBus.register_event_type` was published or subscribed to (a ``TypeError``)."""
+
+
+MAX_KIND_CHARS = 128
+"""Longest ``kind`` name of a user-defined event type."""
 
 
 @dataclass(frozen=True)
@@ -349,6 +368,12 @@ class EventBus:
         self._seq = 0
         self._subscriptions: list[Subscription] = []
         self._routes: dict[type, tuple[Subscription, ...]] = {t: () for t in EVENT_TYPES}
+        # User-defined event types (register_event_type): kind <-> type, one decoder per kind,
+        # and the subscriptions that name each type.
+        self._user_types: dict[type, str] = {}
+        self._user_kinds: dict[str, tuple[type, msgspec.msgpack.Decoder]] = {}
+        self._user_routes: dict[type, tuple[Subscription, ...]] = {}
+        self._user_encoder = msgspec.msgpack.Encoder()
         # Per sender rank: [incarnation, next expected seq].
         self._tracks: dict[int, list[int]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -446,8 +471,9 @@ class EventBus:
     # --- publish -----------------------------------------------------------------------------
 
     def _envelope(self, event: Event) -> Envelope:
+        """The wire envelope of ``event`` (a registered user event travels as its ``Custom``)."""
         if type(event) not in EVENT_TAGS:
-            raise TypeError(f"{type(event).__name__} is not an elasticep event type")
+            event = self._wrap_user(event)
         self._seq += 1
         return Envelope(SCHEMA_VERSION, self.rank, self._epoch, self._seq, time.time_ns(), time.monotonic_ns(), event)
 
@@ -466,7 +492,7 @@ class EventBus:
         t = type(event)
         subs = self._routes.get(t)
         if subs is None:
-            raise TypeError(f"{t.__name__} is not an elasticep event type")
+            return self._publish_user(event)
         if self._has_block:
             for sub in subs:
                 if sub.overflow == "block" and sub._full():
@@ -485,6 +511,100 @@ class EventBus:
         for sub in subs:
             sub._offer(env)
         return env
+
+    def _not_an_event(self, t: type) -> NotAnEventType:
+        return NotAnEventType(f"{t.__name__} is not an elasticep event type, nor a type registered on this bus "
+                              "(bus.register_event_type)")
+
+    def _wrap_user(self, event: object) -> Custom:
+        """The ``Custom`` that carries a registered user event on the wire."""
+        kind = self._user_types.get(type(event))
+        if kind is None:
+            raise self._not_an_event(type(event))
+        return Custom(kind=kind, data=msgspec.Raw(self._user_encoder.encode(event)))
+
+    def _publish_user(self, event: object) -> Envelope:
+        """``publish_nowait`` of a registered user event: sent as a ``Custom``; this rank's
+        subscribers of the type get ``event`` itself, those of ``Custom`` (or all) the ``Custom``."""
+        wire_event = self._wrap_user(event)
+        custom_subs = self._routes[Custom]
+        if self._has_block:
+            for sub in custom_subs:
+                if sub.overflow == "block" and sub._full():
+                    raise WouldBlock
+        self._seq = seq = self._seq + 1
+        wall, mono = time.time_ns(), time.monotonic_ns()
+        wire = Envelope(SCHEMA_VERSION, self.rank, self._epoch, seq, wall, mono, wire_event)
+        frame = self._encode(wire)
+        if len(frame) > self.codec.max_frame_bytes:
+            self._seq = seq - 1
+            metrics.FRAMES_REFUSED.labels("oversize_publish").inc()
+            raise EventTooLarge(wire_event.kind, len(frame), self.codec.max_frame_bytes)
+        self._published_counts[Custom] = self._published_counts.get(Custom, 0) + 1
+        self._queue_frame(frame)
+        for sub in custom_subs:
+            sub._offer(wire)
+        env = Envelope(SCHEMA_VERSION, self.rank, self._epoch, seq, wall, mono, event)
+        for sub in self._user_routes.get(type(event), ()):
+            sub._offer(env) or sub._push(env)
+        return env
+
+    # --- user-defined event types ------------------------------------------------------------
+
+    def register_event_type(self, event_type: type, *, kind: str | None = None) -> str:
+        """Carry ``event_type``, a frozen ``msgspec.Struct`` of the application's, on this bus.
+
+        ``kind`` names it on the wire (default: the struct's ``tag`` if it has a string one, else
+        its class name); every rank that sends or receives it registers the same type under the
+        same kind. Afterwards ``publish`` takes its instances and ``subscribe(event_type)``
+        yields envelopes whose ``event`` is one. Returns the kind. Registering the same type
+        under the same kind again is a no-op; anything else that clashes, a type that is not a
+        ``msgspec.Struct``, or one of elasticep's own event types, raises
+        :class:`~elasticep.errors.InvalidArgument`.
+        """
+        if not (isinstance(event_type, type) and issubclass(event_type, msgspec.Struct)):
+            raise InvalidArgument(f"a user event type is a msgspec.Struct subclass, not {event_type!r}")
+        if event_type in EVENT_TAGS:
+            raise InvalidArgument(f"{event_type.__name__} is an elasticep event type already; register your own types")
+        if kind is None:
+            tag = event_type.__struct_config__.tag
+            kind = tag if isinstance(tag, str) else event_type.__name__
+        if not isinstance(kind, str) or not kind or len(kind) > MAX_KIND_CHARS:
+            raise InvalidArgument(f"kind must be a non-empty str of at most {MAX_KIND_CHARS} characters, not {kind!r}")
+        if self._user_types.get(event_type) == kind:
+            return kind
+        if event_type in self._user_types:
+            raise InvalidArgument(f"{event_type.__name__} is registered as kind {self._user_types[event_type]!r} already")
+        if kind in self._user_kinds:
+            raise InvalidArgument(f"kind {kind!r} is registered for {self._user_kinds[kind][0].__name__} already")
+        self._user_types[event_type] = kind
+        self._user_kinds[kind] = (event_type, msgspec.msgpack.Decoder(event_type))
+        self._rebuild_routes()
+        return kind
+
+    def event_types(self) -> dict[str, type]:
+        """The user-defined event types registered on this bus, by kind."""
+        return {kind: t for kind, (t, _) in self._user_kinds.items()}
+
+    def _deliver_user(self, env: Envelope) -> None:
+        """A ``Custom`` of a registered kind arrived: decode it for the type's subscribers."""
+        entry = self._user_kinds.get(env.event.kind)
+        if entry is None:
+            return
+        t, decoder = entry
+        subs = self._user_routes.get(t)
+        if not subs:
+            return
+        try:
+            event = decoder.decode(env.event.data)
+        except (msgspec.DecodeError, ValueError, TypeError) as exc:
+            log.warning("bus rank %d: a %r event from rank %d does not decode as %s: %s",
+                        self.rank, env.event.kind, env.sender, t.__name__, exc)
+            self._refuse("bad_user_event", env.sender)
+            return
+        user_env = Envelope(env.schema, env.sender, env.epoch, env.seq, env.wall_ns, env.mono_ns, event)
+        for sub in subs:
+            sub._offer(user_env) or sub._push(user_env)
 
     def _queue_frame(self, frame: bytes) -> None:
         if not self._flush_scheduled:
@@ -537,7 +657,8 @@ class EventBus:
         if self._state != "running":
             raise self._not_running()
         if self._has_block:
-            for sub in self._routes.get(type(event), ()):
+            t = type(event)
+            for sub in self._routes.get(Custom if t in self._user_types else t, ()):
                 if sub.overflow == "block":
                     await sub._wait_space()
         return self.publish_nowait(event)
@@ -551,16 +672,24 @@ class EventBus:
         if self._state != "running":
             raise self._not_running()
         encode = self.codec.encode
-        envs = [self._envelope(e) for e in events]
+        events = list(events)
+        seq0 = self._seq
+        try:
+            envs = [self._envelope(e) for e in events]
+        except NotAnEventType:
+            self._seq = seq0
+            raise
         frames = [encode(env) for env in envs]
         limit = self.codec.max_frame_bytes
         for env, frame in zip(envs, frames):
             if len(frame) > limit:  # nothing of the batch is sent
-                self._seq -= len(envs)
+                self._seq = seq0
                 metrics.FRAMES_REFUSED.labels("oversize_publish").inc()
-                raise EventTooLarge(EVENT_TAGS[type(env.event)], len(frame), limit)
+                ev = env.event
+                raise EventTooLarge(ev.kind if isinstance(ev, Custom) else EVENT_TAGS[type(ev)], len(frame), limit)
         counts = self._published_counts
-        for env, frame in zip(envs, frames):
+        out = []
+        for event, env, frame in zip(events, envs, frames):
             t = type(env.event)
             counts[t] = counts.get(t, 0) + 1
             self._queue_frame(frame)
@@ -570,7 +699,12 @@ class EventBus:
                     sub._dropped += 1
                     sub._drop_counter.inc()
                     sub._push(env)
-        return envs
+            if event is not env.event:  # a user event: its own subscribers get it decoded
+                env = Envelope(env.schema, env.sender, env.epoch, env.seq, env.wall_ns, env.mono_ns, event)
+                for sub in self._user_routes.get(type(event), ()):
+                    sub._offer(env) or sub._push(env)
+            out.append(env)
+        return out
 
     # --- subscribe ---------------------------------------------------------------------------
 
@@ -588,17 +722,24 @@ class EventBus:
         event tags joined by ``+``, or ``"all"``).
         """
         for t in event_types:
-            if t not in EVENT_TAGS:
-                raise TypeError(f"{t!r} is not an elasticep event type")
+            if t not in EVENT_TAGS and t not in self._user_types:
+                if isinstance(t, type):
+                    raise self._not_an_event(t)
+                raise NotAnEventType(f"{t!r} is not an event type")
         if overflow not in OVERFLOW_POLICIES:
-            raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, not {overflow!r}")
+            raise InvalidArgument(f"overflow must be one of {OVERFLOW_POLICIES}, not {overflow!r}")
+        if overflow == "block" and any(t in self._user_types for t in event_types):
+            raise InvalidArgument("overflow='block' is for elasticep's own event types; a user event type "
+                                  "subscription drops (drop_oldest or drop_newest)")
         size = self.subscriber_maxsize if maxsize is None else maxsize
-        if size < 1:
-            raise ValueError("maxsize must be >= 1")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise InvalidArgument(f"maxsize must be an int >= 1, not {size!r}")
+        if name is not None and not isinstance(name, str):
+            raise InvalidArgument(f"name must be a str or None, not {name!r}")
         if self._state == "closed":
             raise BusClosed("bus is closed")
         if name is None:
-            name = "+".join(EVENT_TAGS[t] for t in event_types) or "all"
+            name = "+".join(EVENT_TAGS.get(t) or self._user_types[t] for t in event_types) or "all"
         sub = Subscription(self, frozenset(event_types) or None, size, overflow, name)
         self._subscriptions.append(sub)
         self._rebuild_routes()
@@ -612,6 +753,10 @@ class EventBus:
     def _rebuild_routes(self) -> None:
         self._routes = {
             t: tuple(s for s in self._subscriptions if s.types is None or t in s.types) for t in EVENT_TYPES
+        }
+        # user types go only to subscriptions that name them (the rest get the raw Custom)
+        self._user_routes = {
+            t: tuple(s for s in self._subscriptions if s.types is not None and t in s.types) for t in self._user_types
         }
         self._has_block = any(s.overflow == "block" for s in self._subscriptions)
 
@@ -694,6 +839,8 @@ class EventBus:
             for sub in routes[t]:
                 # Room was checked above; only a gap report just queued can have taken it.
                 sub._offer(env) or sub._push(env)
+            if t is Custom and self._user_kinds:
+                self._deliver_user(env)
         return None
 
     def _report_gap(self, sender: int, expected: int, got: int) -> None:
