@@ -34,9 +34,17 @@ from elasticep_sglang.hooks import ENV_ENABLE, ENV_MAX_MOVES, ENV_PERIODIC, inst
 __all__ = ["main"]
 
 
+def _max_moves(text: str) -> str:
+    """``--elasticep-max-moves``: an int >= 0, ``auto`` or ``none`` (an argument error otherwise)."""
+    value = text.strip().lower()
+    if value in ("auto", "none") or (value.isdigit() and value.isascii()):
+        return value
+    raise argparse.ArgumentTypeError(f"expected an integer >= 0, 'auto' or 'none', not {text!r}")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m elasticep_sglang.launch_server", add_help=False)
-    p.add_argument("--elasticep-max-moves", default="auto")
+    p.add_argument("--elasticep-max-moves", default="auto", type=_max_moves, metavar="N|auto|none")
     p.add_argument("--elasticep-periodic", default="sglang", choices=["sglang", "elasticep"])
     p.add_argument("--elasticep-dry-run", action="store_true")
     p.add_argument("--elasticep-help", action="store_true")
