@@ -22,6 +22,7 @@ BENCHES: dict[str, str] = {
     "transfer": "elasticep.bench.transfer",
     "recovery": "elasticep.bench.recovery",
     "scale": "elasticep.bench.scale",
+    "store": "elasticep.bench.store",
 }
 
 USAGE = """usage: elasticep <command> [options]
