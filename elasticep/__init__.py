@@ -141,6 +141,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "Workload",
         "run_demo",
     ),
+    "elasticep.engine.demo": ("DemoOptionError", "ScheduledFault", "load_schedule"),
     "elasticep.engine.timeline": ("Timeline",),
     "elasticep.testing": ("FaultInjector", "EtcdCluster"),
     "elasticep.testing.hosts": ("HostNet", "HostCluster"),

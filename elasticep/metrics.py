@@ -240,6 +240,13 @@ ENGINE_PROCESS_EXITS = Counter(
     ["kind"],
     registry=REGISTRY,
 )
+DEMO_OPTIONS_REFUSED = Counter(
+    "elasticep_demo_options_refused_total",
+    "elasticep demo options and fault schedules refused before set-up, by option (--ranks, --fail-at, "
+    "--schedule, ..., usage: a malformed command line).",
+    ["option"],
+    registry=REGISTRY,
+)
 
 # SGLang adapter
 SGLANG_REBALANCES = Counter(

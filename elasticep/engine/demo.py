@@ -23,17 +23,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import math
 import random
+import re
 import sys
 import tempfile
 import threading
 import time
+import tomllib
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-__all__ = ["ClusterRecorder", "Workload", "DemoResult", "run_demo", "main"]
+from elasticep.errors import InvalidArgument
+
+__all__ = [
+    "ClusterRecorder", "Workload", "DemoResult", "DemoOptionError", "ScheduledFault", "FAULT_KINDS",
+    "parse_fault", "load_schedule", "check_schedule", "run_demo", "main",
+]
 
 
 class ClusterRecorder:
@@ -43,11 +52,16 @@ class ClusterRecorder:
     publish (views installed, reconfiguration phases, kernel timeouts, suspicions, join and
     leave requests); the launcher's exit callbacks record each ``ProcessExit``. Runs its own
     thread with an asyncio loop; :meth:`close` stops it.
+
+    ``on_view(previous_members, members)``, if given, is called on that thread for every view
+    newer than any seen before (e.g. to stop routing to evicted ranks); it must not block.
     """
 
-    def __init__(self, launcher, timeline) -> None:
+    def __init__(self, launcher, timeline,
+                 on_view: Callable[[tuple[int, ...], tuple[int, ...]], None] | None = None) -> None:
         self.launcher = launcher
         self.timeline = timeline
+        self._on_view = on_view
         self.views: dict[int, tuple[int, ...]] = {}
         self.phase = "serving"
         self._cond = threading.Condition()
@@ -101,8 +115,14 @@ class ClusterRecorder:
                     ev = env.event
                     if isinstance(ev, ViewInstalled):
                         with self._cond:
+                            newest = max(self.views)
                             self.views[ev.epoch] = tuple(ev.members)
                             self._cond.notify_all()
+                        if self._on_view is not None and ev.epoch > newest:
+                            try:
+                                self._on_view(self.views[newest], tuple(ev.members))
+                            except Exception as exc:  # the recorder must keep recording
+                                print(f"recorder: on_view failed: {exc!r}", file=sys.stderr)
                     elif isinstance(ev, ReconfigPhase):
                         self.phase = "serving" if (ev.phase == "resume" and ev.status == "end") else \
                             f"epoch {ev.epoch}: {ev.phase} {ev.status}"
@@ -279,6 +299,241 @@ class DemoResult:
     seconds: float = 0.0
 
 
+FAULT_KINDS: tuple[str, ...] = ("kill", "hang", "mask", "leave", "restart")
+"""What a fault schedule may do to a rank. ``kill``: SIGKILL. ``hang``: SIGSTOP (it stays
+stopped until a ``restart``). ``mask``: it stays up and connected but takes no part in steps.
+``leave``: graceful scale-down. ``restart``: a new incarnation that rejoins (an old process still
+running is killed first)."""
+
+_TAKES_OUT = frozenset({"kill", "hang", "mask", "leave"})
+_MAX_RANKS = 64
+_FAULT_SPEC = re.compile(r"^\s*([A-Za-z_]+)\s*:\s*([+-]?\d+)\s*@\s*([^\s]+?)\s*s?\s*$")
+
+
+class DemoOptionError(InvalidArgument):
+    """An ``elasticep demo`` option or fault schedule that cannot work, refused before any set-up.
+
+    ``option`` names the option (``"--fail-at"``, ``"--schedule"``, ...); the message says why and,
+    where there is one, what would work. :func:`main` prints it as one line and exits with status 2.
+    Each refusal is counted in ``elasticep_demo_options_refused_total{option}``.
+    """
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option}: {message}")
+        self.option = option
+        self.detail = message
+
+    def __reduce__(self):
+        return (type(self), (self.option, self.detail))
+
+
+def _refuse(option: str, message: str) -> DemoOptionError:
+    from elasticep import metrics
+
+    metrics.DEMO_OPTIONS_REFUSED.labels(option).inc()
+    return DemoOptionError(option, message)
+
+
+@dataclass(frozen=True)
+class ScheduledFault:
+    """One fault of a demo schedule: ``kind`` (one of :data:`FAULT_KINDS`) on ``rank``, ``at_s``
+    seconds after the request stream starts. Written ``KIND:RANK@SECONDS`` (``kill:1@2.5``)."""
+
+    at_s: float
+    kind: str
+    rank: int
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.rank}@{self.at_s:g}s"
+
+
+def parse_fault(spec: str, option: str = "--fault") -> ScheduledFault:
+    """``"kill:1@2.5"`` (or ``"kill:1@2.5s"``) -> ``ScheduledFault(2.5, "kill", 1)``.
+
+    Only the form is checked here; :func:`check_schedule` checks kinds, ranks and times.
+    """
+    m = _FAULT_SPEC.match(spec)
+    at_s = None
+    if m is not None:
+        try:
+            at_s = float(m.group(3))
+        except ValueError:
+            at_s = None
+    if m is None or at_s is None:
+        raise _refuse(option, f"{spec!r} is not KIND:RANK@SECONDS (e.g. kill:1@2.5); "
+                              f"KIND is one of {', '.join(FAULT_KINDS)}")
+    return ScheduledFault(at_s, m.group(1).lower(), int(m.group(2)))
+
+
+def load_schedule(path: str | Path) -> list[ScheduledFault]:
+    """Read a fault schedule file: TOML (``[[fault]]`` tables) or, for a ``.json`` file, a JSON
+    list of objects (or ``{"fault": [...]}``); each fault has exactly ``at_s`` (seconds after the
+    stream starts, a number), ``kind`` (a string of :data:`FAULT_KINDS`) and ``rank`` (an
+    integer). Raises :class:`DemoOptionError` naming the file and the fault at fault."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _refuse("--schedule", f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        data: Any = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
+        raise _refuse("--schedule", f"{path} is not valid {kind}: {exc}") from None
+    if isinstance(data, dict):
+        extra = sorted(set(data) - {"fault"})
+        if extra:
+            raise _refuse("--schedule", f"{path}: unknown top-level keys {extra}; a schedule holds only "
+                                        "[[fault]] entries")
+        data = data.get("fault", [])
+    if not isinstance(data, list):
+        raise _refuse("--schedule", f"{path}: expected a list of faults, got {type(data).__name__}")
+    faults = []
+    for n, entry in enumerate(data, 1):
+        where = f"{path}: fault {n}"
+        if not isinstance(entry, dict):
+            raise _refuse("--schedule", f"{where} is a {type(entry).__name__}, not a table of at_s, kind, rank")
+        keys = set(entry)
+        if keys != {"at_s", "kind", "rank"}:
+            missing, unknown = sorted({"at_s", "kind", "rank"} - keys), sorted(keys - {"at_s", "kind", "rank"})
+            raise _refuse("--schedule", f"{where}: " + "; ".join(
+                ([f"missing {missing}"] if missing else []) + ([f"unknown keys {unknown}"] if unknown else [])))
+        at_s, kind, rank = entry["at_s"], entry["kind"], entry["rank"]
+        if isinstance(at_s, bool) or not isinstance(at_s, (int, float)):
+            raise _refuse("--schedule", f"{where}: at_s must be a number of seconds, got {at_s!r}")
+        if not isinstance(kind, str):
+            raise _refuse("--schedule", f"{where}: kind must be a string, got {kind!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise _refuse("--schedule", f"{where}: rank must be an integer, got {rank!r}")
+        faults.append(ScheduledFault(float(at_s), kind.lower(), rank))
+    return faults
+
+
+def check_schedule(faults: Sequence[ScheduledFault], *, ranks: int, slots_per_rank: int, experts: int,
+                   timeout_s: float, option: str = "schedule") -> tuple[ScheduledFault, ...]:
+    """The schedule in the order it runs (by ``at_s``, ties in the order given), or
+    :class:`DemoOptionError` if it cannot work: an unknown kind, a rank outside ``[0, ranks)``, a
+    time that is negative or past ``timeout_s``, a fault on a rank already out, a moment with no
+    rank left, or one where the ranks left hold fewer slots than there are experts (redundancy
+    exhausted: every request would be refused until a restart)."""
+    if not faults:
+        raise _refuse(option, "the schedule has no faults")
+    order = sorted(faults, key=lambda f: f.at_s)
+    out: dict[int, str] = {}
+    for f in order:
+        if f.kind not in FAULT_KINDS:
+            raise _refuse(option, f"{f}: unknown kind {f.kind!r}; use one of {', '.join(FAULT_KINDS)}")
+        if not 0 <= f.rank < ranks:
+            raise _refuse(option, f"{f}: rank {f.rank} is not one of the {ranks} ranks (0-{ranks - 1})")
+        if not math.isfinite(f.at_s) or f.at_s < 0:
+            raise _refuse(option, f"{f}: the time must be a finite number of seconds >= 0")
+        if f.at_s >= timeout_s:
+            raise _refuse(option, f"{f}: {f.at_s:g} s is past the demo's {timeout_s:g} s time limit")
+        if f.kind == "restart":
+            out.pop(f.rank, None)
+            continue
+        if f.rank in out:
+            raise _refuse(option, f"{f}: rank {f.rank} is already out then ({out[f.rank]}); restart it first")
+        out[f.rank] = f"{f.kind} at {f.at_s:g} s"
+        left = ranks - len(out)
+        if left == 0:
+            raise _refuse(option, f"{f}: leaves no rank serving")
+        if left * slots_per_rank < experts:
+            need = math.ceil(experts / left)
+            raise _refuse(option, f"{f}: ranks {','.join(map(str, sorted(out)))} are out at once and the {left} "
+                                  f"left hold {left * slots_per_rank} expert slots for {experts} experts "
+                                  f"(redundancy exhausted); give --slots-per-rank {need} or more, or more --ranks")
+    return tuple(order)
+
+
+@dataclass(frozen=True)
+class _FailPoint:
+    """When the single fault fires: ``seconds`` after the stream starts, or once ``requests`` finished."""
+
+    seconds: float | None = None
+    requests: int | None = None
+
+
+def _parse_fail_at(spec: str, requests: int, timeout_s: float) -> _FailPoint:
+    text = str(spec).strip()
+    unit = "%" if text.endswith("%") else "s" if text.endswith("s") else ""
+    try:
+        value = float(text[:-1]) if unit else int(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value):
+        raise _refuse("--fail-at", f"{spec!r} is not '3s' (seconds), '60' (requests done) or '40%' "
+                                   "(of the requests)")
+    if unit == "%":
+        if not 0 <= value < 100:
+            raise _refuse("--fail-at", f"{spec!r}: a share of the requests must be at least 0 % and below "
+                                       "100 % (the fault must land while requests are in flight)")
+        return _FailPoint(requests=int(requests * value / 100))
+    if unit == "s":
+        if not 0 <= value < timeout_s:
+            raise _refuse("--fail-at", f"{spec!r}: seconds must be >= 0 and below the demo's {timeout_s:g} s "
+                                       "time limit")
+        return _FailPoint(seconds=value)
+    if not 0 <= value < requests:
+        raise _refuse("--fail-at", f"{spec!r}: requests done must be >= 0 and below --requests {requests} "
+                                   "(the fault must land while requests are in flight)")
+    return _FailPoint(requests=int(value))
+
+
+@dataclass(frozen=True)
+class _DemoPlan:
+    slots_per_rank: int
+    fail_point: _FailPoint | None
+    schedule: tuple[ScheduledFault, ...] | None
+
+
+def _check_options(*, ranks: int, fault: str, fail_rank: int, fail_at: str, requests: int, max_new_tokens: int,
+                   prompt_len: int, concurrency: int | None, out: str | Path | None, rejoin: bool,
+                   timeout_s: float, schedule: Sequence[ScheduledFault] | None,
+                   slots_per_rank: int | None) -> _DemoPlan:
+    """Every option checked before anything is set up; raises :class:`DemoOptionError`."""
+    from elasticep.engine.model import TINY_DEFAULTS
+
+    experts = int(TINY_DEFAULTS["n_routed_experts"])
+    positions = int(TINY_DEFAULTS["max_position_embeddings"])
+    if not 2 <= ranks <= _MAX_RANKS:
+        raise _refuse("--ranks", f"{ranks}: the demo needs 2 to {_MAX_RANKS} ranks (a fault on one of them "
+                                 "must leave another serving)")
+    if requests < 1:
+        raise _refuse("--requests", f"{requests}: must be at least 1")
+    if max_new_tokens < 1:
+        raise _refuse("--max-new-tokens", f"{max_new_tokens}: must be at least 1")
+    if not 1 <= prompt_len <= 64:  # a rank prefills at most 64 tokens in one step
+        raise _refuse("prompt_len", f"{prompt_len}: must be 1 to 64")
+    if prompt_len + max_new_tokens > positions:
+        raise _refuse("--max-new-tokens", f"{max_new_tokens}: prompt and output must fit the model's "
+                                          f"{positions} positions (at most {positions - prompt_len})")
+    if concurrency is not None and concurrency < 1:
+        raise _refuse("concurrency", f"{concurrency}: must be at least 1")
+    if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0):
+        raise _refuse("timeout_s", f"{timeout_s!r}: must be a positive number of seconds")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise _refuse("--out", f"{out} exists and is not a directory")
+    default_spr = math.ceil(experts / (ranks - 1))  # the launcher's default: survives any one loss
+    spr = default_spr if slots_per_rank is None else slots_per_rank
+    if spr < 1 or ranks * spr < experts:
+        raise _refuse("--slots-per-rank", f"{slots_per_rank}: {ranks} ranks need at least "
+                                          f"{math.ceil(experts / ranks)} slots each to hold {experts} experts")
+    if schedule is not None:
+        plan = check_schedule(schedule, ranks=ranks, slots_per_rank=spr, experts=experts, timeout_s=timeout_s)
+        return _DemoPlan(spr, None, plan)
+    if fault not in _TAKES_OUT:
+        raise _refuse("--fault", f"{fault!r}: a single fault is one of {', '.join(sorted(_TAKES_OUT))} "
+                                 "(a schedule can also restart)")
+    if not 0 <= fail_rank < ranks:
+        raise _refuse("--fail-rank", f"{fail_rank} is not one of the {ranks} ranks (0-{ranks - 1})")
+    if (ranks - 1) * spr < experts:
+        raise _refuse("--slots-per-rank", f"{spr}: after losing rank {fail_rank} the {ranks - 1} ranks left hold "
+                                          f"{(ranks - 1) * spr} slots for {experts} experts (redundancy "
+                                          f"exhausted); give {math.ceil(experts / (ranks - 1))} or more")
+    return _DemoPlan(spr, _parse_fail_at(fail_at, requests, timeout_s), None)
+
+
 def _inject(launcher, fault: str, rank: int, timeline) -> None:
     timeline.signal(fault, rank)
     if fault == "kill":
@@ -289,8 +544,44 @@ def _inject(launcher, fault: str, rank: int, timeline) -> None:
         launcher.mask(rank)
     elif fault == "leave":
         launcher.retire(rank, wait=False)
+    elif fault == "restart":
+        launcher.restart(rank, wait=False)
     else:
         raise ValueError(f"unknown fault {fault!r}")
+
+
+def _run_schedule(launcher, recorder: ClusterRecorder, work: Workload, timeline, state: dict[str, Any],
+                  schedule: Sequence[ScheduledFault], ranks: int, live: bool) -> list[str]:
+    """Inject each fault at its time after the stream started; returns the problems seen (a fault
+    after the stream ended, a final view that is not the one the schedule leads to)."""
+    problems: list[str] = []
+    t0 = time.monotonic()
+    out: set[int] = set()
+    for f in schedule:
+        delay = t0 + f.at_s - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        done = work.done
+        if done >= work.total:
+            problems.append(f"{f} came after the last request finished: give more --requests or an earlier time")
+        state["note"] = f"{f.kind} rank {f.rank}"
+        _inject(launcher, f.kind, f.rank, timeline)
+        if not live:
+            print(f"t+{time.monotonic() - t0:.2f} s: {f.kind} rank {f.rank} ({done}/{work.total} requests done)",
+                  flush=True)
+        if f.kind == "restart":
+            out.discard(f.rank)
+        else:
+            out.add(f.rank)
+    expected = tuple(r for r in range(ranks) if r not in out)
+    state["note"] = f"waiting for the view {list(expected)}"
+    if recorder.wait_view(lambda e, m: tuple(sorted(m)) == expected, 30.0) is None:
+        epoch, members = recorder.view
+        problems.append(f"the cluster did not reach the view {list(expected)} within 30 s "
+                        f"(newest: epoch {epoch}, members {list(members)})")
+    else:
+        state["note"] = f"serving on {list(expected)}"
+    return problems
 
 
 def run_demo(
@@ -308,9 +599,20 @@ def run_demo(
     rejoin: bool = True,
     seed: int = 0,
     timeout_s: float = 150.0,
+    schedule: Sequence[ScheduledFault] | None = None,
+    slots_per_rank: int | None = None,
 ) -> DemoResult:
     """Run the demo scenario; see the module docs. ``fail_at``: ``"3s"`` (seconds after the
-    stream starts), ``"60"`` (after that many requests finished) or ``"40%"`` of the requests."""
+    stream starts), ``"60"`` (after that many requests finished) or ``"40%"`` of the requests.
+
+    ``schedule``: instead of the one ``fault`` on ``fail_rank`` (and its rejoin), these faults at
+    their times (:func:`load_schedule`, :func:`parse_fault`); ranks come back only where the
+    schedule says ``restart``. ``slots_per_rank``: expert slots per rank (default
+    ``ceil(experts / (ranks - 1))``, enough to lose any one rank). Every option is checked before
+    anything is set up: :class:`DemoOptionError`."""
+    plan = _check_options(ranks=ranks, fault=fault, fail_rank=fail_rank, fail_at=fail_at, requests=requests,
+                          max_new_tokens=max_new_tokens, prompt_len=prompt_len, concurrency=concurrency, out=out,
+                          rejoin=rejoin, timeout_s=timeout_s, schedule=schedule, slots_per_rank=slots_per_rank)
     import torch
 
     from elasticep.engine.launcher import Launcher, prewarm
@@ -327,13 +629,23 @@ def run_demo(
     oracle = Oracle(model_path)
     prompts = make_prompts(requests, prompt_len, oracle.config.vocab_size, seed)
     oracle.generate_many(prompts, max_new_tokens)  # before the cluster takes the cores
-    if not 0 <= fail_rank < ranks:
-        raise ValueError(f"--fail-rank {fail_rank} is not one of the {ranks} ranks")
     timeline = Timeline()
     concurrency = concurrency or 2 * ranks
     state = {"note": "starting ranks"}
-    with Launcher(model_path, ranks, backend="kernel", attempt_timeout_s=30.0) as launcher:
-        recorder = ClusterRecorder(launcher, timeline)
+    problems: list[str] = []
+    with Launcher(model_path, ranks, backend="kernel", attempt_timeout_s=30.0,
+                  slots_per_rank=plan.slots_per_rank) as launcher:
+        router = launcher.router
+
+        def follow_view(previous: tuple[int, ...], members: tuple[int, ...]) -> None:
+            # a rank out of the view gets no requests and its attempts go elsewhere at once (a
+            # stopped rank would otherwise hold them until the attempt timeout)
+            for r in set(previous) - set(members):
+                router.evict(r)
+            for r in set(members) - set(previous):
+                router.readmit(r)
+
+        recorder = ClusterRecorder(launcher, timeline, on_view=follow_view)
         work = Workload(launcher, prompts, max_new_tokens, concurrency=concurrency, timeline=timeline)
 
         def status() -> dict[str, Any]:
@@ -345,26 +657,11 @@ def run_demo(
             with LiveDisplay(timeline, status, enabled=live):
                 state["note"] = "serving"
                 work.start()
-                _wait_fail_point(work, fail_at, timeout_s)
-                state["note"] = f"{fault} rank {fail_rank}"
-                _inject(launcher, fault, fail_rank, timeline)
-                if not live:
-                    print(f"injected {fault} on rank {fail_rank} after {work.done} requests", flush=True)
-                if recorder.wait_view(lambda e, m: fail_rank not in m and e > 1, 30.0) is None:
-                    raise RuntimeError(f"no view without rank {fail_rank} within 30 s")
-                state["note"] = f"rank {fail_rank} evicted; serving on {len(recorder.view[1])} ranks"
-                if fault == "hang":
-                    time.sleep(0.5)
-                    launcher.resume(fail_rank)  # it wakes up outside the view: it fences itself
-                if rejoin:
-                    if fault != "kill":
-                        launcher.wait_exit(fail_rank, timeout_s=30.0)
-                    time.sleep(0.5)
-                    timeline.signal("restart", fail_rank)
-                    state["note"] = f"restarting rank {fail_rank}"
-                    launcher.restart(fail_rank)
-                    recorder.wait_view(lambda e, m: fail_rank in m, 30.0)
-                    state["note"] = f"rank {fail_rank} rejoined"
+                if plan.schedule is not None:
+                    problems = _run_schedule(launcher, recorder, work, timeline, state, plan.schedule, ranks, live)
+                else:
+                    _single_fault(launcher, recorder, work, timeline, state, plan.fail_point, fault=fault,
+                                  fail_rank=fail_rank, rejoin=rejoin, live=live, timeout_s=timeout_s)
                 if not work.wait(max(5.0, timeout_s - (time.monotonic() - t_start))):
                     state["note"] = "timed out"
                 time.sleep(0.3)  # the last phase events on the bus
@@ -374,7 +671,7 @@ def run_demo(
     changes = timeline.changes()
     json_path = timeline.to_json(out_dir / "timeline.json")
     png_path = timeline.plot(out_dir / "timeline.png")
-    ok = verdict["lost"] == 0 and verdict["wrong"] == 0
+    ok = verdict["lost"] == 0 and verdict["wrong"] == 0 and not problems
     from rich.console import Console
 
     console = Console(width=None if sys.stdout.isatty() else 150)
@@ -387,28 +684,71 @@ def run_demo(
     )
     if verdict["errors"]:
         console.print(f"errors: {verdict['errors']}")
+    for problem in problems:
+        console.print(f"schedule: {problem}", markup=False)
     console.print(f"timeline: {json_path}\nplot: {png_path}")
     console.print("[bold green]OK[/]" if ok else "[bold red]FAILED[/]")
     return DemoResult(ok, verdict, changes, json_path, png_path, time.monotonic() - t_start)
 
 
-def _wait_fail_point(work: Workload, fail_at: str, timeout_s: float) -> None:
-    spec = fail_at.strip()
-    if spec.endswith("s"):
-        time.sleep(float(spec[:-1]))
-    elif spec.endswith("%"):
-        work.wait_done(int(work.total * float(spec[:-1]) / 100), timeout_s)
+def _single_fault(launcher, recorder: ClusterRecorder, work: Workload, timeline, state: dict[str, Any],
+                  point: _FailPoint, *, fault: str, fail_rank: int, rejoin: bool, live: bool,
+                  timeout_s: float) -> None:
+    """The default scenario: one fault on ``fail_rank`` at ``point``, then (``rejoin``) a restart."""
+    _wait_fail_point(work, point, timeout_s)
+    state["note"] = f"{fault} rank {fail_rank}"
+    _inject(launcher, fault, fail_rank, timeline)
+    if not live:
+        print(f"injected {fault} on rank {fail_rank} after {work.done} requests", flush=True)
+    if recorder.wait_view(lambda e, m: fail_rank not in m and e > 1, 30.0) is None:
+        raise RuntimeError(f"no view without rank {fail_rank} within 30 s")
+    state["note"] = f"rank {fail_rank} evicted; serving on {len(recorder.view[1])} ranks"
+    if fault == "hang":
+        time.sleep(0.5)
+        launcher.resume(fail_rank)  # it wakes up outside the view: it fences itself
+    if rejoin:
+        if fault != "kill":
+            launcher.wait_exit(fail_rank, timeout_s=30.0)
+        time.sleep(0.5)
+        timeline.signal("restart", fail_rank)
+        state["note"] = f"restarting rank {fail_rank}"
+        launcher.restart(fail_rank)
+        recorder.wait_view(lambda e, m: fail_rank in m, 30.0)
+        state["note"] = f"rank {fail_rank} rejoined"
+
+
+def _wait_fail_point(work: Workload, point: _FailPoint, timeout_s: float) -> None:
+    if point.seconds is not None:
+        time.sleep(point.seconds)
     else:
-        work.wait_done(int(spec), timeout_s)
+        work.wait_done(int(point.requests or 0), timeout_s)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line and status 2, like every other refused option."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        from elasticep import metrics
+
+        metrics.DEMO_OPTIONS_REFUSED.labels("usage").inc()
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="elasticep demo", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="elasticep demo", description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=4)
-    parser.add_argument("--fail-rank", type=int, default=2)
-    parser.add_argument("--fault", choices=("kill", "hang", "mask", "leave"), default="kill")
-    parser.add_argument("--fail-at", default="40%",
-                        help="when: '3s' after the stream starts, '60' requests done, or '40%%' of them")
+    parser.add_argument("--fail-rank", type=int, default=None, help="the rank of the single --fault (default 2)")
+    parser.add_argument("--fault", action="append", default=None, metavar="KIND | KIND:RANK@SECONDS",
+                        help="one fault: kill, hang, mask or leave on --fail-rank at --fail-at (default kill); "
+                             "or, repeated, a schedule: KIND:RANK@SECONDS with KIND one of "
+                             f"{', '.join(FAULT_KINDS)} (e.g. --fault kill:1@2 --fault restart:1@4)")
+    parser.add_argument("--fail-at", default=None,
+                        help="when the single fault lands: '3s' after the stream starts, '60' requests done, "
+                             "or '40%%' of them (default 40%%)")
+    parser.add_argument("--schedule", default=None, metavar="FILE",
+                        help="a fault schedule (TOML [[fault]] tables of at_s, kind, rank; or a .json list)")
+    parser.add_argument("--slots-per-rank", type=int, default=None,
+                        help="expert slots per rank (default: enough to lose any one rank)")
     parser.add_argument("--requests", type=int, default=160)
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--no-rejoin", action="store_true", help="do not bring a replacement back")
@@ -416,11 +756,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-live", action="store_true", help="no live display (logs and CI)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    result = run_demo(ranks=args.ranks, fault=args.fault, fail_rank=args.fail_rank, fail_at=args.fail_at,
-                      requests=args.requests, max_new_tokens=args.max_new_tokens, out=args.out,
-                      live=not args.no_live, rejoin=not args.no_rejoin, seed=args.seed)
+    try:
+        schedule, fault = _schedule_from_args(args)
+        # run_demo checks every option before it sets anything up
+        result = run_demo(ranks=args.ranks, fault=fault, fail_rank=2 if args.fail_rank is None else args.fail_rank,
+                          fail_at="40%" if args.fail_at is None else args.fail_at, requests=args.requests,
+                          max_new_tokens=args.max_new_tokens, out=args.out, live=not args.no_live,
+                          rejoin=not args.no_rejoin, seed=args.seed, schedule=schedule,
+                          slots_per_rank=args.slots_per_rank)
+    except DemoOptionError as exc:
+        print(f"elasticep demo: {exc}", file=sys.stderr)
+        return 2
     print(f"demo finished in {result.seconds:.1f} s")
     return 0 if result.ok else 1
+
+
+def _schedule_from_args(args: argparse.Namespace) -> tuple[list[ScheduledFault] | None, str]:
+    """``(schedule or None, single fault kind)`` from ``--schedule`` and the ``--fault`` options."""
+    specs = args.fault or []
+    timed = [s for s in specs if ":" in s or "@" in s]
+    if timed and len(timed) != len(specs):
+        raise _refuse("--fault", "give either one KIND (with --fail-rank and --fail-at) or only "
+                                 "KIND:RANK@SECONDS faults, not both")
+    if not timed and len(specs) > 1:
+        raise _refuse("--fault", f"{len(specs)} bare kinds {specs}: a schedule of several faults is written "
+                                 "KIND:RANK@SECONDS (e.g. --fault kill:1@2 --fault kill:3@2)")
+    if args.schedule is None and not timed:
+        return None, specs[0].strip().lower() if specs else "kill"
+    if args.schedule is not None and timed:
+        raise _refuse("--schedule", "give the faults in a --schedule file or as --fault options, not both")
+    for given, name in ((args.fail_rank, "--fail-rank"), (args.fail_at, "--fail-at")):
+        if given is not None:
+            raise _refuse(name, "applies to a single --fault KIND; in a schedule each fault has its own rank and time")
+    if args.no_rejoin:
+        raise _refuse("--no-rejoin", "applies to a single fault; a schedule brings a rank back only where it "
+                                     "says restart")
+    if args.schedule is not None:
+        return load_schedule(args.schedule), "kill"
+    return [parse_fault(s) for s in timed], "kill"
 
 
 if __name__ == "__main__":
