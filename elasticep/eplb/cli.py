@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -90,8 +91,20 @@ def _ids(text: str | None, what: str = "ranks", num_ranks: int | None = None) ->
     return ids
 
 
+_ROLE = re.compile(r":[a-z]+:`~?(?:[\w.]+\.)?(\w+)`")
+
+
+def plain(rst: str) -> str:
+    """``rst`` as plain text for a terminal: Sphinx roles become the bare name (``initial()``
+    for a function), inline literals lose their double backticks."""
+    text = _ROLE.sub(lambda m: m.group(1) + ("()" if m.group(0).startswith(":func:") else ""), rst)
+    return text.replace("``", "")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="elasticep plan", description=__doc__.split("\n\n")[0])
+    head, _, rest = __doc__.partition("\n\n")
+    ap = argparse.ArgumentParser(prog="elasticep plan", description=plain(head) + "\n\n" + plain(rest.strip()),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("load", help="load file (.pt or .json), [layers, experts]")
     ap.add_argument("--ranks", type=int, help="EP ranks (default: the current placement's)")
     ap.add_argument("--slots-per-rank", type=int, help="physical expert slots per rank")
