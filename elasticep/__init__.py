@@ -27,6 +27,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "HookFailed",
         "HookTimeout",
     ),
+    "elasticep.agent.operator": ("OperatorDoor", "OperatorRefused", "start_operator"),
     "elasticep.events": (
         "Codec",
         "Envelope",

@@ -93,6 +93,17 @@ class Config:
     transfer_timeout_s: float = 10.0
     """Bound on one weight transfer before the next source is tried, s."""
 
+    # --- operator's door (elasticep.agent.operator) ---
+    operator_port: int = -1
+    """Port of the operator's HTTP door (status, drain, admit) beside the metrics page; ``-1``
+    serves none, ``0`` picks a free port."""
+    operator_addr: str = "127.0.0.1"
+    """Address the operator's door binds."""
+    operator_token: str = dataclasses.field(default="", repr=False)
+    """Bearer token every request to the operator's door must carry (``Authorization: Bearer
+    TOKEN``), at least 16 characters, e.g. ``secrets.token_urlsafe()``; needed when
+    ``operator_port >= 0``. Kept out of ``repr()``."""
+
     @classmethod
     def local(cls, **overrides: Any) -> "Config":
         """Ranks on one host: detect in tens of milliseconds."""
@@ -160,6 +171,11 @@ class Config:
             raise ValueError("monitors_per_rank must be an even number >= 4 with the ring topology")
         if self.startup_grace_s * 1e3 < self.min_suspect_ms:
             raise ValueError("startup_grace_s must be at least min_suspect_ms")
+        if not -1 <= self.operator_port <= 65535:
+            raise ValueError(f"operator_port must be -1 (no door), 0 (a free port) or a port, not {self.operator_port}")
+        if self.operator_port >= 0 and len(self.operator_token) < 16:
+            raise ValueError("the operator's door (operator_port >= 0) needs an operator_token of at least 16 "
+                             "characters (e.g. secrets.token_urlsafe())")
 
 
 def _parse(text: str, kind: type, name: str) -> Any:

@@ -280,3 +280,17 @@ HOOK_FAILURES = Counter(
     ["hook", "kind"],
     registry=REGISTRY,
 )
+OPERATOR_REQUESTS = Counter(
+    "elasticep_operator_requests_total",
+    "Requests to the operator's HTTP door, by endpoint (status, drain, admit, other) and HTTP status code.",
+    ["endpoint", "code"],
+    registry=REGISTRY,
+)
+OPERATOR_REFUSED = Counter(
+    "elasticep_operator_refused_total",
+    "Requests the operator's door refused, by reason (no_token, bad_token, bad_request, too_large, "
+    "not_found, conflict: the rank is not a member or already draining, unavailable: no admit "
+    "callable or the agent is not running, forward_failed: the drained rank's door did not answer).",
+    ["reason"],
+    registry=REGISTRY,
+)

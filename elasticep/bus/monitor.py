@@ -12,6 +12,10 @@ Lines look like::
 
 (time the event was sent, sender rank, epoch, sequence number, event type, fields). ``--json``
 prints each envelope as one JSON object instead. ``--count`` and ``--seconds`` bound the run.
+
+``--operator http://HOST:PORT --token TOKEN`` instead prints one rank's status from its
+operator door (:mod:`elasticep.agent.operator`) and exits: view, epoch, members, suspicions and
+the last reconfiguration's phases (``--json``: the door's answer as it is).
 """
 
 from __future__ import annotations
@@ -58,7 +62,10 @@ def json_envelope(env: Envelope) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="elasticep monitor", description="Print a running cluster's events live.")
-    p.add_argument("--store", required=True, metavar="HOST:PORT", help="the cluster's TCPStore")
+    p.add_argument("--store", metavar="HOST:PORT", help="the cluster's TCPStore")
+    p.add_argument("--operator", metavar="URL", help="instead of events: print one rank's status from its operator "
+                   "door (http://HOST:PORT) and exit")
+    p.add_argument("--token", default=None, help="the operator door's token (default: $ELASTICEP_OPERATOR_TOKEN)")
     p.add_argument("--keys", metavar="FILE", help="key file with the monitor key (default: $ELASTICEP_BUS_KEYS)")
     p.add_argument("--prefix", default=None, help="rendezvous key prefix (default elasticep/bus/)")
     p.add_argument("--types", default="", help="comma-separated event types to show, e.g. suspicion,view_installed")
@@ -107,7 +114,12 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.operator:
+        return _operator_status(args)
+    if not args.store:
+        parser.error("one of --store (events) or --operator (a rank's status) is required")
     if args.metrics_port:
         metrics.serve(args.metrics_port)
     try:
@@ -117,6 +129,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.count and printed < args.count:
         print(f"elasticep monitor: saw {printed} of {args.count} events", file=sys.stderr)
         return 1
+    return 0
+
+
+def _operator_status(args: argparse.Namespace) -> int:
+    import os
+
+    from elasticep.agent.operator import fetch_status, format_status
+
+    token = args.token if args.token is not None else os.environ.get("ELASTICEP_OPERATOR_TOKEN", "")
+    try:
+        status = asyncio.run(fetch_status(args.operator, token))
+    except Exception as exc:
+        print(f"elasticep monitor: {exc}", file=sys.stderr)
+        return 1
+    print(msgspec.json.encode(status).decode() if args.json else format_status(status))
     return 0
 
 
