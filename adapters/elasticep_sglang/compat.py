@@ -13,9 +13,10 @@ from __future__ import annotations
 import re
 from importlib import metadata
 
-from elasticep.errors import UnsupportedEngineVersion
+from elasticep.errors import ElasticEPError, UnsupportedEngineVersion
 
 __all__ = [
+    "INSTALL_ADVICE",
     "SUPPORTED_SGLANG",
     "SGLangNotInstalled",
     "UnsupportedSGLangVersion",
@@ -30,8 +31,21 @@ _LOW = (0, 5, 23)
 _HIGH = (0, 6)
 
 
-class SGLangNotInstalled(ImportError):
-    """``sglang`` cannot be imported: install the ``sglang`` extra (``pip install elasticep[sglang]``)."""
+#: What to run when SGLang is missing. SGLang pins a CUDA build of torch, so the ``sglang`` extra
+#: replaces whatever torch is installed; where that torch must stay (a CPU-only host, another
+#: CUDA build), install SGLang without its dependencies, as ``scripts/setup.sh`` does.
+INSTALL_ADVICE = (
+    "on a GPU host whose torch is the build SGLang pins: pip install 'elasticep[sglang]'; "
+    f"to keep the torch you have (CPU-only, or another CUDA build): pip install --no-deps 'sglang{SUPPORTED_SGLANG}' "
+    "and then the few packages its EPLB modules import "
+    "(pip install orjson psutil pybase64 requests triton packaging pillow starlette pydantic tqdm ipython aiohttp "
+    "zstandard; "
+    "see docs/sglang.md)"
+)
+
+
+class SGLangNotInstalled(ElasticEPError, ImportError):
+    """``sglang`` cannot be imported; the message says what to install (:data:`INSTALL_ADVICE`)."""
 
 
 class UnsupportedSGLangVersion(UnsupportedEngineVersion):
@@ -46,7 +60,8 @@ class UnsupportedSGLangVersion(UnsupportedEngineVersion):
         super().__init__(
             "sglang", found, supported,
             f"elasticep_sglang supports sglang{supported}, found sglang {found}; "
-            f"install a supported release (pip install 'sglang{supported}') or run SGLang without the hooks"
+            f"install a supported release (pip install --no-deps 'sglang{supported}' keeps the torch you have) "
+            "or run SGLang without the hooks"
         )
 
 
@@ -59,12 +74,10 @@ def installed_sglang_version() -> str:
     try:
         import sglang
     except ImportError as exc:
-        raise SGLangNotInstalled(
-            f"sglang is not importable ({exc}); install the sglang extra: pip install 'elasticep[sglang]'"
-        ) from exc
+        raise SGLangNotInstalled(f"sglang is not importable ({exc}); {INSTALL_ADVICE}") from exc
     version = getattr(sglang, "__version__", None)
     if not version:
-        raise SGLangNotInstalled("sglang is importable but reports no version")
+        raise SGLangNotInstalled(f"sglang is importable but reports no version (a broken install?); {INSTALL_ADVICE}")
     return str(version)
 
 
