@@ -23,6 +23,7 @@ BENCHES: dict[str, str] = {
     "recovery": "elasticep.bench.recovery",
     "scale": "elasticep.bench.scale",
     "store": "elasticep.bench.store",
+    "overhead": "elasticep.bench.overhead",
 }
 
 USAGE = """usage: elasticep <command> [options]

@@ -92,6 +92,14 @@ class Config:
     """Move budget after a failure, as a multiple of the coverage-repair lower bound."""
     transfer_timeout_s: float = 10.0
     """Bound on one weight transfer before the next source is tried, s."""
+    backup_budget_mb: float = 0.0
+    """Host memory each rank may hold for backups of experts it does not serve, MiB (0: none).
+    A rank keeps ``floor(budget / (moe_layers * expert_bytes))`` experts per layer
+    (:func:`elasticep.transfer.backup_slots`); two copies of every expert need about
+    ``2 * experts / ranks`` per layer."""
+    backup_copies: int = 2
+    """Host-memory backups planned per expert (:func:`elasticep.transfer.plan_backups`), each on
+    a host other than those serving the expert and than the other copy's."""
 
     # --- operator's door (elasticep.agent.operator) ---
     operator_port: int = -1
@@ -169,6 +177,8 @@ class Config:
             raise ValueError(f"detection_topology must be 'all' or 'ring', not {self.detection_topology!r}")
         if self.detection_topology == "ring" and (self.monitors_per_rank < 4 or self.monitors_per_rank % 2):
             raise ValueError("monitors_per_rank must be an even number >= 4 with the ring topology")
+        if self.backup_budget_mb < 0 or self.backup_copies < 1:
+            raise ValueError("backup_budget_mb must be >= 0 and backup_copies >= 1")
         if self.startup_grace_s * 1e3 < self.min_suspect_ms:
             raise ValueError("startup_grace_s must be at least min_suspect_ms")
         if not -1 <= self.operator_port <= 65535:
