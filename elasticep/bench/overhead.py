@@ -117,8 +117,7 @@ def _rank_main(rank: int, mode: str, setup: dict, conn: Any) -> None:
             prompt = torch.randint(0, vocab, (6,), generator=seq_rng).tolist()
             return model.new_sequence(prompt, setup["max_new_tokens"])
 
-        seq = fresh()
-        model.step(seq)  # prefill outside the timed loop
+        seq = fresh()  # its prefill is the first (warm-up) step, after every rank got "go"
         conn.send(("ready", backups, members))
         conn.recv()  # go
         times: list[float] = []
@@ -214,8 +213,9 @@ def run(ranks: int = 2, rounds: int = 2, steps: int = 200, warmup: int = 20, see
 
     from elasticep.errors import InvalidArgument
 
-    if ranks < 2 or rounds < 1 or steps < 10 or warmup < 0:
-        raise InvalidArgument(f"need ranks >= 2, rounds >= 1, steps >= 10, warmup >= 0; got {ranks}, {rounds}, {steps}, {warmup}")
+    if ranks < 2 or rounds < 1 or steps < 10 or warmup < 1:
+        raise InvalidArgument(f"need ranks >= 2, rounds >= 1, steps >= 10, warmup >= 1 (the prefill); "
+                              f"got {ranks}, {rounds}, {steps}, {warmup}")
     workdir = Path(tempfile.mkdtemp(prefix="elasticep-bench-overhead-"))
     model = make_tiny_model(workdir / "model", seed=seed)
     config = load_config(model)
@@ -227,7 +227,7 @@ def run(ranks: int = 2, rounds: int = 2, steps: int = 200, warmup: int = 20, see
     # each rank its own host; two copies' worth of slots per rank
     backup_plan = plan_backups(placement, slots=math.ceil(2 * experts / ranks))
     setup = dict(ranks=ranks, model=str(model), placement=placement.to_dict(), keys=ClusterKeys.generate(ranks).to_json(),
-                 kernel_timeout_us=1_000_000, steps=steps, warmup=warmup, seed=seed, max_new_tokens=max_new_tokens,
+                 kernel_timeout_us=10_000_000, steps=steps, warmup=warmup, seed=seed, max_new_tokens=max_new_tokens,
                  backup_plan=backup_plan.to_dict())
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "transformers", "elasticep.engine.model", "elasticep.agent"])
