@@ -1,26 +1,36 @@
 """``elasticep bench scale``: membership at 16 to 4096 ranks, today's all-to-all beside the ring.
 
-Simulated mode only (labelled ``mode: "simulated"``): every rank's pure membership core on a
+Two modes, labelled in every record. ``"real"`` (N up to ``--real-max``): every rank's CURVE
+ZeroMQ bus, detector and membership service with real sockets, a real ``TCPStore`` and the real
+clock, many ranks per process (:class:`elasticep.testing.scale.RealCluster`); a kill closes the
+rank's sockets (no launcher report: the neighbours' disconnects are the only signal), a hang
+leaves them open and silent; loss is dropped at the receiver. Also reported for real runs:
+CPU per rank (% of one core, every thread of the harness processes, the store server not
+counted), file descriptors, threads and ZeroMQ sockets per rank, and the most peers one rank
+subscribes to. ``"simulated"``: every rank's pure membership core on a
 virtual clock (:class:`elasticep.testing.scale.SimCluster`), 0.1 ms one-way delay plus up to
-0.1 ms jitter, 0.5 ms per store operation. For each N and topology: the time until every survivor
+0.1 ms jitter, 0.5 ms per store operation; the launcher reports a kill to every rank. For each N and topology: the time until every survivor
 installed a view without a killed rank (the launcher reports the exit) and without a hung one
 (silence only), p50/p99 over the survivors and the trials; heartbeats and bytes each rank receives
 per second in steady state; false evictions over a soak with 1 % loss; the time for N ranks
 starting together (all *joining*) to be admitted. All-to-all is skipped above ``--all-max``
-ranks (its ``N * (N - 1)`` deliveries would take the simulator too long); its steady-state rate
-is then only the formula ``(N - 1) * 1000 / heartbeat_interval_ms``, printed as such.
+ranks (its ``N * (N - 1)`` deliveries would take the simulator too long) and with real sockets
+above ``--real-all-max``; its steady-state rate is then only the formula
+``(N - 1) * 1000 / heartbeat_interval_ms``, printed as such. In real mode the soak runs on the
+same cluster after the kills and hangs (over the survivors), with 1 % loss from then on.
 
-    elasticep bench scale --ranks 16 64 256 1024 [--json] [--soak-s 60]
+    elasticep bench scale --ranks 16 64 256 1024 [--json] [--soak-s 60] [--real-max 256]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 
 from elasticep.config import Config
 from elasticep.membership.topology import Topology
-from elasticep.testing.scale import SimCluster
+from elasticep.testing.scale import RealCluster, SimCluster
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -41,7 +51,7 @@ def measure(n: int, topology: str, *, trials: int = 2, soak_s: float = 60.0, see
     sim.run_for(1.0)
     msgs = (sim.delivered - d0) / n / (sim.now - t0)
     bytes_ = (sim.delivered_bytes - b0) / n / (sim.now - t0)
-    victims = list(range(n // 3, n, max(1, n // (2 * trials + 1))))[: 2 * trials]
+    victims = _victims(n, trials)
     for i, victim in enumerate(victims):
         start = sim.now
         (sim.kill if i % 2 == 0 else sim.hang)(victim)
@@ -62,44 +72,112 @@ def measure(n: int, topology: str, *, trials: int = 2, soak_s: float = 60.0, see
     }
 
 
+def _victims(n: int, trials: int) -> list[int]:
+    return list(range(n // 3, n, max(1, n // (2 * trials + 1))))[: 2 * trials]
+
+
+def measure_real(n: int, topology: str, *, trials: int = 2, soak_s: float = 60.0, procs: int | None = None,
+                 steady_s: float = 3.0, seed: int = 1) -> dict:
+    """One N and topology over real sockets (:class:`RealCluster`); the keys of :func:`measure`
+    plus ``cpu_pct_per_rank``, ``fds_per_rank``, ``threads_per_rank``, ``sockets_per_rank``,
+    ``peers_max``, ``procs``, ``soak_ranks``."""
+    config = Config.local(detection_topology=topology)
+    procs = procs or max(1, min(8, n // 32))
+    kill_ms: list[float] = []
+    hang_ms: list[float] = []
+    with RealCluster(n, config, procs=procs, seed=seed) as cluster:
+        join_all_s = cluster.start()
+        time.sleep(1.0)
+        s0 = cluster.stats()
+        time.sleep(steady_s)
+        s1 = cluster.stats()
+        dt = s1["time"] - s0["time"]
+        victims = _victims(n, trials)
+        for i, victim in enumerate(victims):
+            t0 = (cluster.kill if i % 2 == 0 else cluster.hang)(victim)
+            at = cluster.wait_excluded(victim, 10.0)
+            (kill_ms if i % 2 == 0 else hang_ms).extend((t - t0) * 1e3 for t in at.values())
+            time.sleep(0.5)
+        cluster.set_loss(0.01)
+        time.sleep(soak_s)
+        s2 = cluster.stats()
+    # any rank but the victims removed from some rank's view, during the trials or the soak
+    false = set(s2["removed"]) - set(victims)
+    return {
+        "ranks": n, "mode": "real", "topology": topology,
+        "kill_to_view_p50_ms": round(_pct(kill_ms, 0.5), 2), "kill_to_view_p99_ms": round(_pct(kill_ms, 0.99), 2),
+        "hang_to_view_p50_ms": round(_pct(hang_ms, 0.5), 2), "hang_to_view_p99_ms": round(_pct(hang_ms, 0.99), 2),
+        "msgs_per_rank_per_s": round((s1["frames"] - s0["frames"]) / s1["ranks"] / dt, 1),
+        "bytes_per_rank_per_s": round((s1["bytes"] - s0["bytes"]) / s1["ranks"] / dt, 0),
+        "false_evictions": len(false), "false_evicted": sorted(false),
+        "changes": [s2["reasons"][e] for e in sorted(s2["reasons"]) if e > 1] if false else [],
+        "soak_s": soak_s, "soak_ranks": s2["ranks"], "join_all_s": round(join_all_s, 3),
+        "cpu_pct_per_rank": round(100 * (s1["cpu"] - s0["cpu"]) / dt / s1["ranks"], 3),
+        "fds_per_rank": round(s1["fds"] / s1["ranks"], 1), "threads_per_rank": round(s1["threads"] / s1["ranks"], 2),
+        "sockets_per_rank": round(s1["sockets"] / s1["ranks"], 1), "peers_max": s1["peers_max"], "procs": procs,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="elasticep bench scale", description=__doc__.split("\n")[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64, 256, 1024])
-    parser.add_argument("--soak-s", type=float, default=60.0, help="virtual seconds of the 1 %% loss soak")
+    parser.add_argument("--soak-s", type=float, default=60.0, help="seconds of the 1 %% loss soak")
+    parser.add_argument("--sim-soak-s", type=float, default=None,
+                        help="virtual seconds of the simulated soak (default: --soak-s)")
     parser.add_argument("--trials", type=int, default=2, help="kills and hangs per N")
+    parser.add_argument("--real-max", type=int, default=256,
+                        help="largest N run with real sockets (0: simulate every N)")
+    parser.add_argument("--real-all-max", type=int, default=16, help="largest N to run all-to-all at with real sockets")
     parser.add_argument("--all-max", type=int, default=64, help="largest N to simulate all-to-all at")
-    parser.add_argument("--json", action="store_true", help="print one JSON record per N and topology")
+    parser.add_argument("--procs", type=int, default=None, help="processes of a real run (default N / 32, 1 to 8)")
+    parser.add_argument("--json", action="store_true", help="print one JSON record per N, topology and mode")
     args = parser.parse_args(argv)
+    sim_soak = args.soak_s if args.sim_soak_s is None else args.sim_soak_s
     records = []
+    if not args.json:
+        print(_HEADER, flush=True)
     for n in args.ranks:
+        real = n <= args.real_max
         for topology in ("all", "ring"):
-            if topology == "all" and n > args.all_max:
+            if topology == "all" and n > (args.real_all_max if real else args.all_max):
                 rate = Topology("all").messages_per_rank_per_s(n, Config.local().heartbeat_interval_ms)
                 records.append({"ranks": n, "mode": "formula", "topology": "all", "msgs_per_rank_per_s": rate})
-                continue
-            records.append(measure(n, topology, trials=args.trials, soak_s=args.soak_s))
+            elif real:
+                records.append(measure_real(n, topology, trials=args.trials, soak_s=args.soak_s, procs=args.procs))
+            else:
+                records.append(measure(n, topology, trials=args.trials, soak_s=sim_soak))
+            if not args.json:
+                print(_row(records[-1]), flush=True)
     if args.json:
         for r in records:
             print(json.dumps(r))
         return 0
-    print(f"{'N':>5} {'topology':>8} {'mode':>9} {'kill p50/p99 ms':>16} {'hang p50/p99 ms':>16} "
-          f"{'msgs/rank/s':>11} {'B/rank/s':>9} {'false ev':>8} {'join all s':>10}")
-    for r in records:
-        if r["mode"] == "formula":
-            print(f"{r['ranks']:>5} {'all':>8} {'formula':>9} {'':>16} {'':>16} {r['msgs_per_rank_per_s']:>11.0f}")
-            continue
-        print(f"{r['ranks']:>5} {r['topology']:>8} {r['mode']:>9} "
-              f"{r['kill_to_view_p50_ms']:>7.1f}/{r['kill_to_view_p99_ms']:<8.1f} "
-              f"{r['hang_to_view_p50_ms']:>7.1f}/{r['hang_to_view_p99_ms']:<8.1f} "
-              f"{r['msgs_per_rank_per_s']:>11.0f} {r['bytes_per_rank_per_s']:>9.0f} {r['false_evictions']:>8} "
-              f"{r['join_all_s']:>10.4f}")
     by = {(r["ranks"], r["topology"]): r for r in records}
     for n in args.ranks:
         a, g = by.get((n, "all")), by.get((n, "ring"))
         if a and g and g["msgs_per_rank_per_s"]:
             print(f"N={n}: all-to-all receives {a['msgs_per_rank_per_s'] / g['msgs_per_rank_per_s']:.1f}x "
-                  f"the ring's messages per rank ({a['mode']})")
+                  f"the ring's messages per rank ({a['mode']} beside {g['mode']})")
     return 0
+
+
+_HEADER = (f"{'N':>5} {'topology':>8} {'mode':>9} {'kill p50/p99 ms':>16} {'hang p50/p99 ms':>16} "
+           f"{'msgs/rank/s':>11} {'B/rank/s':>9} {'false ev':>8} {'join all s':>10} "
+           f"{'cpu %/rank':>10} {'fds/rank':>8} {'socks/rank':>10} {'peers max':>9}")
+
+
+def _row(r: dict) -> str:
+    if r["mode"] == "formula":
+        return f"{r['ranks']:>5} {'all':>8} {'formula':>9} {'':>16} {'':>16} {r['msgs_per_rank_per_s']:>11.0f}"
+    line = (f"{r['ranks']:>5} {r['topology']:>8} {r['mode']:>9} "
+            f"{r['kill_to_view_p50_ms']:>7.1f}/{r['kill_to_view_p99_ms']:<8.1f} "
+            f"{r['hang_to_view_p50_ms']:>7.1f}/{r['hang_to_view_p99_ms']:<8.1f} "
+            f"{r['msgs_per_rank_per_s']:>11.0f} {r['bytes_per_rank_per_s']:>9.0f} {r['false_evictions']:>8} "
+            f"{r['join_all_s']:>10.3f}")
+    if r["mode"] == "real":
+        line += (f" {r['cpu_pct_per_rank']:>10.2f} {r['fds_per_rank']:>8.1f} {r['sockets_per_rank']:>10.1f} "
+                 f"{r['peers_max']:>9}")
+    return line
 
 
 if __name__ == "__main__":

@@ -197,6 +197,12 @@ class StoreRendezvous:
         A rank whose current record is missing or refused maps to ``None`` (so a rank can see
         that its own record was overwritten). A log entry that does not name a rank is skipped
         and counted as ``malformed``."""
+        n, ranks = self.ranks_since(seen)
+        return n, {rank: self.lookup(rank) for rank in sorted(ranks)}
+
+    def ranks_since(self, seen: int) -> tuple[int, set[int]]:
+        """The ranks that registered after the first ``seen`` registrations, without reading
+        their records: ``(new seen, ranks)`` (look up only the ones wanted with :meth:`lookup`)."""
         total = min(self.count(), seen + MAX_LOG_READ)
         ranks: set[int] = set()
         n = seen
@@ -214,4 +220,4 @@ class StoreRendezvous:
                 self._refuse(-1, RecordRefused("malformed", f"log entry {n} does not name a rank"))
                 continue
             ranks.add(rank)
-        return n, {rank: self.lookup(rank) for rank in sorted(ranks)}
+        return n, ranks

@@ -94,6 +94,20 @@ class Transport(abc.ABC):
     async def refresh(self) -> None:
         """Look for peers that registered since the last look and connect to them (default: none)."""
 
+    def set_peer_filter(self, wanted: Callable[[int], bool] | None) -> bool:
+        """Offer to receive only from the ranks ``wanted(rank)`` selects (``None``: every rank).
+
+        The membership service passes its detection topology's predicate (with the ring, a
+        rank's ``monitors_per_rank`` neighbours and the joiners beside it), so a rank's sockets
+        and received messages do not grow with the cluster. Return True if this transport
+        filters (then :meth:`apply_peer_filter` re-evaluates it), False if it keeps receiving
+        from everyone (the default; the membership core ignores heartbeats it does not watch).
+        """
+        return False
+
+    def apply_peer_filter(self) -> None:
+        """Evaluate the peer filter again, now (the member set changed). Default: nothing."""
+
     @abc.abstractmethod
     def peers(self) -> set[int]:
         """Ranks this transport is connected (or connecting) to, excluding itself."""

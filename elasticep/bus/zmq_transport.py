@@ -45,6 +45,14 @@ rank restarted at a fixed endpoint is accepted as soon as its new registration i
 message can move the incarnation the bus tracks for a rank anywhere its signed record does not,
 and one absurd incarnation cannot make the rank's later real frames look stale.
 
+A peer filter (:meth:`ZmqTransport.set_peer_filter`) bounds what a rank holds: with the ring
+detection topology the membership service passes its core's ``hears`` predicate, and the
+transport opens SUB sockets only to the ranks it selects (``monitors_per_rank`` of them, plus
+joiners placed beside this rank), reads only those ranks' records from the store, and closes a
+subscription the predicate drops (silently: no ``disconnected`` report) when
+:meth:`ZmqTransport.apply_peer_filter` is called after a view change. Without a filter it
+subscribes to every registered rank.
+
 Socket monitors on every socket report handshakes and disconnects: :meth:`connected` lists peers
 whose handshake succeeded, failed CURVE handshakes are counted in
 ``elasticep_bus_handshake_failures_total{side}``, and listeners added with :meth:`add_listener`
@@ -126,6 +134,28 @@ class _AllowedKeys:
         return key in self.allowed
 
 
+class SharedContext:
+    """One ZeroMQ context and ZAP handler for the transports of many ranks of one cluster in one
+    process (the scale harness runs hundreds of ranks in a few processes; a rank process keeps
+    its own). Pass it as ``ZmqTransport(..., context=shared)``; :meth:`close` it after them.
+
+    Args:
+        keys: the cluster's keys (only the public ones are used: who may subscribe).
+        io_threads: libzmq I/O threads of the context.
+    """
+
+    def __init__(self, keys: ClusterKeys, io_threads: int = 1) -> None:
+        _require_curve()
+        self.context = zmq.Context(io_threads=io_threads)
+        self._auth = zmq.auth.thread.ThreadAuthenticator(self.context, log=logging.getLogger(__name__ + ".zap"))
+        self._auth.start()
+        self._auth.configure_curve_callback("*", _AllowedKeys(keys.allowed_subscribers()))
+
+    def close(self) -> None:
+        self._auth.stop()
+        self.context.destroy(linger=0)
+
+
 class _Peer:
     __slots__ = ("rank", "sock", "monitor", "endpoint", "incarnation", "failing", "refused")
 
@@ -156,6 +186,8 @@ class ZmqTransport(Transport):
             then call :meth:`refresh`).
         max_frame_bytes: the longest envelope accepted (the codec's limit); subscriber sockets
             refuse messages longer than :func:`max_message_bytes` of it unread.
+        context: a :class:`SharedContext` to open the sockets in (default: a context and ZAP
+            handler of this transport's own, closed with it).
     """
 
     def __init__(
@@ -170,8 +202,10 @@ class ZmqTransport(Transport):
         prefix: str = DEFAULT_PREFIX,
         poll_interval_s: float = 0.05,
         max_frame_bytes: int = MAX_FRAME_BYTES,
+        context: SharedContext | None = None,
     ) -> None:
         _require_curve()
+        self._shared = context
         self.rank = rank
         self.keys = keys
         self.incarnation = new_incarnation() if incarnation is None else incarnation
@@ -201,6 +235,12 @@ class ZmqTransport(Transport):
         self._pub_monitor: zmq.Socket | None = None
         self._peers: dict[int, _Peer] = {}
         self._pending: dict[int, _Peer] = {}  # a new endpoint, until its handshake succeeds
+        self._wanted: Callable[[int], bool] | None = None  # the peer filter; None: every rank
+        self._known: dict[int, Registration] = {}  # checked records of ranks not subscribed to
+        self._unread: set[int] = set()  # registered ranks whose record was not read (filtered out)
+        self._filter_task: asyncio.Task[None] | None = None
+        self.filtered_out = 0
+        """Subscriptions closed because the peer filter dropped the rank."""
         self._registration: tuple[str, int] | None = None  # what this rank wrote under its key
         self._next_self_check = 0.0
         self.reregistrations = 0
@@ -244,12 +284,13 @@ class ZmqTransport(Transport):
         self._loop = asyncio.get_running_loop()
         self._readable = asyncio.Event()
         self._refresh_lock = asyncio.Lock()
-        self._ctx = zmq.Context(io_threads=1)
-        if not self.read_only:
+        self._ctx = self._shared.context if self._shared is not None else zmq.Context(io_threads=1)
+        if not self.read_only and self._shared is None:
             # The ZAP handler must run before the PUB socket accepts its first connection.
             self._auth = zmq.auth.thread.ThreadAuthenticator(self._ctx, log=logging.getLogger(__name__ + ".zap"))
             self._auth.start()
             self._auth.configure_curve_callback("*", _AllowedKeys(self.keys.allowed_subscribers()))
+        if not self.read_only:
             pub = self._ctx.socket(zmq.PUB)
             pub.curve_server = True
             pub.curve_publickey = self._public
@@ -276,12 +317,13 @@ class ZmqTransport(Transport):
         if self._closed:
             return
         self._closed = True
-        if self._watcher is not None:
-            self._watcher.cancel()
-            try:
-                await self._watcher
-            except asyncio.CancelledError:
-                pass
+        for task in (self._watcher, self._filter_task):
+            if task is not None and not task.done():
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
         for peer in [*self._peers.values(), *self._pending.values()]:
             self._close_peer(peer)
         self._peers.clear()
@@ -295,7 +337,7 @@ class ZmqTransport(Transport):
             self._pub_monitor.close(linger=0)
         if self._auth is not None:
             self._auth.stop()
-        if self._ctx is not None:
+        if self._ctx is not None and self._shared is None:
             self._ctx.destroy(linger=0)  # closes anything still open, so term() cannot hang
         if self._ipc_path is not None:
             try:
@@ -317,16 +359,109 @@ class ZmqTransport(Transport):
             return
         assert self._refresh_lock is not None
         async with self._refresh_lock:
-            seen, found = await self._in_thread(self.rendezvous.changed_since, self._seen_registrations)
+            seen, found, unread = await self._in_thread(self._read_registrations, self._seen_registrations)
             if self._closed:
                 return
             self._seen_registrations = seen
+            for rank in unread:
+                self._unread.add(rank)
+                self._known.pop(rank, None)  # it registered again: that record is not the latest
             for rank, reg in found.items():
                 if rank == self.rank:
                     if not self._is_own(reg):
                         await self._reregister(reg)
                 elif reg is not None:
-                    self._connect(reg)
+                    self._found(reg)
+
+    def _read_registrations(self, seen: int) -> tuple[int, dict[int, Registration | None], list[int]]:
+        """(worker thread) New registrations: the records of the wanted ranks and this rank's own,
+        and the other ranks unread (their records are read when the filter comes to want them)."""
+        seen, ranks = self.rendezvous.ranks_since(seen)
+        wanted = self._wanted
+        found: dict[int, Registration | None] = {}
+        unread: list[int] = []
+        for rank in sorted(ranks):
+            if rank == self.rank or wanted is None or wanted(rank):
+                found[rank] = self.rendezvous.lookup(rank)
+            else:
+                unread.append(rank)
+        return seen, found, unread
+
+    def _found(self, reg: Registration) -> None:
+        """A checked record of another rank: connect if the filter wants it, else remember it."""
+        self._unread.discard(reg.rank)
+        wanted = self._wanted
+        if wanted is None or wanted(reg.rank) or reg.rank in self._peers:
+            self._known.pop(reg.rank, None)
+            self._connect(reg)
+            if wanted is not None and not wanted(reg.rank):
+                self._drop_peer(reg.rank)
+            return
+        known = self._known.get(reg.rank)
+        if known is None or reg.incarnation >= known.incarnation:
+            self._known[reg.rank] = reg
+
+    # --- the peer filter ---------------------------------------------------------------------
+
+    def set_peer_filter(self, wanted: Callable[[int], bool] | None) -> bool:
+        """Subscribe only to ranks for which ``wanted(rank)`` is true (``None``: every rank).
+
+        ``wanted`` runs on the event loop and on the store-reading worker thread; it must be
+        cheap and must not block. Takes effect at once on a started transport (as
+        :meth:`apply_peer_filter`), else at :meth:`start`. Returns True (this transport filters).
+        """
+        if self.read_only and wanted is not None:
+            raise ValueError("a monitor transport subscribes to every rank; it takes no peer filter")
+        self._wanted = wanted
+        if self._started and not self._closed:
+            self.apply_peer_filter()
+        return True
+
+    def apply_peer_filter(self) -> None:
+        """Evaluate the peer filter again (the member set changed): close the subscriptions it
+        drops, open the ones it now selects (reading their records from the store if needed)."""
+        if self._closed or not self._started:
+            return
+        wanted = self._wanted
+        for rank in list(self._peers):
+            if wanted is not None and not wanted(rank):
+                self._drop_peer(rank)
+        for rank in [r for r in self._known if wanted is None or wanted(r)]:
+            self._connect(self._known.pop(rank))
+        need = sorted(r for r in self._unread if wanted is None or wanted(r))
+        if need and (self._filter_task is None or self._filter_task.done()):
+            assert self._loop is not None
+            self._filter_task = self._loop.create_task(self._read_wanted(), name=f"elasticep-bus-filter-{self.rank}")
+
+    async def _read_wanted(self) -> None:
+        while not self._closed:
+            wanted = self._wanted
+            need = sorted(r for r in self._unread if wanted is None or wanted(r))
+            if not need:
+                return
+            self._unread.difference_update(need)
+            try:
+                found = await self._in_thread(lambda: {r: self.rendezvous.lookup(r) for r in need})
+            except Exception as exc:
+                self._unread.update(need)
+                log.warning("bus rank %d: rendezvous read failed: %s", self.rank, exc)
+                await asyncio.sleep(self.poll_interval_s or 0.05)
+                continue
+            for reg in found.values():
+                if reg is not None and not self._closed:
+                    self._found(reg)
+
+    def _drop_peer(self, rank: int) -> None:
+        """Close the subscription to ``rank`` (the filter dropped it); keep its record."""
+        peer = self._peers.pop(rank, None)
+        pending = self._pending.pop(rank, None)
+        if pending is not None:
+            self._close_peer(pending)
+        if peer is None:
+            return
+        self._close_peer(peer)
+        self._known[rank] = Registration(rank, peer.endpoint, peer.incarnation)
+        self.filtered_out += 1
 
     def _is_own(self, reg: Registration | None) -> bool:
         if self._registration is None:
@@ -455,6 +590,11 @@ class ZmqTransport(Transport):
 
     def peers(self) -> set[int]:
         return set(self._peers)
+
+    def socket_count(self) -> int:
+        """ZeroMQ sockets this transport holds open (PUB, SUBs, their monitors, candidates)."""
+        own = (self._pub is not None) + (self._pub_monitor is not None)
+        return own + 2 * (len(self._peers) + len(self._pending))
 
     def connected(self) -> set[int]:
         """Peers whose CURVE handshake succeeded and that have not disconnected since."""

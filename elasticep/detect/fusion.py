@@ -120,7 +120,8 @@ class FusionPolicy:
         cfg = self.config
         self._expire(now)
         out: list[Verdict] = []
-        for rank in sorted(members):
+        # Only ranks with evidence can be evicted: cost follows the suspects, not the cluster size.
+        for rank in sorted(r for r in self._certain.keys() | self._evidence.keys() if r in members):
             if rank in self._certain:
                 out.append(self._certain[rank])
                 continue

@@ -49,6 +49,8 @@ class SimCluster:
         self.rng = random.Random(seed)
         self.delay_s, self.jitter_s, self.loss, self.store_s = delay_ms / 1e3, jitter_ms / 1e3, loss, store_ms / 1e3
         self.store: dict[int, View] = {}
+        self._head = 0  # the store's newest epoch
+        self._candidates: dict[tuple[int, int, int], tuple[int, ...]] = {}
         self.cores = {r: MembershipCore(r, config, initial_members=tuple(range(n))) for r in range(n)}
         self.state = {r: "up" for r in range(n)}
         self.seq = {r: itertools.count(1) for r in range(n)}
@@ -73,11 +75,19 @@ class SimCluster:
             return [r for r in self.cores if r != src]
         # The ranks that subscribe to src: its ring neighbours in its own view and in the
         # store's head view, confirmed by each receiver's own predicate (its own view).
-        cand: set[int] = set()
-        for view in (core.view, self.store.get(max(self.store)) if self.store else None):
-            if view is not None:
-                cand.update(core.topology.neighbors(view.members, src))
-        return [r for r in cand if r in self.cores and self.cores[r].hears(src)]
+        head = self.store.get(self._head)
+        key = (src, core.view.epoch if core.view is not None else 0, self._head)
+        cand = self._candidates.get(key)
+        if cand is None:
+            found: set[int] = set()
+            for view in (core.view, head):
+                if view is not None:
+                    found.update(core.topology.neighbors(view.members, src))
+            cand = self._candidates[key] = tuple(r for r in found if r in self.cores)
+            if len(self._candidates) > 4 * len(self.cores):
+                self._candidates.clear()
+                self._candidates[key] = cand
+        return [r for r in cand if self.cores[r].hears(src)]
 
     def _size_of(self, env: Envelope) -> int:
         t = type(env.event)
@@ -113,6 +123,7 @@ class SimCluster:
                 self._push(self.now + core.tick_interval(), rank, "tick")
         elif isinstance(item, CompareAndSet):
             committed = self.store.setdefault(item.view.epoch, item.view)
+            self._head = max(self._head, item.view.epoch)
             self._push(self.now + self.store_s, rank, CasDone(item.view, committed))
         elif isinstance(item, ReadView):
             self._push(self.now + self.store_s, rank, ViewRead(item.epoch, self.store.get(item.epoch)))
@@ -178,4 +189,322 @@ class SimCluster:
         """Ranks missing from the store's newest view."""
         if not self.store:
             return set()
-        return set(self.cores) - set(self.store[max(self.store)].members)
+        return set(self.cores) - set(self.store[self._head].members)
+
+
+# --- real sockets: many ranks per process ---------------------------------------------------------
+
+
+class _LossyTransport:
+    """Receive-side wrapper a worker installs on each rank's :class:`ZmqTransport`: counts what
+    arrives (envelopes and bytes, the framing counted as in :class:`SimCluster`) and drops each
+    envelope with probability ``loss`` before the bus sees it (modeled loss on real sockets:
+    these machines have no ``netem``)."""
+
+    def __init__(self, transport, seed: int) -> None:
+        self.transport = transport
+        self.loss = 0.0
+        self.frames = 0
+        self.bytes = 0
+        self.rng = random.Random(seed)
+        self._receiver = None
+        inner = transport.set_receiver
+
+        def set_receiver(receiver):
+            self._receiver = receiver
+            return inner(self._deliver)
+
+        transport.set_receiver = set_receiver
+
+    def _deliver(self, frames: list) -> None:
+        self.frames += len(frames)
+        self.bytes += sum(len(f[2]) for f in frames) + 12 * len(frames)
+        if self.loss:
+            rnd = self.rng.random
+            frames = [f for f in frames if rnd() >= self.loss]
+            if not frames:
+                return
+        self._receiver(frames)
+
+
+def _fd_count() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _thread_count() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _worker(conn, ranks: list[int], n: int, config: Config, keys_json: str, store_addr: str, seed: int,
+            shared: bool) -> None:
+    """One harness process: ``ranks``' buses, detectors and membership services on one loop."""
+    import asyncio
+    import logging
+    import time
+
+    logging.getLogger("elasticep").setLevel(logging.ERROR)  # 1 % loss logs a gap per lost frame
+    from elasticep.bus import ClusterKeys, EventBus, ZmqTransport, connect_store
+    from elasticep.bus.zmq_transport import SharedContext
+    from elasticep.bus.loop import new_event_loop
+    from elasticep.membership.service import MembershipService
+    from elasticep.membership.store import TCPStoreViewStore
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        keys = ClusterKeys.from_json(keys_json)
+        store = connect_store(store_addr, timeout_s=60.0)
+        fds0, threads0 = _fd_count(), _thread_count()
+        context = SharedContext(keys, io_threads=1) if shared else None
+        installs: dict[int, list[tuple[float, int, tuple[int, ...]]]] = {r: [] for r in ranks}
+        services, wrappers, state = {}, {}, {r: "new" for r in ranks}
+        reasons: dict[int, str] = {}  # epoch -> why that view changed the members
+
+        def record(rank: int, view) -> None:
+            installs[rank].append((time.monotonic(), view.epoch, view.members))
+            reasons.setdefault(view.epoch, view.reason)
+
+        for r in ranks:
+            t = ZmqTransport(r, keys.for_rank(r), store, poll_interval_s=0.5, context=context)
+            wrappers[r] = _LossyTransport(t, seed * 100_003 + r)
+            bus = EventBus(t, r)
+            vs = TCPStoreViewStore(store=store, timeout_s=config.store_timeout_s)
+            services[r] = MembershipService(
+                r, bus, vs, config, initial_members=tuple(range(n)),
+                on_install=lambda view, _ns, r=r: record(r, view))
+        done = asyncio.Event()
+
+        def live() -> list[int]:
+            return [r for r in ranks if state[r] == "up" and not services[r].core.stopped]
+
+        async def handle(cmd: tuple):
+            op = cmd[0]
+            if op == "start":
+                await asyncio.gather(*(services[r].start(ready_timeout=120.0) for r in ranks))
+                for r in ranks:
+                    state[r] = "up"
+                return {"fds": _fd_count() - fds0, "threads": _thread_count() - threads0}
+            if op == "members":  # first time each live rank installed a view of exactly cmd[1] members
+                out = {}
+                for r in live():
+                    out[r] = next((at for at, _, m in installs[r] if len(m) == cmd[1]), None)
+                return out
+            if op == "excluded":  # first time each live rank installed a view without cmd[1]
+                return {r: next((at for at, _, m in installs[r] if cmd[1] not in m), None) for r in live()}
+            if op in ("kill", "hang"):
+                r = cmd[1]
+                svc = services[r]
+                t0 = time.monotonic()
+                state[r] = "dead"
+                if op == "kill":  # the process is gone: its sockets close
+                    await svc.close()
+                    await svc.bus.close()
+                else:  # SIGSTOP: silent, its connections stay open
+                    svc.bus.transport.pause_receiving()
+                    await svc.close()
+                return t0
+            if op == "loss":
+                for w in wrappers.values():
+                    w.loss = cmd[1]
+                return None
+            if op == "stats":
+                up = live()
+                t = [services[r].bus.transport for r in up]
+                return {
+                    "time": time.monotonic(), "cpu": time.process_time(), "loop_cpu": time.thread_time(), "ranks": len(up),
+                    "frames": sum(wrappers[r].frames for r in up), "bytes": sum(wrappers[r].bytes for r in up),
+                    "fds": _fd_count() - fds0, "threads": _thread_count() - threads0,
+                    "sockets": sum(x.socket_count() for x in t),
+                    "peers_max": max((len(x.peers()) for x in t), default=0),
+                    "fenced": sum(1 for r in ranks if services[r].fenced is not None),
+                    "views": {r: (services[r].core.view.epoch, services[r].core.view.members)
+                              for r in up[:1] if services[r].core.view is not None},
+                    "removed": sorted({x for r in up for _, _, m in installs[r] for x in range(n)
+                                       if x not in m and installs[r]}),
+                    "reasons": reasons,
+                }
+            if op == "stop":
+                for r in ranks:
+                    await services[r].close()
+                    await services[r].bus.close()
+                if context is not None:
+                    context.close()
+                done.set()
+                return None
+            raise ValueError(f"unknown harness command {op!r}")
+
+        async def serve(cmd):
+            try:
+                reply = ("ok", await handle(cmd))
+            except Exception as exc:  # reported to the parent, which raises it
+                reply = ("error", f"{type(exc).__name__}: {exc}")
+            conn.send(reply)
+
+        def readable() -> None:
+            while conn.poll():
+                loop.create_task(serve(conn.recv()))
+
+        loop.add_reader(conn.fileno(), readable)
+        conn.send(("ok", "ready"))
+        await done.wait()
+        loop.remove_reader(conn.fileno())
+
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+        conn.close()
+
+
+class RealCluster:
+    """``n`` ranks with real CURVE ZeroMQ buses, detectors and membership services, spread over
+    ``procs`` processes (each process one event loop, its ranks as tasks), a real ``TCPStore``
+    hosted here for the rendezvous and the views, and the real clock.
+
+    Per rank what a rank process runs (a :class:`~elasticep.bus.ZmqTransport` with its CURVE
+    PUB socket and one SUB socket per peer it hears, an :class:`~elasticep.bus.EventBus`, a
+    :class:`~elasticep.membership.MembershipService`); the processes are shared and, with
+    ``shared_context`` (the default), so is each process's ZeroMQ context and ZAP handler
+    (:class:`~elasticep.bus.zmq_transport.SharedContext`): one I/O thread per process instead
+    of two threads per rank. A *kill*
+    closes the rank's sockets (as the kernel does for a killed process; no launcher report), a
+    *hang* stops its service and its reading with its connections left open (SIGSTOP).
+    Loss (:meth:`set_loss`) is modeled at the receiver, each envelope dropped independently.
+
+    Example::
+
+        with RealCluster(64, Config.local(detection_topology="ring"), procs=2) as c:
+            c.start()
+            t0 = c.kill(17)
+            print(max(c.wait_excluded(17, 5.0).values()) - t0)
+    """
+
+    def __init__(self, n: int, config: Config, *, procs: int = 2, seed: int = 0, shared_context: bool = True) -> None:
+        import multiprocessing as mp
+
+        from torch.distributed import TCPStore
+
+        from elasticep.bus import ClusterKeys
+        from elasticep.testing.fixtures import free_port
+
+        self.n, self.config = n, config
+        port = free_port()
+        self._store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, use_libuv=True)
+        keys = ClusterKeys.generate(n).to_json()
+        ctx = mp.get_context("spawn")
+        self.owner: dict[int, int] = {}
+        self._conns, self._procs = [], []
+        procs = max(1, min(procs, n))
+        for p in range(procs):
+            ranks = list(range(p, n, procs))
+            for r in ranks:
+                self.owner[r] = p
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(child, ranks, n, config, keys, f"127.0.0.1:{port}", seed, shared_context),
+                               daemon=True, name=f"elasticep-scale-{p}")
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
+        for c in self._conns:
+            self._reply(c, 120.0)
+        self.start_info: list[dict] = []
+
+    @staticmethod
+    def _reply(conn, timeout: float):
+        if not conn.poll(timeout):
+            raise TimeoutError(f"a scale harness process did not answer within {timeout:g} s")
+        status, value = conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"scale harness process failed: {value}")
+        return value
+
+    def _all(self, cmd: tuple, timeout: float = 60.0) -> list:
+        for c in self._conns:
+            c.send(cmd)
+        return [self._reply(c, timeout) for c in self._conns]
+
+    def _one(self, rank: int, cmd: tuple, timeout: float = 30.0):
+        c = self._conns[self.owner[rank]]
+        c.send(cmd)
+        return self._reply(c, timeout)
+
+    def start(self, limit_s: float = 120.0) -> float:
+        """Start every rank together; returns the seconds until every rank installed the
+        ``n``-member view (all of them admitted)."""
+        import time
+
+        t0 = time.monotonic()
+        self.start_info = self._all(("start",), limit_s)
+        at = self.wait_all(lambda: ("members", self.n), limit_s)
+        return max(at.values()) - t0
+
+    def wait_all(self, cmd, limit_s: float, poll_s: float = 0.02) -> dict[int, float]:
+        """Poll until every live rank answers ``cmd()`` with a time; {rank: time}."""
+        import time
+
+        end = time.monotonic() + limit_s
+        while True:
+            merged: dict[int, float | None] = {}
+            for part in self._all(cmd()):
+                merged.update(part)
+            if merged and all(v is not None for v in merged.values()):
+                return merged  # type: ignore[return-value]
+            if time.monotonic() > end:
+                missing = sorted(r for r, v in merged.items() if v is None)
+                raise TimeoutError(f"{len(missing)} ranks not there within {limit_s:g} s: {missing[:10]}")
+            time.sleep(poll_s)
+
+    def kill(self, rank: int) -> float:
+        """Close ``rank``'s sockets (a killed process); returns the monotonic time it happened."""
+        return self._one(rank, ("kill", rank))
+
+    def hang(self, rank: int) -> float:
+        """Stop ``rank`` with its connections open (SIGSTOP); returns when."""
+        return self._one(rank, ("hang", rank))
+
+    def wait_excluded(self, rank: int, limit_s: float) -> dict[int, float]:
+        """Per live rank, when it first installed a view without ``rank`` (monotonic seconds)."""
+        return self.wait_all(lambda: ("excluded", rank), limit_s)
+
+    def set_loss(self, p: float) -> None:
+        self._all(("loss", p))
+
+    def stats(self) -> dict:
+        """Summed over the processes: live ranks, envelopes and bytes received, CPU seconds,
+        fds and threads opened for the ranks, ZeroMQ sockets, the most peers one rank holds,
+        and every rank some live rank saw removed from a view."""
+        parts = self._all(("stats",))
+        out = {k: sum(p[k] for p in parts) for k in ("ranks", "frames", "bytes", "cpu", "loop_cpu", "fds", "threads", "sockets",
+                                                    "fenced")}
+        out["peers_max"] = max(p["peers_max"] for p in parts)
+        out["time"] = max(p["time"] for p in parts)
+        out["removed"] = sorted({r for p in parts for r in p["removed"]})
+        out["reasons"] = {e: why for p in parts for e, why in p["reasons"].items()}
+        return out
+
+    def close(self) -> None:
+        try:
+            self._all(("stop",), 30.0)
+        except Exception:
+            pass
+        for p in self._procs:
+            p.join(10.0)
+            if p.is_alive():
+                p.kill()
+                p.join(5.0)
+        for c in self._conns:
+            c.close()
+        del self._store
+
+    def __enter__(self) -> "RealCluster":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
