@@ -264,6 +264,22 @@ SGLANG_VIEWS = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+SGLANG_COMMITS = Counter(
+    "elasticep_sglang_commits_total",
+    "Agent commits applied to an SGLang scheduler's ExpertLocationMetadata and ElasticEPState, by "
+    "outcome (applied; duplicate, stale: an epoch at or below the last applied one, refused; mismatch: "
+    "a placement that does not fit SGLang's slots; no_weight_path: experts would move without EPLB).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+SGLANG_EXPERT_LOADS = Counter(
+    "elasticep_sglang_expert_loads_total",
+    "Expert slots an SGLang rank refilled at a commit, by source (local: a slot of the same rank; "
+    "peer: a live rank through SGLang's expert location updater; missing: no live replica, loaded "
+    "from SGLang's DRAM backup or the checkpoint).",
+    ["source"],
+    registry=REGISTRY,
+)
 
 # engine-neutral agent
 AGENT_ERRORS = Counter(

@@ -62,9 +62,10 @@ pip=(run "$py" -m pip install -q --disable-pip-version-check)
 "${pip[@]}" "setuptools>=68" wheel "pybind11>=2.12"
 "${pip[@]}" --no-build-isolation -e ".[engine,dev,docs,mooncake,etcd]"
 # SGLang declares a CUDA torch pin; its EPLB and expert-location modules run on CPU without it.
-if ! "$py" -c 'import sglang' 2>/dev/null; then
+# (einops: its expert location updater, which the agent's commit runs)
+if ! "$py" -c 'import sglang, einops' 2>/dev/null; then
   "${pip[@]}" --no-deps "sglang==0.5.23"
-  "${pip[@]}" orjson psutil pybase64 requests triton packaging pillow starlette pydantic tqdm ipython aiohttp zstandard
+  "${pip[@]}" orjson psutil pybase64 requests triton packaging pillow starlette pydantic tqdm ipython aiohttp zstandard einops
 fi
 echo "$want" > "$stamp"
 vllm_setup

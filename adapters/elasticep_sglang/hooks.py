@@ -30,6 +30,7 @@ from elasticep_sglang.compat import check_sglang_version
 from elasticep_sglang.rebalance import ElasticRebalance
 
 __all__ = [
+    "ENV_AGENT",
     "ENV_ENABLE",
     "ENV_MAX_MOVES",
     "ENV_PERIODIC",
@@ -49,6 +50,9 @@ ENV_ENABLE = "ELASTICEP_SGLANG_HOOKS"
 ENV_MAX_MOVES = "ELASTICEP_SGLANG_MAX_MOVES"
 #: ``periodic`` of the rebalance hook: ``sglang`` (default) or ``elasticep``.
 ENV_PERIODIC = "ELASTICEP_SGLANG_PERIODIC"
+#: ``1``: start :class:`elasticep.Agent` in every scheduler (see
+#: :mod:`elasticep_sglang.scheduler_agent`); set by the launch wrapper unless ``--no-elasticep-agent``.
+ENV_AGENT = "ELASTICEP_SGLANG_AGENT"
 
 _REBALANCE = ("sglang.srt.eplb.eplb_algorithms", "rebalance_experts")
 _STEP = ("sglang.srt.elastic_ep.elastic_ep", "maybe_rebalance_after_rank_fault")
@@ -64,6 +68,10 @@ class StepBoundary:
     function, which rebalances once if the mask changed. Returns True (SGLang then re-runs the
     forward pass) when SGLang rebalanced or when the kernel marked a peer during this step, whose
     outputs may lack that peer's experts.
+
+    With ``agent`` (a :class:`~elasticep_sglang.scheduler_agent.SchedulerAgent`, what the
+    plugin installs when :data:`ENV_AGENT` is ``1``) each call is the agent's step boundary
+    instead: :meth:`SchedulerAgent.step`, and SGLang's own function is not called.
     """
 
     def __init__(
@@ -74,8 +82,10 @@ class StepBoundary:
         mask_source: Any | None = None,
         on_peer_timeout: Callable[[list[Any]], None] | None = None,
         view_wait_s: float = 2.0,
+        agent: Any | None = None,
     ) -> None:
         self.original = original
+        self.agent = agent
         self.feed = feed
         self.mask_source = mask_source
         self.on_peer_timeout = on_peer_timeout
@@ -84,6 +94,10 @@ class StepBoundary:
         self.timeouts_seen = 0
 
     def __call__(self, *, eplb_manager: Any) -> bool:
+        if self.agent is not None:
+            # the agent is the only writer of the mask: SGLang's own function is not called
+            self.steps += 1
+            return bool(self.agent.step(eplb_manager))
         self.steps += 1
         marked: list[Any] = []
         if self.mask_source is not None:
@@ -137,6 +151,7 @@ def install_hooks(
     mask_source: Any | None = None,
     on_peer_timeout: Callable[[list[Any]], None] | None = None,
     view_wait_s: float = 2.0,
+    agent: Any | None = None,
 ) -> InstalledHooks:
     """Install the hooks in this process (idempotent: a second call returns the first install).
 
@@ -148,8 +163,10 @@ def install_hooks(
         mask_source: the Mooncake mask source read at each step boundary.
         on_peer_timeout: receives the kernel timeouts the mask source found.
         view_wait_s: how long a step waits for a view after a kernel timeout.
+        agent: a :class:`~elasticep_sglang.scheduler_agent.SchedulerAgent` that owns the step
+            boundary (the feed and the mask source are then its hooks').
 
-    Without a feed or a mask source the step boundary is left as SGLang has it.
+    Without a feed, a mask source or an agent the step boundary is left as SGLang has it.
 
     Raises:
         UnsupportedSGLangVersion: the installed SGLang is outside ``SUPPORTED_SGLANG``.
@@ -160,7 +177,9 @@ def install_hooks(
         step = _installed.step
         had_feed = step.feed if step is not None else None
         had_source = step.mask_source if step is not None else None
-        if (feed is not None and feed is not had_feed) or (mask_source is not None and mask_source is not had_source):
+        had_agent = step.agent if step is not None else None
+        if ((feed is not None and feed is not had_feed) or (mask_source is not None and mask_source is not had_source)
+                or (agent is not None and agent is not had_agent)):
             # returning the first install would silently drop this feed: no step boundary for it
             raise HooksAlreadyInstalled(
                 "elasticep_sglang hooks are already installed in this process (by the launch wrapper, the "
@@ -176,11 +195,11 @@ def install_hooks(
     rebalance = ElasticRebalance(getattr(algorithms, _REBALANCE[1]), periodic=periodic, max_moves=max_moves)
     _patch(algorithms, _REBALANCE[1], rebalance, patched)
     step = None
-    if feed is not None or mask_source is not None:
+    if feed is not None or mask_source is not None or agent is not None:
         elastic = importlib.import_module(_STEP[0])
         original = getattr(elastic, _STEP[1])
         step = StepBoundary(original, feed=feed, mask_source=mask_source, on_peer_timeout=on_peer_timeout,
-                            view_wait_s=view_wait_s)
+                            view_wait_s=view_wait_s, agent=agent)
         # the model runner imports the function by name: rebind it wherever it was copied
         for module in list(sys.modules.values()):
             if module is not None and getattr(module, _STEP[1], None) is original:
@@ -208,4 +227,11 @@ def install_from_env(environ: dict[str, str] | None = None) -> InstalledHooks | 
         return None
     raw = env.get(ENV_MAX_MOVES, "auto").strip().lower()
     max_moves: int | str | None = None if raw == "none" else raw if raw == "auto" else int(raw)
-    return install_hooks(periodic=env.get(ENV_PERIODIC, "sglang"), max_moves=max_moves)
+    agent = None
+    if env.get(ENV_AGENT) == "1":
+        if _installed is not None and _installed.step is not None and _installed.step.agent is not None:
+            return _installed  # the wrapper's module and the plugin both run in a spawned scheduler
+        from elasticep_sglang.scheduler_agent import SchedulerAgent
+
+        agent = SchedulerAgent(env)
+    return install_hooks(periodic=env.get(ENV_PERIODIC, "sglang"), max_moves=max_moves, agent=agent)
