@@ -50,7 +50,9 @@ class Cluster:
         self.store = f"127.0.0.1:{self.server.port}"
         self.keys = ClusterKeys.generate(8)
         self.name = uuid.uuid4().hex[:8]
-        self.config = Config.local(operator_port=0, operator_token=TOKEN)
+        # store_timeout_s 10 s as in Config.cluster(): on a shared 2-core machine a joiner's store
+        # operations took past the local profile's 2 s and it fenced itself (not the door's doing)
+        self.config = Config.local(operator_port=0, operator_token=TOKEN, store_timeout_s=10.0)
         self.hooks = [ToyHooks(n) for _ in range(n)]
         self.agents = [self.agent(r, self.hooks[r], members=range(n)) for r in range(n)]
         self.doors: list[OperatorDoor] = []
@@ -221,6 +223,18 @@ def test_monitor_prints_a_ranks_status_from_its_door(three, capsys, monkeypatch)
     assert "401" in capsys.readouterr().err
 
 
+def test_a_door_on_every_address_advertises_the_host_name(three) -> None:
+    import socket
+
+    with OperatorDoor(three.agents[0], TOKEN, host="0.0.0.0", register=False) as door:
+        assert door.url.startswith(f"http://{socket.getfqdn()}:")
+        code, body, _ = call("GET", f"http://127.0.0.1:{door.url.rsplit(':', 1)[1]}/status")
+        assert code == 200 and body["rank"] == 0
+    assert door.url is None
+    # the rank's registered door is still the one the cluster opened
+    assert json.loads(three.agents[1].store.get(door_key(three.name, 0)))["url"] == three.doors[0].url
+
+
 def test_the_door_needs_a_port_and_a_long_token() -> None:
     with pytest.raises(ValueError, match="at least 16"):
         Config.local(operator_port=0, operator_token="short")
@@ -279,6 +293,13 @@ def test_a_drain_to_a_rank_whose_door_is_gone_is_refused() -> None:
         code, body, _ = call("POST", cluster.doors[0].url + "/drain", body={"rank": 1})
         assert (code, body["reason"]) == (502, "forward_failed"), body
         assert refused("forward_failed") == before + 1
+        # a stale record that points at another rank's door: that door refuses, never loops
+        cluster.agents[0].store.set(door_key(cluster.name, 1), json.dumps({"url": cluster.doors[2].url}))
+        before = refused("conflict")
+        code, body, _ = call("POST", cluster.doors[0].url + "/drain", body={"rank": 1})
+        assert (code, body["reason"], body["via"]) == (409, "conflict", 0) and "stale door record" in body["error"]
+        assert refused("conflict") == before + 1
+        assert cluster.doors[2].draining is None
         assert all(a.status()["members"] == [0, 1, 2] for a in cluster.agents)
     finally:
         cluster.close()
@@ -286,6 +307,7 @@ def test_a_drain_to_a_rank_whose_door_is_gone_is_refused() -> None:
 
 def test_admit_starts_a_joining_rank_and_answers_once_it_serves() -> None:
     joiners: list[Agent] = []
+    join_errors: list[BaseException] = []
     started: list[threading.Thread] = []
     holder: dict[str, Cluster] = {}
 
@@ -296,7 +318,14 @@ def test_admit_starts_a_joining_rank_and_answers_once_it_serves() -> None:
         hooks = ToyHooks(3)
         joiner = cluster.agent(rank, hooks, members=None, incarnation=1)
         joiners.append(joiner)
-        t = threading.Thread(target=joiner.start, kwargs={"timeout": 60}, daemon=True)
+
+        def start() -> None:
+            try:
+                joiner.start(timeout=60)
+            except BaseException as exc:  # reported by the assertions below
+                join_errors.append(exc)
+
+        t = threading.Thread(target=start, daemon=True)
         t.start()
         started.append(t)
 
@@ -304,10 +333,11 @@ def test_admit_starts_a_joining_rank_and_answers_once_it_serves() -> None:
     try:
         cluster.serve(cluster.agents)
         code, body, _ = call("POST", cluster.doors[1].url + "/admit", body={"rank": 3, "wait_s": 60})
-        assert code == 200, body
+        assert code == 200, (body, join_errors)
         assert body == {"rank": 3, "admitted": True, "epoch": 2, "members": [0, 1, 2, 3]}
         for t in started:
             t.join(30)
+        assert not join_errors
         assert joiners[0].state == "running" and joiners[0].epoch == 2
         assert joiners[0].hooks.placement().num_ranks == 4
         assert _wait(lambda: all(a.epoch == 2 for a in cluster.agents))

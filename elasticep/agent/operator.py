@@ -43,6 +43,7 @@ import concurrent.futures as cf
 import hmac
 import json
 import logging
+import socket
 import threading
 import time
 from typing import Any, Callable, Protocol
@@ -105,7 +106,8 @@ class OperatorDoor:
     Args:
         target: the rank's agent (or any :class:`OperatorTarget`).
         token: the bearer token (``Config.operator_token``), at least 16 characters.
-        host, port: where to listen (``port=0`` picks a free one: :attr:`url`).
+        host, port: where to listen (``port=0`` picks a free one: :attr:`url`; a door on every
+            address, ``0.0.0.0``, advertises this host's name).
         drain: called with the reason when this rank is to leave, on a worker thread; it must
             return promptly (start the leave, do not wait for it). Default: the agent's
             :meth:`~elasticep.agent.Agent.request_leave`, then :meth:`~elasticep.agent.Agent.finish_leave`
@@ -235,7 +237,10 @@ class OperatorDoor:
             await site.start()
             sockets = self._runner.addresses
             port = sockets[0][1]
-            self.url = f"http://{self._host}:{port}"
+            host = self._host
+            if host in ("", "0.0.0.0", "::"):  # listening everywhere: advertise a name peers can reach
+                host = socket.getfqdn()
+            self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
             started.set_result(None)
             await self._stopped.wait()
         finally:
@@ -305,9 +310,21 @@ class OperatorDoor:
     async def _status(self, request: Any) -> Any:
         return _json(self.status())
 
+    def _target_status(self) -> dict[str, Any]:
+        # Agent.status() reads the membership core's dicts from this thread while the agent's
+        # loop may change them: a "changed size during iteration" is retried, not answered 500.
+        for attempt in range(5):
+            try:
+                return self.target.status()
+            except RuntimeError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.001)
+        raise AssertionError("unreachable")
+
     def status(self) -> dict[str, Any]:
         """What ``GET /status`` answers."""
-        status = dict(self.target.status())
+        status = dict(self._target_status())
         status["incarnation"] = getattr(self.target, "incarnation", None)
         draining = None
         if self.draining is not None:
@@ -324,7 +341,7 @@ class OperatorDoor:
         reason = body.get("reason", "operator drain")
         if not isinstance(reason, str) or len(reason) > 200:
             raise _Refused(400, "bad_request", "reason must be a string of at most 200 characters")
-        status = self.target.status()
+        status = self._target_status()
         if rank != me:
             if request.headers.get(_FORWARDED) is not None:
                 raise _Refused(409, "conflict", f"forwarded a drain of rank {rank} but this door is rank {me}'s "
@@ -408,7 +425,7 @@ class OperatorDoor:
             raise _Refused(501, "unavailable", "this door cannot start a rank: it was opened without an admit "
                                                "callable (start the joining rank's process yourself; the members "
                                                "admit it when it asks)")
-        status = self.target.status()
+        status = self._target_status()
         if status["state"] != "running":
             raise _Refused(503, "unavailable", f"rank {self.target.rank}'s agent is {status['state']}")
         if rank in status["members"]:
@@ -426,12 +443,12 @@ class OperatorDoor:
             return _json({"rank": rank, "started": True, "epoch": status["epoch"]}, 202)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
-            now = self.target.status()
+            now = self._target_status()
             if rank in now["members"]:
                 return _json({"rank": rank, "admitted": True, "epoch": now["epoch"], "members": now["members"]})
             await asyncio.sleep(0.02)
         return _json({"error": f"rank {rank} was started but this rank serves no epoch with it after {wait_s:g} s",
-                      "reason": "admit_timeout", "epoch": self.target.status()["epoch"]}, 504)
+                      "reason": "admit_timeout", "epoch": self._target_status()["epoch"]}, 504)
 
 
 def _rank(value: Any) -> int:
