@@ -63,6 +63,7 @@ MAX_BODY_BYTES = 64 * 1024
 FORWARD_TIMEOUT_S = 10.0
 """Bound on forwarding a drain to another rank's door, s."""
 
+_STORE_TIMEOUT_S = 5.0  # the door's own store client: a gone store must not hold close() for long
 _MAX_WAIT_S = 300.0
 _MAX_RANK = 1 << 16
 _FORWARDED = "X-Elasticep-Forwarded-By"
@@ -173,7 +174,7 @@ class OperatorDoor:
         if self._register:
             from elasticep.agent.agent import connect_store
 
-            self._store = connect_store(self.target.store_address)
+            self._store = connect_store(self.target.store_address, timeout_s=_STORE_TIMEOUT_S)
             self._store.set(door_key(self.target.cluster, self.target.rank),
                             json.dumps({"url": self.url, "incarnation": getattr(self.target, "incarnation", 0)}))
         return self
@@ -386,7 +387,8 @@ class OperatorDoor:
         key = door_key(self.target.cluster, rank)
 
         def lookup() -> str | None:
-            store = self._store if self._store is not None else connect_store(self.target.store_address)
+            store = (self._store if self._store is not None
+                     else connect_store(self.target.store_address, timeout_s=_STORE_TIMEOUT_S))
             with self._lock:  # one client, several request threads
                 if not store.check([key]):
                     return None
