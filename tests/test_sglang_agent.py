@@ -217,3 +217,53 @@ def test_a_commit_of_an_applied_epoch_is_refused_and_counted() -> None:
         with pytest.raises(PlacementMismatch):
             hooks.commit(change)
         assert hooks.applied == [2]
+
+
+def _wrapper(*args: str, timeout: float = 150, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "adapters"), env.get("PYTHONPATH", "")])
+    for name in ("ELASTICEP_SGLANG_HOOKS", "ELASTICEP_SGLANG_AGENT", "ELASTICEP_SGLANG_STORE", "ELASTICEP_BUS_KEYS"):
+        env.pop(name, None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "elasticep_sglang.launch_server", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_the_launch_wrapper_sets_up_the_agent_for_every_scheduler_with_one_command() -> None:
+    result = _wrapper("--elasticep-dry-run", "--model-path", "deepseek-ai/DeepSeek-V3", "--tp-size", "8",
+                      "--ep-size", "8", "--moe-a2a-backend", "mooncake", "--elastic-ep-backend", "mooncake",
+                      "--enable-eplb", "--ep-num-redundant-experts", "32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    agent = report["agent"]
+    assert agent["enabled"] and agent["store_hosted_here"] and agent["keys_generated"] and agent["ranks"] == 8
+    # a spawned scheduler inherits the store the wrapper hosts and installs the agent's step boundary
+    child = report["spawned_child"]
+    assert child["agent_step"] and child["store"] == agent["store"]
+    assert report["wrapper"]["agent_step"]  # installed there too, but never started: no step boundary
+
+
+def test_the_launch_wrapper_refuses_several_nodes_without_shared_keys() -> None:
+    result = _wrapper("--elasticep-dry-run", "--model-path", "dummy", "--nnodes", "2", "--tp-size", "16",
+                      "--elastic-ep-backend", "mooncake", timeout=60)
+    assert result.returncode == 2
+    assert "ELASTICEP_BUS_KEYS" in result.stderr and "Traceback" not in result.stderr
+    bad = _wrapper("--elasticep-dry-run", "--model-path", "dummy", "--elasticep-store", "no-port", timeout=60)
+    assert bad.returncode == 2 and "HOST:PORT" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_scheduler_agent_settings_are_refused_with_a_typed_counted_error() -> None:
+    from elasticep_sglang.scheduler_agent import AgentSettingsError, SchedulerAgent
+
+    before = metrics.AGENT_ERRORS.labels("sglang_settings")._value.get()
+    with pytest.raises(AgentSettingsError, match="ELASTICEP_SGLANG_STORE"):
+        SchedulerAgent({}).store_address()  # no store given and no torch.distributed
+    with pytest.raises(AgentSettingsError, match="HOST:PORT"):
+        SchedulerAgent({"ELASTICEP_SGLANG_STORE": "localhost"}).store_address()
+    with pytest.raises(AgentSettingsError, match="number"):
+        SchedulerAgent({"ELASTICEP_SGLANG_HOOK_TIMEOUT_S": "soon"})._float("ELASTICEP_SGLANG_HOOK_TIMEOUT_S", 1.0)
+    with pytest.raises(AgentSettingsError, match="local or cluster"):
+        SchedulerAgent({"ELASTICEP_SGLANG_PROFILE": "lan"})._config(1)
+    assert metrics.AGENT_ERRORS.labels("sglang_settings")._value.get() == before + 4
+    assert SchedulerAgent({"ELASTICEP_SGLANG_STORE": "tcp://10.0.0.1:29500"}).store_address() == "tcp://10.0.0.1:29500"

@@ -8,6 +8,10 @@ what a failure requires, installed into an unmodified SGLang (``>=0.5.23,<0.6``)
 * :mod:`~elasticep_sglang.active_ranks`: :class:`ActiveRanksFeed`, each view written into
   SGLang's active-ranks state once.
 * :mod:`~elasticep_sglang.detect`: Mooncake EP's ``active_ranks`` mask as a detection source.
+* :mod:`~elasticep_sglang.agent_hooks`: :class:`SGLangEngineHooks`, SGLang's side of
+  :class:`elasticep.Agent` (placement, commit, kernel mask);
+* :mod:`~elasticep_sglang.scheduler_agent`: :class:`SchedulerAgent`, the agent started in every
+  scheduler at its first step boundary;
 * :mod:`~elasticep_sglang.hooks` and ``python -m elasticep_sglang.launch_server``: activation.
 
 Importing this package does not import SGLang; the functions that need it import it on use and
@@ -15,6 +19,7 @@ check its version first.
 """
 
 from elasticep_sglang.active_ranks import ActiveRanksFeed, ElasticEPDisabled
+from elasticep_sglang.agent_hooks import PlacementMismatch, SGLangEngineHooks, plan_expert_update
 from elasticep_sglang.compat import (
     SUPPORTED_SGLANG,
     SGLangNotInstalled,
@@ -38,17 +43,23 @@ from elasticep_sglang.hooks import (
     uninstall_hooks,
 )
 from elasticep_sglang.rebalance import ElasticRebalance, RebalanceRecord, changed_live_slots
+from elasticep_sglang.scheduler_agent import AgentSettingsError, SchedulerAgent, ServingStopped
 
 __all__ = [
     "MOONCAKE_EP_TIMEOUT_US",
     "SUPPORTED_SGLANG",
     "ActiveRanksFeed",
+    "AgentSettingsError",
     "ElasticEPDisabled",
     "ElasticRebalance",
     "InstalledHooks",
+    "PlacementMismatch",
     "RebalanceRecord",
     "SGLangActiveRanks",
+    "SGLangEngineHooks",
     "SGLangNotInstalled",
+    "SchedulerAgent",
+    "ServingStopped",
     "StepBoundary",
     "UnsupportedSGLangVersion",
     "changed_live_slots",
@@ -60,6 +71,7 @@ __all__ = [
     "logical_to_all_physical_map",
     "mooncake_mask_source",
     "physical_to_logical_map",
+    "plan_expert_update",
     "placement_of",
     "to_expert_location_metadata",
     "uninstall_hooks",

@@ -7,7 +7,8 @@ Two module attributes are replaced (and restored by :func:`uninstall_hooks`):
   module at each call);
 * ``maybe_rebalance_after_rank_fault`` (in ``sglang.srt.elastic_ep.elastic_ep`` and in every
   loaded module that imported it by name, such as the model runner) by a :class:`StepBoundary`,
-  when a view feed or a mask source is given. SGLang calls it after every forward pass.
+  when a view feed, a mask source or the agent (:data:`ENV_AGENT`) is given. SGLang calls it
+  after every forward pass.
 
 Each SGLang process (the launcher and every scheduler it spawns) must install them itself:
 ``python -m elasticep_sglang.launch_server`` does so through the environment (see
