@@ -601,6 +601,8 @@ def run_demo(
     timeout_s: float = 150.0,
     schedule: Sequence[ScheduledFault] | None = None,
     slots_per_rank: int | None = None,
+    store: str = "tcpstore",
+    hosts: int = 0,
 ) -> DemoResult:
     """Run the demo scenario; see the module docs. ``fail_at``: ``"3s"`` (seconds after the
     stream starts), ``"60"`` (after that many requests finished) or ``"40%"`` of the requests.
@@ -609,13 +611,20 @@ def run_demo(
     their times (:func:`load_schedule`, :func:`parse_fault`); ranks come back only where the
     schedule says ``restart``. ``slots_per_rank``: expert slots per rank (default
     ``ceil(experts / (ranks - 1))``, enough to lose any one rank). Every option is checked before
-    anything is set up: :class:`DemoOptionError`."""
+    anything is set up: :class:`DemoOptionError`.
+
+    ``store``: where views are committed, ``"tcpstore"`` (the launcher's) or ``"etcd"`` (a
+    3-member etcd cluster started for the run; at the end the demo checks that the newest view
+    is committed there). ``hosts``: run the ranks on that many network-namespace hosts (root
+    only; :class:`elasticep.testing.hosts.ControlPlane`), rank ``r`` on host ``r % hosts``, each
+    etcd member on a host of its own."""
+    _check_control_plane(store, hosts, ranks)
     plan = _check_options(ranks=ranks, fault=fault, fail_rank=fail_rank, fail_at=fail_at, requests=requests,
                           max_new_tokens=max_new_tokens, prompt_len=prompt_len, concurrency=concurrency, out=out,
                           rejoin=rejoin, timeout_s=timeout_s, schedule=schedule, slots_per_rank=slots_per_rank)
     import torch
 
-    from elasticep.engine.launcher import Launcher, prewarm
+    from elasticep.engine.launcher import prewarm
     from elasticep.engine.model import make_tiny_model
     from elasticep.engine.oracle import Oracle
     from elasticep.engine.timeline import LiveDisplay, Timeline, summarize
@@ -633,8 +642,12 @@ def run_demo(
     concurrency = concurrency or 2 * ranks
     state = {"note": "starting ranks"}
     problems: list[str] = []
-    with Launcher(model_path, ranks, backend="kernel", attempt_timeout_s=30.0,
-                  slots_per_rank=plan.slots_per_rank) as launcher:
+    from elasticep.testing.hosts import ControlPlane
+
+    store_problems: list[str] = []
+    with ControlPlane(store=store, hosts=hosts) as plane, \
+            plane.launcher(model_path, ranks, backend="kernel", attempt_timeout_s=30.0,
+                           slots_per_rank=plan.slots_per_rank) as launcher:
         router = launcher.router
 
         def follow_view(previous: tuple[int, ...], members: tuple[int, ...]) -> None:
@@ -667,11 +680,16 @@ def run_demo(
                 time.sleep(0.3)  # the last phase events on the bus
         finally:
             recorder.close()
+        if plane.etcd is not None:
+            head, newest = plane.committed_head(launcher.cluster), recorder.view[0]
+            if head < newest:
+                store_problems.append(f"the ranks installed epoch {newest} but etcd holds views up to "
+                                      f"epoch {head} only: they committed them elsewhere")
     verdict = work.verify(oracle)
     changes = timeline.changes()
     json_path = timeline.to_json(out_dir / "timeline.json")
     png_path = timeline.plot(out_dir / "timeline.png")
-    ok = verdict["lost"] == 0 and verdict["wrong"] == 0 and not problems
+    ok = verdict["lost"] == 0 and verdict["wrong"] == 0 and not problems and not store_problems
     from rich.console import Console
 
     console = Console(width=None if sys.stdout.isatty() else 150)
@@ -686,9 +704,39 @@ def run_demo(
         console.print(f"errors: {verdict['errors']}")
     for problem in problems:
         console.print(f"schedule: {problem}", markup=False)
+    for problem in store_problems:
+        console.print(f"store: {problem}", markup=False)
     console.print(f"timeline: {json_path}\nplot: {png_path}")
     console.print("[bold green]OK[/]" if ok else "[bold red]FAILED[/]")
     return DemoResult(ok, verdict, changes, json_path, png_path, time.monotonic() - t_start)
+
+
+def _check_control_plane(store: str, hosts: int, ranks: int) -> None:
+    """``--store`` and ``--hosts``, and what they need on this machine; raises :class:`DemoOptionError`."""
+    if store not in ("tcpstore", "etcd"):
+        raise _refuse("--store", f"{store!r}: one of tcpstore, etcd")
+    if hosts < 0 or hosts == 1 or hosts > ranks:
+        raise _refuse("--hosts", f"{hosts}: 0 (every rank on this host) or 2 to {ranks} (the ranks)")
+    if store == "etcd":
+        from elasticep.testing.etcd import etcd_available
+
+        if hosts and hosts < 3:
+            raise _refuse("--hosts", f"{hosts}: etcd needs 3 or more hosts (one member each, a majority "
+                                     "outlives any one host)")
+        reason = etcd_available()
+        if reason is None:
+            try:
+                import aetcd  # noqa: F401
+            except ImportError:
+                reason = "the etcd extra is not installed (pip install 'elasticep[etcd]')"
+        if reason is not None:
+            raise _refuse("--store", f"etcd: {reason}")
+    if hosts:
+        from elasticep.testing.hosts import netns_available
+
+        reason = netns_available()
+        if reason is not None:
+            raise _refuse("--hosts", reason)
 
 
 def _single_fault(launcher, recorder: ClusterRecorder, work: Workload, timeline, state: dict[str, Any],
@@ -755,6 +803,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="directory for the model, timeline.json and timeline.png")
     parser.add_argument("--no-live", action="store_true", help="no live display (logs and CI)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--store", default="tcpstore", help="where views are committed: tcpstore (the launcher's) "
+                        "or etcd (a 3-member etcd cluster started for the run)")
+    parser.add_argument("--hosts", type=int, default=0, help="run the ranks on this many network-namespace hosts "
+                        "(root only; with --store etcd, 3 or more, one etcd member each)")
     args = parser.parse_args(argv)
     try:
         schedule, fault = _schedule_from_args(args)
@@ -763,7 +815,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           fail_at="40%" if args.fail_at is None else args.fail_at, requests=args.requests,
                           max_new_tokens=args.max_new_tokens, out=args.out, live=not args.no_live,
                           rejoin=not args.no_rejoin, seed=args.seed, schedule=schedule,
-                          slots_per_rank=args.slots_per_rank)
+                          slots_per_rank=args.slots_per_rank, store=args.store, hosts=args.hosts)
     except DemoOptionError as exc:
         print(f"elasticep demo: {exc}", file=sys.stderr)
         return 2

@@ -55,9 +55,8 @@ import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
-from elasticep.membership.local_cluster import LocalCluster, RankProcess, _child_main, _Child, _forkserver
-
-__all__ = ["Host", "HostNet", "HostCluster", "NetnsError", "enter_netns", "netns_available"]
+__all__ = ["ControlPlane", "Host", "HostNet", "HostCluster", "NetnsError", "enter_netns", "host_launcher_class",
+           "netns_available", "run_rank_on_host"]
 
 _STATE_DIR = "/run/elasticep-hosts"
 _CLONE_NEWNET = 0x40000000
@@ -415,75 +414,261 @@ def _close_open_nets() -> None:
 
 def _host_child_main(netns_path: str, argv: list[str], env: dict[str, str], channel) -> None:
     """Entry of a membership worker placed on a host: join its namespace, then run as usual."""
+    from elasticep.membership.local_cluster import _child_main
+
     enter_netns(netns_path)
     _child_main(argv, env, channel)
 
 
-class HostCluster(LocalCluster):
-    """:class:`~elasticep.membership.local_cluster.LocalCluster` with each rank on a host of a
-    :class:`HostNet`: the worker joins its host's namespace before it opens a socket, binds its
-    bus there (``tcp://ADDR:*``) and reaches the launcher's ``TCPStore`` (bus rendezvous; views
-    too unless ``config`` names etcd) at the bridge, :attr:`HostNet.gateway`.
+_cluster_class: list[type] = []
 
-    Args:
-        net: the hosts.
-        placement: ``placement[rank]`` is the index of the host rank ``rank`` runs on.
-        config, report_exits, log_level: as for ``LocalCluster``.
 
-    :meth:`kill_host` kills a host and everything on it (with the etcd member you placed there)
-    and, as when a machine dies with its local launcher, nobody reports those exits: the
-    survivors learn of them by silence alone.
+def __getattr__(name: str):
+    # HostCluster is built on first use: its base (LocalCluster) pulls in pytest and torch, which
+    # the demo's and the benchmarks' use of this module does not need.
+    if name == "HostCluster":
+        return _host_cluster_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _host_cluster_class() -> type:
+    if not _cluster_class:
+        from elasticep.membership.local_cluster import LocalCluster, RankProcess, _Child, _forkserver
+
+        _cluster_class.append(_define_host_cluster(LocalCluster, RankProcess, _Child, _forkserver))
+    return _cluster_class[0]
+
+
+def _define_host_cluster(LocalCluster, RankProcess, _Child, _forkserver) -> type:  # noqa: N803
+    class HostCluster(LocalCluster):
+        """:class:`~elasticep.membership.local_cluster.LocalCluster` with each rank on a host of a
+        :class:`HostNet`: the worker joins its host's namespace before it opens a socket, binds its
+        bus there (``tcp://ADDR:*``) and reaches the launcher's ``TCPStore`` (bus rendezvous; views
+        too unless ``config`` names etcd) at the bridge, :attr:`HostNet.gateway`.
+
+        Args:
+            net: the hosts.
+            placement: ``placement[rank]`` is the index of the host rank ``rank`` runs on.
+            config, report_exits, log_level: as for ``LocalCluster``.
+
+        :meth:`kill_host` kills a host and everything on it (with the etcd member you placed there)
+        and, as when a machine dies with its local launcher, nobody reports those exits: the
+        survivors learn of them by silence alone.
+        """
+
+        def __init__(self, net: HostNet, placement: Sequence[int], *, config: dict[str, object] | None = None,
+                     report_exits: bool = True, log_level: str = "WARNING") -> None:
+            if any(not 0 <= h < len(net.hosts) for h in placement):
+                raise ValueError(f"placement {list(placement)} names a host outside 0..{len(net.hosts) - 1}")
+            self.net = net
+            self.placement = list(placement)
+            self._silent: set[int] = set()
+            super().__init__(len(self.placement), config=config, report_exits=report_exits, log_level=log_level)
+
+        def host_of(self, rank: int) -> Host:
+            return self.net.hosts[self.placement[rank]]
+
+        def ranks_on(self, host: Host) -> list[int]:
+            return [r for r, h in enumerate(self.placement) if h == host.index]
+
+        def spawn(self, rank: int, *, join: bool = False):
+            host = self.host_of(rank)
+            self._silent.discard(rank)
+            incarnation = self._incarnations.get(rank, 0) + 1
+            self._incarnations[rank] = incarnation
+            argv = ["--rank", str(rank), "--world", str(self.world), "--store", f"{self.net.gateway}:{self.port}",
+                    "--bind", f"tcp://{host.addr}:*", "--incarnation", str(time.time_ns()),
+                    "--log-level", self.log_level]
+            if join:
+                argv.append("--join")
+            for name, value in self.config.items():
+                argv += ["--config", f"{name}={value}"]
+            env = {"ELASTICEP_BUS_KEYS": self.keys.for_rank(rank).to_json(), "PYTHONUNBUFFERED": "1"}
+            ours, theirs = socket.socketpair()
+            process = _forkserver().Process(target=_host_child_main, args=(host.netns_path, argv, env, theirs),
+                                            name=f"elasticep-rank{rank}-h{host.index}")
+            process.start()
+            theirs.close()
+            rp = RankProcess(rank, _Child(process, ours), incarnation)
+            with self._lock:
+                self.ranks[rank] = rp
+                self._all.append(rp)
+            rp.reader = threading.Thread(target=self._read, args=(rp,), daemon=True, name=f"rank{rank}-reader")
+            rp.reader.start()
+            return rp
+
+        def send(self, rank: int, line: str) -> None:
+            if line.startswith("exit "):
+                dead = int(line.split()[1])
+                if dead in self._silent:
+                    return
+            super().send(rank, line)
+
+        def kill_host(self, host: Host) -> int:
+            """SIGKILL everything on ``host``; its ranks' exits are not reported. Returns wall-clock ns."""
+            self._silent.update(self.ranks_on(host))
+            return self.net.kill_host(host)
+
+    HostCluster.__module__ = __name__
+    HostCluster.__qualname__ = "HostCluster"
+    return HostCluster
+
+# --- the reference engine on hosts ---------------------------------------------------------------
+
+
+def run_rank_on_host(netns_path: str, store_host: str, store_port: int, cluster: str, rank: int,
+                     incarnation: int) -> int:
+    """Zygote entry of a reference-engine rank placed on a host: join the host's namespace
+    (before any socket exists), then run :func:`elasticep.engine.rank.run_rank`."""
+    enter_netns(netns_path)
+    # gloo picks its interface from the machine's hostname, whose address is not on this host
+    os.environ["GLOO_SOCKET_IFNAME"] = "eth0"
+    from elasticep.engine.rank import run_rank
+
+    return run_rank(store_host, store_port, cluster, rank, incarnation)
+
+
+_launcher_class: list[type] = []
+
+
+def host_launcher_class() -> type:
+    """:class:`HostLauncher` (built on first use: the engine's imports are not cheap)."""
+    if _launcher_class:
+        return _launcher_class[0]
+    from elasticep.engine.launcher import Launcher, _Proc
+
+    class HostLauncher(Launcher):
+        """A :class:`~elasticep.engine.launcher.Launcher` whose ranks run on the hosts of a
+        :class:`HostNet`: rank ``r`` on host ``placement[r]`` (default ``r % len(hosts)``), a
+        restarted rank on the same host. The launcher itself (its ``TCPStore``, router and
+        exit-report socket) listens at the bridge, :attr:`HostNet.gateway`. Each rank's spec
+        names the address it should bind its bus and weight-transfer engine to
+        (``extra["bus_endpoint"]``, ``extra["host_addr"]``). Only the zygote start method."""
+
+        def __init__(self, net: HostNet, model_path, num_ranks: int, *, placement_hosts: Sequence[int] | None = None,
+                      rank_extra=None, **kwargs) -> None:
+            self.net = net
+            self.rank_hosts = list(placement_hosts) if placement_hosts is not None else [
+                r % len(net.hosts) for r in range(kwargs.get("max_ranks") or 2 * num_ranks)]
+            user_extra = rank_extra
+
+            def extra(rank: int, inc: int) -> dict[str, str]:
+                out = dict(user_extra(rank, inc)) if user_extra is not None else {}
+                addr = self.host_of(rank).addr
+                out.update(bus_endpoint=f"tcp://{addr}:*", host_addr=addr)
+                return out
+
+            kwargs.setdefault("host", net.gateway)
+            super().__init__(model_path, num_ranks, rank_extra=extra, **kwargs)
+
+        def host_of(self, rank: int) -> Host:
+            return self.net.hosts[self.rank_hosts[rank % len(self.rank_hosts)]]
+
+        def ranks_on(self, host: Host) -> list[int]:
+            return [r for r in self.alive_ranks() if self.host_of(r) is host]
+
+        def kill_host(self, host: Host) -> int:
+            """SIGKILL everything on ``host`` (its ranks, and an etcd member placed there)."""
+            return self.net.kill_host(host)
+
+        def _start_process(self, rank: int, inc: int) -> _Proc:
+            if self.start_method != "zygote":
+                raise ValueError("HostLauncher starts ranks from the zygote only")
+            host, port = self.store_address
+            zygote = self._zygote()
+            pid = zygote.fork("elasticep.testing.hosts:run_rank_on_host",
+                              [self.host_of(rank).netns_path, host, port, self.cluster, rank, inc])
+            proc = _Proc(pid, "zygote")
+            with self._lock:
+                self._by_pid[pid] = proc
+            code = zygote.exit_code(pid)
+            if code is not None:
+                proc.exited(code)
+            return proc
+
+    HostLauncher.__module__ = __name__
+    HostLauncher.__qualname__ = "HostLauncher"
+    _launcher_class.append(HostLauncher)
+    return HostLauncher
+
+
+class ControlPlane:
+    """Where a reference-engine cluster keeps its views and runs its ranks, for the demo and
+    benchmarks: ``store`` is ``"tcpstore"`` (the launcher's, the default) or ``"etcd"`` (a
+    3-member :class:`~elasticep.testing.etcd.EtcdCluster`); ``hosts`` > 0 puts the ranks on that
+    many network-namespace hosts (:class:`HostNet`) and each etcd member on a host of its own.
+
+    :meth:`launcher` builds the launcher (with ``rank_config`` naming the store);
+    :meth:`committed_head` reads the newest epoch committed in etcd, to check that the views
+    really went there; :meth:`close` stops etcd and removes the hosts.
     """
 
-    def __init__(self, net: HostNet, placement: Sequence[int], *, config: dict[str, object] | None = None,
-                 report_exits: bool = True, log_level: str = "WARNING") -> None:
-        if any(not 0 <= h < len(net.hosts) for h in placement):
-            raise ValueError(f"placement {list(placement)} names a host outside 0..{len(net.hosts) - 1}")
-        self.net = net
-        self.placement = list(placement)
-        self._silent: set[int] = set()
-        super().__init__(len(self.placement), config=config, report_exits=report_exits, log_level=log_level)
+    def __init__(self, *, store: str = "tcpstore", hosts: int = 0) -> None:
+        if store not in ("tcpstore", "etcd"):
+            raise ValueError(f"store must be 'tcpstore' or 'etcd', not {store!r}")
+        if hosts and store == "etcd" and hosts < 3:
+            raise ValueError(f"etcd on {hosts} hosts: one member per host needs 3 or more hosts")
+        self.store = store
+        self.net: HostNet | None = None
+        self.etcd = None
+        try:
+            if hosts:
+                self.net = HostNet(hosts)
+            if store == "etcd":
+                from elasticep.testing.etcd import EtcdCluster
 
-    def host_of(self, rank: int) -> Host:
-        return self.net.hosts[self.placement[rank]]
+                if self.net is not None:
+                    on = self.net.hosts[:3]
+                    self.etcd = EtcdCluster(3, hosts=[h.addr for h in on], exec_prefix=[h.exec_prefix for h in on])
+                else:
+                    self.etcd = EtcdCluster(3)
+                self.etcd.wait_healthy(30)
+        except BaseException:
+            self.close()
+            raise
 
-    def ranks_on(self, host: Host) -> list[int]:
-        return [r for r, h in enumerate(self.placement) if h == host.index]
+    @property
+    def rank_config(self) -> dict[str, object]:
+        """:class:`~elasticep.config.Config` overrides that point the ranks at this store."""
+        if self.etcd is None:
+            return {}
+        return {"view_store": "etcd", "etcd_endpoints": self.etcd.endpoints_csv()}
 
-    def spawn(self, rank: int, *, join: bool = False):
-        host = self.host_of(rank)
-        self._silent.discard(rank)
-        incarnation = self._incarnations.get(rank, 0) + 1
-        self._incarnations[rank] = incarnation
-        argv = ["--rank", str(rank), "--world", str(self.world), "--store", f"{self.net.gateway}:{self.port}",
-                "--bind", f"tcp://{host.addr}:*", "--incarnation", str(time.time_ns()),
-                "--log-level", self.log_level]
-        if join:
-            argv.append("--join")
-        for name, value in self.config.items():
-            argv += ["--config", f"{name}={value}"]
-        env = {"ELASTICEP_BUS_KEYS": self.keys.for_rank(rank).to_json(), "PYTHONUNBUFFERED": "1"}
-        ours, theirs = socket.socketpair()
-        process = _forkserver().Process(target=_host_child_main, args=(host.netns_path, argv, env, theirs),
-                                        name=f"elasticep-rank{rank}-h{host.index}")
-        process.start()
-        theirs.close()
-        rp = RankProcess(rank, _Child(process, ours), incarnation)
-        with self._lock:
-            self.ranks[rank] = rp
-            self._all.append(rp)
-        rp.reader = threading.Thread(target=self._read, args=(rp,), daemon=True, name=f"rank{rank}-reader")
-        rp.reader.start()
-        return rp
+    def launcher(self, model_path, num_ranks: int, **kwargs):
+        """A :class:`~elasticep.engine.launcher.Launcher` (a :class:`HostLauncher` on hosts),
+        not started; ``rank_config`` is merged under the caller's."""
+        kwargs["rank_config"] = {**self.rank_config, **(kwargs.get("rank_config") or {})}
+        if self.net is None:
+            from elasticep.engine.launcher import Launcher
 
-    def send(self, rank: int, line: str) -> None:
-        if line.startswith("exit "):
-            dead = int(line.split()[1])
-            if dead in self._silent:
-                return
-        super().send(rank, line)
+            return Launcher(model_path, num_ranks, **kwargs)
+        return host_launcher_class()(self.net, model_path, num_ranks, **kwargs)
 
-    def kill_host(self, host: Host) -> int:
-        """SIGKILL everything on ``host``; its ranks' exits are not reported. Returns wall-clock ns."""
-        self._silent.update(self.ranks_on(host))
-        return self.net.kill_host(host)
+    def committed_head(self, cluster: str) -> int:
+        """The newest epoch committed in etcd under launch ``cluster``'s prefix (0: none)."""
+        if self.etcd is None:
+            raise ValueError("no etcd in this control plane")
+        from elasticep.membership.etcd_store import EtcdViewStore
+
+        async def head() -> int:
+            store = EtcdViewStore(self.etcd.endpoints, timeout_s=5.0, prefix=f"elasticep/{cluster}")
+            try:
+                return await store.head()
+            finally:
+                await store.close()
+
+        import asyncio
+
+        return asyncio.run(head())
+
+    def close(self) -> None:
+        if self.etcd is not None:
+            self.etcd.close()
+        if self.net is not None:
+            self.net.close()
+
+    def __enter__(self) -> "ControlPlane":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
