@@ -109,7 +109,8 @@ def plan_expert_update(old: torch.Tensor, new: torch.Tensor, alive: Any, slots_p
     rank, which the updater's pairing of sends and receives relies on.
 
     Args:
-        old, new: ``[layers, slots]`` integer maps (SGLang's ``physical_to_logical_map_cpu``).
+        old: ``[layers, slots]`` integer map in force (SGLang's ``physical_to_logical_map_cpu``).
+        new: ``[layers, slots]`` integer map committed.
         alive: ``[ranks]`` bool (or 0/1), the committed view's members.
         slots_per_rank: SGLang's ``num_local_physical_experts``.
         rank: the rank whose ``missing`` and ``moves`` are reported.
