@@ -20,19 +20,28 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pickle
+
 import torch
 
 from elasticep.eplb.placement import Placement, RedundancyExhausted
+from elasticep.errors import InvalidArgument
 from elasticep.eplb.planner import balance, initial, replan
 
 
 def _read(path: str) -> Any:
     p = Path(path)
-    if p.suffix == ".pt":
-        return torch.load(p, map_location="cpu", weights_only=True)
-    if p.suffix == ".json":
+    if p.suffix not in (".pt", ".json"):
+        raise InvalidArgument(f"{path}: expected a .pt or .json file")
+    try:
+        if p.suffix == ".pt":
+            return torch.load(p, map_location="cpu", weights_only=True)
         return json.loads(p.read_text())
-    raise ValueError(f"{path}: expected a .pt or .json file")
+    except OSError:
+        raise
+    except (ValueError, RuntimeError, pickle.UnpicklingError, EOFError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidArgument(f"{path}: not a readable {p.suffix} file ({first})") from None
 
 
 def read_load(path: str) -> torch.Tensor:
@@ -44,14 +53,17 @@ def read_load(path: str) -> torch.Tensor:
                 data = data[key]
                 break
         else:
-            raise ValueError(f"{path}: a dict load file needs a 'load' or 'logical_count' entry")
-    t = torch.as_tensor(data).to(torch.float64)
+            raise InvalidArgument(f"{path}: a dict load file needs a 'load' or 'logical_count' entry")
+    try:
+        t = torch.as_tensor(data).to(torch.float64)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise InvalidArgument(f"{path}: load must be an array of numbers ({exc})") from None
     if t.dim() == 3:
         t = t.sum(0)
     if t.dim() == 1:
         t = t.unsqueeze(0)
     if t.dim() != 2:
-        raise ValueError(f"{path}: load must be [layers, experts], got shape {tuple(t.shape)}")
+        raise InvalidArgument(f"{path}: load must be [layers, experts], got shape {tuple(t.shape)}")
     return t
 
 
@@ -59,17 +71,19 @@ def read_placement(path: str, slots_per_rank: int | None, num_experts: int) -> P
     """A placement from ``--out`` JSON (``to_dict``) or SGLang's maps (``.pt`` or ``.json``)."""
     data = _read(path)
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a dict with 'phy2log' or 'physical_to_logical_map'")
+        raise InvalidArgument(f"{path}: expected a dict with 'phy2log' or 'physical_to_logical_map'")
     if "phy2log" in data:
+        if "slots_per_rank" not in data:
+            raise InvalidArgument(f"{path}: a placement from --out has 'slots_per_rank' next to 'phy2log'")
         return Placement(data["phy2log"], data["slots_per_rank"], data.get("num_experts", num_experts))
     if "physical_to_logical_map" in data:
         if slots_per_rank is None:
-            raise ValueError("an SGLang map needs --slots-per-rank")
+            raise InvalidArgument("an SGLang map needs --slots-per-rank")
         return Placement.from_sglang(
             data["physical_to_logical_map"], data.get("logical_to_all_physical_map"),
             slots_per_rank=slots_per_rank, num_experts=num_experts,
         )
-    raise ValueError(f"{path}: expected a dict with 'phy2log' or 'physical_to_logical_map'")
+    raise InvalidArgument(f"{path}: expected a dict with 'phy2log' or 'physical_to_logical_map'")
 
 
 def _ids(text: str | None, what: str = "ranks", num_ranks: int | None = None) -> list[int]:
@@ -83,10 +97,10 @@ def _ids(text: str | None, what: str = "ranks", num_ranks: int | None = None) ->
         try:
             r = int(x)
         except ValueError:
-            raise ValueError(f"--{what}: {x.strip()!r} is not a rank id") from None
+            raise InvalidArgument(f"--{what}: {x.strip()!r} is not a rank id") from None
         if r < 0 or (num_ranks is not None and r >= num_ranks):
             bound = f"0..{num_ranks - 1}" if num_ranks is not None else ">= 0"
-            raise ValueError(f"--{what}: rank {r} is outside {bound}")
+            raise InvalidArgument(f"--{what}: rank {r} is outside {bound}")
         ids.append(r)
     return ids
 

@@ -18,13 +18,14 @@ with :meth:`Placement.to_sglang` / :meth:`Placement.from_sglang`.
 
 from __future__ import annotations
 
+import operator
 from functools import cached_property
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from elasticep.errors import RedundancyExhausted  # defined with the error family; importable here too
+from elasticep.errors import InvalidArgument, RedundancyExhausted  # defined with the error family; importable here too
 
 __all__ = ["Placement", "RedundancyExhausted", "EMPTY"]
 
@@ -32,17 +33,34 @@ __all__ = ["Placement", "RedundancyExhausted", "EMPTY"]
 EMPTY = -1
 
 
-def _as_int64(x: Any) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x.detach().to(device="cpu", dtype=torch.int64)
-    return torch.as_tensor(np.asarray(x), dtype=torch.int64)
+def _as_int64(x: Any, what: str = "phy2log") -> torch.Tensor:
+    try:
+        if isinstance(x, torch.Tensor):
+            return x.detach().to(device="cpu", dtype=torch.int64)
+        return torch.as_tensor(np.asarray(x), dtype=torch.int64)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as exc:
+        raise InvalidArgument(f"{what} must be an integer array, got {type(x).__name__}: {exc}") from None
+
+
+def _count_arg(value: Any, what: str) -> int:
+    """``value`` as an int > 0 (any integer type; InvalidArgument otherwise)."""
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise InvalidArgument(f"{what} must be an int > 0, not {value!r}") from None
+    if n <= 0:
+        raise InvalidArgument(f"{what} must be > 0, not {n}")
+    return n
 
 
 def _as_bool(x: Any, n: int, what: str) -> torch.Tensor:
-    t = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-    t = t.to(torch.bool).reshape(-1)
+    try:
+        t = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+        t = t.to(torch.bool).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InvalidArgument(f"{what} must be a [R] bool mask, got {type(x).__name__}: {exc}") from None
     if t.numel() != n:
-        raise ValueError(f"{what} has {t.numel()} entries, expected {n} (one per rank)")
+        raise InvalidArgument(f"{what} has {t.numel()} entries, expected {n} (one per rank)")
     return t
 
 
@@ -65,19 +83,26 @@ class Placement:
         if p.dim() == 1:
             p = p.unsqueeze(0)
         if p.dim() != 2:
-            raise ValueError(f"phy2log must be [layers, slots], got shape {tuple(p.shape)}")
-        slots_per_rank = int(slots_per_rank)
-        if slots_per_rank <= 0 or p.shape[1] % slots_per_rank:
-            raise ValueError(
+            raise InvalidArgument(f"phy2log must be [layers, slots], got shape {tuple(p.shape)}")
+        slots_per_rank = _count_arg(slots_per_rank, "slots_per_rank")
+        if p.shape[1] % slots_per_rank:
+            raise InvalidArgument(
                 f"phy2log has {p.shape[1]} slots per layer, not a multiple of slots_per_rank={slots_per_rank}"
             )
         if p.numel() and int(p.min()) < EMPTY:
-            raise ValueError(f"phy2log holds {int(p.min())}; experts are >= 0 and -1 marks an empty slot")
+            raise InvalidArgument(f"phy2log holds {int(p.min())}; experts are >= 0 and -1 marks an empty slot")
         inferred = int(p.max()) + 1 if p.numel() else 0
         if num_experts is None:
             num_experts = inferred
-        elif inferred > num_experts:
-            raise ValueError(f"phy2log names expert {inferred - 1} but num_experts={num_experts}")
+        else:
+            try:
+                num_experts = operator.index(num_experts)
+            except TypeError:
+                raise InvalidArgument(f"num_experts must be an int or None, not {num_experts!r}") from None
+        if num_experts < 0:
+            raise InvalidArgument(f"num_experts must be >= 0, not {num_experts}")
+        if inferred > num_experts:
+            raise InvalidArgument(f"phy2log names expert {inferred - 1} but num_experts={num_experts}")
         self._phy2log = p.contiguous().clone()
         self._slots_per_rank = slots_per_rank
         self._num_experts = int(num_experts)
@@ -201,7 +226,7 @@ class Placement:
         empty slots.
         """
         if not 0 <= fill_empty < max(self._num_experts, 1):
-            raise ValueError(f"fill_empty={fill_empty} is not a logical expert id")
+            raise InvalidArgument(f"fill_empty={fill_empty} is not a logical expert id")
         phy2log = torch.where(self._phy2log == EMPTY, fill_empty, self._phy2log)
         return phy2log, self.log2phy.clone(), self.logcnt.clone()
 
@@ -229,9 +254,9 @@ class Placement:
             p = p[0]
         if slots_per_rank is None:
             if num_ranks is None:
-                raise ValueError("give slots_per_rank (num_local_physical_experts) or num_ranks (ep_size)")
+                raise InvalidArgument("give slots_per_rank (num_local_physical_experts) or num_ranks (ep_size)")
             if p.shape[1] % num_ranks:
-                raise ValueError(f"{p.shape[1]} slots do not divide over {num_ranks} ranks")
+                raise InvalidArgument(f"{p.shape[1]} slots do not divide over {num_ranks} ranks")
             slots_per_rank = p.shape[1] // num_ranks
         if logical_to_all_physical_map is not None:
             l2p = _as_int64(logical_to_all_physical_map)
@@ -246,7 +271,7 @@ class Placement:
             # a listed slot must hold the expert that lists it
             expert_idx = torch.arange(l2p.shape[1]).view(1, -1, 1).expand_as(l2p)
             if not bool((p[layer_idx[valid], l2p[valid]] == expert_idx[valid]).all()):
-                raise ValueError("logical_to_all_physical_map disagrees with physical_to_logical_map")
+                raise InvalidArgument("logical_to_all_physical_map disagrees with physical_to_logical_map")
             p = torch.where(listed, p, EMPTY)
         placement = cls(p, slots_per_rank, num_experts)
         if logical_count is not None:
@@ -254,7 +279,7 @@ class Placement:
             if c.dim() == 3 and c.shape[0] == 1:
                 c = c[0]
             if not torch.equal(c, placement.logcnt):
-                raise ValueError("logical_count disagrees with the maps")
+                raise InvalidArgument("logical_count disagrees with the maps")
         return placement
 
     # ------------------------------------------------------------------ building and comparing
@@ -262,7 +287,7 @@ class Placement:
     def with_ranks(self, num_ranks: int) -> Placement:
         """This placement grown to ``num_ranks`` ranks (new ranks' slots empty), for scale-up."""
         if num_ranks < self.num_ranks:
-            raise ValueError(f"cannot shrink {self.num_ranks} ranks to {num_ranks}; mark them dead instead")
+            raise InvalidArgument(f"cannot shrink {self.num_ranks} ranks to {num_ranks}; mark them dead instead")
         extra = (num_ranks - self.num_ranks) * self._slots_per_rank
         pad = torch.full((self.num_layers, extra), EMPTY, dtype=torch.int64)
         return Placement(torch.cat([self._phy2log, pad], dim=1), self._slots_per_rank, self._num_experts)

@@ -35,6 +35,7 @@ Who calls it: the reconfiguration pipeline on every new view (``replan``), the e
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -45,7 +46,7 @@ import torch
 from elasticep import metrics
 from elasticep.eplb import _repack
 from elasticep.errors import InvalidArgument
-from elasticep.eplb.placement import EMPTY, Placement, RedundancyExhausted
+from elasticep.eplb.placement import EMPTY, Placement, RedundancyExhausted, _count_arg
 
 __all__ = [
     "Move",
@@ -180,19 +181,22 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 
 def _load_array(load: Any, num_layers: int | None, num_experts: int | None) -> np.ndarray:
-    w = np.array(_to_numpy(load), dtype=np.float64)
+    try:
+        w = np.array(_to_numpy(load), dtype=np.float64)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as exc:
+        raise InvalidArgument(f"load must be a [layers, experts] array of numbers, got {type(load).__name__}: {exc}") from None
     if w.ndim == 1:
         w = w[None, :]
     if w.ndim != 2:
-        raise ValueError(f"load must be [layers, experts], got shape {tuple(w.shape)}")
+        raise InvalidArgument(f"load must be [layers, experts], got shape {tuple(w.shape)}")
     if num_layers is not None and w.shape[0] == 1 and num_layers > 1:
         w = np.repeat(w, num_layers, axis=0)
     if num_layers is not None and w.shape[0] != num_layers:
-        raise ValueError(f"load has {w.shape[0]} layers, the placement {num_layers}")
+        raise InvalidArgument(f"load has {w.shape[0]} layers, the placement {num_layers}")
     if num_experts is not None and w.shape[1] != num_experts:
-        raise ValueError(f"load has {w.shape[1]} experts, the placement {num_experts}")
+        raise InvalidArgument(f"load has {w.shape[1]} experts, the placement {num_experts}")
     if not np.isfinite(w).all() or (w < 0).any():
-        raise ValueError("load must be finite and non-negative")
+        raise InvalidArgument("load must be finite and non-negative")
     return np.ascontiguousarray(w)
 
 
@@ -304,11 +308,14 @@ def _leaving_arg(leaving: Any, num_ranks: int) -> np.ndarray:
 def _speed(rank_speed: Any, num_ranks: int) -> np.ndarray:
     if rank_speed is None:
         return np.ones(num_ranks, dtype=np.float64)
-    s = np.array(_to_numpy(rank_speed), dtype=np.float64).reshape(-1)
+    try:
+        s = np.array(_to_numpy(rank_speed), dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as exc:
+        raise InvalidArgument(f"rank_speed must be [R] positive numbers, got {type(rank_speed).__name__}: {exc}") from None
     if s.size != num_ranks:
-        raise ValueError(f"rank_speed has {s.size} entries, expected {num_ranks}")
+        raise InvalidArgument(f"rank_speed has {s.size} entries, expected {num_ranks}")
     if not np.isfinite(s).all() or (s <= 0).any():
-        raise ValueError("rank_speed must be finite and positive (mark a rank dead instead of speed 0)")
+        raise InvalidArgument("rank_speed must be finite and positive (mark a rank dead instead of speed 0)")
     return s
 
 
@@ -365,7 +372,7 @@ def layer_balance(placement: Placement, load: Any, alive: Any | None = None, ran
     R = placement.num_ranks
     alive_m = np.ones(R, dtype=bool) if alive is None else _alive_arg(R, alive, None, None, grow=False)
     if not alive_m.any():
-        raise ValueError("no live rank")
+        raise InvalidArgument("no live rank")
     w = _load_array(load, placement.num_layers, placement.num_experts)
     p = placement.masked(torch.from_numpy(alive_m)).phy2log.numpy()
     rank_load, _ = _rank_loads(p, w, placement.slots_per_rank)
@@ -383,9 +390,9 @@ def moved_slots(a: Placement, b: Placement, alive: Any | None = None) -> int:
     rank's) loads nothing and is not counted. The placement with fewer ranks is grown with empty
     ranks first."""
     if a.slots_per_rank != b.slots_per_rank:
-        raise ValueError("placements differ in slots_per_rank")
+        raise InvalidArgument("placements differ in slots_per_rank")
     if a.num_layers != b.num_layers:
-        raise ValueError("placements differ in layers")
+        raise InvalidArgument("placements differ in layers")
     if a.num_ranks < b.num_ranks:
         a = a.with_ranks(b.num_ranks)
     elif a.num_ranks > b.num_ranks:
@@ -497,13 +504,18 @@ def initial(load: Any, num_ranks: int, slots_per_rank: int, num_groups: int | No
     largest per-replica load; packing is greedy by descending load, then improved by swaps with
     the heaviest rank, so it is never less balanced than the greedy packing alone.
 
-    Raises :class:`RedundancyExhausted` if ``num_ranks * slots_per_rank < experts``.
+    Raises :class:`RedundancyExhausted` if ``num_ranks * slots_per_rank < experts``, and
+    :class:`~elasticep.errors.InvalidArgument` (a ``ValueError``) for a load that is not a
+    non-empty array of finite non-negative numbers or counts that are not positive integers.
     """
     w = _load_array(load, None, None)
     L, E = w.shape
-    R, S = int(num_ranks), int(slots_per_rank)
-    if R <= 0 or S <= 0:
-        raise ValueError("num_ranks and slots_per_rank must be positive")
+    if L == 0 or E == 0:
+        raise InvalidArgument(f"load must have at least one layer and one expert, got shape {tuple(w.shape)}")
+    R, S = _count_arg(num_ranks, "num_ranks"), _count_arg(slots_per_rank, "slots_per_rank")
+    if num_groups is not None:
+        num_groups = _count_arg(num_groups, "num_groups")
+    num_nodes = _count_arg(num_nodes, "num_nodes")
     N = R * S
     if N < E:
         raise RedundancyExhausted(E, N, detail=f"{R} ranks x {S} slots for {E} experts")
@@ -610,7 +622,8 @@ def replan(
     Raises:
         RedundancyExhausted: the remaining ranks have fewer slots than there are experts
             (counted in ``elasticep_redundancy_exhausted_total``).
-        ValueError: inconsistent shapes or values.
+        InvalidArgument: inconsistent shapes or values, or an argument of the wrong type (a
+            ``ValueError``, as before).
     """
     S = current.slots_per_rank
     alive_m = _alive_arg(current.num_ranks, alive, alive_mask, alive_ranks)
@@ -629,9 +642,14 @@ def replan(
             detail=f"{int(target.sum())} ranks to hold experts x {S} slots "
             f"({int(alive_m.sum())} alive, {int((alive_m & leaving_m).sum())} of them leaving)",
         )
-    if max_moves is not None and int(max_moves) < 0:
-        raise ValueError("max_moves must be >= 0 or None")
-    budget = None if max_moves is None else int(max_moves)
+    if max_moves is not None:
+        try:
+            max_moves = operator.index(max_moves)
+        except TypeError:
+            raise InvalidArgument(f"max_moves must be an int >= 0 or None, not {max_moves!r}") from None
+        if max_moves < 0:
+            raise InvalidArgument(f"max_moves must be an int >= 0 or None, not {max_moves}")
+    budget = max_moves
 
     tslot = np.repeat(target, S)  # [N]
     cur_p = cur.phy2log.numpy()
