@@ -355,3 +355,31 @@ def test_a_plan_over_the_store_is_refused_before_anything_changes() -> None:
         store.sync(BackupPlan(holders, 2), lambda *a: None)
     assert err.value.wanted == 2 and err.value.slots == 1 and store.index == {}
     assert metrics.sample("elasticep_backup_errors_total", {"kind": "over_budget"}) - before == 1
+
+
+def test_a_rank_loads_from_its_own_backup_by_memory_copy() -> None:
+    from elasticep.transfer import ExpertMove
+
+    net = InProcessNetwork()
+    t = net.transport()
+    ex = TransferExecutor(0, ExpertWeights.allocate(LAYOUT), t, epoch=1, checksums=CHECKSUMS)
+    store = BackupStore(0, LAYOUT, 2, transport=t)
+    ex.attach_backups(store)
+    holders = torch.full((2, E, 2), -1)
+    holders[1, 5, 0] = 0
+
+    def load(pairs, weights, slot_of):
+        for layer, e in pairs:
+            for name, x in expert_tensors(layer, e).items():
+                weights.tensor(layer, slot_of[(layer, e)], name).copy_(x)
+        return type("R", (), {"moved": [type("M", (), {"layer": l, "expert": e})() for l, e in pairs]})()
+
+    sync = store.sync(BackupPlan(holders, 2), load)
+    assert sync.added == [(1, 5)] and store.nbytes == 2 * 2 * LAYOUT.expert_nbytes
+    assert set(ex.endpoint().buffers) >= {backup_buffer_name(1, 5, n) for n in ("gate_proj", "up_proj", "down_proj")}
+    net.kill(t.peer)  # no transfer can succeed: only a memory copy can load it
+    report = ex.run([ExpertMove(1, 2, 5)], epoch=2)
+    assert [(m.source_kind, m.source_rank) for m in report.moved] == [("host", 0)]
+    assert ex.weights.checksum(1, 2) == CHECKSUMS[(1, 5)]
+    store.close()
+    ex.close()

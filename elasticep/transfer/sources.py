@@ -3,8 +3,12 @@
 Sources in order of cost, as the executor tries them for each move:
 
 1. ``"replica"``: a slot on a live rank that holds the expert (or a local slot: a memory copy);
-2. ``"host"``: a :class:`~elasticep.transfer.HostBackup` process that keeps experts in RAM;
+2. ``"host"``: a host-memory backup: this rank's own :class:`~elasticep.transfer.BackupStore`
+   (a memory copy), a live peer's (planned by :func:`~elasticep.transfer.plan_backups` on other
+   hosts than those serving the expert), then a :class:`~elasticep.transfer.HostBackup` process;
 3. ``"disk"``: a :class:`DiskSource` over safetensors files, reading only the needed tensors.
+
+The disk is read only for an expert whose every replica and every backup is gone or failed.
 """
 
 from __future__ import annotations
