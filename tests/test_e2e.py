@@ -294,3 +294,31 @@ def test_second_failure_during_reconfiguration(tiny_model, oracle):
         assert verdict["lost"] == 0, verdict
     views = _same_view_sequence(timeline)
     assert views[max(views)] == (0, 2)
+
+
+@pytest.mark.timeout(90)
+def test_operator_door_drains_a_rank_of_the_reference_engine(tiny_model, oracle):
+    """``POST /drain`` at rank 0's door, for rank 2: forwarded to rank 2's door, whose drain
+    hook starts the engine's own graceful leave; rank 2 finishes its requests and exits 0."""
+    import json
+    import secrets
+    import urllib.request
+
+    from elasticep.agent.operator import door_key
+
+    token = secrets.token_urlsafe(24)
+    with _cluster(tiny_model, 3, rank_config={"operator_port": 0, "operator_token": token}) as launcher:
+        work, timeline, recorder = _run(launcher, oracle, 60, seed=9)
+        assert work.wait_done(10, 30.0)
+        url = json.loads(launcher.store.get(door_key(launcher.cluster, 0)))["url"]
+        request = urllib.request.Request(url + "/drain", data=json.dumps({"rank": 2, "reason": "maintenance"}).encode(),
+                                         headers={"Authorization": f"Bearer {token}",
+                                                  "Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=20) as answer:
+            assert answer.status == 202
+            assert json.loads(answer.read())["via"] == 0
+        ev = launcher.wait_exit(2, timeout_s=30.0)
+        assert ev.exitcode == 0, ev  # a graceful leave, not a fence (3)
+        assert recorder.wait_view(lambda e, m: m == (0, 1), 20.0) is not None
+        verdict = _finish(work, recorder, oracle)
+        assert verdict["lost"] == 0, verdict

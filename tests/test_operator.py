@@ -53,6 +53,7 @@ class Cluster:
         # store_timeout_s 10 s as in Config.cluster(): on a shared 2-core machine a joiner's store
         # operations took past the local profile's 2 s and it fenced itself (not the door's doing)
         self.config = Config.local(operator_port=0, operator_token=TOKEN, store_timeout_s=10.0)
+        self._admit = admit
         self.hooks = [ToyHooks(n) for _ in range(n)]
         self.agents = [self.agent(r, self.hooks[r], members=range(n)) for r in range(n)]
         self.doors: list[OperatorDoor] = []
@@ -65,11 +66,13 @@ class Cluster:
         for t in starts:
             t.join(90)
         assert all(a.state == "running" for a in self.agents)
-        self.doors = [start_operator(a, admit=admit) for a in self.agents]
+        # Config.operator_port opens each agent's door in start()
+        self.doors = [a.operator for a in self.agents]
+        assert all(isinstance(d, OperatorDoor) for d in self.doors)
 
     def agent(self, rank: int, hooks: EngineHooks, members=None, incarnation: int = 0) -> Agent:
         return Agent(rank, hooks, store=self.store, cluster=self.name, members=members, keys=self.keys,
-                     config=self.config, incarnation=incarnation)
+                     config=self.config, incarnation=incarnation, admit=self._admit)
 
     def serve(self, agents) -> None:
         """Each agent's engine loop: boundary() until :meth:`close` (or the agent is out)."""

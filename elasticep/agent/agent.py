@@ -200,6 +200,9 @@ class Agent:
             to :meth:`stop` (0 picks a free port: :attr:`metrics_address`); None serves nothing
             (the process may serve :func:`elasticep.metrics.serve` itself).
         metrics_addr: the address the metrics page binds.
+        admit: for the operator door's ``POST /admit`` (``Config.operator_port``): starts the
+            process of a rank to be added or restarted (a launcher's spawn, a scale call); the
+            new process's own agent then asks to join.
 
     Thread-safety: :meth:`start`, :meth:`boundary`, :meth:`peers_lost`, :meth:`request_leave`
     and :meth:`finish_leave` are for the engine's serving thread; :meth:`report`,
@@ -226,6 +229,7 @@ class Agent:
         bus_endpoint: str | None = None,
         metrics_port: int | None = None,
         metrics_addr: str = "127.0.0.1",
+        admit: Callable[[int], Any] | None = None,
     ) -> None:
         from elasticep.bus import ClusterKeys
 
@@ -263,6 +267,9 @@ class Agent:
         self._metrics_server: Any = None
         self.metrics_address: str | None = None
         """``HOST:PORT`` of the metrics page while it is served, or None."""
+        self._admit = admit
+        self.operator: Any = None
+        """The operator door (:class:`~elasticep.agent.operator.OperatorDoor`) while it is open."""
         self.epoch = 0 if self.join else 1
         """The epoch this rank serves (the bootstrap view is epoch 1; a joiner serves none yet)."""
         self.members: tuple[int, ...] = () if initial is None else initial
@@ -270,6 +277,7 @@ class Agent:
         self.exhausted: str | None = None
         """Why the cluster stopped serving (redundancy exhausted), or None."""
         self._exhausted_epoch = 0
+        self._leave_requested: str | None = None
         self.fenced: str | None = None
         self.history: list[Any] = []
         """Every :class:`~elasticep.reconfig.ReconfigResult` of this rank, in order."""
@@ -319,6 +327,11 @@ class Agent:
         if self._error is not None:
             raise RuntimeError(f"rank {self.rank}: membership did not start: {self._error!r}") from self._error
         self._state = "running"
+        if self.config.operator_port >= 0:
+            from elasticep.agent.operator import start_operator
+
+            drain = (lambda reason: self.hooks.drain(reason)) if self.hooks.overrides("drain") else None
+            self.operator = start_operator(self, drain=drain, admit=self._admit)
         if self.join:
             if not self._wait_view(self._is_member, self.config.join_timeout_s):
                 raise TimeoutError(f"rank {self.rank} was not admitted within {self.config.join_timeout_s} s")
@@ -341,6 +354,9 @@ class Agent:
         if self._reconfiguring:
             metrics.AGENT_ERRORS.labels("stopped_during_reconfiguration").inc()
         self._state = "stopping"
+        if self.operator is not None:
+            self.operator.close()  # no new drain arrives while the loop winds down
+            self.operator = None
         loop = self._loop
         if loop is not None and self._stop_requested is not None and not loop.is_closed():
             try:
@@ -475,6 +491,7 @@ class Agent:
         :meth:`newer_view` says the epoch it served is over, then calls :meth:`finish_leave`.
         """
         self._require_running()
+        self._leave_requested = reason
         self.store.set(_left_key(self.cluster, self.rank), str(self.incarnation))
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(self.service.leave(reason), self._loop)
@@ -520,6 +537,7 @@ class Agent:
         return {
             "rank": self.rank,
             "cluster": self.cluster,
+            "incarnation": self.incarnation,
             "state": self._state,
             "epoch": self.epoch,
             "members": list(self.members),
@@ -528,6 +546,8 @@ class Agent:
             "membership": None if service is None else str(service.status),
             "exhausted": self.exhausted,
             "fenced": self.fenced,
+            "leaving": self._leave_requested,
+            "metrics": self.metrics_address,
             "suspicions": suspicions,
             "last_reconfiguration": None if last is None else {
                 "epoch": last.epoch, "status": last.status, "phases_ms": last.timeline(),

@@ -36,6 +36,10 @@ hook                               when, on which thread        contract
                                                                 :class:`~elasticep.events.PeerTimeout`
 ``pause_admission()`` /            agent thread, around each    stop / restart taking new requests (the
 ``resume_admission()``             reconfiguration              engine may also just queue them)
+``drain(reason)``                  the operator door's thread   the operator asked this rank to leave:
+                                                                begin the engine's graceful leave (finish
+                                                                requests, then ``Agent.request_leave``);
+                                                                must not block
 =================================  ===========================  =========================================
 
 Data flows one way: engine signals (``kernel_timeouts``, :meth:`Agent.report`) go to the agent;
@@ -144,6 +148,11 @@ class EngineHooks:
 
     def resume_admission(self) -> None:
         """Admit requests again."""
+
+    def drain(self, reason: str) -> None:
+        """The operator asked this rank to leave (``POST /drain``): start the graceful leave.
+        Default: none; the agent then leaves on its own and the engine learns it at
+        :meth:`Agent.boundary`."""
 
     def overrides(self, name: str) -> bool:
         """Whether this object overrides hook ``name`` (the agent skips the defaults)."""

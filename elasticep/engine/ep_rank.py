@@ -189,6 +189,7 @@ class EPRankServer:
         self.work.post(self.rank, 0)
         self._timeout_buffer = None
         self._timeout_cursor = 0
+        self._drain_reason: str | None = None  # set by the operator door's thread
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.IDENTITY, P.identity(spec.rank, spec.incarnation))
@@ -352,6 +353,8 @@ class EPRankServer:
             self._drain(idle_ms if idle else 0)
             self.work.post(self.rank, 0 if self.masked else len(self._active))
             self._apply_faults()
+            if self._drain_reason is not None:
+                self._begin_leave(self._drain_reason)
             if not self._boundary():
                 self._drain(100)
                 continue
@@ -460,6 +463,11 @@ class _RankHooks(EngineHooks):
             model.load_slot(s.layer, s.slot, s.expert,
                             {"w13": torch.cat([t["gate_proj"], t["up_proj"]], dim=0), "w2": t["down_proj"]})
         model.set_placement(change.placement, list(change.alive), epoch=change.epoch)
+
+    def drain(self, reason: str) -> None:
+        """The operator door asked this rank to leave: the serving thread begins the same
+        graceful leave as a launcher's ``Retire`` at its next loop."""
+        self.server._drain_reason = reason
 
     def kernel_timeouts(self):
         """The kernel's timeout records since the last call, as ``PeerTimeout`` (uncertain; the
