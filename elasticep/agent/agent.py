@@ -532,8 +532,15 @@ class Agent:
         service = self.service
         suspicions: list[dict[str, Any]] = []
         if service is not None:
-            for suspect, summary in sorted(service.core.fusion.pending().items()):
-                suspicions.append({"rank": int(suspect), "evidence": summary})
+            for _ in range(5):  # the agent's loop may change the evidence while it is copied
+                try:
+                    pending = sorted(service.core.fusion.pending().items())
+                    break
+                except RuntimeError:
+                    time.sleep(0.001)
+            else:
+                pending = []
+            suspicions = [{"rank": int(suspect), "evidence": summary} for suspect, summary in pending]
         return {
             "rank": self.rank,
             "cluster": self.cluster,
