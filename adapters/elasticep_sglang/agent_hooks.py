@@ -46,7 +46,7 @@ from elasticep import metrics
 from elasticep.agent import EngineHooks
 from elasticep.detect import MaskSource
 from elasticep.errors import ElasticEPError
-from elasticep.eplb.placement import EMPTY, Placement
+from elasticep.eplb.placement import Placement
 from elasticep_sglang.active_ranks import ActiveRanksFeed, ElasticEPDisabled
 from elasticep_sglang.convert import from_expert_location_metadata, to_expert_location_metadata
 from elasticep_sglang.detect import MOONCAKE_EP_TIMEOUT_US, SGLangActiveRanks

@@ -3,7 +3,9 @@
 SGLang calls every function registered under the ``sglang.srt.plugins`` entry-point group early
 in each of its processes (``sglang.srt.plugins.load_plugins``). Registered there, this installs
 the hooks whenever :data:`~elasticep_sglang.hooks.ENV_ENABLE` is ``1``, also in processes that
-were not started through ``python -m elasticep_sglang.launch_server``.
+were not started through ``python -m elasticep_sglang.launch_server``; with
+:data:`~elasticep_sglang.hooks.ENV_AGENT` also ``1``, each scheduler starts an
+:class:`elasticep.Agent` at its first step boundary (:mod:`elasticep_sglang.scheduler_agent`).
 """
 
 from __future__ import annotations

@@ -126,6 +126,9 @@ class SchedulerAgent:
         self.hooks: Any = None
         self.steps = 0
         self.lost_reports = 0
+        self.start_error: BaseException | None = None
+        """Why the agent did not start; every later step raises it again (no step is served
+        without the fault tolerance the launch asked for, and no second start is tried)."""
 
     # ------------------------------------------------------------------ settings
 
@@ -244,8 +247,14 @@ class SchedulerAgent:
         from elasticep.agent import STOPPED
 
         self.steps += 1
+        if self.start_error is not None:
+            raise self.start_error
         if self.agent is None:
-            self.start(eplb_manager)
+            try:
+                self.start(eplb_manager)
+            except BaseException as exc:
+                self.start_error = exc
+                raise
         self.hooks.eplb_manager = eplb_manager
         before = len(self.hooks.applied)
         lost = self._lost_members()
