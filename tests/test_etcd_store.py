@@ -6,6 +6,7 @@ etcd's leader is killed (invariants 1 and 2 on etcd)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import time
@@ -191,3 +192,28 @@ async def test_watch_delivers_the_chain_in_order_across_a_leader_death(etcd_clus
     finally:
         await writer.close()
         await watcher.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_a_hung_leader_is_raced_past_and_copies_commit_once(etcd_cluster) -> None:
+    with pytest.raises(ValueError):
+        EtcdViewStore(etcd_cluster.endpoints, retry_interval_s=0)
+    leader = etcd_cluster.leader()
+    store = EtcdViewStore(etcd_cluster.endpoints, timeout_s=5.0, prefix="hung")
+    try:
+        await store.compare_and_set(View.of(1, (0, 1, 2)))
+        store._current = leader
+        etcd_cluster.stop(leader)  # SIGSTOP: its sockets stay open and it answers nothing
+        try:
+            committed = await store.compare_and_set(View.of(2, (0, 1)))
+        finally:
+            etcd_cluster.cont(leader)
+        assert committed == View.of(2, (0, 1))
+        assert store.endpoint != etcd_cluster.members[leader].endpoint and store.failovers >= 1
+        # Copies of the transaction were sent to several members; one key was created, once.
+        out = _etcdctl(etcd_cluster, "get", "hung/view/000000000002", "-w", "json")
+        kv = json.loads(out)["kvs"][0]
+        assert kv["version"] == 1 and kv["create_revision"] == kv["mod_revision"]
+    finally:
+        await store.close()

@@ -21,12 +21,16 @@ Same interface and invariants as :class:`~elasticep.membership.TCPStoreViewStore
   read or the watch, is cached and answered again without a round trip.
 
 Endpoints and failover: the client holds one gRPC channel per endpoint and talks to one at a
-time. An attempt that fails (refused connection, ``etcdserver: no leader``, a deadline) moves to
-the next endpoint; attempts continue until ``timeout_s`` is spent, then the operation raises
-:class:`~elasticep.membership.StoreUnavailable` (and the membership service fences past
-``Config.store_timeout_s``, as with any store). Each attempt is bounded by
-``attempt_timeout_s`` (default ``timeout_s / (endpoints + 1)``, at least 0.2 s), which must
-exceed etcd's election timeout for a request that waits out an election to succeed.
+time. When an attempt fails (refused connection, ``etcdserver: no leader``, a deadline), a copy
+of the operation goes to every endpoint at once, and again every ``retry_interval_s`` (0.1 s)
+while none has answered; the first answer wins, the rest are cancelled, and the endpoint that
+answered is the one talked to next. Copies are harmless (each operation is a create-if-absent
+transaction or a read) and needed: a request that reached a follower during an election may
+never be answered, while one sent just after the new leader exists is. This continues until
+``timeout_s`` is spent, then the operation raises :class:`~elasticep.membership.StoreUnavailable`
+(and the membership service fences past ``Config.store_timeout_s``, as with any store). Each
+attempt is bounded by ``attempt_timeout_s`` (default ``timeout_s / (endpoints + 1)``, at least
+0.2 s).
 
 Watch: :meth:`EtcdViewStore.watch` is an async iterator over committed views, in epoch order,
 fed by an etcd watch on the view prefix (re-established on another endpoint if its stream
@@ -100,6 +104,8 @@ class EtcdViewStore(ViewStore):
         timeout_s: bound on one operation, all attempts together (``Config.store_timeout_s``).
         prefix: key prefix, so several clusters can share one etcd.
         attempt_timeout_s: bound on one attempt at one endpoint (default: see the module docstring).
+        retry_interval_s: after a failed attempt, how often a copy of the operation is sent to
+            every endpoint while none has answered, s.
 
     Statistics for tests and benchmarks: :attr:`operations` (round trips that answered),
     :attr:`failovers` (moves to another endpoint), :attr:`cache_hits`, :attr:`conflicts`.
@@ -112,6 +118,7 @@ class EtcdViewStore(ViewStore):
         timeout_s: float = 2.0,
         prefix: str = "elasticep",
         attempt_timeout_s: float | None = None,
+        retry_interval_s: float = 0.1,
     ) -> None:
         try:
             import aetcd  # noqa: F401
@@ -124,6 +131,9 @@ class EtcdViewStore(ViewStore):
         self.prefix = prefix.rstrip("/")
         self.attempt_timeout_s = (attempt_timeout_s if attempt_timeout_s is not None
                                   else max(0.2, timeout_s / (len(self.endpoints) + 1)))
+        if retry_interval_s <= 0:
+            raise ValueError("retry_interval_s must be > 0")
+        self.retry_interval_s = retry_interval_s
         self._clients: dict[int, object] = {}
         self._current = 0
         self._cache: dict[int, View] = {}
@@ -169,35 +179,66 @@ class EtcdViewStore(ViewStore):
         return client
 
     async def _call(self, what: str, fn):
-        """Run ``fn(client)`` on the current endpoint, moving on until ``timeout_s`` is spent."""
+        """Run ``fn(client)`` on the current endpoint; if that fails, on every endpoint at once,
+        again every ``retry_interval_s``, until one answers or ``timeout_s`` is spent.
+
+        Every operation here is safe to run twice (a transaction that creates a key only if
+        absent, or a read), so racing copies of it cannot change what is committed: the first
+        answer wins and the rest are cancelled. Copies are needed, not only moves: during an
+        election a request that reached a follower may never be answered, so a request sent
+        after the new leader exists is the one that completes.
+        """
         import aetcd.exceptions
 
         if self._closed:
             raise StoreUnavailable("the etcd view store is closed")
+        expected = (aetcd.exceptions.ClientError, asyncio.TimeoutError, OSError)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         errors: list[str] = []
-        tried = 0
-        while True:
-            left = deadline - loop.time()
-            if left <= 0:
-                raise StoreUnavailable(f"etcd {what} failed on every endpoint within {self.timeout_s:g} s: "
-                                       + "; ".join(errors[-len(self.endpoints):]))
-            index = self._current
-            try:
-                result = await asyncio.wait_for(fn(self._client(index)), min(left, self.attempt_timeout_s))
-                self.operations += 1
-                return result
-            except (aetcd.exceptions.ClientError, asyncio.TimeoutError, OSError) as exc:
-                errors.append(f"{self.endpoints[index]}: {type(exc).__name__} {exc}".strip())
-            tried += 1
-            if len(self.endpoints) > 1:
-                self._current = (index + 1) % len(self.endpoints)
-                self.failovers += 1
-                metrics.VIEW_STORE_FAILOVERS.inc()
-            if tried % len(self.endpoints) == 0:
-                # Every endpoint failed once: wait a little (an election is probably under way).
-                await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+        index = self._current
+        try:  # the common case: one attempt where the last answer came from
+            result = await asyncio.wait_for(fn(self._client(index)), min(self.timeout_s, self.attempt_timeout_s))
+            self.operations += 1
+            return result
+        except expected as exc:
+            errors.append(f"{self.endpoints[index]}: {type(exc).__name__} {exc}".strip())
+        pending: dict[asyncio.Task, int] = {}
+        try:
+            while True:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise StoreUnavailable(f"etcd {what} failed on every endpoint within {self.timeout_s:g} s: "
+                                           + "; ".join(errors[-len(self.endpoints):]))
+                order = list(range(len(self.endpoints)))
+                order = order[index + 1:] + order[:index + 1]  # the one that just failed goes last
+                for i in order:
+                    attempt = asyncio.wait_for(fn(self._client(i)), min(left, self.attempt_timeout_s))
+                    pending[loop.create_task(attempt)] = i
+                round_end = loop.time() + min(self.retry_interval_s, left)
+                while pending and loop.time() < round_end:
+                    done, _ = await asyncio.wait(pending, timeout=max(0.0, round_end - loop.time()),
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        i = pending.pop(task)
+                        exc = task.exception()
+                        if exc is None:
+                            if i != self._current:
+                                self._current = i
+                                self.failovers += 1
+                                metrics.VIEW_STORE_FAILOVERS.inc()
+                            self.operations += 1
+                            return task.result()
+                        if not isinstance(exc, expected):
+                            raise exc
+                        errors.append(f"{self.endpoints[i]}: {type(exc).__name__} {exc}".strip())
+                if not pending:  # every copy failed at once (refused): an election is probably under way
+                    await asyncio.sleep(max(0.0, min(round_end, deadline) - loop.time()))
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
 
     # --- the ViewStore interface ------------------------------------------------------------
 
