@@ -123,6 +123,45 @@ EVICTIONS = Counter(
 VIEW_EPOCH = Gauge("elasticep_view_epoch", "Epoch of the view installed on each rank.", ["rank"], registry=REGISTRY)
 VIEW_MEMBERS = Gauge("elasticep_view_members", "Members of the view installed on each rank.", ["rank"],
                      registry=REGISTRY)
+API_REFUSED = Counter(
+    "elasticep_api_refused_total",
+    "Calls to a public entry point refused as bad input (InvalidArgument, NotAnEventType), by area "
+    "(planner, placement, view, membership, bus).",
+    ["area"],
+    registry=REGISTRY,
+)
+
+
+def counts_refusals(area: str) -> Callable[[Callable], Callable]:
+    """Decorator for a public entry point: each :class:`~elasticep.errors.InvalidArgument` (or
+    other input refusal: a ``TypeError`` of the family) it raises is counted once in
+    ``elasticep_api_refused_total{area}`` (by the innermost counted call), then re-raised
+    unchanged."""
+    import functools
+
+    from elasticep.errors import ElasticEPError, InvalidArgument
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def counted(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (InvalidArgument, TypeError) as exc:
+                if isinstance(exc, ElasticEPError):
+                    count_refusal(area, exc)
+                raise
+
+        return counted
+
+    return wrap
+
+
+def count_refusal(area: str, exc: BaseException) -> None:
+    """Count ``exc`` (an input refusal) in ``elasticep_api_refused_total{area}`` unless an inner
+    call counted it already."""
+    if not getattr(exc, "_elasticep_counted", False):
+        exc._elasticep_counted = True  # type: ignore[attr-defined]
+        API_REFUSED.labels(area).inc()
 STORE_CONFLICTS = Counter(
     "elasticep_view_store_conflicts_total",
     "Proposals that lost the compare-and-set to a rival for the same epoch.",

@@ -513,8 +513,10 @@ class EventBus:
         return env
 
     def _not_an_event(self, t: type) -> NotAnEventType:
-        return NotAnEventType(f"{t.__name__} is not an elasticep event type, nor a type registered on this bus "
-                              "(bus.register_event_type)")
+        exc = NotAnEventType(f"{t.__name__} is not an elasticep event type, nor a type registered on this bus "
+                             "(bus.register_event_type)")
+        metrics.count_refusal("bus", exc)
+        return exc
 
     def _wrap_user(self, event: object) -> Custom:
         """The ``Custom`` that carries a registered user event on the wire."""
@@ -551,6 +553,7 @@ class EventBus:
 
     # --- user-defined event types ------------------------------------------------------------
 
+    @metrics.counts_refusals("bus")
     def register_event_type(self, event_type: type, *, kind: str | None = None) -> str:
         """Carry ``event_type``, a frozen ``msgspec.Struct`` of the application's, on this bus.
 
@@ -708,6 +711,7 @@ class EventBus:
 
     # --- subscribe ---------------------------------------------------------------------------
 
+    @metrics.counts_refusals("bus")
     def subscribe(
         self,
         *event_types: type,

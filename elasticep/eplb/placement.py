@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from elasticep import metrics
 from elasticep.errors import InvalidArgument, RedundancyExhausted  # defined with the error family; importable here too
 
 __all__ = ["Placement", "RedundancyExhausted", "EMPTY"]
@@ -78,6 +79,7 @@ class Placement:
     the planner builds new placements instead of editing one.
     """
 
+    @metrics.counts_refusals("placement")
     def __init__(self, phy2log: Any, slots_per_rank: int, num_experts: int | None = None):
         p = _as_int64(phy2log)
         if p.dim() == 1:

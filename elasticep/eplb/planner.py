@@ -494,6 +494,7 @@ def _counts_weighted(idx: np.ndarray, weights: np.ndarray, K: int) -> np.ndarray
     return np.bincount(flat, weights=weights.ravel(), minlength=L * K).reshape(L, K)
 
 
+@metrics.counts_refusals("planner")
 def initial(load: Any, num_ranks: int, slots_per_rank: int, num_groups: int | None = None, num_nodes: int = 1) -> Placement:
     """A balanced first placement for ``load`` ``[layers, experts]`` (or ``[experts]``).
 
@@ -579,6 +580,7 @@ def _initial_hierarchical(w: np.ndarray, R: int, S: int, G: int, nodes: int) -> 
 # ---------------------------------------------------------------------------------- replan
 
 
+@metrics.counts_refusals("planner")
 def replan(
     current: Placement,
     load: Any,

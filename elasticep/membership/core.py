@@ -29,6 +29,7 @@ import operator
 from dataclasses import dataclass, field
 from typing import Union
 
+from elasticep import metrics
 from elasticep.config import Config
 from elasticep.detect.fusion import FusionPolicy, Verdict
 from elasticep.errors import InvalidArgument
@@ -204,6 +205,7 @@ class MembershipCore:
             the bootstrap membership.
     """
 
+    @metrics.counts_refusals("membership")
     def __init__(
         self,
         rank: int,

@@ -89,6 +89,7 @@ class MembershipService:
     Use ``await start()`` / ``await close()`` (or ``async with``).
     """
 
+    @metrics.counts_refusals("membership")
     def __init__(
         self,
         rank: int,

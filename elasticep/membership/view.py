@@ -14,6 +14,7 @@ from typing import Iterable
 
 import msgspec
 
+from elasticep import metrics
 from elasticep.errors import ElasticEPError, InvalidArgument
 
 
@@ -114,6 +115,7 @@ class View(msgspec.Struct, frozen=True, kw_only=True):
     reason: str = ""
     changes: tuple[MemberChange, ...] = ()
 
+    @metrics.counts_refusals("view")
     def __post_init__(self) -> None:
         if not isinstance(self.epoch, int) or isinstance(self.epoch, bool) or self.epoch < 1:
             raise InvalidArgument(f"view epoch must be an int >= 1, got {self.epoch!r}")
@@ -138,6 +140,7 @@ class View(msgspec.Struct, frozen=True, kw_only=True):
                 raise InvalidArgument(f"rank {change.rank} {change.kind.value} but is still a member of view {self.epoch}")
 
     @classmethod
+    @metrics.counts_refusals("view")
     def of(
         cls,
         epoch: int,
@@ -175,6 +178,7 @@ class View(msgspec.Struct, frozen=True, kw_only=True):
     def describe(self) -> str:
         return f"view {self.epoch} members={','.join(map(str, self.members))} leader={self.leader}"
 
+    @metrics.counts_refusals("view")
     def diff(self, previous: "View | None") -> "ViewDiff":
         """What changed from ``previous`` (None: nothing installed before) to this view.
 
