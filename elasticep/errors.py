@@ -17,6 +17,8 @@ family member                         raised as (among others)
 :class:`UnsupportedEngineVersion`     ``UnsupportedSGLangVersion`` (the SGLang adapter)
 :class:`InvalidArgument`              bad arguments to a public entry point (a ``ValueError``)
 :class:`StaleEpoch`                   the epoch fence, the transfer executor, the bus
+:class:`ElasticEPError` itself        ``FrameRefused`` (the codec: malformed, oversize, ...),
+                                      ``NotAnEventType`` (the bus: an unregistered event type)
 ====================================  ==============================================================
 
 This module imports nothing heavy (no torch, no msgspec), so any module can use it.

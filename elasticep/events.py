@@ -20,6 +20,8 @@ from typing import Literal, Union
 
 import msgspec
 
+from elasticep.errors import ElasticEPError
+
 SCHEMA_VERSION = 1
 """Wire schema this build writes and the newest it reads."""
 
@@ -269,8 +271,11 @@ class _Header(msgspec.Struct, array_like=True, frozen=True):
 # --- errors -------------------------------------------------------------------------------------
 
 
-class FrameRefused(ValueError):
-    """A frame was refused. ``reason`` is the metric label it is counted under."""
+class FrameRefused(ElasticEPError, ValueError):
+    """A frame was refused. ``reason`` is the metric label it is counted under.
+
+    Part of the :class:`~elasticep.errors.ElasticEPError` family (and a ``ValueError``, as before).
+    """
 
     reason = "malformed"
 

@@ -282,8 +282,8 @@ def test_bus_arguments_are_typed(types, maxsize, overflow, name, event, kind) ->
 def test_codec_decode_raises_only_frame_refused(data) -> None:
     try:
         Codec().decode(data, authenticated_sender=1)
-    except FrameRefused:
-        pass
+    except FrameRefused as exc:
+        assert isinstance(exc, ElasticEPError) and exc.reason
 
 
 # --- elasticep plan -----------------------------------------------------------------------------
