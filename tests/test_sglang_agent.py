@@ -44,11 +44,12 @@ pytestmark = [pytest.mark.sglang, pytest.mark.timeout(180),
 from elasticep import metrics  # noqa: E402
 from elasticep.bus import ClusterKeys  # noqa: E402
 
-S = 3  # slots per rank
-# 2 layers x 9 slots on 3 ranks, 6 experts. Layer 0: expert 5 lives only on rank 2, experts 1
-# and 3 also elsewhere; layer 1: rank 2 holds only replicas.
-PHY2LOG = [[0, 1, 2, 3, 4, 0, 5, 1, 3],
-           [5, 4, 3, 2, 1, 0, 0, 2, 4]]
+S = 4  # slots per rank
+# 2 layers x 12 slots on 3 ranks, 6 experts. Layer 0: expert 5 lives only on rank 2 (it must come
+# from the checkpoint). Layer 1: without rank 2, rank 0 serves four experts alone and rank 1 two
+# twice, so the planner copies some of rank 0's (also held by dead rank 2) to rank 1.
+PHY2LOG = [[0, 1, 2, 3, 4, 0, 1, 2, 5, 3, 4, 5],
+           [0, 1, 2, 3, 4, 5, 4, 5, 0, 1, 2, 3]]
 
 
 def _free_port() -> int:
@@ -116,6 +117,7 @@ def test_a_killed_scheduler_is_committed_into_sglang_once_by_the_survivors_agent
         print(f"spawn to three agents up: {time.monotonic() - started:.2f} s")
         assert all((tmp_path / f"ready-{r}").read_text() == "1" for r in range(3))  # bootstrap view served
         killed_at = time.monotonic()
+        killed_wall = time.time()
         procs[2].send_signal(signal.SIGKILL)
         procs[2].wait(10)
         (tmp_path / "killed").write_text("2")  # rank 0's kernel double now marks rank 2
@@ -142,6 +144,8 @@ def test_a_killed_scheduler_is_committed_into_sglang_once_by_the_survivors_agent
         print("".join(line for line in logs[r].read_text(errors="replace").splitlines(True) if line.startswith("rank ")))
 
     for r, res in results.items():
+        print(f"rank {r}: SIGKILL to epoch 2 committed into SGLang {res['committed_at'] - killed_wall:.3f} s, "
+              f"phases {res['status']['phases_ms']}, experts {res['moves']}")
         assert res["plugin_installed"], r
         assert res["applied"] == [2], (r, res["applied"])  # the new epoch, committed exactly once
         assert res["refused"] == []
@@ -164,23 +168,29 @@ def test_a_killed_scheduler_is_committed_into_sglang_once_by_the_survivors_agent
     assert loads and all(set(load) <= {"0"} and set(load["0"]) <= {5} for load in loads), loads
     new0 = results[0]["phy2log"][0]
     assert 5 in new0[: 2 * S]
+    # some expert crossed between the survivors through SGLang's updater (layer 1's rebalance)
+    assert sum(results[r]["moves"].get("peer", 0) for r in (0, 1)) >= 1, [results[r]["moves"] for r in (0, 1)]
 
 
 def test_the_update_maps_never_name_a_dead_rank_as_a_source() -> None:
     from elasticep_sglang.agent_hooks import NO_EXPERT, plan_expert_update
 
     old = torch.tensor(PHY2LOG)
-    new = torch.tensor([[0, 1, 5, 3, 4, 0, 5, 1, 3],      # rank 0 slot 2 takes expert 5 (only on rank 2)
-                        [5, 4, 2, 2, 1, 0, 0, 2, 4]])     # rank 0 slot 2 takes expert 2 (ranks 1 and 2)
+    new = old.clone()
+    new[0, 1] = 5  # rank 0 takes expert 5 of layer 0 (only dead rank 2 held it)
+    new[1, 6] = 0  # rank 1 takes expert 0 of layer 1 (held by rank 0 and dead rank 2)
+    new[1, 3] = 0  # rank 0 takes a second copy of expert 0 from its own slot 0
     alive = torch.tensor([True, True, False])
-    plan = plan_expert_update(old, new, alive, S, rank=0)
+    plan = plan_expert_update(old, new, alive, S, rank=1)
     assert (plan.old[:, 2 * S:] == NO_EXPERT).all() and (plan.new[:, 2 * S:] == NO_EXPERT).all()
-    assert plan.missing == {0: [5]}
-    assert int(plan.new[0, 2]) == 2  # out of the exchange: kept, then reloaded
-    assert plan.moves == {"local": 0, "peer": 1, "missing": 1}
-    # the only holder of expert 2 left in the maps is rank 1: SGLang's updater can pick no other
-    holders = {s // S for s in range(plan.old.shape[1]) if int(plan.old[1, s]) == 2}
-    assert holders == {1}
+    assert plan.missing == {}  # rank 1 loads nothing from disk
+    assert plan.moves == {"local": 0, "peer": 1, "missing": 0}
+    # the only holder of expert 0 of layer 1 left in the maps is rank 0: the updater can pick no other
+    assert {s // S for s in range(plan.old.shape[1]) if int(plan.old[1, s]) == 0} == {0}
+    mine = plan_expert_update(old, new, alive, S, rank=0)
+    assert mine.missing == {0: [5]} and int(mine.new[0, 1]) == 1  # out of the exchange: kept, then reloaded
+    assert mine.moves == {"local": 1, "peer": 0, "missing": 1}
+    assert torch.equal(mine.old, plan.old) and torch.equal(mine.new, plan.new)  # the same maps on every rank
 
 
 def test_a_commit_of_an_applied_epoch_is_refused_and_counted() -> None:
@@ -201,7 +211,7 @@ def test_a_commit_of_an_applied_epoch_is_refused_and_counted() -> None:
         change = type("C", (), {})()
         change.epoch, change.view, change.alive = 2, view, (True, True, False)
         moved = torch.tensor(PHY2LOG)
-        moved[0, 5] = 5  # rank 1 takes over expert 5 of layer 0; nothing moves on rank 0
+        moved[0, 5] = 5  # rank 1 takes over expert 5 of layer 0 (slot 5 held expert 0, also on rank 0)
         change.placement = Placement(moved, S).masked(torch.tensor([True, True, False]))
         hooks.commit(change)
         assert hooks.applied == [2]
@@ -213,7 +223,7 @@ def test_a_commit_of_an_applied_epoch_is_refused_and_counted() -> None:
         assert rt.state.active_ranks.tolist() == [1, 0, 0]
         assert metrics.SGLANG_COMMITS.labels(outcome="duplicate")._value.get() == before + 1
         change.epoch = 3
-        change.placement = Placement(torch.zeros(2, 12, dtype=torch.int64), 3, 6)  # 4 ranks: not SGLang's
+        change.placement = Placement(torch.zeros(2, 16, dtype=torch.int64), 4, 6)  # 4 ranks: not SGLang's
         with pytest.raises(PlacementMismatch):
             hooks.commit(change)
         assert hooks.applied == [2]
