@@ -55,6 +55,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -248,6 +249,8 @@ class KernelRuntime {
     sent_rows_.assign(num_ranks_, 0);
     recv_records_.resize(num_ranks_);
     counts_.assign(slots_per_rank_, 0);
+    wait_pending_.reset(new std::atomic<uint8_t>[num_ranks_]);
+    for (int p = 0; p < num_ranks_; ++p) wait_pending_[p].store(0);
   }
 
   ~KernelRuntime() { close(); }
@@ -605,6 +608,24 @@ class KernelRuntime {
     }
   }
 
+  // (peer, op, layer, waited_us, since_ns) for every peer that the dispatch or combine in progress
+  // on another thread has waited on for at least min_us and still waits on; empty when no call
+  // waits. since_ns (CLOCK_MONOTONIC) names the wait. Lock-free: it only reads the atomics the
+  // waiting thread publishes, and rereads the wait's start to discard a wait that ended meanwhile.
+  std::vector<std::tuple<int, std::string, int, int64_t, int64_t>> waiting(int64_t min_us) const {
+    std::vector<std::tuple<int, std::string, int, int64_t, int64_t>> out;
+    const int64_t since = wait_start_ns_.load();
+    if (since == 0) return out;
+    const int64_t waited_us = (now_ns() - since) / 1000;
+    if (waited_us < min_us) return out;
+    const int phase = wait_phase_.load(), layer = wait_layer_.load();
+    for (int p = 0; p < num_ranks_; ++p)
+      if (wait_pending_[p].load() != 0)
+        out.emplace_back(p, phase == kDispatch ? "dispatch" : "combine", layer, waited_us, since);
+    if (wait_start_ns_.load() != since) out.clear();
+    return out;
+  }
+
   // (peer, op, layer, waited_us) for every peer that timed out in the last dispatch or combine.
   std::vector<std::tuple<int, std::string, int, int64_t>> last_timeouts() const {
     std::vector<std::tuple<int, std::string, int, int64_t>> out;
@@ -837,6 +858,15 @@ class KernelRuntime {
     for (int p = 0; p < num_ranks_; ++p)
       if (got[p] == 0 && load_mask(active, p) != 0) pending.push_back(p);
     std::vector<uint64_t> refused(num_ranks_, 0);
+    // Published for waiting() on another thread (seq_cst throughout: the flags are set before the
+    // start and cleared after it, so a reader that sees one start before and after its flag reads
+    // read flags of that wait only).
+    if (!pending.empty()) {
+      for (int p : pending) wait_pending_[p].store(1);
+      wait_phase_.store(phase);
+      wait_layer_.store(layer);
+      wait_start_ns_.store(start);
+    }
     Doorbell* bell = doorbell(rank_);
     int polls = 0;
     bool sleeping = false;
@@ -855,6 +885,7 @@ class KernelRuntime {
         }
         if (!done && load_mask(active, p) == 0) done = true;  // zeroed under us: skip it
         if (done) {
+          wait_pending_[p].store(0);
           pending[i] = pending.back();
           pending.pop_back();
         } else {
@@ -893,6 +924,10 @@ class KernelRuntime {
       futex_wait(&bell->ring, ring, std::min(deadline - now, kMaxSleepNs));
     }
     if (sleeping) bell->sleepers.fetch_sub(1, std::memory_order_seq_cst);
+    if (wait_start_ns_.load() != 0) {
+      wait_start_ns_.store(0);
+      for (int p = 0; p < num_ranks_; ++p) wait_pending_[p].store(0);
+    }
   }
 
   const int rank_, num_ranks_, slots_per_rank_, max_tokens_, hidden_, topk_;
@@ -925,6 +960,11 @@ class KernelRuntime {
   std::vector<int32_t> counts_;
 
   std::vector<PeerTimeoutRecord> last_timeouts_;
+  // The wait in progress (wait_peers), for waiting(): its start (0 = none), phase, layer and the
+  // peers it still waits on. Written only by the thread inside dispatch/combine.
+  std::atomic<int64_t> wait_start_ns_{0};
+  std::atomic<int> wait_phase_{0}, wait_layer_{-1};
+  std::unique_ptr<std::atomic<uint8_t>[]> wait_pending_;
   uint64_t dispatch_calls_ = 0, combine_calls_ = 0, peer_timeouts_ = 0, refused_stale_epoch_ = 0;
   uint64_t overwritten_reads_ = 0;  // owners dropped because they rewrote their region under a read
 };
@@ -950,6 +990,7 @@ void register_ep_kernel(py::module_& m) {
            py::arg("topk_ptr"), py::arg("tokens"), py::arg("out_ptr"), py::arg("active_ptr"), py::arg("timeout_us"),
            py::arg("layer"), py::call_guard<py::gil_scoped_release>())
       .def("last_timeouts", &KernelRuntime::last_timeouts)
+      .def("waiting", &KernelRuntime::waiting, py::arg("min_us") = 0)
       .def_property_readonly("last_timeout_count", &KernelRuntime::last_timeout_count)
       .def_property_readonly("refused_stale_epoch", &KernelRuntime::refused_stale_epoch)
       .def("stats", &KernelRuntime::stats)

@@ -106,7 +106,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "moved_slots",
         "lower_bound",
     ),
-    "elasticep.kernel": ("EPBuffer", "DispatchHandle", "KernelMaskSource", "KernelTimeout", "segment_name", "unlink_segment"),
+    "elasticep.kernel": ("EPBuffer", "DispatchHandle", "KernelMaskSource", "KernelTimeout", "KernelWait",
+                         "KernelWaitWatch", "segment_name", "unlink_segment"),
     "elasticep.groups": ("GlooGroups", "NcclGroups", "MooncakeGroups", "HealthyGroup", "GroupError"),
     "elasticep.transfer": (
         "TransferExecutor",

@@ -8,16 +8,19 @@ from elasticep.kernel.buffer import (
     DispatchHandle,
     EPBuffer,
     KernelTimeout,
+    KernelWait,
     segment_name,
     unlink_segment,
 )
-from elasticep.kernel.source import KernelMaskSource
+from elasticep.kernel.source import KernelMaskSource, KernelWaitWatch
 
 __all__ = [
     "DispatchHandle",
     "EPBuffer",
     "KernelMaskSource",
     "KernelTimeout",
+    "KernelWait",
+    "KernelWaitWatch",
     "segment_name",
     "unlink_segment",
 ]

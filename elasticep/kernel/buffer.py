@@ -69,6 +69,18 @@ class KernelTimeout:
 
 
 @dataclass(frozen=True)
+class KernelWait:
+    """A peer that the dispatch or combine in progress still waits on: ``waited_us`` so far, in us;
+    ``since_ns`` (``time.monotonic_ns()`` clock) is when that wait began and names it."""
+
+    peer: int
+    op: str
+    layer: int
+    waited_us: int
+    since_ns: int
+
+
+@dataclass(frozen=True)
 class DispatchHandle:
     """What :meth:`EPBuffer.combine` needs from the :meth:`EPBuffer.dispatch` it answers.
 
@@ -160,6 +172,8 @@ class EPBuffer:
         self._refused_reported = 0
         self._log: list[tuple[int, KernelTimeout]] = []
         self._log_seq = 0
+        self.dispatches = 0
+        """Dispatch calls begun on this buffer (counted as each starts; readable from any thread)."""
 
     # --- properties -----------------------------------------------------------------------------
 
@@ -222,6 +236,7 @@ class EPBuffer:
             raise RuntimeError("dispatch called again before combine of the previous dispatch")
         dtype = x.dtype
         counts = torch.empty(self._slots_per_rank, dtype=torch.int64)
+        self.dispatches += 1
         with self._lock:
             # One native call when recv_x fits in the return region (it unpacks there), two otherwise.
             capacity, unpacked = self._runtime.dispatch(
@@ -345,6 +360,17 @@ class EPBuffer:
     def last_timeouts(self) -> list[KernelTimeout]:
         """The peers that timed out in the last :meth:`dispatch` or :meth:`combine` (empty if none)."""
         return [KernelTimeout(*t) for t in self._runtime.last_timeouts()]
+
+    def waiting(self, min_us: int = 0) -> list[KernelWait]:
+        """The peers the call in progress has waited on for at least ``min_us`` and still waits
+        on (empty when no call waits, or it has waited less).
+
+        For another thread while this rank's compute thread is inside :meth:`dispatch` or
+        :meth:`combine` (it takes no lock and never blocks): a detector can report a peer that is
+        late long before the call's ``timeout_us`` runs out, while the call itself goes on
+        waiting. The peer is not marked in ``active_ranks`` by this.
+        """
+        return [KernelWait(*w) for w in self._runtime.waiting(int(min_us))]
 
     def timeouts_since(self, cursor: int) -> tuple[list[KernelTimeout], int]:
         """Every timeout recorded after ``cursor`` (0 = from the start) and the new cursor.
