@@ -21,8 +21,9 @@ Same interface and invariants as :class:`~elasticep.membership.TCPStoreViewStore
   read or the watch, is cached and answered again without a round trip.
 
 Endpoints and failover: the client holds one gRPC channel per endpoint and talks to one at a
-time. When an attempt fails (refused connection, ``etcdserver: no leader``, a deadline), a copy
-of the operation goes to every endpoint at once, and again every ``retry_interval_s`` (0.1 s)
+time. When an attempt fails (refused connection, ``etcdserver: no leader``, a deadline) or has
+not answered within ``hedge_after_s`` (0.25 s: a silent member), a copy of the operation goes to
+every endpoint at once, and again every ``retry_interval_s`` (0.1 s)
 while none has answered; the first answer wins, the rest are cancelled, and the endpoint that
 answered is the one talked to next. Copies are harmless (each operation is a create-if-absent
 transaction or a read) and needed: a request that reached a follower during an election may
@@ -106,6 +107,8 @@ class EtcdViewStore(ViewStore):
         attempt_timeout_s: bound on one attempt at one endpoint (default: see the module docstring).
         retry_interval_s: after a failed attempt, how often a copy of the operation is sent to
             every endpoint while none has answered, s.
+        hedge_after_s: how long the first attempt may go unanswered before copies are sent, s
+            (well above a healthy commit: milliseconds).
 
     Statistics for tests and benchmarks: :attr:`operations` (round trips that answered),
     :attr:`failovers` (moves to another endpoint), :attr:`cache_hits`, :attr:`conflicts`.
@@ -119,6 +122,7 @@ class EtcdViewStore(ViewStore):
         prefix: str = "elasticep",
         attempt_timeout_s: float | None = None,
         retry_interval_s: float = 0.1,
+        hedge_after_s: float = 0.25,
     ) -> None:
         try:
             import aetcd  # noqa: F401
@@ -131,9 +135,10 @@ class EtcdViewStore(ViewStore):
         self.prefix = prefix.rstrip("/")
         self.attempt_timeout_s = (attempt_timeout_s if attempt_timeout_s is not None
                                   else max(0.2, timeout_s / (len(self.endpoints) + 1)))
-        if retry_interval_s <= 0:
-            raise ValueError("retry_interval_s must be > 0")
+        if retry_interval_s <= 0 or hedge_after_s <= 0:
+            raise ValueError("retry_interval_s and hedge_after_s must be > 0")
         self.retry_interval_s = retry_interval_s
+        self.hedge_after_s = hedge_after_s
         self._clients: dict[int, object] = {}
         self._current = 0
         self._cache: dict[int, View] = {}
@@ -179,8 +184,9 @@ class EtcdViewStore(ViewStore):
         return client
 
     async def _call(self, what: str, fn):
-        """Run ``fn(client)`` on the current endpoint; if that fails, on every endpoint at once,
-        again every ``retry_interval_s``, until one answers or ``timeout_s`` is spent.
+        """Run ``fn(client)`` on the current endpoint; if that fails or is silent for
+        ``hedge_after_s``, on every endpoint at once, again every ``retry_interval_s``, until one
+        answers or ``timeout_s`` is spent.
 
         Every operation here is safe to run twice (a transaction that creates a key only if
         absent, or a read), so racing copies of it cannot change what is committed: the first
@@ -197,25 +203,26 @@ class EtcdViewStore(ViewStore):
         deadline = loop.time() + self.timeout_s
         errors: list[str] = []
         index = self._current
-        try:  # the common case: one attempt where the last answer came from
-            result = await asyncio.wait_for(fn(self._client(index)), min(self.timeout_s, self.attempt_timeout_s))
-            self.operations += 1
-            return result
-        except expected as exc:
-            errors.append(f"{self.endpoints[index]}: {type(exc).__name__} {exc}".strip())
-        pending: dict[asyncio.Task, int] = {}
+        # The common case: one attempt where the last answer came from. Copies follow if it has
+        # not answered within hedge_after_s (a silent member: a dead host, a cut link) or failed.
+        first = asyncio.wait_for(fn(self._client(index)), min(self.timeout_s, self.attempt_timeout_s))
+        pending: dict[asyncio.Task, int] = {loop.create_task(first): index}
+        round_end: float | None = loop.time() + min(self.hedge_after_s, self.attempt_timeout_s)
+        copies_sent = False
         try:
             while True:
                 left = deadline - loop.time()
                 if left <= 0:
                     raise StoreUnavailable(f"etcd {what} failed on every endpoint within {self.timeout_s:g} s: "
                                            + "; ".join(errors[-len(self.endpoints):]))
-                order = list(range(len(self.endpoints)))
-                order = order[index + 1:] + order[:index + 1]  # the one that just failed goes last
-                for i in order:
-                    attempt = asyncio.wait_for(fn(self._client(i)), min(left, self.attempt_timeout_s))
-                    pending[loop.create_task(attempt)] = i
-                round_end = loop.time() + min(self.retry_interval_s, left)
+                if round_end is None:
+                    order = list(range(len(self.endpoints)))
+                    order = order[index + 1:] + order[:index + 1]  # the first one tried goes last
+                    for i in order:
+                        attempt = asyncio.wait_for(fn(self._client(i)), min(left, self.attempt_timeout_s))
+                        pending[loop.create_task(attempt)] = i
+                    round_end = loop.time() + min(self.retry_interval_s, left)
+                    copies_sent = True
                 while pending and loop.time() < round_end:
                     done, _ = await asyncio.wait(pending, timeout=max(0.0, round_end - loop.time()),
                                                  return_when=asyncio.FIRST_COMPLETED)
@@ -232,8 +239,10 @@ class EtcdViewStore(ViewStore):
                         if not isinstance(exc, expected):
                             raise exc
                         errors.append(f"{self.endpoints[i]}: {type(exc).__name__} {exc}".strip())
-                if not pending:  # every copy failed at once (refused): an election is probably under way
+                if not pending and copies_sent:
+                    # every copy failed at once (refused): an election is probably under way
                     await asyncio.sleep(max(0.0, min(round_end, deadline) - loop.time()))
+                round_end = None
         finally:
             for task in pending:
                 task.cancel()
