@@ -196,7 +196,7 @@ def test_the_update_maps_never_name_a_dead_rank_as_a_source() -> None:
 def test_a_commit_of_an_applied_epoch_is_refused_and_counted() -> None:
     from elasticep.eplb import Placement
     from elasticep.membership import View
-    from elasticep_sglang.agent_hooks import PlacementMismatch, SGLangEngineHooks
+    from elasticep_sglang.agent_hooks import NoWeightPath, PlacementMismatch, SGLangEngineHooks
     from elasticep_sglang.convert import to_expert_location_metadata
     from elasticep_sglang.testing import sglang_cpu_runtime
 
@@ -226,7 +226,12 @@ def test_a_commit_of_an_applied_epoch_is_refused_and_counted() -> None:
         change.placement = Placement(torch.zeros(2, 16, dtype=torch.int64), 4, 6)  # 4 ranks: not SGLang's
         with pytest.raises(PlacementMismatch):
             hooks.commit(change)
-        assert hooks.applied == [2]
+        swapped = moved.clone()
+        swapped[0, [0, 1]] = swapped[0, [1, 0]]  # rank 0's slots would serve other experts
+        change.placement = Placement(swapped, S).masked(torch.tensor([True, True, False]))
+        with pytest.raises(NoWeightPath):  # no EPLB manager: nothing could move the weights
+            hooks.commit(change)
+        assert hooks.applied == [2] and rt.state.active_ranks.tolist() == [1, 0, 0]  # nothing applied
 
 
 def _wrapper(*args: str, timeout: float = 150, env_extra: dict | None = None) -> subprocess.CompletedProcess:

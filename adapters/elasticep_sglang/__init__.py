@@ -19,7 +19,7 @@ check its version first.
 """
 
 from elasticep_sglang.active_ranks import ActiveRanksFeed, ElasticEPDisabled
-from elasticep_sglang.agent_hooks import PlacementMismatch, SGLangEngineHooks, plan_expert_update
+from elasticep_sglang.agent_hooks import NoWeightPath, PlacementMismatch, SGLangEngineHooks, plan_expert_update
 from elasticep_sglang.compat import (
     SUPPORTED_SGLANG,
     SGLangNotInstalled,
@@ -53,6 +53,7 @@ __all__ = [
     "ElasticEPDisabled",
     "ElasticRebalance",
     "InstalledHooks",
+    "NoWeightPath",
     "PlacementMismatch",
     "RebalanceRecord",
     "SGLangActiveRanks",

@@ -51,7 +51,7 @@ from elasticep_sglang.active_ranks import ActiveRanksFeed, ElasticEPDisabled
 from elasticep_sglang.convert import from_expert_location_metadata, to_expert_location_metadata
 from elasticep_sglang.detect import MOONCAKE_EP_TIMEOUT_US, SGLangActiveRanks
 
-__all__ = ["PlacementMismatch", "SGLangEngineHooks", "UpdatePlan", "plan_expert_update"]
+__all__ = ["NO_EXPERT", "NoWeightPath", "PlacementMismatch", "SGLangEngineHooks", "UpdatePlan", "plan_expert_update"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,11 @@ the updater neither reads from them nor sends to them."""
 class PlacementMismatch(ElasticEPError, ValueError):
     """A committed placement does not fit SGLang's expert slots (other rank count, slots per
     rank or expert count than the server was started with)."""
+
+
+class NoWeightPath(ElasticEPError, RuntimeError):
+    """A view would change what a live slot of this rank serves, but SGLang runs without EPLB
+    (``--enable-eplb``), so nothing could move the weights."""
 
 
 def _elastic_state() -> Any:
@@ -267,7 +272,7 @@ class SGLangEngineHooks(EngineHooks):
         changed = sum(plan.moves.values())
         if changed and self.eplb_manager is None:
             metrics.SGLANG_COMMITS.labels(outcome="no_weight_path").inc()
-            raise RuntimeError(f"epoch {epoch} changes {changed} experts on rank {self.rank} but SGLang runs "
+            raise NoWeightPath(f"epoch {epoch} changes {changed} experts on rank {self.rank} but SGLang runs "
                                "without EPLB (--enable-eplb): nothing could move their weights")
         if self.eplb_manager is not None:
             self._move_weights(plan, spr)
@@ -279,7 +284,6 @@ class SGLangEngineHooks(EngineHooks):
             raise RuntimeError(f"epoch {epoch}: the active-ranks feed refused the view ({outcome})")
         state.snapshot_active_to_last()  # SGLang's own step-boundary check sees no change
         state.sync_active_to_cpu()
-        self._view_members = self.feed.members
         self.moves = dict(plan.moves)
         for source, n in plan.moves.items():
             if n:
