@@ -282,3 +282,30 @@ def test_scheduler_agent_settings_are_refused_with_a_typed_counted_error() -> No
         SchedulerAgent({"ELASTICEP_SGLANG_PROFILE": "lan"})._config(1)
     assert metrics.AGENT_ERRORS.labels("sglang_settings")._value.get() == before + 4
     assert SchedulerAgent({"ELASTICEP_SGLANG_STORE": "tcp://10.0.0.1:29500"}).store_address() == "tcp://10.0.0.1:29500"
+
+
+def test_kernel_timeouts_are_the_mooncake_marks_on_members_only() -> None:
+    from elasticep.eplb import Placement
+    from elasticep.events import PeerTimeout
+    from elasticep.membership import View
+    from elasticep_sglang.agent_hooks import SGLangEngineHooks
+    from elasticep_sglang.convert import to_expert_location_metadata
+    from elasticep_sglang.detect import MOONCAKE_EP_TIMEOUT_US
+    from elasticep_sglang.testing import sglang_cpu_runtime
+
+    with sglang_cpu_runtime(ep_size=3) as rt:
+        from sglang.srt.runtime_context import get_resources
+
+        get_resources().expert_location_metadata = to_expert_location_metadata(
+            Placement(torch.tensor(PHY2LOG), S), moe_ep_rank=0, narrow=False)
+        hooks = SGLangEngineHooks(0)
+        assert hooks.kernel_timeouts() == []
+        rt.state.active_ranks[1] = 0  # Mooncake EP gave up waiting on rank 1
+        events = hooks.kernel_timeouts()
+        assert events == [PeerTimeout(observer=0, peer=1, op="dispatch", layer=-1, waited_us=MOONCAKE_EP_TIMEOUT_US)]
+        assert hooks.kernel_timeouts() == []  # reported once
+        rt.state.active_ranks[1] = 1
+        hooks.on_view(View(epoch=2, members=(0, 1), leader=0))  # rank 2 is out: cleared in the mask at once
+        assert rt.state.active_ranks.tolist() == [1, 1, 0]
+        assert hooks.kernel_timeouts() == []  # a rank the view removed is no kernel timeout
+        assert hooks.placement() == Placement(torch.tensor(PHY2LOG), S)  # still the epoch served
