@@ -33,6 +33,7 @@ variable                        meaning (default)
                                 (``local`` on one node, ``cluster`` otherwise)
 ``ELASTICEP_SGLANG_HOOK_TIMEOUT_S``  bound on each hook call, seconds (``60``: a commit moves
                                 experts)
+``ELASTICEP_SGLANG_START_TIMEOUT_S``  bound on the agent's start, seconds (``120``)
 ``ELASTICEP_BUS_KEYS``          the cluster's CURVE keys (the wrapper generates them on one node)
 ``ELASTICEP_<FIELD>``           any :class:`~elasticep.Config` field
 ==============================  ============================================================
