@@ -21,7 +21,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, fields
+import math
 from typing import Any
+
+from elasticep.errors import InvalidArgument
+
+
+class UnknownConfigField(InvalidArgument, TypeError):
+    """A ``Config`` field name that does not exist (an ``InvalidArgument`` and, as before, a ``TypeError``)."""
 
 
 @dataclass(frozen=True)
@@ -139,7 +146,7 @@ class Config:
         known = {f.name: f for f in fields(cls)}
         unknown = set(overrides) - set(known)
         if unknown:
-            raise TypeError(f"unknown Config fields: {sorted(unknown)}")
+            raise UnknownConfigField(f"unknown Config fields: {sorted(unknown)}")
         values: dict[str, Any] = dict(profile)
         for name, f in known.items():
             env = os.environ.get(f"ELASTICEP_{name.upper()}")
@@ -151,40 +158,55 @@ class Config:
         return config
 
     def replace(self, **changes: Any) -> "Config":
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise UnknownConfigField(f"unknown Config fields: {sorted(unknown)}")
         config = dataclasses.replace(self, **changes)
         config.validate()
         return config
 
     def validate(self) -> None:
-        """Raise ``ValueError`` for values that cannot work together."""
+        """Raise :class:`~elasticep.errors.InvalidArgument` (a ``ValueError``) for a field of the
+        wrong type, a NaN, or values that cannot work together."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), type(f.default)
+            if kind is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+            elif kind is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, kind)
+            if not ok:
+                article = "an" if kind is int else "a"
+                raise InvalidArgument(f"Config.{f.name} must be {article} {kind.__name__}, not {value!r}")
         if self.heartbeat_interval_ms <= 0:
-            raise ValueError("heartbeat_interval_ms must be > 0")
+            raise InvalidArgument("heartbeat_interval_ms must be > 0")
         if self.min_suspect_ms < self.heartbeat_interval_ms:
-            raise ValueError("min_suspect_ms must be at least one heartbeat interval")
+            raise InvalidArgument("min_suspect_ms must be at least one heartbeat interval")
         if self.grace_ms < self.min_suspect_ms:
-            raise ValueError("grace_ms must be >= min_suspect_ms")
+            raise InvalidArgument("grace_ms must be >= min_suspect_ms")
         if self.single_observer_evict_ms < self.grace_ms:
-            raise ValueError("single_observer_evict_ms must be >= grace_ms")
+            raise InvalidArgument("single_observer_evict_ms must be >= grace_ms")
         if self.kernel_timeout_us <= 0:
-            raise ValueError("kernel_timeout_us must be > 0")
+            raise InvalidArgument("kernel_timeout_us must be > 0")
         if self.phi_threshold <= 0:
-            raise ValueError("phi_threshold must be > 0")
+            raise InvalidArgument("phi_threshold must be > 0")
         if self.view_store not in ("tcpstore", "etcd"):
-            raise ValueError(f"view_store must be 'tcpstore' or 'etcd', not {self.view_store!r}")
+            raise InvalidArgument(f"view_store must be 'tcpstore' or 'etcd', not {self.view_store!r}")
         if self.view_store == "etcd" and not self.etcd_endpoints.strip():
-            raise ValueError("view_store='etcd' needs etcd_endpoints (HOST:PORT,...)")
+            raise InvalidArgument("view_store='etcd' needs etcd_endpoints (HOST:PORT,...)")
         if self.detection_topology not in ("all", "ring"):
-            raise ValueError(f"detection_topology must be 'all' or 'ring', not {self.detection_topology!r}")
+            raise InvalidArgument(f"detection_topology must be 'all' or 'ring', not {self.detection_topology!r}")
         if self.detection_topology == "ring" and (self.monitors_per_rank < 4 or self.monitors_per_rank % 2):
-            raise ValueError("monitors_per_rank must be an even number >= 4 with the ring topology")
+            raise InvalidArgument("monitors_per_rank must be an even number >= 4 with the ring topology")
         if self.backup_budget_mb < 0 or self.backup_copies < 1:
-            raise ValueError("backup_budget_mb must be >= 0 and backup_copies >= 1")
+            raise InvalidArgument("backup_budget_mb must be >= 0 and backup_copies >= 1")
         if self.startup_grace_s * 1e3 < self.min_suspect_ms:
-            raise ValueError("startup_grace_s must be at least min_suspect_ms")
+            raise InvalidArgument("startup_grace_s must be at least min_suspect_ms")
         if not -1 <= self.operator_port <= 65535:
-            raise ValueError(f"operator_port must be -1 (no door), 0 (a free port) or a port, not {self.operator_port}")
+            raise InvalidArgument(f"operator_port must be -1 (no door), 0 (a free port) or a port, not {self.operator_port}")
         if self.operator_port >= 0 and len(self.operator_token) < 16:
-            raise ValueError("the operator's door (operator_port >= 0) needs an operator_token of at least 16 "
+            raise InvalidArgument("the operator's door (operator_port >= 0) needs an operator_token of at least 16 "
                              "characters (e.g. secrets.token_urlsafe())")
 
 
@@ -192,4 +214,4 @@ def _parse(text: str, kind: type, name: str) -> Any:
     try:
         return kind(text)
     except ValueError:
-        raise ValueError(f"ELASTICEP_{name.upper()}={text!r} is not a valid {kind.__name__}") from None
+        raise InvalidArgument(f"ELASTICEP_{name.upper()}={text!r} is not a valid {kind.__name__}") from None

@@ -3,7 +3,7 @@
 and a plan that comes back never contradicts the live set it was asked for.
 
 Entry points: ``initial``, ``replan`` (every form of the live set, leaving, max_moves, load),
-``Placement``, ``View`` / ``View.of`` / ``View.diff``, ``MembershipCore`` / ``MembershipService``
+``Placement``, ``Config``, ``View`` / ``View.of`` / ``View.diff``, ``MembershipCore`` / ``MembershipService``
 constructors, ``EventBus.subscribe`` / ``publish_nowait`` / ``register_event_type``,
 ``Codec.decode`` (documented: only ``FrameRefused``) and ``elasticep plan`` (exit status 0, 2 or 3).
 """
@@ -11,6 +11,7 @@ constructors, ``EventBus.subscribe`` / ``publish_nowait`` / ``register_event_typ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -200,14 +201,31 @@ def test_placement_constructor_is_typed(shape, lo, hi, slots, num_experts, j, us
     assert p.num_slots == p.num_ranks * p.slots_per_rank
 
 
+# --- config -------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(st.dictionaries(st.sampled_from([f.name for f in dataclasses.fields(Config)] + ["nope"]),
+                       st.one_of(junk, st.floats(-10, 1e6), st.integers(-5, 10**6), st.sampled_from(["all", "ring", "etcd"])),
+                       max_size=4))
+def test_config_is_typed(overrides) -> None:
+    for build in (lambda: Config.local(**overrides), lambda: Config.cluster().replace(**overrides)):
+        try:
+            build()
+        except Exception as exc:
+            _check_error(exc)
+
+
 # --- membership ---------------------------------------------------------------------------------
 
 
 @SETTINGS
 @given(epoch=st.one_of(small_ints, junk), members=st.one_of(int_lists(), st.tuples(small_ints, small_ints), junk),
-       leader=st.one_of(small_ints, junk), incs=st.one_of(st.tuples(), int_lists(3).map(tuple), junk))
-def test_view_is_typed(epoch, members, leader, incs) -> None:
-    for build in (lambda: View(epoch=epoch, members=members, leader=leader, incarnations=incs),
+       leader=st.one_of(small_ints, junk), incs=st.one_of(st.tuples(), int_lists(3).map(tuple), junk),
+       proposer=st.one_of(small_ints, junk), reason=st.one_of(st.text(max_size=3), junk), changes=st.one_of(st.tuples(), junk))
+def test_view_is_typed(epoch, members, leader, incs, proposer, reason, changes) -> None:
+    for build in (lambda: View(epoch=epoch, members=members, leader=leader, incarnations=incs, proposer=proposer,
+                               reason=reason, changes=changes),
                   lambda: View.of(epoch, members)):
         try:
             v = build()

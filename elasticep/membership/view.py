@@ -128,8 +128,15 @@ class View(msgspec.Struct, frozen=True, kw_only=True):
             raise InvalidArgument("a view needs at least one member")
         if self.leader != self.members[0]:
             raise InvalidArgument(f"leader must be the lowest member ({self.members[0]}), got {self.leader}")
+        if not isinstance(self.incarnations, tuple) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.incarnations):
+            raise InvalidArgument(f"view incarnations must be a tuple of ints >= 0, got {self.incarnations!r}")
         if self.incarnations and len(self.incarnations) != len(self.members):
             raise InvalidArgument("incarnations must be empty or aligned with members")
+        if not isinstance(self.proposer, int) or isinstance(self.proposer, bool) or not isinstance(self.reason, str):
+            raise InvalidArgument(f"view proposer must be an int and reason a str, got {self.proposer!r}, {self.reason!r}")
+        if not isinstance(self.changes, tuple):
+            raise InvalidArgument(f"view changes must be a tuple of MemberChange records, got {self.changes!r}")
         for change in self.changes:
             if not isinstance(change, MemberChange):
                 raise InvalidArgument(f"view changes must be MemberChange records, got {change!r}")
