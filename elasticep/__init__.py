@@ -14,7 +14,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, tuple[str, ...]] = {
-    "elasticep.config": ("Config",),
+    "elasticep.config": ("Config", "UnknownConfigField"),
     "elasticep.agent": (
         "Agent",
         "EngineHooks",
