@@ -26,9 +26,11 @@ def test_bench_overhead_runs_both_modes(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     for key in ("tokens_per_s_on", "tokens_per_s_off", "step_p99_us_on", "step_p99_us_off",
-                "step_p50_us_on", "step_p50_us_off", "throughput_ratio", "p99_ratio"):
+                "step_p50_us_on", "step_p50_us_off", "throughput_ratio", "p99_ratio",
+                "tokens_per_cpu_s_on", "tokens_per_cpu_s_off", "cpu_per_token_ratio"):
         assert r[key] > 0, key
     assert isinstance(r["meets_target"], bool)
+    assert len(r["rounds_tokens_per_s_on"]) == len(r["rounds_tokens_per_s_off"]) == 1
     assert r["agent_members_on"] == [[0, 1], [0, 1]]  # the agent really ran in the on mode
     assert r["agent_members_off"] == [[], []]  # and not in the off mode
     assert all(n > 0 for n in r["backup_experts"])  # backups held while serving

@@ -22,6 +22,12 @@ JSON keys (``--json PATH``): ``tokens_per_s_on``, ``tokens_per_s_off``, ``step_p
 ``p99_ratio`` (on/off), ``meets_target`` (throughput ratio >= 0.99 and p99 ratio <= 1.02),
 ``ranks``, ``rounds``, ``steps``, ``backup_experts`` (per rank, in the on mode),
 ``agent_members_on`` / ``agent_members_off`` (each rank's view members: proof of which mode ran),
+``tokens_per_cpu_s_on`` / ``_off`` (tokens per CPU second of the ranks' processes, every thread:
+steadier than wall time on a shared machine), ``cpu_per_token_ratio`` (on/off CPU per token),
+``rounds_tokens_per_s_on`` / ``_off`` (each round's throughput: the spread shows the noise),
+``serving_thread_cpu_per_step_us_on`` / ``_off`` (CPU of the serving thread alone per step),
+``boundary_p50_us`` / ``boundary_p99_us`` (one :meth:`Agent.boundary` call with no view pending:
+the agent's whole cost inside the step loop),
 ``other_threads_cpu_on`` / ``_off`` (per rank, CPU seconds per second its threads other than
 the serving one used during the last round's timed steps: the agent's share of a core).
 """
@@ -121,6 +127,7 @@ def _rank_main(rank: int, mode: str, setup: dict, conn: Any) -> None:
         conn.send(("ready", backups, members))
         conn.recv()  # go
         times: list[float] = []
+        boundary: list[float] = []
         total = setup["warmup"] + setup["steps"]
         t_start = 0.0
         for i in range(total):
@@ -130,6 +137,7 @@ def _rank_main(rank: int, mode: str, setup: dict, conn: Any) -> None:
             t0 = time.perf_counter_ns()
             if agent is not None:
                 agent.boundary()
+                boundary.append((time.perf_counter_ns() - t0) / 1e3)
             if seq.done:
                 seq = fresh()
             model.step(seq)
@@ -137,8 +145,10 @@ def _rank_main(rank: int, mode: str, setup: dict, conn: Any) -> None:
                 times.append((time.perf_counter_ns() - t0) / 1e3)
         wall = time.perf_counter() - t_start
         # CPU the process's other threads (agent loop, bus, transfer engine) took meanwhile
-        others = (time.process_time() - cpu0) - (time.thread_time() - main0)
-        conn.send(("done", times, wall, others / wall))
+        cpu = time.process_time() - cpu0
+        main_cpu = time.thread_time() - main0
+        others = cpu - main_cpu
+        conn.send(("done", times, wall, others / wall, cpu, main_cpu, boundary[setup["warmup"]:]))
         conn.recv()  # every rank is done: none of them still waits on this one's kernel
         if agent is not None:
             agent.stop(timeout=5.0)
@@ -150,7 +160,7 @@ def _rank_main(rank: int, mode: str, setup: dict, conn: Any) -> None:
         raise
 
 
-def _round(ctx: Any, mode: str, setup: dict, timeout_s: float) -> tuple[list[float], float, list[tuple[int, list[int]]]]:
+def _round(ctx: Any, mode: str, setup: dict, timeout_s: float) -> tuple[list[float], float, float, list[tuple], dict]:
     from datetime import timedelta
 
     from torch.distributed import TCPStore
@@ -187,7 +197,9 @@ def _round(ctx: Any, mode: str, setup: dict, timeout_s: float) -> tuple[list[flo
         for p in procs:
             p.join(15)
         times = [t for msg in results for t in msg[1]]
-        return times, max(msg[2] for msg in results), [(*rd, msg[3]) for rd, msg in zip(ready, results)]
+        extra = {"main_cpu": sum(msg[5] for msg in results), "boundary": [b for msg in results for b in msg[6]]}
+        return (times, max(msg[2] for msg in results), sum(msg[4] for msg in results),
+                [(*rd, msg[3]) for rd, msg in zip(ready, results)], extra)
     finally:
         for p in procs:
             if p.is_alive():
@@ -236,11 +248,19 @@ def run(ranks: int = 2, rounds: int = 2, steps: int = 200, warmup: int = 20, see
         order += ["off", "on"] if i % 2 == 0 else ["on", "off"]
     times: dict[str, list[float]] = {"on": [], "off": []}
     walls: dict[str, float] = {"on": 0.0, "off": 0.0}
+    cpus: dict[str, float] = {"on": 0.0, "off": 0.0}
+    main_cpus: dict[str, float] = {"on": 0.0, "off": 0.0}
+    boundary: list[float] = []
+    per_round: dict[str, list[float]] = {"on": [], "off": []}
     ready: dict[str, list] = {}
     for mode in order:
-        t, wall, ready[mode] = _round(ctx, mode, setup, timeout_s)
+        t, wall, cpu, ready[mode], extra = _round(ctx, mode, setup, timeout_s)
+        main_cpus[mode] += extra["main_cpu"]
+        boundary += extra["boundary"]
         times[mode] += t
         walls[mode] += wall
+        cpus[mode] += cpu
+        per_round[mode].append(round(ranks * steps / wall, 1))
     tokens = ranks * steps * rounds
     out: dict[str, Any] = {
         "ranks": ranks, "rounds": rounds, "steps": steps,
@@ -254,8 +274,14 @@ def run(ranks: int = 2, rounds: int = 2, steps: int = 200, warmup: int = 20, see
         out[f"tokens_per_s_{mode}"] = round(tokens / walls[mode], 1)
         out[f"step_p50_us_{mode}"] = round(_pct(times[mode], 50), 1)
         out[f"step_p99_us_{mode}"] = round(_pct(times[mode], 99), 1)
+        out[f"tokens_per_cpu_s_{mode}"] = round(tokens / cpus[mode], 1)
+        out[f"serving_thread_cpu_per_step_us_{mode}"] = round(main_cpus[mode] / tokens * 1e6, 1)
+        out[f"rounds_tokens_per_s_{mode}"] = per_round[mode]
     out["throughput_ratio"] = round(out["tokens_per_s_on"] / out["tokens_per_s_off"], 4)
     out["p99_ratio"] = round(out["step_p99_us_on"] / out["step_p99_us_off"], 4)
+    out["boundary_p50_us"] = round(_pct(boundary, 50), 2)
+    out["boundary_p99_us"] = round(_pct(boundary, 99), 2)
+    out["cpu_per_token_ratio"] = round(out["tokens_per_cpu_s_off"] / out["tokens_per_cpu_s_on"], 4)
     out["meets_target"] = out["throughput_ratio"] >= _THROUGHPUT_TARGET and out["p99_ratio"] <= _P99_TARGET
     return out
 
