@@ -263,3 +263,63 @@ def test_link_down_fences_the_minority_and_it_rejoins_when_the_link_returns() ->
             views = _one_member_set_per_epoch(cluster)
             assert views[1] == tuple(range(6))
             assert any(set(m) == set(majority) for m in views.values())
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("direction", ["in", "out"])
+def test_asymmetric_partition_ends_the_same_on_every_survivor(direction: str) -> None:
+    """Host 2's one rank hears its peers but they do not hear it ("out"), or the reverse ("in");
+    the store (etcd at the bridge) stays reachable from everyone. Whatever the outcome, every
+    survivor ends with the same view, and no epoch has two member sets."""
+    from elasticep.testing.etcd import EtcdCluster, etcd_available
+
+    reason = etcd_available()
+    if reason is not None:
+        pytest.skip(reason)
+    pytest.importorskip("aetcd", reason="the etcd extra (aetcd) is not installed")
+    with HostNet(3) as net, EtcdCluster(3, hosts=[net.gateway] * 3) as etcd:
+        etcd.wait_healthy(30)
+        config = {"view_store": "etcd", "etcd_endpoints": etcd.endpoints_csv()}
+        with HostCluster(net, [0, 0, 1, 1, 2], config=config) as cluster:
+            cluster.wait_ready(90)
+            cluster.wait_view(lambda v: v["epoch"] == 1, 10)
+            h0, h1, h2 = net.hosts
+            for peer in (h0, h1):
+                net.drop(h2, direction=direction, peer=peer)
+            time.sleep(8.0)  # detection, corroboration and a store round, several times over
+            net.clear(h2)
+            time.sleep(2.0)
+            views = _one_member_set_per_epoch(cluster)
+            survivors = cluster.live()
+            assert set(range(4)) <= set(survivors), survivors  # the majority side serves on
+            last = {r: cluster.sequences([r])[r][-1] for r in survivors}
+            assert len(set(last.values())) == 1, last
+            epoch, members = next(iter(last.values()))
+            assert (4 in members) == (4 in survivors), (members, survivors)
+            assert views[epoch] == members
+            print(f"direction={direction}: views {views}, survivors {survivors}")
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+def test_five_percent_loss_on_a_host_evicts_no_one_and_a_kill_there_is_still_seen() -> None:
+    """5 % of host 2's packets lost both ways (nftables on its link) for 60 s at the default
+    config: no view changes; then one of its ranks is killed and every survivor installs a view
+    without it. (No added delay: this kernel has no netem.)"""
+    with HostNet(3) as net, _etcd_on(net) as etcd:
+        config = {"view_store": "etcd", "etcd_endpoints": etcd.endpoints_csv()}
+        with HostCluster(net, [0, 0, 1, 1, 2, 2], config=config) as cluster:
+            cluster.wait_ready(90)
+            cluster.wait_view(lambda v: v["epoch"] == 1, 10)
+            lossy = net.hosts[2]
+            net.drop(lossy, percent=5, direction="both")
+            time.sleep(60.0)
+            dropped = net.dropped(lossy)
+            assert dropped > 0
+            assert all(s == [(1, tuple(range(6)))] for s in cluster.sequences(list(range(6))).values()), \
+                cluster.sequences(list(range(6)))
+            assert [x for rp in cluster._all for x in rp.reports if x["kind"] == "fenced"] == []
+            cluster.kill(5)
+            cluster.wait_view(lambda v: 5 not in v["members"], 30, ranks=[0, 1, 2, 3, 4])
+            _one_member_set_per_epoch(cluster)
