@@ -67,6 +67,9 @@ def _child_env(keys: ClusterKeys, cluster: str) -> dict[str, str]:
         "ELASTICEP_BUS_KEYS": keys.to_json(),
         "PYTHONPATH": os.pathsep.join([str(ROOT / "adapters"), env.get("PYTHONPATH", "")]),
         "MC_LOG_LEVEL": "WARNING",
+        # detection timings that a machine shared with other work does not trip (the kill itself
+        # is seen as a closed socket at once)
+        "ELASTICEP_SGLANG_PROFILE": "cluster",
     })
     env.pop("ELASTICEP_SGLANG_STORE", None)  # the store comes from SGLang's torch.distributed
     env.pop("SGLANG_PLUGINS", None)

@@ -354,7 +354,7 @@ def run_agent_double(rank: int, world: int, init_port: int, workdir: str, phy2lo
     from elasticep.bus import ClusterKeys
     from elasticep.config import Config
     from elasticep.eplb import Placement
-    from elasticep_sglang.scheduler_agent import ENV_CLUSTER, distributed_store_address
+    from elasticep_sglang.scheduler_agent import ENV_CLUSTER, ENV_PROFILE, distributed_store_address
 
     class Hooks(EngineHooks):
         def __init__(self) -> None:
@@ -368,8 +368,9 @@ def run_agent_double(rank: int, world: int, init_port: int, workdir: str, phy2lo
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{init_port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
+    config = Config.cluster() if os.environ.get(ENV_PROFILE) == "cluster" else Config.local()
     agent = Agent(rank, Hooks(), store=distributed_store_address(), cluster=os.environ.get(ENV_CLUSTER, "sglang"),
-                  members=range(world), config=Config.local(), keys=ClusterKeys.from_env(), groups=None)
+                  members=range(world), config=config, keys=ClusterKeys.from_env(), groups=None)
     agent.start(timeout=timeout_s)
     (Path(workdir) / f"ready-{rank}").write_text(str(agent.epoch))
     deadline = time.monotonic() + timeout_s
