@@ -146,6 +146,46 @@ def test_namespaces_are_removed_when_the_body_raises() -> None:
     assert f"ep{net.tag}" not in links
 
 
+_ORPHAN = """
+import sys, time
+from elasticep.testing.hosts import HostNet
+net = HostNet(2)
+print(net.tag, *[h.name for h in net.hosts], flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_namespaces_of_a_killed_process_are_removed_by_the_next_hostnet() -> None:
+    orphan = subprocess.Popen([sys.executable, "-c", _ORPHAN], stdout=subprocess.PIPE, text=True)
+    try:
+        tag, *names = orphan.stdout.readline().split()
+        assert names and all(n in _namespaces() for n in names)
+    finally:
+        orphan.kill()  # SIGKILL: no atexit, nothing cleaned up
+        orphan.wait(timeout=10)
+        orphan.stdout.close()
+    assert all(n in _namespaces() for n in names)
+    with HostNet(1):
+        listing = _namespaces()
+        assert not any(n in listing for n in names)
+    assert f"ep{tag}" not in subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.timeout(60)
+def test_rate_limit_puts_a_token_bucket_on_the_link_and_clear_removes_it() -> None:
+    with HostNet(2) as net:
+        a, b = net.hosts
+        net.rate_limit(a, rate="2mbit")
+        _udp_received(net, a, b, 100, 9200)
+        shown = net.run(a, ["tc", "-s", "qdisc", "show", "dev", "eth0"]).stdout
+        assert "tbf" in shown and "rate 2Mbit" in shown, shown
+        sent = int(shown.split("Sent ")[1].split()[0])
+        assert sent >= 100 * 29  # every datagram (1 byte of payload, 28 of headers) went through it
+        net.clear(a)
+        assert "tbf" not in net.run(a, ["tc", "qdisc", "show", "dev", "eth0"]).stdout
+
+
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError):
         HostNet(0)
