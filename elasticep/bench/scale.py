@@ -94,6 +94,8 @@ def measure_real(n: int, topology: str, *, trials: int = 2, soak_s: float = 60.0
         dt = s1["time"] - s0["time"]
         victims = _victims(n, trials)
         for i, victim in enumerate(victims):
+            if victim in cluster.stats()["removed"]:
+                continue  # already out (a false eviction, counted below): nothing to measure
             t0 = (cluster.kill if i % 2 == 0 else cluster.hang)(victim)
             at = cluster.wait_excluded(victim, 10.0)
             (kill_ms if i % 2 == 0 else hang_ms).extend((t - t0) * 1e3 for t in at.values())

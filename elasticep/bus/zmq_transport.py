@@ -236,6 +236,7 @@ class ZmqTransport(Transport):
         self._peers: dict[int, _Peer] = {}
         self._pending: dict[int, _Peer] = {}  # a new endpoint, until its handshake succeeds
         self._wanted: Callable[[int], bool] | None = None  # the peer filter; None: every rank
+        self._prefetch: Callable[[int], bool] | None = None  # records read ahead of being wanted
         self._known: dict[int, Registration] = {}  # checked records of ranks not subscribed to
         self._unread: set[int] = set()  # registered ranks whose record was not read (filtered out)
         self._filter_task: asyncio.Task[None] | None = None
@@ -377,11 +378,11 @@ class ZmqTransport(Transport):
         """(worker thread) New registrations: the records of the wanted ranks and this rank's own,
         and the other ranks unread (their records are read when the filter comes to want them)."""
         seen, ranks = self.rendezvous.ranks_since(seen)
-        wanted = self._wanted
+        wanted, prefetch = self._wanted, self._prefetch
         found: dict[int, Registration | None] = {}
         unread: list[int] = []
         for rank in sorted(ranks):
-            if rank == self.rank or wanted is None or wanted(rank):
+            if rank == self.rank or wanted is None or wanted(rank) or (prefetch is not None and prefetch(rank)):
                 found[rank] = self.rendezvous.lookup(rank)
             else:
                 unread.append(rank)
@@ -403,16 +404,21 @@ class ZmqTransport(Transport):
 
     # --- the peer filter ---------------------------------------------------------------------
 
-    def set_peer_filter(self, wanted: Callable[[int], bool] | None) -> bool:
+    def set_peer_filter(self, wanted: Callable[[int], bool] | None, *,
+                        prefetch: Callable[[int], bool] | None = None) -> bool:
         """Subscribe only to ranks for which ``wanted(rank)`` is true (``None``: every rank).
 
-        ``wanted`` runs on the event loop and on the store-reading worker thread; it must be
-        cheap and must not block. Takes effect at once on a started transport (as
+        ``prefetch(rank)``: ranks not wanted yet whose records are read and checked anyway as
+        they register (the next ring out), so that when a view change makes them neighbours the
+        subscription opens at once, without a store read first. ``wanted`` and ``prefetch`` run
+        on the event loop and on the store-reading worker thread; they must be cheap and must
+        not block. Takes effect at once on a started transport (as
         :meth:`apply_peer_filter`), else at :meth:`start`. Returns True (this transport filters).
         """
         if self.read_only and wanted is not None:
             raise ValueError("a monitor transport subscribes to every rank; it takes no peer filter")
         self._wanted = wanted
+        self._prefetch = prefetch
         if self._started and not self._closed:
             self.apply_peer_filter()
         return True

@@ -49,6 +49,7 @@ from elasticep.membership.core import (
     rank_id,
 )
 from elasticep.membership.store import StoreUnavailable, ViewStore
+from elasticep.membership.topology import Topology
 from elasticep.membership.view import ChangeKind, CorruptView, View, ViewDiff
 
 if TYPE_CHECKING:
@@ -354,8 +355,16 @@ class MembershipService:
         def wanted(peer: int) -> bool:
             return (core.view is not None or core.initial is not None) and core.hears(peer)
 
+        # the next ring out: its records are read ahead, so a neighbour's death costs the ranks
+        # beyond it a CURVE handshake, not a store read, before they hear each other
+        ahead = Topology(core.topology.kind, 2 * core.topology.monitors_per_rank)
+
+        def prefetch(peer: int) -> bool:
+            members = core.view.members if core.view is not None else (core.initial or ())
+            return bool(members) and ahead.hears(members, self.rank, peer)
+
         self._filtered_view = core.view
-        return bool(transport.set_peer_filter(wanted))
+        return bool(transport.set_peer_filter(wanted, prefetch=prefetch))
 
     async def _await_peers(self, members: tuple[int, ...], timeout: float) -> bool:
         """Heartbeat until every one of ``members`` was heard; True if all were in time."""

@@ -270,7 +270,7 @@ def _worker(conn, ranks: list[int], n: int, config: Config, keys_json: str, stor
             reasons.setdefault(view.epoch, view.reason)
 
         for r in ranks:
-            t = ZmqTransport(r, keys.for_rank(r), store, poll_interval_s=0.5, context=context)
+            t = ZmqTransport(r, keys.for_rank(r), store, poll_interval_s=0.2, context=context)
             wrappers[r] = _LossyTransport(t, seed * 100_003 + r)
             bus = EventBus(t, r)
             vs = TCPStoreViewStore(store=store, timeout_s=config.store_timeout_s)
@@ -353,6 +353,10 @@ def _worker(conn, ranks: list[int], n: int, config: Config, keys_json: str, stor
         conn.send(("ok", "ready"))
         await done.wait()
         loop.remove_reader(conn.fileno())
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in rest:  # e.g. a hung rank's store read, started by its still-open sockets
+            t.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
 
     loop = new_event_loop()
     try:
