@@ -227,6 +227,37 @@ def run_families(seed: int = 0, repeat: int = 3, layers: int | None = None) -> l
     return rows
 
 
+def run_backups(seed: int = 0, repeat: int = 3, layers: int = LAYERS, ranks_per_host: int = 8) -> list[dict]:
+    """Host-backup planning (:func:`~elasticep.transfer.plan_backups`) at DeepSeek-V3's shape,
+    hosts of ``ranks_per_host`` ranks, two copies, one spare slot per rank and layer beyond the
+    ``2 * experts / ranks`` two copies need: from nothing, after one rank dies, after a whole host
+    dies (each from the plan before). Each row: planning time (median), backups placed and
+    missing, and how many the view change makes the ranks copy (``changes``)."""
+    from elasticep.transfer import plan_backups
+
+    load = skewed_load(layers, EXPERTS, 0.8, seed)
+    placement = initial(load, RANKS, SLOTS)
+    hosts = [r // ranks_per_host for r in range(RANKS)]
+    slots = -(-2 * EXPERTS // RANKS) + 1
+    rows: list[dict] = []
+    plans: dict[str, Any] = {}
+    # the host dies after the rank did: both changes start from the one-dead plan's predecessor
+    # chain, as views follow one another
+    for name, dead, before in (("initial", [], None), ("one_dead", [7], "initial"),
+                               ("host_dead", [7, *range(8, 8 + ranks_per_host)], "one_dead")):
+        alive = torch.ones(RANKS, dtype=torch.bool)
+        alive[dead] = False
+        prev = plans.get(before)
+        ms, plan = _median_ms(lambda: plan_backups(placement, alive, slots=slots, hosts=hosts, previous=prev), repeat)
+        plans[name] = plan
+        newly_dead = [r for r in dead if prev is None or r not in rows[-1]["dead"]]
+        rows.append({"case": name, "dead": dead, "slots": slots, "ms": round(ms, 1),
+                     "placed": int(plan.holders.ge(0).sum()), "missing": plan.missing(),
+                     "changes": plan.changes(prev),
+                     "held_by_newly_dead": 0 if prev is None else sum(len(prev.held_by(r)) for r in newly_dead)})
+    return rows
+
+
 def print_families(rows: list[dict], out=None) -> None:
     out = sys.stdout if out is None else out
     print("skewed families: balance/moved per budget | sglang; targets missed", file=out)
@@ -289,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per planner and case; the median is reported")
     ap.add_argument("--no-sglang", action="store_true", help="skip the SGLang baseline")
     ap.add_argument("--layers", type=int, default=LAYERS, help=f"MoE layers (default {LAYERS}, DeepSeek-V3's)")
+    ap.add_argument("--backups", action="store_true",
+                    help="also time host-backup planning (plan_backups) at DeepSeek-V3's shape")
     ap.add_argument("--families", action="store_true",
                     help="also run the skewed families (Zipf, log-normal, hot expert) at DeepSeek-V3's and Qwen3-MoE's shapes")
     args = ap.parse_args(argv)
@@ -297,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.families:
         report["families"] = run_families(args.seed, args.repeat, None if args.layers == LAYERS else args.layers)
         print_families(report["families"])
+    if args.backups:
+        report["backups"] = run_backups(args.seed, args.repeat, args.layers)
+        for row in report["backups"]:
+            print("backups " + " ".join(f"{k} {v}" for k, v in row.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -238,23 +238,34 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 def _make_room(
     e: int, layer: int, holders: np.ndarray, allowed: np.ndarray, cap: np.ndarray, used: np.ndarray, host_of: np.ndarray
-) -> np.ndarray:
+) -> np.ndarray | None:
     """No allowed rank has a free slot for ``e``: move one backup ``f`` off a full rank ``r``
     that ``e`` may use, to a rank with a free slot that ``f`` may use (one augmenting step of a
-    matching), and return ``[r]``; or an empty array if no such pair exists."""
-    for r in np.flatnonzero(allowed[e] & ~used[e, host_of]):
-        for f, c in zip(*np.nonzero(holders[layer] == r)):
-            room = np.flatnonzero(allowed[f] & (cap > 0) & ~used[f, host_of])
-            if room.size == 0:
-                continue
-            r2 = int(room[np.argmax(cap[room])])
-            holders[layer, f, c] = r2
-            used[f, host_of[r]] = False
-            used[f, host_of[r2]] = True
-            cap[r2] -= 1
-            cap[r] += 1
-            return np.array([r])
-    return np.array([], dtype=np.int64)
+    matching), and return ``[r]``; an empty array if no such pair exists for ``e``; None if no
+    backup of the layer can move at all."""
+    free = cap > 0
+    targets = np.flatnonzero(allowed[e] & ~used[e, host_of])  # full ranks e could use
+    if targets.size == 0 or not free.any():
+        return np.array([], dtype=np.int64)
+    # movable[f]: backup f could go to some rank with room that its rules allow
+    movable = (allowed & free[None, :] & ~used[:, host_of]).any(axis=1)
+    if not movable.any():
+        return None  # and it stays so for this layer: room only shrinks from here on
+    h = holders[layer]
+    cand = movable[:, None] & np.isin(h, targets)
+    hit = np.argwhere(cand)
+    if hit.size == 0:
+        return np.array([], dtype=np.int64)
+    f, c = (int(x) for x in hit[0])
+    r = int(h[f, c])
+    room = np.flatnonzero(allowed[f] & free & ~used[f, host_of])
+    r2 = int(room[np.argmax(cap[room])])
+    holders[layer, f, c] = r2
+    used[f, host_of[r]] = False
+    used[f, host_of[r2]] = True
+    cap[r2] -= 1
+    cap[r] += 1
+    return np.array([r])
 
 
 @dataclass(frozen=True)
@@ -408,6 +419,7 @@ def plan_backups(
         host_serves = host_serves[:E]
         allowed = alive_np[None, :] & (cap0[None, :] > 0) & ~host_serves[:, host_of]  # [E, R]
         cap = cap0.copy()
+        stuck = False  # no backup of this layer can make room any more
         used = np.zeros((E, H), dtype=bool)
         count = np.zeros(E, dtype=np.int64)
         if prev is not None:
@@ -428,8 +440,10 @@ def plan_backups(
             todo = todo[np.lexsort((allowed[todo].sum(axis=1), count[todo]))]
             for e in todo:
                 ok = np.flatnonzero(allowed[e] & (cap > 0) & ~used[e, host_of])
-                if ok.size == 0:
-                    ok = _make_room(e, layer, holders, allowed, cap, used, host_of)
+                if ok.size == 0 and not stuck:
+                    room = _make_room(e, layer, holders, allowed, cap, used, host_of)
+                    stuck = room is None
+                    ok = ok if room is None else room
                 if ok.size == 0:
                     continue
                 # the emptiest rank, ties broken by the hash
