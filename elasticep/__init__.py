@@ -26,6 +26,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "AgentStopped",
         "HookFailed",
         "HookTimeout",
+        "ViewTimeout",
     ),
     "elasticep.agent.operator": ("OperatorDoor", "OperatorRefused", "start_operator"),
     "elasticep.events": (

@@ -26,6 +26,7 @@ from elasticep.agent import (
     AgentStateError,
     AgentStopped,
     EngineHooks,
+    ViewTimeout,
 )
 from elasticep.bus import ClusterKeys
 from elasticep.config import Config
@@ -240,6 +241,92 @@ def test_stop_during_a_reconfiguration_leaves_the_view_unapplied(cluster) -> Non
         assert isinstance(holder.get("error"), AgentStopped), holder
         assert hooks[0].commits == []
         assert metrics.sample("elasticep_agent_errors_total", {"kind": "stopped_during_reconfiguration"}) == counted + 1
+    finally:
+        for a in agents:
+            a.stop()
+
+
+class LoadedHooks(ToyHooks):
+    """An engine that records its expert load (here: of the wrong shape, or a hot expert 5)."""
+
+    def __init__(self, load) -> None:
+        super().__init__(ranks=3)
+        self._placement = initial(torch.ones(2, 6), num_ranks=3, slots_per_rank=4)  # 12 slots, 6 experts
+        self.load = load
+        self.load_calls = 0
+
+    def expert_load(self):
+        self.load_calls += 1
+        return self.load
+
+
+def test_the_leader_plans_with_the_engines_load_and_refuses_a_bad_one(cluster) -> None:
+    hot = torch.ones(2, 6)
+    hot[:, 5] = 1000.0  # expert 5 takes nearly every token
+    hooks = [LoadedHooks(hot) for _ in range(3)]
+    agents = _agents(cluster, hooks, range(3))
+    _start_all(agents)
+    try:
+        agents[2].stop()
+        out = _serve_until(agents[:2], lambda a: a.epoch >= 2)
+        assert out == {0: SERVING, 1: SERVING}
+        assert [h.load_calls for h in hooks[:2]] == [1, 0]  # the view's leader (rank 0) alone plans
+        served = hooks[0].placement().phy2log[:, : 2 * 4]
+        for layer in range(2):
+            counts = torch.bincount(served[layer][served[layer] >= 0], minlength=6)
+            assert int(counts[5]) == int(counts.max()) and int(counts[5]) > int(counts.min()), counts  # the hot one most
+    finally:
+        for a in agents:
+            a.stop()
+
+
+def test_a_bad_load_is_counted_and_the_view_still_commits(cluster) -> None:
+    hooks = [LoadedHooks(torch.ones(5, 5)) for _ in range(3)]  # not [moe_layers, experts]
+    agents = _agents(cluster, hooks, range(3))
+    _start_all(agents)
+    before = metrics.sample("elasticep_hook_failures_total", {"hook": "expert_load", "kind": "bad_value"})
+    try:
+        agents[2].stop()
+        out = _serve_until(agents[:2], lambda a: a.epoch >= 2)
+        assert out == {0: SERVING, 1: SERVING}
+        assert metrics.sample("elasticep_hook_failures_total", {"hook": "expert_load", "kind": "bad_value"}) == before + 1
+    finally:
+        for a in agents:
+            a.stop()
+
+
+def test_an_engine_side_rebalance_is_what_the_next_view_plans_from(cluster) -> None:
+    from elasticep.eplb.placement import Placement
+
+    hooks = [ToyHooks(ranks=2) for _ in range(2)]
+    agents = _agents(cluster, hooks, range(2))
+    _start_all(agents)
+    try:
+        phy = hooks[0].placement().phy2log.clone()
+        phy[:, [0, 4]] = phy[:, [4, 0]]  # the engine's own rebalance swaps two slots, on every rank
+        for h in hooks:
+            h._placement = Placement(phy.clone(), 4, 8)
+        for a in agents:
+            a.placement_changed()
+        epoch, recorded = agents[1].committed_placement()
+        assert epoch == 1 and torch.equal(recorded.phy2log, phy)
+    finally:
+        for a in agents:
+            a.stop()
+
+
+def test_lost_peers_that_no_view_removes_end_in_a_typed_timeout(cluster) -> None:
+    hooks = [ToyHooks(ranks=2) for _ in range(2)]
+    agents = _agents(cluster, hooks, range(2), view_wait_s=0.5)
+    _start_all(agents)
+    before = metrics.sample("elasticep_agent_errors_total", {"kind": "view_timeout"})
+    try:
+        # rank 1 is alive and heard: one step's loss is no verdict, so no view comes
+        with pytest.raises(ViewTimeout, match="a view without ranks \\[1\\]") as info:
+            agents[0].peers_lost([1])
+        assert isinstance(info.value, TimeoutError) and info.value.timeout_s == 0.5
+        assert metrics.sample("elasticep_agent_errors_total", {"kind": "view_timeout"}) == before + 1
+        assert agents[0].boundary() == SERVING and agents[0].epoch == 1
     finally:
         for a in agents:
             a.stop()

@@ -245,7 +245,7 @@ class SchedulerAgent:
     def step(self, eplb_manager: Any) -> bool:
         """The agent's step boundary in place of ``maybe_rebalance_after_rank_fault``: True when
         SGLang must run the forward pass again."""
-        from elasticep.agent import STOPPED
+        from elasticep.agent import STOPPED, ViewTimeout
 
         self.steps += 1
         if self.start_error is not None:
@@ -263,9 +263,7 @@ class SchedulerAgent:
             self.lost_reports += 1
             try:
                 self.agent.peers_lost(lost)
-            except RuntimeError as exc:
-                if type(exc) is not RuntimeError:
-                    raise
+            except ViewTimeout as exc:
                 log.warning("rank %d: %s; the view stands", self.agent.rank, exc)
                 self._restore(lost)
         if self.agent.boundary() == STOPPED:

@@ -10,7 +10,7 @@
 """
 
 from elasticep.agent.agent import SERVING, STOPPED, Agent, Signal, connect_store, parse_store_address, placement_key, plan_key
-from elasticep.agent.errors import AgentError, AgentFenced, AgentStateError, AgentStopped, HookFailed, HookTimeout
+from elasticep.agent.errors import AgentError, AgentFenced, AgentStateError, AgentStopped, HookFailed, HookTimeout, ViewTimeout
 from elasticep.agent.hooks import Commit, EngineHooks, StagedSlot
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "EngineHooks",
     "HookFailed",
     "HookTimeout",
+    "ViewTimeout",
     "Signal",
     "StagedSlot",
     "connect_store",

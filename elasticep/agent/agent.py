@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 from elasticep import metrics
-from elasticep.agent.errors import AgentFenced, AgentStateError, AgentStopped, HookFailed, HookTimeout
+from elasticep.agent.errors import AgentFenced, AgentStateError, AgentStopped, HookFailed, HookTimeout, ViewTimeout
 from elasticep.agent.hooks import Commit, EngineHooks, StagedSlot
 from elasticep.config import Config
 
@@ -55,8 +55,6 @@ SERVING = "serving"
 STOPPED = "stopped"
 """:meth:`Agent.boundary`: redundancy is exhausted; reject requests until a covering view commits."""
 
-_VIEW_WAIT_S = 15.0
-"""Bound on waiting for the view that excludes a lost peer, or after a failed pipeline, s."""
 
 _LEAVE_LINGER_S = 3.0
 """How long a rank that left stays up so that survivors can copy its experts, s (at most)."""
@@ -200,6 +198,10 @@ class Agent:
             to :meth:`stop` (0 picks a free port: :attr:`metrics_address`); None serves nothing
             (the process may serve :func:`elasticep.metrics.serve` itself).
         metrics_addr: the address the metrics page binds.
+        view_wait_s: bound on waiting for the view that excludes lost peers, or for a newer one
+            after a failed reconfiguration (then :class:`ViewTimeout`).
+        reconfig_timeout_s: bound on one reconfiguration as the engine waits in
+            :meth:`boundary` (weights of a large model may need more), s.
         admit: for the operator door's ``POST /admit`` (``Config.operator_port``): starts the
             process of a rank to be added or restarted (a launcher's spawn, a scale call); the
             new process's own agent then asks to join.
@@ -230,6 +232,8 @@ class Agent:
         metrics_port: int | None = None,
         metrics_addr: str = "127.0.0.1",
         admit: Callable[[int], Any] | None = None,
+        view_wait_s: float = 15.0,
+        reconfig_timeout_s: float = 60.0,
     ) -> None:
         from elasticep.bus import ClusterKeys
 
@@ -239,8 +243,8 @@ class Agent:
             raise TypeError(f"hooks must be an EngineHooks, not {type(hooks).__name__}")
         if groups not in ("gloo", None):
             raise ValueError(f"groups must be 'gloo' or None, not {groups!r}")
-        if hook_timeout_s <= 0 or commit_timeout_s <= 0:
-            raise ValueError("hook_timeout_s and commit_timeout_s must be > 0")
+        if min(hook_timeout_s, commit_timeout_s, view_wait_s, reconfig_timeout_s) <= 0:
+            raise ValueError("hook_timeout_s, commit_timeout_s, view_wait_s and reconfig_timeout_s must be > 0")
         if metrics_port is not None and not (isinstance(metrics_port, int) and 0 <= metrics_port < 65536):
             raise ValueError(f"metrics_port must be a port number or None, not {metrics_port!r}")
         self.rank = rank
@@ -268,6 +272,7 @@ class Agent:
         self.metrics_address: str | None = None
         """``HOST:PORT`` of the metrics page while it is served, or None."""
         self._admit = admit
+        self.view_wait_s, self.reconfig_timeout_s = float(view_wait_s), float(reconfig_timeout_s)
         self.operator: Any = None
         """The operator door (:class:`~elasticep.agent.operator.OperatorDoor`) while it is open."""
         self.epoch = 0 if self.join else 1
@@ -399,7 +404,8 @@ class Agent:
         Raises:
             AgentFenced: this rank is outside the committed views: stop serving.
             AgentStopped: :meth:`stop` was called meanwhile.
-            RuntimeError: a reconfiguration failed and no newer view came within 15 s.
+            ViewTimeout: a reconfiguration failed and no newer view came within ``view_wait_s``,
+                or one ran past ``reconfig_timeout_s``.
         """
         from elasticep.eplb.placement import RedundancyExhausted
 
@@ -435,9 +441,10 @@ class Agent:
                 # this rank cannot apply the view: it takes itself out, so peers evict it
                 raise self._fence(str(result.error), result.error)
             print(f"rank {self.rank}: reconfiguration for view {view.epoch} failed: {result.error!r}", file=sys.stderr)
-            if not self._wait_view(lambda v: v.epoch > view.epoch, _VIEW_WAIT_S):
-                raise RuntimeError(f"reconfiguration for view {view.epoch} failed and no newer view came: "
-                                   f"{result.error!r}")
+            if not self._wait_view(lambda v: v.epoch > view.epoch, self.view_wait_s):
+                metrics.AGENT_ERRORS.labels("view_timeout").inc()
+                raise ViewTimeout(f"a view after {view.epoch}", self.view_wait_s,
+                                  f"the reconfiguration for view {view.epoch} failed: {result.error!r}")
 
     def newer_view(self) -> bool:
         """Whether a view newer than the served epoch is installed (the epoch being served is
@@ -464,10 +471,11 @@ class Agent:
             events = []
         for ev in events:
             self.report(ev, publish=True)
-        ok = self._wait_view(lambda v: v.epoch > self.epoch and not (gone & set(v.members)), _VIEW_WAIT_S)
+        ok = self._wait_view(lambda v: v.epoch > self.epoch and not (gone & set(v.members)), self.view_wait_s)
         if not ok and not self.newer_view():
-            raise RuntimeError(f"ranks {sorted(gone)} stopped answering and no view without them came "
-                               f"within {_VIEW_WAIT_S} s")
+            metrics.AGENT_ERRORS.labels("view_timeout").inc()
+            raise ViewTimeout(f"a view without ranks {sorted(gone)}", self.view_wait_s,
+                              "they stopped answering in a step")
 
     def check_store_views(self) -> None:
         """Raise :class:`AgentFenced` if a committed view newer than the served one leaves this
@@ -632,7 +640,7 @@ class Agent:
         self._reconfiguring = True
         try:
             future = asyncio.run_coroutine_threadsafe(self._reconfigure(view), self._loop)
-            deadline = time.monotonic() + 60.0
+            deadline = time.monotonic() + self.reconfig_timeout_s
             while True:
                 try:
                     return future.result(timeout=0.1)
@@ -643,7 +651,9 @@ class Agent:
                                            f"{view.epoch}; nothing of it was applied") from None
                     if time.monotonic() > deadline:
                         future.cancel()
-                        raise RuntimeError(f"reconfiguration for view {view.epoch} took over 60 s") from None
+                        metrics.AGENT_ERRORS.labels("view_timeout").inc()
+                        raise ViewTimeout(f"the reconfiguration for view {view.epoch}", self.reconfig_timeout_s,
+                                          "nothing of it was applied") from None
                 except cf.CancelledError:
                     raise AgentStopped(f"rank {self.rank}: stopped during the reconfiguration for view "
                                        f"{view.epoch}") from None
@@ -965,7 +975,7 @@ class Agent:
             alive = torch.zeros(R, dtype=torch.bool)
             alive[list(view.members)] = True
             alive[leaving] = True
-            load = torch.ones(base.num_layers, base.num_experts)
+            load = await self._expert_load(base)
             try:
                 plan = replan(base, load, alive, leaving=leaving or None)
                 record = {"base_epoch": base_epoch, "placement": plan.placement.to_dict(), "leaving": leaving}
@@ -986,6 +996,40 @@ class Agent:
         if base.num_ranks < new.num_ranks:
             base = base.with_ranks(new.num_ranks)
         return _Plan(view, base_epoch, new, base, list(view.members), record["leaving"])
+
+    async def _expert_load(self, base):
+        """The engine's recorded load per (MoE layer, expert) for the leader's plan; uniform when
+        the engine has none, or gives one of the wrong shape (counted, logged)."""
+        import torch
+
+        uniform = torch.ones(base.num_layers, base.num_experts)
+        if not self.hooks.overrides("expert_load"):
+            return uniform
+        try:
+            load = await self._hook("expert_load")
+        except (HookFailed, HookTimeout) as exc:
+            log.warning("rank %d: %s; planning with a uniform load", self.rank, exc)
+            return uniform
+        if load is None:
+            return uniform
+        load = torch.as_tensor(load, dtype=torch.float64)
+        if tuple(load.shape) != tuple(uniform.shape) or not bool(torch.isfinite(load).all()) or bool((load < 0).any()):
+            metrics.HOOK_FAILURES.labels("expert_load", "bad_value").inc()
+            log.warning("rank %d: expert_load() gave shape %s (finite, >= 0 expected, %s); planning with a "
+                        "uniform load", self.rank, tuple(load.shape), tuple(uniform.shape))
+            return uniform
+        return load.float()
+
+    def placement_changed(self) -> None:
+        """The engine changed its placement within the served epoch (its own periodic
+        rebalance, done collectively on every rank): record it, so that the next view plans from
+        what is served. The leader of the served view writes it; call it on every rank, from
+        the engine thread, after the change."""
+        self._require_running()
+        with self._view_lock:
+            view = self._latest_view
+        if view is not None and view.epoch == self.epoch and view.leader == self.rank:
+            self._publish_placement(self.epoch, self.hooks.placement())
 
     async def _commit(self, view, plan: _Plan, staged: _Staged | None, group: Any) -> None:
         """The engine thread is parked in :meth:`boundary`: apply the new epoch through the hook."""
@@ -1023,6 +1067,8 @@ class _Weights:
         self.agent = agent
 
     async def stage(self, plan: _Plan, epoch: int) -> _Staged:
+        if self.agent.layout is None:
+            return _Staged([], {})  # the engine moves its weights itself, in its commit
         return await asyncio.to_thread(self.agent._stage, plan)
 
 

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+from elasticep.errors import WaitTimeout
 from elasticep.membership.service import RankFenced
 
-__all__ = ["AgentError", "AgentStateError", "AgentFenced", "HookFailed", "HookTimeout", "AgentStopped"]
+__all__ = ["AgentError", "AgentStateError", "AgentFenced", "HookFailed", "HookTimeout", "AgentStopped",
+           "ViewTimeout"]
 
 
 class AgentError(RuntimeError):
@@ -47,3 +49,10 @@ class HookTimeout(AgentError):
 class AgentFenced(RankFenced, AgentError):
     """This rank is outside the committed views (evicted while alive, or it took itself out
     after a hook failed at a view): it must stop serving. ``reason`` says why."""
+
+
+class ViewTimeout(WaitTimeout, AgentError):
+    """The view the engine waited for did not come within the agent's bound (``view_wait_s``
+    after lost peers or a failed reconfiguration, ``reconfig_timeout_s`` for one
+    reconfiguration): the cluster cannot agree right now. Both a ``TimeoutError`` and an
+    :class:`AgentError`."""

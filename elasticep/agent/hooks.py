@@ -36,6 +36,8 @@ hook                               when, on which thread        contract
                                                                 :class:`~elasticep.events.PeerTimeout`
 ``pause_admission()`` /            agent thread, around each    stop / restart taking new requests (the
 ``resume_admission()``             reconfiguration              engine may also just queue them)
+``expert_load()``                  agent thread, the leader's   ``[moe_layers, experts]`` recorded load
+                                   plan                         (tokens per expert), or None: uniform
 ``drain(reason)``                  the operator door's thread   the operator asked this rank to leave:
                                                                 begin the engine's graceful leave (finish
                                                                 requests, then ``Agent.request_leave``);
@@ -148,6 +150,10 @@ class EngineHooks:
 
     def resume_admission(self) -> None:
         """Admit requests again."""
+
+    def expert_load(self) -> "torch.Tensor | None":
+        """Recorded load per (MoE layer, logical expert) for the leader's replan; None: uniform."""
+        return None
 
     def drain(self, reason: str) -> None:
         """The operator asked this rank to leave (``POST /drain``): start the graceful leave.
