@@ -265,9 +265,14 @@ def _worker(conn, ranks: list[int], n: int, config: Config, keys_json: str, stor
         services, wrappers, state = {}, {}, {r: "new" for r in ranks}
         reasons: dict[int, str] = {}  # epoch -> why that view changed the members
 
-        def record(rank: int, view) -> None:
-            installs[rank].append((time.monotonic(), view.epoch, view.members))
-            reasons.setdefault(view.epoch, view.reason)
+        removed: set[int] = set()  # every rank some rank here saw left out of a view
+
+        def record(rank: int, view) -> None:  # O(N) per install: nothing here may stall the loop
+            members = frozenset(view.members)
+            installs[rank].append((time.monotonic(), view.epoch, members))
+            if view.epoch not in reasons:
+                reasons[view.epoch] = view.reason
+                removed.update(r for r in range(n) if r not in members)
 
         for r in ranks:
             t = ZmqTransport(r, keys.for_rank(r), store, poll_interval_s=0.2, context=context)
@@ -322,10 +327,7 @@ def _worker(conn, ranks: list[int], n: int, config: Config, keys_json: str, stor
                     "sockets": sum(x.socket_count() for x in t),
                     "peers_max": max((len(x.peers()) for x in t), default=0),
                     "fenced": sum(1 for r in ranks if services[r].fenced is not None),
-                    "views": {r: (services[r].core.view.epoch, services[r].core.view.members)
-                              for r in up[:1] if services[r].core.view is not None},
-                    "removed": sorted({x for r in up for _, _, m in installs[r] for x in range(n)
-                                       if x not in m and installs[r]}),
+                    "removed": sorted(removed),
                     "reasons": reasons,
                 }
             if op == "stop":
