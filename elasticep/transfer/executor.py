@@ -471,9 +471,9 @@ class TransferExecutor:
                 out.append(_Source("replica", rank, ep.peer, slot % spr, ep.buffers))
         # host-memory backups kept by serving ranks: this rank's own (a memory copy) first
         store = self.backups
-        if store is not None and store.holds(move.layer, move.expert):
-            out.append(_Source("host", self.rank, local_slot=store.index[(move.layer, move.expert)],
-                               local_weights=store.weights))
+        local = None if store is None else store.index.get((move.layer, move.expert))  # one read: a sync may run
+        if local is not None:
+            out.append(_Source("host", self.rank, local_slot=local, local_weights=store.weights))
         for rank in sorted(ranks):
             if rank == self.rank or (alive is not None and rank not in alive):
                 continue
