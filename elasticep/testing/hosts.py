@@ -13,7 +13,10 @@ act where a real network would:
   it receives (``direction="in"``), sends (``"out"``) or both, optionally only to or from one
   peer address: loss (``percent=5``) or an asymmetric partition (``percent=100``, one direction);
 * :meth:`HostNet.rate_limit`: a token bucket on the host's link (``tc qdisc ... tbf``); a queue
-  that fills adds delay. This kernel has no ``netem``, so there is no fixed added latency;
+  that fills adds delay;
+* :meth:`HostNet.delay`: this kernel has no ``netem``, so a fixed added latency comes from a
+  relay on the host that nftables ``redirect`` rules send its TCP connections through, holding
+  each byte ``delay_ms`` each way (:mod:`elasticep.testing.delay`; new connections only);
 * :meth:`HostNet.kill_host`: SIGKILL every process in the namespace at once (its ranks, its
   etcd member): a whole machine dying.
 
@@ -59,6 +62,7 @@ __all__ = ["ControlPlane", "Host", "HostNet", "HostCluster", "NetnsError", "ente
            "netns_available", "run_rank_on_host"]
 
 _STATE_DIR = "/run/elasticep-hosts"
+_DELAY_MARK = 0x2A  # firewall mark of the delaying relay's own connections
 _CLONE_NEWNET = 0x40000000
 _probe_result: list[str | None] = []
 _probe_lock = threading.Lock()
@@ -241,6 +245,7 @@ class HostNet:
         self._lock = threading.Lock()
         self._procs: list[subprocess.Popen] = []
         self._rate_limited: set[str] = set()
+        self._delays: dict[str, subprocess.Popen] = {}
         self._state_path = os.path.join(_STATE_DIR, f"{self.tag}.json")
         names = self._names = [f"ep{self.tag}h{i}" for i in range(n_hosts)]
         self._record(names)
@@ -363,10 +368,51 @@ class HostNet:
                         "burst", burst, "latency", f"{latency_ms}ms"])
         self._rate_limited.add(host.name)
 
+    def delay(self, host: Host, delay_ms: float, *, port: int = 15001) -> None:
+        """Hold every byte of ``host``'s TCP connections with its subnet ``delay_ms`` in each
+        direction, by a relay on the host (:mod:`elasticep.testing.delay`) that nftables
+        ``redirect`` rules send them through. Applies to connections opened after the call
+        (established ones keep their path: start the processes after it). Traffic between
+        processes on the same host is not delayed."""
+        if not 0 < delay_ms <= 10_000:
+            raise ValueError(f"delay_ms must be in (0, 10000], not {delay_ms}")
+        if host.name in self._delays:
+            raise ValueError(f"{host.name} is delayed already; clear() it first")
+        import sys
+
+        relay = self.popen(host, [sys.executable, "-m", "elasticep.testing.delay", "--port", str(port),
+                                  "--delay-ms", str(delay_ms), "--mark", str(_DELAY_MARK)],
+                           stdout=subprocess.PIPE, text=True)
+        if relay.stdout.readline().strip() != "ready":
+            relay.kill()
+            raise NetnsError(f"the delaying relay on {host.name} did not start")
+        self._delays[host.name] = relay
+        script = (
+            "table ip elasticep_delay {\n"
+            "  chain out { type nat hook output priority -100; policy accept;\n"
+            f"    meta mark {_DELAY_MARK} return\n"
+            f"    ip daddr {self.subnet}.0/24 ip daddr != {host.addr} meta l4proto tcp redirect to :{port}\n"
+            "  }\n"
+            "  chain pre { type nat hook prerouting priority -100; policy accept;\n"
+            f'    iifname "eth0" meta l4proto tcp tcp dport != {port} redirect to :{port}\n'
+            "  }\n"
+            "}\n"
+        )
+        out = subprocess.run(host.exec_prefix + ["nft", "-f", "-"], input=script, capture_output=True, text=True,
+                             timeout=10)
+        if out.returncode != 0:
+            raise NetnsError(f"nft delay rules on {host.name} failed: {out.stderr.strip()}")
+
     def clear(self, host: Host) -> None:
-        """Remove every drop rule and rate limit on ``host`` and bring its link up."""
+        """Remove every drop rule, rate limit and delay on ``host`` and bring its link up."""
         for chain in ("faults_in", "faults_out"):
             self.run(host, ["nft", "flush", "chain", "netdev", "elasticep", chain])
+        relay = self._delays.pop(host.name, None)
+        if relay is not None:
+            self.run(host, ["nft", "delete", "table", "ip", "elasticep_delay"], check=False)
+            relay.kill()
+            relay.wait(timeout=10)
+            relay.stdout.close()
         if host.name in self._rate_limited:
             self.run(host, ["tc", "qdisc", "del", "dev", "eth0", "root"], check=False)
             self._rate_limited.discard(host.name)
@@ -387,6 +433,10 @@ class HostNet:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        for relay in self._delays.values():
+            if relay.stdout is not None:
+                relay.stdout.close()
+        self._delays.clear()
         try:
             os.unlink(self._state_path)
         except FileNotFoundError:
@@ -450,6 +500,8 @@ def _define_host_cluster(LocalCluster, RankProcess, _Child, _forkserver) -> type
             net: the hosts.
             placement: ``placement[rank]`` is the index of the host rank ``rank`` runs on.
             config, report_exits, log_level: as for ``LocalCluster``.
+            profile: the workers' :class:`~elasticep.config.Config` profile, ``"local"`` (the
+                default) or ``"cluster"`` (detection in about a second, for ranks across hosts).
 
         :meth:`kill_host` kills a host and everything on it (with the etcd member you placed there)
         and, as when a machine dies with its local launcher, nobody reports those exits: the
@@ -457,9 +509,12 @@ def _define_host_cluster(LocalCluster, RankProcess, _Child, _forkserver) -> type
         """
 
         def __init__(self, net: HostNet, placement: Sequence[int], *, config: dict[str, object] | None = None,
-                     report_exits: bool = True, log_level: str = "WARNING") -> None:
+                     report_exits: bool = True, log_level: str = "WARNING", profile: str = "local") -> None:
             if any(not 0 <= h < len(net.hosts) for h in placement):
                 raise ValueError(f"placement {list(placement)} names a host outside 0..{len(net.hosts) - 1}")
+            if profile not in ("local", "cluster"):
+                raise ValueError(f"profile must be 'local' or 'cluster', not {profile!r}")
+            self.profile = profile
             self.net = net
             self.placement = list(placement)
             self._silent: set[int] = set()
@@ -478,7 +533,7 @@ def _define_host_cluster(LocalCluster, RankProcess, _Child, _forkserver) -> type
             self._incarnations[rank] = incarnation
             argv = ["--rank", str(rank), "--world", str(self.world), "--store", f"{self.net.gateway}:{self.port}",
                     "--bind", f"tcp://{host.addr}:*", "--incarnation", str(time.time_ns()),
-                    "--log-level", self.log_level]
+                    "--log-level", self.log_level, "--profile", self.profile]
             if join:
                 argv.append("--join")
             for name, value in self.config.items():
