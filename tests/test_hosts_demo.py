@@ -15,13 +15,6 @@ from elasticep.testing.hosts import netns_available
 ETCD = etcd_available()
 NETNS = netns_available()
 
-# The reference rank builds its agent with the launcher's TCPStore as view store and binds its
-# bus and transfer engine to 127.0.0.1 (elasticep/engine/ep_rank.py); until it takes
-# Config.view_store and the spec's host address, these runs fail their check, loudly.
-NOT_WIRED = pytest.mark.xfail(strict=True, reason="EPRankServer does not yet hand Config.view_store, "
-                              "extra['bus_endpoint'] and extra['host_addr'] to its Agent")
-
-
 def _refused(option: str) -> float:
     return metrics.sample("elasticep_demo_options_refused_total", {"option": option})
 
@@ -47,7 +40,6 @@ def test_bad_store_or_hosts_exits_2_before_set_up(argv, option, words, capsys, t
 @pytest.mark.multiproc
 @pytest.mark.timeout(240)
 @pytest.mark.skipif(ETCD is not None, reason=ETCD or "")
-@NOT_WIRED
 def test_demo_on_etcd(tmp_path) -> None:
     pytest.importorskip("aetcd", reason="the etcd extra (aetcd) is not installed")
     result = run_demo(store="etcd", requests=24, live=False, out=tmp_path, timeout_s=150.0)
@@ -58,7 +50,6 @@ def test_demo_on_etcd(tmp_path) -> None:
 @pytest.mark.multiproc
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(ETCD is not None or NETNS is not None, reason=ETCD or NETNS or "")
-@NOT_WIRED
 def test_demo_on_three_hosts_with_etcd(tmp_path) -> None:
     pytest.importorskip("aetcd", reason="the etcd extra (aetcd) is not installed")
     result = run_demo(store="etcd", hosts=3, requests=24, live=False, out=tmp_path, timeout_s=150.0)

@@ -131,6 +131,7 @@ class EPRankServer:
         from elasticep.engine.ep import KernelEP
         from elasticep.engine.model import RankModel, load_config
         from elasticep.eplb.placement import EMPTY, Placement
+        from elasticep.membership.store import open_view_store
 
         torch.set_num_threads(max(1, spec.torch_threads))
         self.spec = spec
@@ -158,6 +159,11 @@ class EPRankServer:
             keys=ClusterKeys.from_json(extra["bus_keys"]),
             incarnation=int(extra["bus_incarnation"]),
             signals=[self._exit_reports],
+            # the launcher's store holds views unless Config.view_store names another (etcd)
+            view_store=(open_view_store(self.config, tcpstore=extra["store"], prefix=f"elasticep/{self.cluster}")
+                        if self.config.view_store != "tcpstore" else None),
+            bus_endpoint=extra.get("bus_endpoint"),  # a rank on a host of its own binds there
+            transfer_host=extra.get("host_addr", "127.0.0.1"),
         )
         config = load_config(spec.model_path)
         self.max_tokens = 64
