@@ -21,7 +21,8 @@ from elasticep import metrics
 from elasticep.errors import InvalidArgument, UnsupportedEngineVersion
 from elasticep_vllm.collectives import all_gatherv, reduce_scatterv
 from elasticep_vllm.compat import UnsupportedVLLMVersion, check_vllm_version
-from elasticep_vllm.cpu_moe import localize
+from elasticep_vllm.cpu_moe import _add_adopted, localize
+from elasticep_vllm.hooks import vllm_placement
 
 VENV_VLLM = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
 # written by scripts/setup-vllm.sh only after the whole environment imports
@@ -129,3 +130,37 @@ def test_plugin_entry_point_installs_into_vllms_cpu_classes():
     env = dict(os.environ, VLLM_PLUGINS="elasticep_cpu_collectives")
     proc = subprocess.run([str(VENV_VLLM), "-c", script], capture_output=True, text=True, timeout=110, env=env)
     assert "INSTALLED True True" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_adopted_experts_are_added_with_their_routing_weights():
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 8)
+    gate, up, down = torch.randn(4, 8), torch.randn(4, 8), torch.randn(8, 4)
+    ids = torch.tensor([[5, 1], [2, 3], [1, 5]])
+    weights = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.2, 0.8]])
+    out = torch.zeros(3, 8)
+    _add_adopted(out, hidden, ids, weights, {5: (gate, up, down)})
+    mlp = lambda x: (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
+    assert torch.allclose(out[0], 0.7 * mlp(hidden[0]))
+    assert torch.equal(out[1], torch.zeros(8))  # expert 5 not chosen: untouched
+    assert torch.allclose(out[2], 0.8 * mlp(hidden[2]))
+
+
+def test_vllm_placement_fills_each_ranks_first_slots():
+    p = vllm_placement([[[0, 1], [0, 1]], [[2, 3], [2, 3]]], num_experts=4)
+    assert p.slots_per_rank == 4 and p.num_ranks == 2 and p.num_layers == 2
+    assert p.phy2log[0].tolist() == [0, 1, -1, -1, 2, 3, -1, -1]
+
+
+def test_solo_rank_waits_for_no_peer():
+    from elasticep_vllm import collectives
+
+    # world 2, but the peer is dead: the group is never touched (None would raise if it were)
+    comm = types.SimpleNamespace(world_size=2, rank_in_group=0, device_group=None)
+    t = torch.arange(6.0).reshape(3, 2)
+    collectives.SOLO["on"] = True
+    try:
+        assert all_gatherv(comm, [t], dim=0, sizes=[3, 0])[0] is t
+        assert reduce_scatterv(comm, t, dim=0, sizes=[3, 0]) is t
+    finally:
+        collectives.SOLO["on"] = False

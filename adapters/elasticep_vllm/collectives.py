@@ -29,7 +29,12 @@ import torch.distributed as dist
 from elasticep import metrics
 from elasticep.errors import InvalidArgument
 
-__all__ = ["all_gatherv", "reduce_scatterv", "install", "installed"]
+__all__ = ["SOLO", "all_gatherv", "reduce_scatterv", "install", "installed"]
+
+SOLO = {"on": False}
+"""Whether this process's rank serves alone (its DP/EP peers are dead; set when elasticep
+recovers a vLLM server, :mod:`elasticep_vllm.recovery`): gather and scatter then keep this rank's
+own rows and wait for no peer."""
 
 _OP_GATHER = "vllm_all_gatherv"
 _OP_SCATTER = "vllm_reduce_scatterv"
@@ -77,6 +82,8 @@ def all_gatherv(comm: Any, input_: torch.Tensor | list[torch.Tensor], dim: int =
     length along ``dim`` (equal lengths when None). Returns the concatenation in rank order.
     """
     world, rank, group = comm.world_size, comm.rank_in_group, comm.device_group
+    if SOLO["on"]:
+        world = 1
     if isinstance(input_, (list, tuple)):
         if world == 1:
             return list(input_)
@@ -91,7 +98,7 @@ def reduce_scatterv(comm: Any, input_: torch.Tensor, dim: int = -1,
     """``DeviceCommunicatorBase.reduce_scatterv``: the sum over ranks of ``input_``, cut along
     ``dim`` into ``sizes`` (equal parts when None); returns this rank's part."""
     world, rank, group = comm.world_size, comm.rank_in_group, comm.device_group
-    if world == 1:
+    if world == 1 or SOLO["on"]:
         return input_
     d = dim + input_.dim() if dim < 0 else dim
     total = input_.shape[d]

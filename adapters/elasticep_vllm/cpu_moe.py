@@ -11,6 +11,11 @@ worker dies with a segmentation fault at the first forward.
 a choice whose expert is not local keeps a valid slot (0) with routing weight 0, so it adds an
 exact 0 to the token's output. Each rank's output is then the sum over its own experts, and the
 combine step (``reduce_scatterv``, :mod:`elasticep_vllm.collectives`) sums the ranks.
+
+The same wrapper applies what the elasticep hooks committed (:class:`LayerServing`, per layer):
+local experts that moved away get weight 0, and experts adopted from another rank (read from the
+checkpoint) are computed here and added, so a placement change needs no change to vLLM's own
+(prepacked) weight buffers.
 """
 
 from __future__ import annotations
@@ -19,7 +24,51 @@ import functools
 
 import torch
 
-__all__ = ["localize", "install", "installed"]
+__all__ = ["LayerServing", "localize", "install", "installed", "serving_of", "set_serving"]
+
+
+class LayerServing:
+    """What one MoE layer of this rank computes, set by a commit of the elasticep hooks.
+
+    ``keep``: ``[global experts]`` bool, the experts of vLLM's own local weights this rank still
+    serves (False: the expert moved away, its choices get weight 0 here). ``adopted``: experts
+    this rank serves beyond vLLM's local ones, ``{expert: (gate [I, H], up [I, H], down [H, I])}``,
+    computed by this module (a SiLU-gated MLP in the layer's dtype) and added to the output.
+    """
+
+    __slots__ = ("keep", "adopted")
+
+    def __init__(self, keep: torch.Tensor, adopted: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+        self.keep = keep.to(torch.bool)
+        self.adopted = dict(adopted)
+
+
+# keyed by the data pointer of the layer's w13 weight, the tensor vLLM hands the experts kernel
+_SERVING: dict[int, LayerServing] = {}
+
+
+def set_serving(w13: torch.Tensor, serving: LayerServing | None) -> None:
+    """Install (or with None, clear) what the layer whose ``w13_weight`` is ``w13`` computes."""
+    if serving is None:
+        _SERVING.pop(w13.data_ptr(), None)
+    else:
+        _SERVING[w13.data_ptr()] = serving
+
+
+def serving_of(w13: torch.Tensor) -> LayerServing | None:
+    """What :func:`set_serving` installed for this layer, or None (vLLM's own placement)."""
+    return _SERVING.get(w13.data_ptr())
+
+
+def _add_adopted(output: torch.Tensor, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor, adopted: dict) -> None:
+    for expert, (gate, up, down) in adopted.items():
+        rows, cols = torch.nonzero(topk_ids == expert, as_tuple=True)
+        if rows.numel() == 0:
+            continue
+        x = hidden[rows]
+        y = (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
+        output.index_add_(0, rows, y * topk_weights[rows, cols].unsqueeze(1).to(y.dtype))
 
 
 def localize(topk_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -51,10 +100,18 @@ def install() -> bool:
     @functools.wraps(original)
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
               global_num_experts, expert_map, *rest, **kw):
+        serving = _SERVING.get(w1.data_ptr())
+        global_ids, global_weights = topk_ids, topk_weights
+        if serving is not None:
+            topk_weights = torch.where(serving.keep[topk_ids.to(torch.long)], topk_weights,
+                                       torch.zeros_like(topk_weights))
         if expert_map is not None:
             topk_ids, topk_weights = localize(topk_ids, topk_weights, expert_map)
-        return original(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
-                        global_num_experts, expert_map, *rest, **kw)
+        result = original(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
+                          global_num_experts, expert_map, *rest, **kw)
+        if serving is not None and serving.adopted:
+            _add_adopted(output, hidden_states, global_ids, global_weights, serving.adopted)
+        return result
 
     apply.__elasticep__ = True  # type: ignore[attr-defined]
     CPUUnquantizedExperts.apply = apply

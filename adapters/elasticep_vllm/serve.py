@@ -18,7 +18,7 @@ import time
 import uuid
 from typing import Any, Sequence
 
-__all__ = ["cpu_env", "engine_args", "generate_all", "main"]
+__all__ = ["cpu_env", "engine_args", "generate_all", "main", "start_engine"]
 
 
 def cpu_env(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -31,9 +31,10 @@ def cpu_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return out
 
 
-def engine_args(model: str, dp: int = 1, ep: bool = False, **extra: Any):
+def engine_args(model: str, dp: int = 1, ep: bool = False, elasticep: bool = False, **extra: Any):
     """``AsyncEngineArgs`` for the tiny model: float32 (where vLLM equals transformers), eager,
-    token-id prompts, a short context."""
+    token-id prompts, a short context. ``elasticep``: elasticep's worker extension, and (through
+    :func:`start_engine`) the recovery of :mod:`elasticep_vllm.recovery` switched on."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     values: dict[str, Any] = dict(
@@ -41,8 +42,26 @@ def engine_args(model: str, dp: int = 1, ep: bool = False, **extra: Any):
         data_parallel_size=dp, enable_expert_parallel=ep, max_model_len=256, max_num_seqs=8,
         max_num_batched_tokens=256,
     )
+    if elasticep:
+        values.update(worker_extension_cls="elasticep_vllm.worker.ElasticEPWorker")
     values.update(extra)
-    return AsyncEngineArgs(**values)
+    args = AsyncEngineArgs(**values)
+    args._elasticep_fault_tolerance = elasticep
+    return args
+
+
+def start_engine(args: Any):
+    """``AsyncLLM`` from ``args``. Where :func:`engine_args` asked for elasticep, sets
+    :data:`~elasticep_vllm.recovery.ENV_RECOVER` for this process and the engine cores it starts
+    (vLLM's own ``enable_fault_tolerance`` cannot be used on CPU: vLLM 0.32 refuses it with its
+    internal load balancer and its workers refuse it without a GPU all-to-all backend)."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from elasticep_vllm.recovery import ENV_RECOVER
+
+    if getattr(args, "_elasticep_fault_tolerance", False):
+        os.environ[ENV_RECOVER] = "1"
+    return AsyncLLM.from_engine_args(args)
 
 
 async def generate_one(engine: Any, prompt: Sequence[int], tokens: int, request_id: str | None = None) -> list[int]:
@@ -63,10 +82,8 @@ async def generate_all(engine: Any, prompts: Sequence[Sequence[int]], tokens: in
 
 
 async def _run(ns: argparse.Namespace) -> list[list[int]]:
-    from vllm.v1.engine.async_llm import AsyncLLM
-
     t0 = time.monotonic()
-    engine = AsyncLLM.from_engine_args(engine_args(ns.model, ns.dp, ns.ep))
+    engine = start_engine(engine_args(ns.model, ns.dp, ns.ep))
     try:
         print(f"STARTED {time.monotonic() - t0:.1f}", flush=True)
         return await generate_all(engine, json.loads(ns.prompts), ns.tokens)

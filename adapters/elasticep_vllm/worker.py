@@ -1,0 +1,67 @@
+"""A vLLM worker extension (``worker_extension_cls="elasticep_vllm.worker.ElasticEPWorker"``):
+the elasticep hooks of each worker, reachable with vLLM's ``collective_rpc``.
+
+``await engine.collective_rpc("elasticep_placement")`` returns the placement one worker serves
+(``Placement.to_dict()``); ``collective_rpc("elasticep_commit", args=(epoch, phy2log, alive))``
+commits a placement on every worker (:meth:`~elasticep_vllm.hooks.VllmHooks.commit`) and returns
+what each serves after it. vLLM mixes this class into its worker class, so ``self`` is the
+worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+__all__ = ["ElasticEPWorker"]
+
+
+class ElasticEPWorker:
+    _elasticep_hooks: Any = None
+
+    def elasticep_hooks(self):
+        """This worker's :class:`~elasticep_vllm.hooks.VllmHooks` (built on first use)."""
+        if self._elasticep_hooks is None:
+            from vllm.distributed.parallel_state import get_ep_group
+
+            from elasticep_vllm.hooks import VllmHooks
+
+            ep = get_ep_group()
+            self._elasticep_hooks = VllmHooks(self.model_runner.model, self.vllm_config.model_config.model,
+                                              ep.rank_in_group, ep.world_size)
+        return self._elasticep_hooks
+
+    def elasticep_placement(self) -> dict:
+        hooks = self.elasticep_hooks()
+        return {"rank": hooks.rank, "epoch": hooks.epoch, "placement": hooks.placement().to_dict()}
+
+    def elasticep_commit(self, epoch: int, phy2log: Sequence[Sequence[int]], alive: Sequence[bool]) -> dict:
+        from elasticep.agent.hooks import Commit
+        from elasticep.eplb.placement import Placement
+
+        hooks = self.elasticep_hooks()
+        placement = Placement(phy2log, slots_per_rank=hooks.num_experts, num_experts=hooks.num_experts)
+        # a direct commit (no agent, no membership view): the call tests and operators use
+        hooks.commit(Commit(epoch=int(epoch), view=None, placement=placement, alive=tuple(bool(a) for a in alive)))
+        return self.elasticep_placement()
+
+    def elasticep_solo(self, dead: Sequence[int]) -> dict:
+        """Serve alone: every other rank in ``dead``. Commits elasticep's planner's repair of the
+        placement in force (the dead ranks' experts onto this rank, read from the checkpoint),
+        then the MoE gather/scatter and the DP padding all-reduce stop waiting for peers."""
+        import torch
+
+        from elasticep.agent.hooks import Commit
+        from elasticep.eplb.planner import replan
+        from elasticep.errors import InvalidArgument
+        from elasticep_vllm import collectives
+
+        hooks = self.elasticep_hooks()
+        survivors = [r for r in range(hooks.num_ranks) if r not in set(int(d) for d in dead)]
+        if survivors != [hooks.rank]:
+            raise InvalidArgument(f"serving alone needs this rank ({hooks.rank}) to be the one survivor, not {survivors}")
+        current = hooks.placement()
+        plan = replan(current, torch.ones(current.num_layers, current.num_experts), alive_ranks=survivors, max_moves=0)
+        alive = tuple(r in survivors for r in range(hooks.num_ranks))
+        hooks.commit(Commit(epoch=hooks.epoch + 1, view=None, placement=plan.placement, alive=alive))
+        collectives.SOLO["on"] = True
+        return self.elasticep_placement()
