@@ -296,6 +296,36 @@ def test_bus_arguments_are_typed(types, maxsize, overflow, name, event, kind) ->
 
 
 @SETTINGS
+@given(transport_rank=st.integers(0, 3), rank=st.one_of(small_ints, junk), epoch=st.one_of(small_ints, junk),
+       maxsize=st.one_of(small_ints, junk), codec=st.one_of(st.none(), junk), ranks=st.one_of(int_lists(3), junk),
+       timeout=st.one_of(st.floats(-1, 0.01), st.floats(max_value=-1e-9), st.just(math.nan),
+                         st.none(), st.text(max_size=2), st.booleans()),
+       new_epoch=st.one_of(small_ints, junk))
+def test_bus_constructor_and_waits_are_typed(transport_rank, rank, epoch, maxsize, codec, ranks, timeout, new_epoch) -> None:
+    async def run() -> None:
+        try:
+            bus = EventBus(InProcessNetwork(seed=0).transport(transport_rank), rank, epoch=epoch, codec=codec,
+                           subscriber_maxsize=maxsize)
+        except Exception as exc:
+            _check_error(exc)
+            bus = EventBus(InProcessNetwork(seed=0).transport(transport_rank), transport_rank)
+        await bus.start()
+        try:
+            try:
+                await bus.wait_heard_from(ranks, timeout)
+            except Exception as exc:
+                _check_error(exc)
+            try:
+                bus.epoch = new_epoch
+            except Exception as exc:
+                _check_error(exc)
+        finally:
+            await bus.close()
+
+    asyncio.run(run())
+
+
+@SETTINGS
 @given(st.binary(max_size=200))
 def test_codec_decode_raises_only_frame_refused(data) -> None:
     try:

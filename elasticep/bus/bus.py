@@ -346,6 +346,7 @@ class EventBus:
     Use from one asyncio event loop. ``async with EventBus(...) as bus`` starts and closes it.
     """
 
+    @metrics.counts_refusals("bus")
     def __init__(
         self,
         transport: Transport,
@@ -355,10 +356,19 @@ class EventBus:
         codec: Codec | None = None,
         subscriber_maxsize: int = DEFAULT_SUBSCRIPTION_MAXSIZE,
     ) -> None:
+        if not (callable(getattr(transport, "send", None)) and hasattr(transport, "rank")):
+            raise InvalidArgument(f"transport must be an elasticep Transport, not {type(transport).__name__}")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < -1:
+            # -1: a read-only monitor's bus (ZmqTransport.monitor, MONITOR_RANK)
+            raise InvalidArgument(f"rank must be an int >= 0 (or -1 for a monitor), not {rank!r}")
         if transport.rank != rank:
-            raise ValueError(f"transport is for rank {transport.rank}, bus for rank {rank}")
-        if epoch < 0:
-            raise ValueError("epoch must be >= 0")
+            raise InvalidArgument(f"transport is for rank {transport.rank}, bus for rank {rank}")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise InvalidArgument(f"epoch must be an int >= 0, not {epoch!r}")
+        if not isinstance(subscriber_maxsize, int) or isinstance(subscriber_maxsize, bool) or subscriber_maxsize < 1:
+            raise InvalidArgument(f"subscriber_maxsize must be an int >= 1, not {subscriber_maxsize!r}")
+        if codec is not None and not isinstance(codec, Codec):
+            raise InvalidArgument(f"codec must be an elasticep.events.Codec or None, not {type(codec).__name__}")
         self.transport = transport
         self.rank = rank
         self._epoch = epoch
@@ -464,8 +474,10 @@ class EventBus:
 
     @epoch.setter
     def epoch(self, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InvalidArgument(f"epoch must be an int, not {value!r}")
         if value < self._epoch:
-            raise ValueError(f"epoch cannot go back from {self._epoch} to {value}")
+            raise InvalidArgument(f"epoch cannot go back from {self._epoch} to {value}")
         self._epoch = int(value)
 
     # --- publish -----------------------------------------------------------------------------
@@ -911,7 +923,12 @@ class EventBus:
         Raises :class:`~elasticep.errors.WaitTimeout` (a ``TimeoutError``) naming the ranks still
         silent, :class:`BusNotStarted` before ``start()``.
         """
-        wanted = set(ranks) - {self.rank}
+        try:
+            wanted = set(ranks) - {self.rank}
+        except TypeError:
+            raise InvalidArgument(f"ranks must be a collection of rank ids, not {ranks!r}") from None
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout >= 0:
+            raise InvalidArgument(f"timeout must be a number of seconds >= 0, not {timeout!r}")
         if self._sender_event is None:
             raise self._not_running()
         deadline = asyncio.get_running_loop().time() + timeout

@@ -24,6 +24,7 @@ from collections import Counter
 from typing import Iterable
 
 from elasticep.bus.transport import Frame, Transport, TransportClosed
+from elasticep.errors import InvalidArgument
 
 _RECEIVE_BATCH = 4096
 
@@ -62,7 +63,7 @@ class InProcessNetwork:
         self.set_delay(delay_ms, jitter_ms)
         self.set_duplicate(duplicate)
         if hwm < 1:
-            raise ValueError("hwm must be >= 1")
+            raise InvalidArgument("hwm must be >= 1")
         self.hwm = hwm
         self._attached: dict[int, InProcessTransport] = {}
         self._incarnations: dict[int, int] = {}
@@ -79,20 +80,20 @@ class InProcessNetwork:
     def set_drop(self, p: float) -> None:
         """Lose each frame on each link with probability ``p``."""
         if not 0.0 <= p <= 1.0:
-            raise ValueError(f"drop probability {p} is not in [0, 1]")
+            raise InvalidArgument(f"drop probability {p} is not in [0, 1]")
         self.drop = p
 
     def set_delay(self, ms: float, jitter_ms: float = 0.0) -> None:
         """Delay every frame by ``ms`` plus a uniform ``[0, jitter_ms)``, in milliseconds."""
         if ms < 0 or jitter_ms < 0:
-            raise ValueError("delay and jitter must be >= 0")
+            raise InvalidArgument("delay and jitter must be >= 0")
         self.delay_ms = ms
         self.jitter_ms = jitter_ms
 
     def set_duplicate(self, p: float) -> None:
         """Deliver each delivered frame a second time with probability ``p``."""
         if not 0.0 <= p <= 1.0:
-            raise ValueError(f"duplicate probability {p} is not in [0, 1]")
+            raise InvalidArgument(f"duplicate probability {p} is not in [0, 1]")
         self.duplicate = p
 
     def partition(self, *groups: Iterable[int]) -> None:
@@ -106,7 +107,7 @@ class InProcessNetwork:
         for index, group in enumerate(groups):
             for rank in group:
                 if rank in group_of:
-                    raise ValueError(f"rank {rank} is in two partition groups")
+                    raise InvalidArgument(f"rank {rank} is in two partition groups")
                 group_of[rank] = index
         self._group_of = group_of
 
@@ -132,7 +133,7 @@ class InProcessNetwork:
         transport gets the next incarnation and, once started, replaces the old one as receiver.
         """
         if rank < 0:
-            raise ValueError("rank must be >= 0")
+            raise InvalidArgument("rank must be >= 0")
         if incarnation is None:
             incarnation = self._incarnations.get(rank, 0) + 1
         self._incarnations[rank] = max(incarnation, self._incarnations.get(rank, 0))

@@ -37,6 +37,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from elasticep.errors import InvalidArgument
+
 KEYS_ENV = "ELASTICEP_BUS_KEYS"
 """Environment variable that carries a rank's keys as JSON (see :meth:`ClusterKeys.to_env`)."""
 
@@ -82,7 +84,7 @@ class ClusterKeys:
         """Fresh keypairs for ranks ``0 .. world - 1`` and a monitor keypair (the launcher's copy)."""
         _require_curve()
         if world < 1:
-            raise ValueError("world must be >= 1")
+            raise InvalidArgument("world must be >= 1")
         public: dict[int, bytes] = {}
         secret: dict[int, bytes] = {}
         for rank in range(world):
@@ -162,7 +164,7 @@ class ClusterKeys:
         try:
             data = json.loads(text)
             if data.get("format") != _FORMAT:
-                raise ValueError(
+                raise InvalidArgument(
                     f"unknown key file format {data.get('format')!r} (this version reads format {_FORMAT}; "
                     "generate the keys again)"
                 )
@@ -174,16 +176,16 @@ class ClusterKeys:
                 sign_public={int(r): base64.b64decode(k, validate=True) for r, k in data["sign_public"].items()},
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:  # JSONDecodeError, binascii.Error
-            raise ValueError(f"not an elasticep key file: {exc}") from None
+            raise InvalidArgument(f"not an elasticep key file: {exc}") from None
         for key in (*keys.public.values(), *keys.secret.values(), keys.monitor_public):
             if len(key) != 40:
-                raise ValueError("a CURVE key in Z85 text is 40 characters")
+                raise InvalidArgument("a CURVE key in Z85 text is 40 characters")
         for key in keys.sign_public.values():
             if len(key) != 32:
-                raise ValueError("an Ed25519 public key is 32 bytes")
+                raise InvalidArgument("an Ed25519 public key is 32 bytes")
         for rank, secret in keys.secret.items():
             if keys.sign_public.get(rank) != _sign_public_of(secret):
-                raise ValueError(f"rank {rank}'s signing public key does not match its secret key")
+                raise InvalidArgument(f"rank {rank}'s signing public key does not match its secret key")
         return keys
 
     def save(self, path: str | os.PathLike[str]) -> Path:

@@ -24,6 +24,8 @@ import asyncio
 import os
 from typing import Any, Coroutine, Literal, TypeVar
 
+from elasticep.errors import InvalidArgument
+
 __all__ = ["EVENT_LOOP_ENV", "EVENT_LOOP_KINDS", "LoopKind", "event_loop_kind", "new_event_loop", "run"]
 
 T = TypeVar("T")
@@ -45,7 +47,7 @@ def event_loop_kind(kind: str | None = None) -> Literal["uvloop", "asyncio"]:
     """The loop :func:`new_event_loop` would make for ``kind`` here: ``"uvloop"`` or ``"asyncio"``."""
     wanted = kind or os.environ.get(EVENT_LOOP_ENV) or "auto"
     if wanted not in EVENT_LOOP_KINDS:
-        raise ValueError(f"event loop must be one of {EVENT_LOOP_KINDS}, not {wanted!r}")
+        raise InvalidArgument(f"event loop must be one of {EVENT_LOOP_KINDS}, not {wanted!r}")
     if wanted == "asyncio":
         return "asyncio"
     if _uvloop() is not None:
