@@ -185,7 +185,14 @@ def _round(ctx: Any, mode: str, setup: dict, timeout_s: float) -> tuple[list[flo
                 raise TimeoutError(f"{mode} round: a rank did not answer within {timeout_s:g} s")
             msg = conn.recv()
             if msg[0] == "error":
-                raise RuntimeError(msg[1])
+                # a rank that waited on a failed peer reports the peer as lost: name every error
+                errors = [msg[1]]
+                for other in pipes:
+                    if other is not conn and other.poll(1.0):
+                        m = other.recv()
+                        if m[0] == "error":
+                            errors.append(m[1])
+                raise RuntimeError(f"{mode} round failed: " + "; ".join(errors))
             return msg
 
         ready = [tuple(recv(c)[1:]) for c in pipes]
