@@ -102,3 +102,34 @@ def test_view_of_refuses_non_rank_members() -> None:
         View.of(1, [0, "a"])  # type: ignore[list-item]
     with pytest.raises(InvalidArgument):
         View.of(1, [])
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_running_service_refuses_bad_call_arguments() -> None:
+    import math
+
+    from elasticep.bus import NotAnEventType
+
+    bus = _bus(0)
+    svc = MembershipService(0, bus, InMemoryViewStore(), CFG, initial_members=(0,))
+    await svc.start()
+    try:
+        await svc.wait_member(5)
+        for bad in ("soon", -1, math.nan, None, True):
+            with pytest.raises(InvalidArgument, match="timeout"):
+                await svc.wait_member(bad)  # type: ignore[arg-type]
+            with pytest.raises(InvalidArgument, match="timeout"):
+                await svc.wait_view(lambda v: True, bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="predicate"):
+            await svc.wait_view(3, 1.0)  # type: ignore[arg-type]
+        with pytest.raises(NotAnEventType, match="report"):
+            svc.report("rank 1 died")  # was dropped without a word
+        with pytest.raises(InvalidArgument, match="reason"):
+            await svc.leave(reason=5)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="timeout"):
+            await svc.leave(timeout=-2)
+        assert svc.status == "member"  # none of it reached the core
+    finally:
+        await svc.close()
+        await bus.close()

@@ -29,7 +29,8 @@ from anyio import WouldBlock
 from elasticep import metrics
 from elasticep.config import Config
 from elasticep.errors import Closed, ElasticEPError, InvalidArgument, NotStarted, WaitTimeout, _rebuild
-from elasticep.events import Envelope, Heartbeat, Suspicion
+from elasticep.bus.bus import NotAnEventType
+from elasticep.events import EVENT_TAGS, Envelope, Heartbeat, Suspicion
 from elasticep.membership.core import (
     CasDone,
     CompareAndSet,
@@ -164,6 +165,11 @@ class MembershipService:
             return self._state
         return self.core.status
 
+    @staticmethod
+    def _check_timeout(timeout: object, what: str) -> None:
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout >= 0:
+            raise InvalidArgument(f"{what}: timeout must be a number of seconds >= 0, not {timeout!r}")
+
     def _check_running(self, what: str) -> None:
         if self._state == "new":
             raise NotStarted("membership", f"membership service of rank {self.rank} is not started: "
@@ -234,6 +240,7 @@ class MembershipService:
         Raises :class:`~elasticep.errors.WaitTimeout` after ``timeout`` s, ``NotStarted`` /
         ``Closed`` when the service is not running, :class:`RankFenced` if fenced."""
         self._check_running("wait_member()")
+        self._check_timeout(timeout, "wait_member()")
         async def member() -> View:
             while self.current is None:
                 if self.fenced is not None:
@@ -250,6 +257,9 @@ class MembershipService:
         """Wait until the installed view satisfies ``predicate``; raises :class:`RankFenced` if
         fenced, :class:`~elasticep.errors.WaitTimeout` after ``timeout`` s."""
         self._check_running("wait_view()")
+        self._check_timeout(timeout, "wait_view()")
+        if not callable(predicate):
+            raise InvalidArgument(f"wait_view(): predicate must be a callable predicate(view) -> bool, not {predicate!r}")
         async def until() -> View:
             while True:
                 if self.fenced is not None:
@@ -281,6 +291,9 @@ class MembershipService:
         """
         if self._state != "running":
             self._check_running("report()")
+        if type(event) not in EVENT_TAGS:
+            raise NotAnEventType(f"report() takes an elasticep event (ProcessExit, PeerTimeout, ...), "
+                                 f"not {type(event).__name__}")
         if self.core.stopped:
             return
         actions = self.core.step(event, self.clock())
@@ -292,6 +305,10 @@ class MembershipService:
         This rank keeps serving until that view is committed; then :meth:`views` ends.
         """
         self._check_running("leave()")
+        if not isinstance(reason, str):
+            raise InvalidArgument(f"leave(): reason must be a str, not {reason!r}")
+        if timeout is not None:
+            self._check_timeout(timeout, "leave()")
         self._apply(self.core.step(LeaveCommand(reason), self.clock()))
         bound = self.config.join_timeout_s if timeout is None else timeout
 
