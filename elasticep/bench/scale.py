@@ -117,6 +117,7 @@ def measure_real(n: int, topology: str, *, trials: int = 2, soak_s: float = 60.0
         "cpu_pct_per_rank": round(100 * (s1["cpu"] - s0["cpu"]) / dt / s1["ranks"], 3),
         "fds_per_rank": round(s1["fds"] / s1["ranks"], 1), "threads_per_rank": round(s1["threads"] / s1["ranks"], 2),
         "sockets_per_rank": round(s1["sockets"] / s1["ranks"], 1), "peers_max": s1["peers_max"], "procs": procs,
+        "loop_lag_max_ms": round(s2["lag_max_ms"], 1), "loop_stalls_over_100ms": s2["lag_over_100ms"],
     }
 
 

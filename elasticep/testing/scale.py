@@ -327,7 +327,7 @@ def _worker(conn, ranks: list[int], n: int, config: Config, keys_json: str, stor
                     "sockets": sum(x.socket_count() for x in t),
                     "peers_max": max((len(x.peers()) for x in t), default=0),
                     "fenced": sum(1 for r in ranks if services[r].fenced is not None),
-                    "removed": sorted(removed),
+                    "removed": sorted(removed), "lag_max_ms": lag["max_ms"], "lag_over_100ms": lag["over_100ms"],
                     "reasons": reasons,
                 }
             if op == "stop":
@@ -351,6 +351,17 @@ def _worker(conn, ranks: list[int], n: int, config: Config, keys_json: str, stor
             while conn.poll():
                 loop.create_task(serve(conn.recv()))
 
+        lag = {"max_ms": 0.0, "over_100ms": 0}
+
+        async def watch_lag() -> None:  # how late this process's loop runs a 10 ms timer
+            while True:
+                t = loop.time()
+                await asyncio.sleep(0.01)
+                late = (loop.time() - t - 0.01) * 1e3
+                lag["max_ms"] = max(lag["max_ms"], late)
+                lag["over_100ms"] += late > 100
+
+        lag_task = loop.create_task(watch_lag())
         loop.add_reader(conn.fileno(), readable)
         conn.send(("ok", "ready"))
         await done.wait()
@@ -490,6 +501,8 @@ class RealCluster:
         out = {k: sum(p[k] for p in parts) for k in ("ranks", "frames", "bytes", "cpu", "loop_cpu", "fds", "threads", "sockets",
                                                     "fenced")}
         out["peers_max"] = max(p["peers_max"] for p in parts)
+        out["lag_max_ms"] = max(p["lag_max_ms"] for p in parts)
+        out["lag_over_100ms"] = sum(p["lag_over_100ms"] for p in parts)
         out["time"] = max(p["time"] for p in parts)
         out["removed"] = sorted({r for p in parts for r in p["removed"]})
         out["reasons"] = {e: why for p in parts for e, why in p["reasons"].items()}
