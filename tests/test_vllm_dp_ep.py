@@ -1,6 +1,7 @@
 """A real vLLM (``AsyncLLM``: a front end and one engine-core process per DP rank) on CPU with
-data parallel 2 and expert parallelism, serving the tiny Qwen3-MoE: with the elasticep plugin its
-greedy tokens equal transformers'; without it, vLLM 0.32 fails at the first MoE forward."""
+data parallel 2 and expert parallelism, serving the tiny Qwen3-MoE without elasticep's plugins:
+vLLM 0.32 fails at the first MoE forward. (With them its greedy tokens equal transformers':
+``tests/test_vllm_hooks.py`` checks that first, then drives the hooks.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "adapters"))
-from elasticep_vllm.checkpoint import make_tiny_qwen3_moe, reference_greedy
+from elasticep_vllm.checkpoint import make_tiny_qwen3_moe
 
 VENV_VLLM = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
 # written by scripts/setup-vllm.sh only after the whole environment imports
@@ -36,19 +37,6 @@ def _serve(model: Path, plugins: str | None, timeout: float = 280) -> subprocess
     cmd = [str(VENV_VLLM), "-m", "elasticep_vllm.serve", "--model", str(model), "--dp", "2", "--ep",
            "--prompts", json.dumps(PROMPTS), "--tokens", str(TOKENS)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-@pytest.mark.timeout(300)
-def test_dp2_ep_with_plugin_equals_transformers(tmp_path):
-    model = make_tiny_qwen3_moe(tmp_path / "m")
-    want = reference_greedy(model, PROMPTS, TOKENS)
-    proc = _serve(model, plugins=None)  # every installed plugin, as vLLM loads them by default
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("TOKENS ")]
-    assert lines, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert json.loads(lines[0][len("TOKENS "):]) == want
-    # both engine cores served with 4 of the 8 experts each
-    log = proc.stdout + proc.stderr
-    assert "[EP Rank 0/2]" in log and "[EP Rank 1/2]" in log
 
 
 @pytest.mark.timeout(300)

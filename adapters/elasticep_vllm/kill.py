@@ -88,6 +88,8 @@ async def _run(ns: argparse.Namespace) -> dict[str, Any]:
         result["engine_cores"] = {str(k): v for k, v in pids.items()}
         # warm up both engine cores (prompts spread over the DP ranks)
         await asyncio.gather(*(generate_one(engine, p, 2) for p in prompts[:2]))
+        if ns.measure:
+            result["throughput_before"] = await _throughput(engine, prompts, ns.tokens)
         seen: dict[str, int] = {}
         killed: dict[str, float] = {}
         records = [{"prompt": p} for p in prompts]
@@ -121,6 +123,8 @@ async def _run(ns: argparse.Namespace) -> dict[str, Any]:
             after["error"] = f"{type(exc).__name__}: {exc}"[:300]
         after["ms"] = round((time.monotonic() - t1) * 1000, 1)
         result["after_kill"] = after
+        if ns.measure and after["outcome"] == "completed":
+            result["throughput_after"] = await _throughput(engine, prompts, ns.tokens)
         result["engine_cores_alive"] = {str(r): _alive(pid) for r, pid in pids.items()}
         result["recoveries"] = [
             {k: v for k, v in rec.items() if k != "result"}
@@ -165,6 +169,13 @@ def _descendants(root: int) -> list[int]:
     return out
 
 
+async def _throughput(engine: Any, prompts: Sequence[Sequence[int]], tokens: int) -> float:
+    """Generated tokens per second, all ``prompts`` at once."""
+    t0 = time.monotonic()
+    outs = await asyncio.gather(*(generate_one(engine, p, tokens) for p in prompts))
+    return round(sum(len(o) for o in outs) / (time.monotonic() - t0), 1)
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -185,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--elasticep", action="store_true",
                    help="vLLM fault tolerance on and elasticep's worker extension (the recovery needs both)")
     p.add_argument("--retries", type=int, default=0, help="send a request cut by the kill again, up to this often")
+    p.add_argument("--measure", action="store_true", help="tokens/s of all the prompts before the kill and after")
     ns = p.parse_args(argv)
     for k, v in cpu_env().items():
         os.environ.setdefault(k, v)
