@@ -148,8 +148,8 @@ def test_tcpstore_cas_race_has_exactly_one_winner(tcp_store) -> None:
 @pytest.mark.asyncio
 @pytest.mark.timeout(30)
 async def test_tcpstore_unreachable_is_a_typed_error() -> None:
-    store = TCPStoreViewStore("127.0.0.1", free_port(), timeout_s=0.3)
-    with pytest.raises(StoreUnavailable):
+    store = TCPStoreViewStore("127.0.0.1", free_port(), timeout_s=0.3, connect_timeout_s=0.5)
+    with pytest.raises(StoreUnavailable, match="cannot reach"):
         await store.read(1)
 
 

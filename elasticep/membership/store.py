@@ -154,7 +154,7 @@ class TCPStoreViewStore(ViewStore):
         timeout_s: bound on one operation (``Config.store_timeout_s``).
         prefix: key prefix, so several clusters can share one store.
         store: an existing client or server object to use instead of connecting.
-        connect_timeout_s: bound on the first connection, apart from ``timeout_s``: a whole
+        connect_timeout_s: bound on the first connection (at least ``timeout_s``): a whole
             cluster connecting at start-up can take longer than one operation may, and a slow
             connect is not a lost store. Connect ahead of the first operation with :meth:`connect`.
 
@@ -172,7 +172,7 @@ class TCPStoreViewStore(ViewStore):
         timeout_s: float = 2.0,
         prefix: str = "elasticep",
         store: object | None = None,
-        connect_timeout_s: float = 30.0,
+        connect_timeout_s: float = 10.0,
     ) -> None:
         self.host, self.port, self.timeout_s, self.prefix = host, port, timeout_s, prefix
         self.connect_timeout_s = max(connect_timeout_s, timeout_s)
