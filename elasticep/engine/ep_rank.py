@@ -158,7 +158,10 @@ class EPRankServer:
             config=self.config,
             keys=ClusterKeys.from_json(extra["bus_keys"]),
             incarnation=int(extra["bus_incarnation"]),
-            signals=[self._exit_reports],
+            signals=[self._exit_reports, self._kernel_waits],
+            # its collective is the kernel: each epoch's commit opens a new kernel segment over
+            # the view's members (set_placement(epoch=...)), so no gloo group is built
+            groups=None,
             # the launcher's store holds views unless Config.view_store names another (etcd)
             view_store=(open_view_store(self.config, tcpstore=extra["store"], prefix=f"elasticep/{self.cluster}")
                         if self.config.view_store != "tcpstore" else None),
@@ -232,6 +235,16 @@ class EPRankServer:
                     agent.report(ev)
         finally:
             sub.close()
+
+    async def _kernel_waits(self, agent: Agent) -> None:
+        """The peers the serving thread's kernel call is still waiting on, reported while it
+        waits (uncertain, corroborated like kernel timeouts); the kernel's own timeout stays the
+        hard bound of a step."""
+        from elasticep.kernel import KernelWaitWatch
+
+        watch = KernelWaitWatch(lambda: self.ep.buffer, report_after_ms=self.config.min_suspect_ms,
+                                every_ms=self.config.heartbeat_interval_ms)
+        await watch.run(lambda ev: agent.report(ev, publish=True))
 
     # ------------------------------------------------------------------ serving thread
 
@@ -369,7 +382,7 @@ class EPRankServer:
                 time.sleep(_IDLE_WAIT_MS[1] / 1000)
                 self.agent.check_store_views()
                 continue
-            if self.leaving and not self._active:
+            if self.leaving:
                 return self._leave()
             if self.faults.slow_ms > 0 and self.step >= self.faults.slow_from_step:
                 time.sleep(self.faults.slow_ms / 1000.0)

@@ -354,6 +354,8 @@ class Router:
             with self._lock:
                 if current:
                     peer.state = "leaving"
+            if current:
+                self._hedge(rank, inc)
         elif isinstance(msg, P.Goodbye):
             with self._lock:
                 if current:
@@ -414,6 +416,15 @@ class Router:
         if requeue:
             self.stats[f"retried_{cause}"] += len(requeue)
             metrics.ENGINE_RETRIES.labels(cause).inc(len(requeue))
+
+    def _hedge(self, rank: int, inc: int) -> None:
+        """A leaving rank's attempts also go to the other ranks (the first answer wins)."""
+        with self._lock:
+            ids = [r.id for r in self._requests.values() if (rank, inc) in r.running and r.id not in self._pending]
+            for rid in sorted(ids, reverse=True):
+                self._pending.appendleft(rid)
+        if ids:
+            self.stats["hedged_leave"] += len(ids)
 
     def _expire_attempts(self) -> None:
         if self.attempt_timeout_s is None:
