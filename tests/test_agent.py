@@ -162,6 +162,10 @@ def test_front_door_misuse_is_typed_and_counted(cluster) -> None:
         with pytest.raises(AgentStateError, match="starts once"):
             agents[0].start()
         assert metrics.sample("elasticep_agent_errors_total", {"kind": "started_twice"}) == twice + 1
+        from elasticep.bus.bus import NotAnEventType
+
+        with pytest.raises(NotAnEventType):
+            agents[0].report({"rank": 1})  # type: ignore[arg-type]
         # the agent serves the Prometheus page while it runs, with the count just made
         page = urllib.request.urlopen(f"http://{agents[0].metrics_address}/metrics", timeout=10).read().decode()
         assert f'elasticep_agent_errors_total{{kind="started_twice"}} {twice + 1}' in page

@@ -526,6 +526,13 @@ class Agent:
         if self._state not in ("starting", "running") or loop is None or self.service is None:
             metrics.AGENT_ERRORS.labels("report_not_running").inc()
             raise AgentStateError(f"cannot report {type(event).__name__}: the agent is {self._state}", self._state)
+        from elasticep.bus.bus import NotAnEventType
+        from elasticep.events import EVENT_TAGS
+
+        if type(event) not in EVENT_TAGS:  # checked here: from another thread it would only be logged
+            metrics.AGENT_ERRORS.labels("not_an_event").inc()
+            raise NotAnEventType(f"report() takes an elasticep event (ProcessExit, PeerTimeout, ...), "
+                                 f"not {type(event).__name__}")
         if threading.current_thread() is self._thread:
             self.service.report(event, publish=publish)
         else:
