@@ -33,3 +33,14 @@ def test_bad_periodic_is_an_argument_error() -> None:
     with pytest.raises(SystemExit) as exit_:
         launch_server.main(["--elasticep-periodic", "sometimes"])
     assert exit_.value.code == 2
+
+
+def test_a_bad_max_moves_in_the_environment_is_a_typed_refusal() -> None:
+    from elasticep import metrics
+    from elasticep.errors import InvalidArgument
+    from elasticep_sglang.hooks import ENV_ENABLE, ENV_MAX_MOVES, install_from_env
+
+    before = metrics.sample("elasticep_api_refused_total", {"area": "sglang"})
+    with pytest.raises(InvalidArgument, match=ENV_MAX_MOVES):
+        install_from_env({ENV_ENABLE: "1", ENV_MAX_MOVES: "lots"})
+    assert metrics.sample("elasticep_api_refused_total", {"area": "sglang"}) == before + 1

@@ -227,7 +227,17 @@ def install_from_env(environ: dict[str, str] | None = None) -> InstalledHooks | 
     if env.get(ENV_ENABLE) != "1":
         return None
     raw = env.get(ENV_MAX_MOVES, "auto").strip().lower()
-    max_moves: int | str | None = None if raw == "none" else raw if raw == "auto" else int(raw)
+    if raw in ("none", "auto"):
+        max_moves: int | str | None = None if raw == "none" else raw
+    elif raw.isdigit():
+        max_moves = int(raw)
+    else:
+        from elasticep import metrics
+        from elasticep.errors import InvalidArgument
+
+        exc = InvalidArgument(f"{ENV_MAX_MOVES} must be an int >= 0, 'auto' or 'none', not {raw!r}")
+        metrics.count_refusal("sglang", exc)
+        raise exc
     agent = None
     if env.get(ENV_AGENT) == "1":
         if _installed is not None and _installed.step is not None and _installed.step.agent is not None:
