@@ -243,6 +243,8 @@ class MembershipCore:
         # Processes of the initial view are recorded with incarnation 0; joiners with their own.
         self.view_incarnation = incarnation if join else 0
         self.view: View | None = None
+        self._members_of: View | None = None
+        self._members: frozenset[int] = frozenset()
         self.status = Status.SYNCING
         self.topology = Topology.from_config(config)
         self.monitor = HeartbeatMonitor(rank, config)
@@ -405,9 +407,18 @@ class MembershipCore:
 
     # --- bus events -------------------------------------------------------------------------
 
+    def _member_set(self) -> frozenset[int]:
+        """The installed view's members as a set, built once per view (every received event
+        asks; a tuple scan would cost O(N) per event at hundreds of ranks)."""
+        view = self.view
+        if view is not self._members_of:
+            self._members_of = view
+            self._members = frozenset(view.members) if view is not None else frozenset()
+        return self._members
+
     def _event(self, event: Event, sender: int | None, now: float) -> list[Action]:
         """``sender`` is the authenticated bus sender, or None for a trusted local source."""
-        members = set(self.view.members) if self.view else set()
+        members = self._member_set()
 
         def forged(claimed: int) -> list[Action]:
             return [Refused("sender_mismatch", f"{type(event).__name__} claims rank {claimed} but came from rank {sender}")]
@@ -492,7 +503,7 @@ class MembershipCore:
     def _heartbeat(self, hb: Heartbeat, now: float) -> list[Action]:
         out: list[Action] = []
         seen = self._seen_incarnation.get(hb.rank)
-        if self.view is not None and hb.rank in self.view.members:
+        if self.view is not None and hb.rank in self._member_set():
             restarted = ""
             if seen is not None and hb.incarnation > seen:
                 restarted = f"rank {hb.rank} restarted (incarnation {seen} -> {hb.incarnation})"
@@ -512,7 +523,7 @@ class MembershipCore:
         return out
 
     def _exit(self, ev: ProcessExit) -> list[Action]:
-        if self.view is None or ev.rank not in self.view.members:
+        if self.view is None or ev.rank not in self._member_set():
             return []
         if ev.rank == self.rank and ev.incarnation in (0, self.incarnation):
             return []  # a report of our own death: evidently stale
