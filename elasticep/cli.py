@@ -24,6 +24,7 @@ BENCHES: dict[str, str] = {
     "scale": "elasticep.bench.scale",
     "store": "elasticep.bench.store",
     "overhead": "elasticep.bench.overhead",
+    "vllm": "elasticep.bench.vllm",
 }
 
 USAGE = """usage: elasticep <command> [options]
