@@ -117,7 +117,9 @@ def test_links_drops_partitions_and_host_kill_act_on_real_packets() -> None:
         got = _udp_received(net, h2, h0, 3000, 9103)
         dropped = net.dropped(h2)
         assert 80 < dropped < 220, dropped
-        assert got <= 3000 - dropped
+        # the rule also drops the host's other packets (ARP, neighbour discovery) and counts
+        # them: a few of the dropped may not be this test's datagrams
+        assert got <= 3000 - dropped + 10, (got, dropped)
         net.clear(h2)
         assert net.dropped(h2) == 0
 
