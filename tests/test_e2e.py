@@ -322,3 +322,49 @@ def test_operator_door_drains_a_rank_of_the_reference_engine(tiny_model, oracle)
         assert recorder.wait_view(lambda e, m: m == (0, 1), 20.0) is not None
         verdict = _finish(work, recorder, oracle)
         assert verdict["lost"] == 0, verdict
+
+
+@pytest.mark.timeout(120)
+def test_host_backups_are_planned_and_refilled_after_each_view(tiny_model, oracle):
+    """Four ranks of six slots: rank 2's experts 12 to 15 have no other replica. With a backup
+    budget, after the bootstrap view and again after rank 2's eviction, the view's leader
+    records a backup plan that gives every expert its copies on ranks that do not serve it, and
+    every member announces the backups it refilled in its transfer endpoint (where the
+    executor reads them after live replicas, before the disk)."""
+    import json
+
+    from elasticep.agent.agent import _xfer_key
+    from elasticep.transfer import BackupPlan
+    from elasticep.transfer.backup import parse_backup_buffer_name
+
+    def announced(rank: int) -> set[tuple[int, int]]:
+        ep = json.loads(launcher.store.get(_xfer_key(launcher.cluster, rank)))["ep"]
+        return {parse_backup_buffer_name(name)[:2] for name in ep["buffers"] if parse_backup_buffer_name(name)}
+
+    def wait_for(predicate, timeout_s: float = 20.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    with _cluster(tiny_model, 4, slots_per_rank=6, rank_config={"backup_budget_mb": 8}) as launcher:
+        work, timeline, recorder = _run(launcher, oracle, 60, seed=11)
+        assert work.wait_done(10, 30.0)
+        key = f"elasticep/{launcher.cluster}/backups/1"
+        assert wait_for(lambda: launcher.store.check([key]))
+        plan = BackupPlan.from_dict(json.loads(launcher.store.get(key)))
+        assert plan.missing() == 0
+        for r in range(4):
+            assert wait_for(lambda r=r: announced(r) == set(plan.held_by(r))), (r, announced(r))
+        launcher.kill(2, wait=False)
+        epoch, members = _evicted(recorder, 2)
+        key = f"elasticep/{launcher.cluster}/backups/{epoch}"
+        assert wait_for(lambda: launcher.store.check([key]))
+        after = BackupPlan.from_dict(json.loads(launcher.store.get(key)))
+        assert not after.held_by(2)
+        for r in members:
+            assert wait_for(lambda r=r: announced(r) == set(after.held_by(r))), (r, announced(r))
+        verdict = _finish(work, recorder, oracle)
+        assert verdict["lost"] == 0, verdict

@@ -303,6 +303,10 @@ class Agent:
         self.pipeline: Any = None
         self.executor: Any = None
         self.layout: Any = None
+        self.backups: Any = None
+        """This rank's :class:`~elasticep.transfer.BackupStore` (``Config.backup_budget_mb`` > 0)."""
+        self._backup_plan: Any = None
+        self._refill_task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -346,6 +350,9 @@ class Agent:
                 # the bootstrap placement is what every later plan starts from
                 self._publish_placement(1, self.hooks.placement())
             store_barrier(self.store, f"elasticep/{self.cluster}/ready", len(self.members), timeout)
+            if self.backups is not None and self._loop is not None:
+                placement, members = self.hooks.placement(), self.members
+                self._loop.call_soon_threadsafe(self._start_refill, 1, placement, members, min(members))
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -726,9 +733,6 @@ class Agent:
         layout = self.hooks.expert_layout()
         if layout is None:
             return
-        import msgspec
-
-        from elasticep.events import TransferEndpoint
         from elasticep.transfer import ExpertWeights, MooncakeTransport, TransferExecutor
 
         self.layout = layout
@@ -741,10 +745,80 @@ class Agent:
         for address, nbytes in self.mirror.regions():
             self.transport.register(address, nbytes)
         self._sync_mirror()
-        endpoint = TransferEndpoint(rank=self.rank, epoch=0, peer=self.transport.peer,
-                                    buffers=self.mirror.endpoint_buffers())
+        if self.config.backup_budget_mb > 0:
+            from elasticep.transfer import BackupStore
+
+            # host-memory copies of experts this rank does not serve, refilled after each view
+            # (_refill_backups); the executor reads them after live replicas, before the disk
+            self.backups = BackupStore.from_budget(self.rank, layout, int(self.config.backup_budget_mb * 2**20),
+                                                   transport=self.transport)
+            self.executor.attach_backups(self.backups)
+        self._publish_endpoint()
+
+    def _publish_endpoint(self, *, with_backups: bool = True) -> None:
+        """Record this rank's transfer endpoint (the mirror, and the backups it holds) in the store."""
+        import msgspec
+
+        from elasticep.events import TransferEndpoint
+
+        buffers = self.mirror.endpoint_buffers()
+        if with_backups and self.backups is not None:
+            buffers.update(self.backups.endpoint_buffers())
+        endpoint = TransferEndpoint(rank=self.rank, epoch=0, peer=self.transport.peer, buffers=buffers)
         self.store.set(_xfer_key(self.cluster, self.rank),
                        msgspec.json.encode({"inc": self.incarnation, "ep": msgspec.to_builtins(endpoint)}))
+
+    async def _refill_backups(self, epoch: int, placement, members: Sequence[int], leader: int) -> None:
+        """After view ``epoch`` committed, off the critical path: once every member serves it (a
+        store count), the view's leader plans the backups (``plan_backups``, keeping what the
+        previous plan still allows) and records the plan; every member refills its store from
+        live replicas, then publishes its endpoint again. A newer view abandons it."""
+        from elasticep.transfer import BackupPlan, plan_backups
+
+        loop = asyncio.get_running_loop()
+        cluster = self.cluster
+        alive = [r in members for r in range(placement.num_ranks)]
+        try:
+            key = f"elasticep/{cluster}/mirrored/{epoch}"
+            await asyncio.to_thread(self.store.add, key, 1)
+            deadline = loop.time() + 10.0
+            while await asyncio.to_thread(self.store.add, key, 0) < len(members):
+                if self.epoch != epoch or loop.time() > deadline:
+                    return
+                await asyncio.sleep(0.02)
+            plan_key_ = f"elasticep/{cluster}/backups/{epoch}"
+            if leader == self.rank:
+                bplan = plan_backups(placement, alive, slots=self.backups.slots, copies=self.config.backup_copies,
+                                     previous=self._backup_plan)
+                await asyncio.to_thread(self.store.set, plan_key_, json.dumps(bplan.to_dict()))
+            else:
+                while not await asyncio.to_thread(self.store.check, [plan_key_]):
+                    if self.epoch != epoch or loop.time() > deadline:
+                        return
+                    await asyncio.sleep(0.02)
+                bplan = BackupPlan.from_dict(json.loads(await asyncio.to_thread(self.store.get, plan_key_)))
+            if self.epoch != epoch:
+                return
+            # peers must not read buffers being rewritten: announce none while refilling
+            await asyncio.to_thread(self._publish_endpoint, with_backups=False)
+            await asyncio.to_thread(self._learn_endpoints, members)
+            await asyncio.to_thread(self.backups.refill, bplan, self.executor, placement, epoch=epoch, alive=alive,
+                                    timeout=self.config.transfer_timeout_s)
+            self._backup_plan = bplan
+            await asyncio.to_thread(self._publish_endpoint)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the next view refills again; serving is not affected
+            metrics.BACKUP_ERRORS.labels("refill_failed").inc()
+            log.warning("rank %d: backups for epoch %d not refilled: %r", self.rank, epoch, exc)
+
+    def _start_refill(self, epoch: int, placement, members: Sequence[int], leader: int) -> None:
+        """Agent loop: (re)start the backup refill for ``epoch``."""
+        if self.backups is None:
+            return
+        if self._refill_task is not None and not self._refill_task.done():
+            self._refill_task.cancel()
+        self._refill_task = asyncio.ensure_future(self._refill_backups(epoch, placement, tuple(members), leader))
 
     def _local_slots(self, placement) -> list[int]:
         if placement.num_ranks <= self.rank:
@@ -913,6 +987,8 @@ class Agent:
             self._ready.set()
             await self._stop_requested.wait()
         finally:
+            if self._refill_task is not None:
+                tasks.append(self._refill_task)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -1050,6 +1126,7 @@ class Agent:
         self.epoch = view.epoch
         self.members = tuple(plan.alive)
         await asyncio.to_thread(self._publish_placement, view.epoch, plan.placement)
+        self._start_refill(view.epoch, plan.placement, plan.alive, view.leader)
 
 
 class _PipelineEngine:
