@@ -368,3 +368,10 @@ def test_host_backups_are_planned_and_refilled_after_each_view(tiny_model, oracl
             assert wait_for(lambda r=r: announced(r) == set(after.held_by(r))), (r, announced(r))
         verdict = _finish(work, recorder, oracle)
         assert verdict["lost"] == 0, verdict
+    # the experts only rank 2 served came from the survivors' backups, none from the disk
+    from elasticep.events import ReconfigPhase
+
+    details = [ev.detail for _t, _s, ev in timeline.events()
+               if isinstance(ev, ReconfigPhase) and ev.epoch == epoch and ev.phase == "weights"
+               and ev.status == "end" and ev.detail]
+    assert any("host=" in d for d in details) and not any("disk=" in d for d in details), details
