@@ -163,7 +163,7 @@ def test_docs_ship_two_example_schedules() -> None:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("name, requests", [("two-at-once.toml", 100), ("during-recovery.toml", 200)])
+@pytest.mark.parametrize("name, requests", [("two-at-once.toml", 400), ("during-recovery.toml", 600)])
 def test_doc_schedule_runs(name, requests, tmp_path) -> None:
     path = tmp_path / name
     path.write_text(_doc_schedules()[name])
