@@ -169,15 +169,14 @@ class LocalCluster:
         """Start a process for ``rank`` (``join=True`` for a restart or a new rank)."""
         incarnation = self._incarnations.get(rank, 0) + 1
         self._incarnations[rank] = incarnation
-        argv = ["--rank", str(rank), "--world", str(self.world), "--store", f"127.0.0.1:{self.port}",
-                "--incarnation", str(time.time_ns()), "--log-level", self.log_level]
+        argv = self._argv(rank)
         if join:
             argv.append("--join")
         for name, value in self.config.items():
             argv += ["--config", f"{name}={value}"]
         env = {"ELASTICEP_BUS_KEYS": self.keys.for_rank(rank).to_json(), "PYTHONUNBUFFERED": "1"}
         ours, theirs = socket.socketpair()
-        process = _forkserver().Process(target=_child_main, args=(argv, env, theirs), name=f"elasticep-rank{rank}")
+        process = self._process(rank, argv, env, theirs)
         process.start()
         theirs.close()
         rp = RankProcess(rank, _Child(process, ours), incarnation)
@@ -187,6 +186,15 @@ class LocalCluster:
         rp.reader = threading.Thread(target=self._read, args=(rp,), daemon=True, name=f"rank{rank}-reader")
         rp.reader.start()
         return rp
+
+    def _argv(self, rank: int) -> list[str]:
+        """The worker's command line for ``rank`` (before ``--join`` and the config overrides)."""
+        return ["--rank", str(rank), "--world", str(self.world), "--store", f"127.0.0.1:{self.port}",
+                "--incarnation", str(time.time_ns()), "--log-level", self.log_level]
+
+    def _process(self, rank: int, argv: list[str], env: dict[str, str], sock: socket.socket):
+        """The (not yet started) worker process of ``rank``, reporting on ``sock``."""
+        return _forkserver().Process(target=_child_main, args=(argv, env, sock), name=f"elasticep-rank{rank}")
 
     def _read(self, rp: RankProcess) -> None:
         try:

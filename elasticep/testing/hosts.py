@@ -527,30 +527,19 @@ def _define_host_cluster(LocalCluster, RankProcess, _Child, _forkserver) -> type
             return [r for r, h in enumerate(self.placement) if h == host.index]
 
         def spawn(self, rank: int, *, join: bool = False):
-            host = self.host_of(rank)
             self._silent.discard(rank)
-            incarnation = self._incarnations.get(rank, 0) + 1
-            self._incarnations[rank] = incarnation
-            argv = ["--rank", str(rank), "--world", str(self.world), "--store", f"{self.net.gateway}:{self.port}",
+            return super().spawn(rank, join=join)
+
+        def _argv(self, rank: int) -> list[str]:
+            host = self.host_of(rank)
+            return ["--rank", str(rank), "--world", str(self.world), "--store", f"{self.net.gateway}:{self.port}",
                     "--bind", f"tcp://{host.addr}:*", "--incarnation", str(time.time_ns()),
                     "--log-level", self.log_level, "--profile", self.profile]
-            if join:
-                argv.append("--join")
-            for name, value in self.config.items():
-                argv += ["--config", f"{name}={value}"]
-            env = {"ELASTICEP_BUS_KEYS": self.keys.for_rank(rank).to_json(), "PYTHONUNBUFFERED": "1"}
-            ours, theirs = socket.socketpair()
-            process = _forkserver().Process(target=_host_child_main, args=(host.netns_path, argv, env, theirs),
-                                            name=f"elasticep-rank{rank}-h{host.index}")
-            process.start()
-            theirs.close()
-            rp = RankProcess(rank, _Child(process, ours), incarnation)
-            with self._lock:
-                self.ranks[rank] = rp
-                self._all.append(rp)
-            rp.reader = threading.Thread(target=self._read, args=(rp,), daemon=True, name=f"rank{rank}-reader")
-            rp.reader.start()
-            return rp
+
+        def _process(self, rank: int, argv: list[str], env: dict[str, str], sock: socket.socket):
+            host = self.host_of(rank)
+            return _forkserver().Process(target=_host_child_main, args=(host.netns_path, argv, env, sock),
+                                         name=f"elasticep-rank{rank}-h{host.index}")
 
         def send(self, rank: int, line: str) -> None:
             if line.startswith("exit "):
