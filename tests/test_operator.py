@@ -214,7 +214,7 @@ def test_unknown_paths_and_methods_are_refused(three) -> None:
 def test_monitor_prints_a_ranks_status_from_its_door(three, capsys, monkeypatch) -> None:
     from elasticep.cli import main
 
-    assert main(["monitor", "--operator", three.doors[2].url, "--token", TOKEN]) == 0
+    assert main(["monitor", "--operator", three.doors[2].url, f"--token={TOKEN}"]) == 0
     out = capsys.readouterr().out
     assert "rank 2 (running, incarnation 0) serves epoch 1 with members [0, 1, 2]" in out
     assert "membership: member" in out

@@ -952,8 +952,11 @@ class Agent:
 
         self._stop_requested = asyncio.Event()
         host, port = parse_store_address(self.store_address)
-        bus_store = connect_store(self.store_address)
-        transport = ZmqTransport(self.rank, self.keys, bus_store, incarnation=self.incarnation,
+        # the rendezvous and the commit barrier share the agent's store client (their operations
+        # never block on a missing key); the view store keeps its own (its own timeout), and gloo its
+        # own (its rendezvous blocks). Every connect costs the store host an accept and both ends a
+        # reverse name lookup, so a rank opens as few as it can.
+        transport = ZmqTransport(self.rank, self.keys, self.store, incarnation=self.incarnation,
                                  endpoint=self._bus_endpoint,
                                  poll_interval_s=0.2)  # late registrations: joiners, a monitor
         self.bus = EventBus(transport, self.rank)
@@ -973,7 +976,7 @@ class Agent:
             engine=_PipelineEngine(self),
             groups=groups,
             weights=_Weights(self),
-            barrier=StoreBarrier(connect_store(self.store_address), self.rank, prefix=f"elasticep/{self.cluster}/commit/"),
+            barrier=StoreBarrier(self.store, self.rank, prefix=f"elasticep/{self.cluster}/commit/"),
             publish=self.bus.publish,
             commit_timeout_s=self.commit_timeout_s,
         )

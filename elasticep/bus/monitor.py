@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--store", metavar="HOST:PORT", help="the cluster's TCPStore")
     p.add_argument("--operator", metavar="URL", help="instead of events: print one rank's status from its operator "
                    "door (http://HOST:PORT) and exit")
-    p.add_argument("--token", default=None, help="the operator door's token (default: $ELASTICEP_OPERATOR_TOKEN)")
+    p.add_argument("--token", default=None, help="the operator door's token (default: $ELASTICEP_OPERATOR_TOKEN); --token=T when T starts with -")
     p.add_argument("--keys", metavar="FILE", help="key file with the monitor key (default: $ELASTICEP_BUS_KEYS)")
     p.add_argument("--prefix", default=None, help="rendezvous key prefix (default elasticep/bus/)")
     p.add_argument("--types", default="", help="comma-separated event types to show, e.g. suspicion,view_installed")

@@ -487,6 +487,10 @@ class MembershipService:
             kind = "cas" if isinstance(op, CompareAndSet) else "read"
             epoch = op.view.epoch if isinstance(op, CompareAndSet) else op.epoch
             result = StoreFailed(kind, epoch, str(exc))
+        except RuntimeError as exc:
+            # the loop's worker threads are gone: the loop is shutting down around this service
+            log.debug("rank %d: store operation abandoned at shutdown: %s", self.rank, exc)
+            return
         if self._state == "running" and not self.core.stopped:
             self._apply(self.core.step(result, self.clock()))
 
