@@ -262,7 +262,8 @@ def test_drain_through_another_ranks_door_leaves_gracefully() -> None:
         code, body, _ = call("POST", cluster.doors[0].url + "/drain", body={"rank": 2, "reason": "maintenance"})
         assert code == 202, body
         assert body == {"rank": 2, "epoch": 1, "draining": True, "reason": "maintenance", "via": 0}
-        assert _wait(lambda: all(a.epoch >= 2 for a in cluster.agents[:2]))
+        # the epoch moves at the commit; the reconfiguration's record lands after its resume phase
+        assert _wait(lambda: all(a.epoch >= 2 and a.history for a in cluster.agents[:2]))
         for a in cluster.agents[:2]:
             status = a.status()
             assert status["members"] == [0, 1] and status["last_reconfiguration"]["status"] == "committed"
