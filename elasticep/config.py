@@ -85,8 +85,15 @@ class Config:
     ``view_store="etcd"``."""
 
     # --- data plane ---
-    kernel_timeout_us: int = 200_000
-    """Bound on each wait for a peer inside dispatch/combine, us (SGLang+Mooncake EP use 10 s)."""
+    kernel_timeout_us: int = 1_000_000
+    """Hard bound on each wait for a peer inside dispatch/combine, us (SGLang+Mooncake EP use
+    10 s). Past it the peer is marked 0 and the step fails and is replayed, so it must outlast
+    the longest pause of a healthy peer's step, and it is never below ``grace_ms`` (checked):
+    a bound the membership cannot act on within only fails steps of a peer that stays a member.
+    Detection does not wait for it: a wait is reported as kernel evidence once it reaches
+    ``min_suspect_ms`` (:class:`~elasticep.kernel.KernelWaitWatch`), so a peer that stops taking
+    part is evicted after about ``max(grace_ms, min_suspect_ms) + heartbeat_interval_ms`` plus
+    one step, whatever this bound."""
 
     # --- bus ---
     bus_hwm: int = 100_000
@@ -187,8 +194,10 @@ class Config:
             raise InvalidArgument("grace_ms must be >= min_suspect_ms")
         if self.single_observer_evict_ms < self.grace_ms:
             raise InvalidArgument("single_observer_evict_ms must be >= grace_ms")
-        if self.kernel_timeout_us <= 0:
-            raise InvalidArgument("kernel_timeout_us must be > 0")
+        if self.kernel_timeout_us < self.grace_ms * 1e3:
+            raise InvalidArgument(f"kernel_timeout_us ({self.kernel_timeout_us}) must be >= grace_ms in us "
+                                  f"({self.grace_ms * 1e3:g}): a shorter bound fails the steps of a peer "
+                                  "the membership cannot evict yet")
         if self.phi_threshold <= 0:
             raise InvalidArgument("phi_threshold must be > 0")
         if self.view_store not in ("tcpstore", "etcd"):

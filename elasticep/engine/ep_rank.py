@@ -115,7 +115,7 @@ class EPRankServer:
             ``bus_keys`` (this rank's CURVE keys, JSON), ``bus_incarnation``, ``join`` (``"1"``
             for a restart or a new rank), ``control`` and ``control_key`` (the launcher's
             exit-report endpoint and its CURVE public key, Z85),
-            ``store`` (``HOST:PORT``), ``kernel_timeout_us`` and ``config`` (JSON overrides of
+            ``store`` (``HOST:PORT``) and ``config`` (JSON overrides of
             :class:`~elasticep.config.Config`).
 
     Who calls it: :func:`elasticep.engine.rank.run_rank` when ``spec.backend == "kernel"``.
@@ -176,7 +176,7 @@ class EPRankServer:
             max_tokens=self.max_tokens,
             hidden=config.hidden_size,
             topk=config.num_experts_per_tok,
-            timeout_us=int(extra.get("kernel_timeout_us", self.config.kernel_timeout_us)),
+            timeout_us=self.config.kernel_timeout_us,
         )
         if self.join:
             # start from the placement the cluster serves now, this rank's slots empty: the view

@@ -162,7 +162,10 @@ class Launcher:
             generated for that many); default ``2 * num_ranks``.
         rank_config: ``backend="kernel"``: :class:`~elasticep.config.Config` overrides for the
             ranks' membership (e.g. ``{"heartbeat_interval_ms": 50.0}``).
-        kernel_timeout_us: ``backend="kernel"``: bound on each kernel wait for a peer, us.
+        kernel_timeout_us: ``backend="kernel"``: the hard bound on each kernel wait for a peer, us;
+            a shorthand for ``rank_config={"kernel_timeout_us": ...}``. Default: the ranks'
+            ``Config.kernel_timeout_us`` (1 s in
+            ``Config.local()``, or ``$ELASTICEP_KERNEL_TIMEOUT_US``).
 
     With ``backend="kernel"`` the ranks serve with expert parallelism through the CPU kernel
     (:mod:`elasticep.engine.ep_rank`): the launcher hands out CURVE keys for the bus, publishes
@@ -190,7 +193,7 @@ class Launcher:
         rank_extra: Callable[[int, int], dict[str, str]] | None = None,
         max_ranks: int | None = None,
         rank_config: dict[str, Any] | None = None,
-        kernel_timeout_us: int = 1_000_000,
+        kernel_timeout_us: int | None = None,
     ):
         from elasticep.engine.model import load_config, moe_layer_ids, round_robin_placement
 
@@ -244,7 +247,12 @@ class Launcher:
         self._by_pid: dict[int, _Proc] = {}
         self.max_ranks = max_ranks or 2 * num_ranks
         self.rank_config = dict(rank_config or {})
-        self.kernel_timeout_us = int(kernel_timeout_us)
+        if kernel_timeout_us is not None:
+            self.rank_config["kernel_timeout_us"] = int(kernel_timeout_us)
+        if backend == "kernel":
+            from elasticep.config import Config
+
+            Config.local(**self.rank_config)  # an impossible rank config fails here, not in every rank
         self.keys = None
         self._control = None
         self._control_lock = threading.Lock()
@@ -428,7 +436,6 @@ class Launcher:
             control=self.control_endpoint,
             control_key=self.control_public_key,
             store=f"{host}:{port}",
-            kernel_timeout_us=str(self.kernel_timeout_us),
             config=json.dumps(self.rank_config),
         )
         return extra
