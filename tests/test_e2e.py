@@ -272,10 +272,13 @@ def test_bench_recovery_smoke(tmp_path):
     result = json.loads(out.read_text())
     for key in ("ranks", "trials", "kill_to_resumed_p50_ms", "kill_to_resumed_p99_ms", "requests_total",
                 "requests_lost", "outputs_wrong", "throughput_before", "throughput_after",
-                "plan_p50_ms", "groups_p50_ms", "weights_p50_ms", "commit_p50_ms"):
+                "plan_p50_ms", "groups_p50_ms", "weights_p50_ms", "commit_p50_ms", "backup_mb",
+                "bytes_from_replica", "bytes_from_backup", "bytes_from_disk"):
         assert key in result, key
     assert result["ranks"] == 3 and result["requests_lost"] == 0 and result["outputs_wrong"] == 0
     assert result["kill_to_resumed_p50_ms"] > 0 and result["requests_total"] > 0
+    # host backups on by default: a single failure reads nothing from the checkpoint
+    assert result["backup_mb"] > 0 and result["bytes_from_disk"] == 0, result
 
 
 @pytest.mark.timeout(90)

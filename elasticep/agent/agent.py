@@ -38,7 +38,7 @@ import logging
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 from elasticep import metrics
@@ -160,12 +160,30 @@ class _Plan:
 class _Staged:
     slots: list[StagedSlot]
     sources: dict
+    nbytes: dict = field(default_factory=dict)
+    """Bytes staged per source kind (``local``, ``replica``, ``host``, ``disk``)."""
 
     @property
     def detail(self) -> str:
-        """One line for the ``weights`` phase event, e.g. ``"3 experts: replica=2 disk=1"``."""
+        """One line for the ``weights`` phase event, e.g.
+        ``"3 experts: host=1 replica=2 (bytes host=1024 replica=2048)"`` (see :func:`weights_bytes`)."""
         kinds = " ".join(f"{k}={v}" for k, v in sorted(self.sources.items()))
-        return f"{len(self.slots)} experts" + (f": {kinds}" if kinds else "")
+        sizes = " ".join(f"{k}={v}" for k, v in sorted(self.nbytes.items()) if v)
+        return (f"{len(self.slots)} experts" + (f": {kinds}" if kinds else "")
+                + (f" (bytes {sizes})" if sizes else ""))
+
+
+def weights_bytes(detail: str) -> dict[str, int]:
+    """Bytes per source kind from a ``weights`` phase event's ``detail`` (``{}`` if none named)."""
+    start = detail.find("(bytes ")
+    if start < 0:
+        return {}
+    out: dict[str, int] = {}
+    for item in detail[start + len("(bytes "):].rstrip(")").split():
+        kind, _, value = item.partition("=")
+        if value.isdigit():
+            out[kind] = out.get(kind, 0) + int(value)
+    return out
 
 
 class Agent:
@@ -909,9 +927,11 @@ class Agent:
             tensors = {name: t.clone() for name, t in self.hooks.read_expert(layer, src_slot).items()}
             staged.append(StagedSlot(layer, slot, want, tensors, "local"))
         sources = report.by_source() if report is not None else {}
+        nbytes = report.bytes_by_source() if report is not None else {}
         if local:
             sources["local"] = sources.get("local", 0) + len(local)
-        return _Staged(staged, sources)
+            nbytes["local"] = sum(t.nbytes for s in staged if s.source == "local" for t in s.tensors.values())
+        return _Staged(staged, sources, nbytes)
 
     # ------------------------------------------------------------------ placement bookkeeping
 

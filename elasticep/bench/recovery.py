@@ -14,6 +14,12 @@ JSON keys (``--json PATH``): ``ranks``, ``trials``, ``kill_to_resumed_p50_ms``,
 ``throughput_before``, ``throughput_after`` (generated tokens/s, the mean over trials), and
 ``<phase>_p50_ms`` for ``detect``, ``view``, ``plan``, ``groups``, ``weights``, ``commit``.
 ``throughput_target`` is ``(N-1)/N * before * 0.9``, the bar ``throughput_after`` is held to.
+
+Host backups (``--backup-mb``, default ``auto``: the budget for two copies of every expert,
+``Config.backup_budget_mb``; ``0`` turns them off): where the bytes the survivors staged after
+each kill came from, summed over the trials, as ``bytes_from_replica`` (live replicas, local
+copies included), ``bytes_from_backup`` (host backups) and ``bytes_from_disk`` (the checkpoint),
+from the ranks' ``weights`` phase events; ``backup_mb`` is the budget used.
 """
 
 from __future__ import annotations
@@ -36,14 +42,32 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(v[k], 1)
 
 
-def run(ranks: int, trials: int, window_s: float, seed: int, max_new_tokens: int = 8) -> dict:
+def backup_budget_mb(model_dir: Path, ranks: int, copies: int = 2) -> float:
+    """Per-rank budget, MiB, that holds ``copies`` backups of every expert of the model at
+    ``model_dir`` spread over ``ranks`` ranks, with one expert per layer of slack."""
+    import math
+
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4  # gate, up, down in float32
+    moe_layers = cfg.num_hidden_layers - getattr(cfg, "first_k_dense_replace", 0)
+    per_layer = math.ceil(copies * cfg.n_routed_experts / ranks) + 1
+    return round(per_layer * moe_layers * expert_bytes / 2**20 + 0.5, 1)
+
+
+def run(ranks: int, trials: int, window_s: float, seed: int, max_new_tokens: int = 8,
+        backup_mb: float | str = "auto") -> dict:
     import torch
+
+    from elasticep.agent.agent import weights_bytes
 
     from elasticep.engine.demo import ClusterRecorder, Workload, make_prompts
     from elasticep.engine.launcher import Launcher, prewarm
     from elasticep.engine.model import make_tiny_model
     from elasticep.engine.oracle import Oracle
     from elasticep.engine.timeline import Timeline
+    from elasticep.events import ReconfigPhase
 
     torch.set_num_threads(1)
     prewarm()
@@ -54,7 +78,11 @@ def run(ranks: int, trials: int, window_s: float, seed: int, max_new_tokens: int
     prompts = make_prompts(20_000, 6, oracle.config.vocab_size, seed)
     timeline = Timeline()
     before, after, kill_ms, kill_signals = [], [], [], []
-    with Launcher(model, ranks, backend="kernel", attempt_timeout_s=30.0) as launcher:
+    if backup_mb == "auto":
+        backup_mb = backup_budget_mb(model, ranks)
+    backup_mb = float(backup_mb)
+    rank_config = {"backup_budget_mb": backup_mb} if backup_mb > 0 else {}
+    with Launcher(model, ranks, backend="kernel", attempt_timeout_s=30.0, rank_config=rank_config) as launcher:
         recorder = ClusterRecorder(launcher, timeline)
         work = Workload(launcher, prompts, max_new_tokens, concurrency=2 * ranks, timeline=timeline)
         try:
@@ -91,6 +119,13 @@ def run(ranks: int, trials: int, window_s: float, seed: int, max_new_tokens: int
     changes = [c for c in timeline.changes() if c.signal.startswith("kill")]
     kill_ms = [c.resumed_ms for c in changes if c.resumed_ms is not None]
     phases = {p: [c.phases_ms[p] for c in changes if p in c.phases_ms] for p in ("plan", "groups", "weights", "commit")}
+    kill_epochs = {c.epoch for c in changes}
+    staged: dict[str, int] = {}
+    for _t, _s, ev in timeline.events():
+        if (isinstance(ev, ReconfigPhase) and ev.epoch in kill_epochs and ev.phase == "weights"
+                and ev.status == "end"):
+            for kind, n in weights_bytes(ev.detail).items():
+                staged[kind] = staged.get(kind, 0) + n
     mean = lambda xs: round(sum(xs) / len(xs), 1) if xs else 0.0  # noqa: E731
     out = {
         "ranks": ranks,
@@ -106,6 +141,10 @@ def run(ranks: int, trials: int, window_s: float, seed: int, max_new_tokens: int
         "detect_p50_ms": _pct([c.detected_ms for c in changes if c.detected_ms is not None], 50),
         "view_p50_ms": _pct([c.view_ms for c in changes if c.view_ms is not None], 50),
         **{f"{p}_p50_ms": _pct(v, 50) for p, v in phases.items()},
+        "backup_mb": backup_mb,
+        "bytes_from_replica": staged.get("replica", 0) + staged.get("local", 0),
+        "bytes_from_backup": staged.get("host", 0),
+        "bytes_from_disk": staged.get("disk", 0),
         "kill_to_resumed_ms": kill_ms,
     }
     return out
@@ -131,11 +170,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--window", type=float, default=3.0, help="seconds of steady load before and after each kill")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backup-mb", default="auto", metavar="MB",
+                        help="host-backup budget per rank, MiB: auto (two copies of every expert) or a number, 0 for none")
     parser.add_argument("--json", default=None, metavar="PATH")
     args = parser.parse_args(argv)
     if args.ranks < 2 or args.trials < 1:
         parser.error("need --ranks >= 2 and --trials >= 1")
-    result = run(args.ranks, args.trials, args.window, args.seed)
+    if args.backup_mb != "auto":
+        try:
+            args.backup_mb = float(args.backup_mb)
+        except ValueError:
+            parser.error(f"--backup-mb must be auto or a number of MiB, not {args.backup_mb!r}")
+        if not args.backup_mb >= 0:
+            parser.error("--backup-mb must be >= 0")
+    result = run(args.ranks, args.trials, args.window, args.seed, backup_mb=args.backup_mb)
     for key, value in result.items():
         print(f"{key:>26}: {value}")
     ok = result["requests_lost"] == 0 and result["outputs_wrong"] == 0
