@@ -162,6 +162,11 @@ def count_refusal(area: str, exc: BaseException) -> None:
     if not getattr(exc, "_elasticep_counted", False):
         exc._elasticep_counted = True  # type: ignore[attr-defined]
         API_REFUSED.labels(area).inc()
+VIEWS_CORRUPT = Counter(
+    "elasticep_view_store_corrupt_total",
+    "Values under a view key of the view store that did not decode as a view (refused, never applied).",
+    registry=REGISTRY,
+)
 STORE_CONFLICTS = Counter(
     "elasticep_view_store_conflicts_total",
     "Proposals that lost the compare-and-set to a rival for the same epoch.",

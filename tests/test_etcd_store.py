@@ -91,8 +91,10 @@ async def test_read_absent_and_corrupt_values(etcd_cluster) -> None:
         assert await store.read(1) is None
         assert await store.head() == 0
         _etcdctl(etcd_cluster, "put", store.key(2).decode(), "not a view")
+        before = metrics.sample("elasticep_view_store_corrupt_total")
         with pytest.raises(CorruptView):
             await store.read(2)
+        assert metrics.sample("elasticep_view_store_corrupt_total") == before + 1
         with pytest.raises(CorruptView):
             await store.compare_and_set(View.of(2, (0, 1)))
         # A valid view under another epoch's key is refused too.

@@ -273,4 +273,7 @@ def decode_view(data: bytes) -> View:
     try:
         return _DECODER.decode(data)
     except (msgspec.DecodeError, ValueError, TypeError) as exc:
+        from elasticep import metrics
+
+        metrics.VIEWS_CORRUPT.inc()
         raise CorruptView(f"not a view: {exc}") from None
