@@ -401,3 +401,26 @@ def test_five_percent_loss_on_a_host_evicts_no_one_and_a_kill_there_is_still_see
                 cluster.kill(5)
                 cluster.wait_view(lambda v: 5 not in v["members"], 30, ranks=[0, 1, 2, 3, 4])
                 _one_member_set_per_epoch(cluster)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+def test_bench_detect_across_hosts_on_etcd(tmp_path) -> None:
+    from elasticep.bench.detect_hosts import unavailable
+
+    reason = unavailable(["etcd"])
+    if reason is not None:
+        pytest.skip(reason)
+    out = tmp_path / "detect.json"
+    proc = subprocess.run([sys.executable, "-m", "elasticep", "bench", "detect", "--hosts", "3", "--ranks-per-host", "1",
+                           "--trials", "1", "--store", "etcd", "--json", str(out)],
+                          capture_output=True, text=True, timeout=230)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import json
+
+    (record,) = json.loads(out.read_text())
+    assert record["store"] == "etcd" and record["hosts"] == 3 and record["ranks"] == 3
+    for key in ("rank_kill_to_view_p99_ms", "host_kill_to_view_p99_ms", "host_silent_to_view_p99_ms",
+                "store_leader_kill_to_view_p99_ms"):
+        assert record[key] is not None and 0 < record[key] < 30_000, (key, record)
+    assert record["false_evictions"] == 0 and record["fences"] == 0, record

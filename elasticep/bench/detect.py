@@ -16,6 +16,9 @@ Baselines measured in the same run: how long the launcher takes to see a SIGKILL
 
 ``--json PATH`` writes ``ranks``, ``trials``, ``kill_to_view_p50_ms``, ``kill_to_view_p99_ms``,
 ``hang_to_view_p50_ms``, ``hang_to_view_p99_ms``, ``false_evictions`` plus the baselines.
+
+``--hosts N`` runs the series across network-namespace hosts instead, once per ``--store``
+(:mod:`elasticep.bench.detect_hosts`).
 """
 
 from __future__ import annotations
@@ -123,7 +126,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="do not report exits to the ranks (detect kills from the ranks' own signals)")
     parser.add_argument("--config", action="append", default=[], metavar="FIELD=VALUE",
                         help="Config.local overrides passed to every rank")
+    parser.add_argument("--hosts", type=int, default=0,
+                        help="run across this many network-namespace hosts instead (elasticep.bench.detect_hosts)")
+    parser.add_argument("--ranks-per-host", type=int, default=2)
+    parser.add_argument("--store", nargs="+", default=None, choices=("tcpstore", "etcd"),
+                        help="with --hosts: the view stores to compare in the same run (default: both)")
+    parser.add_argument("--etcd-heartbeat-ms", type=int, default=50, help="with --hosts: etcd's raft heartbeat")
+    parser.add_argument("--etcd-election-ms", type=int, default=500, help="with --hosts: etcd's election timeout")
     args = parser.parse_args(argv)
+    if args.hosts:
+        return _main_hosts(parser, args)
+    if args.store:
+        parser.error("--store needs --hosts")
     from elasticep.membership.local_cluster import LocalCluster
 
     overrides = dict(item.split("=", 1) for item in args.config)
@@ -197,6 +211,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+    return 0
+
+
+def _main_hosts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from elasticep.bench import detect_hosts
+
+    stores = args.store or list(detect_hosts.STORES)
+    if args.hosts < 3 or args.ranks_per_host < 1 or args.trials < 1:
+        parser.error("--hosts needs at least 3 hosts, --ranks-per-host >= 1 and --trials >= 1")
+    reason = detect_hosts.unavailable(stores)
+    if reason is not None:
+        print(f"elasticep bench detect: cannot run across hosts here: {reason}", file=sys.stderr)
+        return 2
+    if not 0 < args.etcd_heartbeat_ms * 5 <= args.etcd_election_ms:
+        parser.error("--etcd-election-ms must be at least 5 x --etcd-heartbeat-ms (and both > 0)")
+    results = detect_hosts.run(stores, args.hosts, args.ranks_per_host, args.trials, args.seed,
+                               log=lambda line: print(line, flush=True),
+                               etcd_heartbeat_ms=args.etcd_heartbeat_ms, etcd_election_ms=args.etcd_election_ms)
+    for r in results:
+        print(f"{r['store']:>8}: rank kill p50/p99 {r['rank_kill_to_view_p50_ms']} / {r['rank_kill_to_view_p99_ms']} ms, "
+              f"host kill {r['host_kill_to_view_p50_ms']} / {r['host_kill_to_view_p99_ms']} ms, "
+              f"host silent {r['host_silent_to_view_p50_ms']} / {r['host_silent_to_view_p99_ms']} ms, "
+              f"store-leader kill {r['store_leader_kill_to_view_p50_ms']} / {r['store_leader_kill_to_view_p99_ms']} ms, "
+              f"{r['false_evictions']} false evictions, {r['fences']} fences")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
     return 0
 
 
