@@ -352,7 +352,19 @@ def plan_files(tmp_path_factory):
     return d
 
 
-flag_value = st.one_of(st.text(alphabet="0123456789,-x. ", max_size=6), st.integers(-20, 40).map(str))
+# at most three characters: a plan for up to 999 ranks takes well under a second; the bounds on
+# --ranks and --slots-per-rank have their own test below
+flag_value = st.one_of(st.text(alphabet="0123456789,-x. ", max_size=3), st.integers(-20, 40).map(str))
+
+
+@pytest.mark.parametrize("flag", ["--ranks=30840", "--ranks=0", "--slots-per-rank=99999"])
+def test_plan_cli_refuses_sizes_past_its_bounds_at_once(plan_files, flag, capsys) -> None:
+    from elasticep.eplb.cli import main
+
+    with pytest.raises(SystemExit) as exc:  # before: --ranks=30840 with --current planned for minutes
+        main([str(plan_files / "load.json"), "--current", str(plan_files / "cur.json"), flag, "--json"])
+    assert exc.value.code == 2
+    assert "must be 1.." in capsys.readouterr().err
 
 
 @SETTINGS

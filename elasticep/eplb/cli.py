@@ -105,6 +105,12 @@ def _ids(text: str | None, what: str = "ranks", num_ranks: int | None = None) ->
     return ids
 
 
+MAX_RANKS = 4096
+"""The most ranks ``elasticep plan`` plans for (the largest cluster ``elasticep bench scale``
+models); a larger ``--ranks`` is a usage error (status 2), not minutes of planning."""
+MAX_SLOTS_PER_RANK = 1024
+"""The most expert slots per rank ``elasticep plan`` takes."""
+
 _ROLE = re.compile(r":[a-z]+:`~?(?:[\w.]+\.)?(\w+)`")
 
 
@@ -132,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--moves", action="store_true", help="with --json, list every move under \"move_list\"")
     ap.add_argument("--out", help="write the new placement as JSON (input for --current)")
     args = ap.parse_args(argv)
+    if args.ranks is not None and not 1 <= args.ranks <= MAX_RANKS:
+        ap.error(f"--ranks must be 1..{MAX_RANKS}, not {args.ranks}")
+    if args.slots_per_rank is not None and not 1 <= args.slots_per_rank <= MAX_SLOTS_PER_RANK:
+        ap.error(f"--slots-per-rank must be 1..{MAX_SLOTS_PER_RANK}, not {args.slots_per_rank}")
 
     try:
         load = read_load(args.load)
