@@ -149,7 +149,18 @@ def _rank_main(rank: int, args: argparse.Namespace, port: int, cluster_id: str, 
 
         # shm copy bound
         region = max(sent_bytes, recv_bytes)
-        shm = torch.from_file(copy_path, shared=True, size=region * args.ranks, dtype=torch.uint8)
+        # one region size for all (each rank's own max differs with its routing), so that every
+        # rank's region starts where the others expect it
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(args.ranks)]
+        dist.all_gather(sizes, torch.tensor([region], dtype=torch.int64))
+        region = int(max(t.item() for t in sizes))
+        # rank 0 creates and sizes the file before anyone maps it: no rank resizes a file another
+        # rank already writes through
+        if rank == 0:
+            shm = torch.from_file(copy_path, shared=True, size=region * args.ranks, dtype=torch.uint8)
+        dist.barrier()
+        if rank != 0:
+            shm = torch.from_file(copy_path, shared=True, size=region * args.ranks, dtype=torch.uint8)
         mine = shm[rank * region : rank * region + sent_bytes]
         theirs = shm[((rank + 1) % args.ranks) * region : ((rank + 1) % args.ranks) * region + recv_bytes]
         src = torch.randint(0, 255, (sent_bytes,), dtype=torch.uint8)
