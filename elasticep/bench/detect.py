@@ -220,12 +220,12 @@ def _main_hosts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     stores = args.store or list(detect_hosts.STORES)
     if args.hosts < 3 or args.ranks_per_host < 1 or args.trials < 1:
         parser.error("--hosts needs at least 3 hosts, --ranks-per-host >= 1 and --trials >= 1")
+    if not 0 < args.etcd_heartbeat_ms * 5 <= args.etcd_election_ms:
+        parser.error("--etcd-election-ms must be at least 5 x --etcd-heartbeat-ms (and both > 0)")
     reason = detect_hosts.unavailable(stores)
     if reason is not None:
         print(f"elasticep bench detect: cannot run across hosts here: {reason}", file=sys.stderr)
         return 2
-    if not 0 < args.etcd_heartbeat_ms * 5 <= args.etcd_election_ms:
-        parser.error("--etcd-election-ms must be at least 5 x --etcd-heartbeat-ms (and both > 0)")
     results = detect_hosts.run(stores, args.hosts, args.ranks_per_host, args.trials, args.seed,
                                log=lambda line: print(line, flush=True),
                                etcd_heartbeat_ms=args.etcd_heartbeat_ms, etcd_election_ms=args.etcd_election_ms)

@@ -38,13 +38,10 @@ STORES = ("tcpstore", "etcd")
 
 
 def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return round(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo), 2)
+    """:func:`~elasticep.bench.detect._percentile`, rounded; ``None`` (JSON null) for no values."""
+    from elasticep.bench.detect import _percentile
+
+    return round(_percentile(values, q), 2) if values else None
 
 
 def _floor(cluster, ranks: Sequence[int]) -> int:

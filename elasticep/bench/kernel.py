@@ -151,9 +151,9 @@ def _rank_main(rank: int, args: argparse.Namespace, port: int, cluster_id: str, 
         region = max(sent_bytes, recv_bytes)
         # one region size for all (each rank's own max differs with its routing), so that every
         # rank's region starts where the others expect it
-        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(args.ranks)]
-        dist.all_gather(sizes, torch.tensor([region], dtype=torch.int64))
-        region = int(max(t.item() for t in sizes))
+        agreed = torch.tensor([region], dtype=torch.int64)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        region = int(agreed.item())
         # rank 0 creates and sizes the file before anyone maps it: no rank resizes a file another
         # rank already writes through
         if rank == 0:

@@ -47,13 +47,17 @@ def backup_budget_mb(model_dir: Path, ranks: int, copies: int = 2) -> float:
     ``model_dir`` spread over ``ranks`` ranks, with one expert per layer of slack."""
     import math
 
-    from transformers import AutoConfig
+    import torch
 
-    cfg = AutoConfig.from_pretrained(model_dir)
-    expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4  # gate, up, down in float32
-    moe_layers = cfg.num_hidden_layers - getattr(cfg, "first_k_dense_replace", 0)
+    from elasticep.engine.model import load_config, moe_layer_ids
+    from elasticep.transfer import ExpertLayout
+
+    cfg = load_config(model_dir)
     per_layer = math.ceil(copies * cfg.n_routed_experts / ranks) + 1
-    return round(per_layer * moe_layers * expert_bytes / 2**20 + 0.5, 1)
+    layout = ExpertLayout.deepseek(num_layers=len(moe_layer_ids(cfg)), slots_per_rank=per_layer,
+                                   hidden_size=cfg.hidden_size, moe_intermediate_size=cfg.moe_intermediate_size,
+                                   dtype=torch.float32)
+    return round(per_layer * layout.num_layers * layout.expert_nbytes / 2**20 + 0.5, 1)
 
 
 def run(ranks: int, trials: int, window_s: float, seed: int, max_new_tokens: int = 8,
