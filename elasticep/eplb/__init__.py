@@ -2,7 +2,8 @@
 
 :class:`Placement` is the physical-to-logical map of every MoE layer (SGLang-compatible);
 :func:`initial` computes a balanced first placement; :func:`replan` plans from the current one
-after a membership change: coverage repair with the fewest moves, then rebalance within a budget.
+after a membership change: coverage repair with the fewest moves, then rebalance within a budget;
+:func:`balance_lower_bound` says how well balanced any plan can be at all.
 """
 
 from elasticep.eplb.placement import EMPTY, Placement, RedundancyExhausted
@@ -16,6 +17,7 @@ from elasticep.eplb.planner import (
     moved_slots,
     replan,
 )
+from elasticep.eplb.bound import balance_lower_bound, layer_balance_lower_bound
 
 __all__ = [
     "EMPTY",
@@ -24,8 +26,10 @@ __all__ = [
     "Plan",
     "RedundancyExhausted",
     "balance",
+    "balance_lower_bound",
     "initial",
     "layer_balance",
+    "layer_balance_lower_bound",
     "lower_bound",
     "moved_slots",
     "replan",

@@ -1104,29 +1104,46 @@ def _reseat_stuck(
     c = _repack.restore_counts(_repack.keep_counts(cc, w[sub], live), w[sub], 0.5 * mean, S)
     q = _repack.repack(st0, w[sub], c, target, speed, S, np.zeros(sub.size))
     q_moves = ((q != cur_p[sub]) & (q >= 0)).sum(1)
-    if budget is None:
-        sub_budget = None
+    allowed = None if budget is None else lb + budget - int(moves[~stuck].sum())  # for the stuck layers
+    if allowed is None or allowed >= int(q_moves.sum()):
+        # every repack fits: search on from all of them, then keep the layers that gained
+        sub_budget = None if allowed is None else allowed - int(q_moves.sum())
+        q = _rebalance(q, cur_p[sub], w[sub], tslot, target, speed, S, sub_budget, tolerance)
+        q_moves = ((q != cur_p[sub]) & (q >= 0)).sum(1)
+        q_bal = _layer_balance(_rank_loads(q, w[sub], S)[0], target, speed)
+        take = q_bal < bal[sub] - 1e-12
+        if allowed is not None:
+            # start from the old layers, switch the best gains per extra move first while they fit
+            spare = allowed - int(moves[sub].sum())
+            extra = q_moves - moves[sub]
+            gain = bal[sub] - q_bal
+            eff = np.where(extra > 0, gain / np.maximum(extra, 1), _INF)
+            take_now = np.zeros(sub.size, dtype=bool)
+            for i in np.argsort(-eff, kind="stable"):
+                if take[i] and extra[i] <= spare:
+                    take_now[i] = True
+                    spare -= int(extra[i])
+            take = take_now
     else:
-        allowed = lb + budget - int(moves[~stuck].sum())  # moves the stuck layers may use
-        sub_budget = allowed - int(q_moves.sum())
-        if sub_budget < 0:
-            return p
-    q = _rebalance(q, cur_p[sub], w[sub], tslot, target, speed, S, sub_budget, tolerance)
-    q_moves = ((q != cur_p[sub]) & (q >= 0)).sum(1)
-    q_bal = _layer_balance(_rank_loads(q, w[sub], S)[0], target, speed)
-    take = q_bal < bal[sub] - 1e-12
-    if budget is not None:
-        # start from the old layers, switch the best gains per extra move first while they fit
+        # the repacks do not all fit: the layers whose repack gains most per extra move are
+        # repacked while they fit, and the search spends what is left on those; it never lifts
+        # a layer's peak, so every chosen layer stays better than before (and a chosen layer
+        # whose repack costs fewer moves than its plan now is always taken: the budget holds)
         spare = allowed - int(moves[sub].sum())
         extra = q_moves - moves[sub]
-        gain = bal[sub] - q_bal
+        gain = bal[sub] - _layer_balance(_rank_loads(q, w[sub], S)[0], target, speed)
         eff = np.where(extra > 0, gain / np.maximum(extra, 1), _INF)
-        take_now = np.zeros(sub.size, dtype=bool)
+        chosen = np.zeros(sub.size, dtype=bool)
         for i in np.argsort(-eff, kind="stable"):
-            if take[i] and extra[i] <= spare:
-                take_now[i] = True
+            if extra[i] <= spare and gain[i] > 1e-12:
+                chosen[i] = True
                 spare -= int(extra[i])
-        take = take_now
+        if not chosen.any():
+            return p
+        ci = np.flatnonzero(chosen)
+        q = q.copy()
+        q[ci] = _rebalance(q[ci], cur_p[sub[ci]], w[sub[ci]], tslot, target, speed, S, spare, tolerance)
+        take = chosen
     if take.any():
         p = p.copy()
         p[sub[take]] = q[take]
