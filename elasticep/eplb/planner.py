@@ -658,8 +658,17 @@ def replan(
     p = np.where(tslot[None, :], cur_p, EMPTY)
     start = p
     p, lb = _repair(start, w, tslot, target, speed, S)
+    if lb:
+        p = _repair_by_counts(p, start, cur_p, w, target, speed, S)
     before = float(_layer_balance(_rank_loads(p, w, S)[0], target, speed).mean())
-    p = _rebalance(p, cur_p, w, tslot, target, speed, S, budget, float(tolerance))
+    # under a budget, fewer pairs per layer and round: the moves go to the hottest ranks first
+    pairs = 8 if budget is None else 2
+    p = _rebalance(p, cur_p, w, tslot, target, speed, S, None if budget is None else min(budget, 3 * lb), float(tolerance), pairs)
+    if budget is not None:
+        # what the narrow search left unspent goes to the wider one
+        left = budget - (int(((p != cur_p) & (p >= 0)).sum()) - lb)
+        if left > 0:
+            p = _rebalance(p, cur_p, w, tslot, target, speed, S, left, float(tolerance))
     p = _reseat_stuck(p, start, cur_p, w, tslot, target, speed, S, budget, lb, float(tolerance))
     # a safety net: where simply filling the holes in order happens to balance a layer better
     # than the search did (small layers with few ranks, where a greedy step can get stuck), take
@@ -877,6 +886,41 @@ def _repair(p: np.ndarray, w: np.ndarray, tslot: np.ndarray, target: np.ndarray,
         done += placed
         left -= placed
     return p, lb
+
+
+def _repair_by_counts(p: np.ndarray, start: np.ndarray, cur_p: np.ndarray, w: np.ndarray, target: np.ndarray,
+                      speed: np.ndarray, S: int) -> np.ndarray:
+    """The repair decided by replica counts instead of slot by slot, also at the lower bound's
+    cost; each layer keeps the better balanced of the two (``p``, the slot-by-slot repair).
+
+    On skewed loads the slot-by-slot repair can take the slots of one hot expert's replicas
+    again and again. Here the counts come first: every missing expert gets one replica and the
+    surplus is given up by the experts that lose least by it (smallest load per remaining
+    replica, :func:`elasticep.eplb._repack.keep_counts`); each gives up its replica on its most
+    loaded host, and the missing experts, heaviest first, take the freed slots on the least
+    loaded ranks (:func:`elasticep.eplb._repack.repack` with no eviction for load and no bumps:
+    one move per missing expert)."""
+    L, E = w.shape
+    live = int(target.sum()) * S
+    miss = (_counts(np.where(p < 0, E, p), E + 1)[:, :E] == 0).any(1)  # guard: p covers all
+    if miss.any():
+        raise AssertionError("coverage repair left an expert without a replica")
+    cc = _counts(np.where(start < 0, E, start), E + 1)[:, :E]
+    need = (cc == 0).any(1)
+    if not need.any():
+        return p
+    sub = np.flatnonzero(need)
+    c = _repack.keep_counts(cc[sub], w[sub], live)
+    q = _repack.repack(start[sub], w[sub], c, target, speed, S, np.full(sub.size, _INF), max_bumps=0)
+    same_cost = ((q != cur_p[sub]) & (q >= 0)).sum(1) <= ((p[sub] != cur_p[sub]) & (p[sub] >= 0)).sum(1)
+    bq = _layer_balance(_rank_loads(q, w[sub], S)[0], target, speed)
+    bp = _layer_balance(_rank_loads(p[sub], w[sub], S)[0], target, speed)
+    better = same_cost & (bq < bp - 1e-12)
+    if not better.any():
+        return p
+    p = p.copy()
+    p[sub[better]] = q[better]
+    return p
 
 
 def _rebalance(
@@ -1108,7 +1152,11 @@ def _reseat_stuck(
     if allowed is None or allowed >= int(q_moves.sum()):
         # every repack fits: search on from all of them, then keep the layers that gained
         sub_budget = None if allowed is None else allowed - int(q_moves.sum())
-        q = _rebalance(q, cur_p[sub], w[sub], tslot, target, speed, S, sub_budget, tolerance)
+        q = _rebalance(q, cur_p[sub], w[sub], tslot, target, speed, S, sub_budget, tolerance, 8 if budget is None else 2)
+        if sub_budget is not None:
+            sub_left = sub_budget - (int(((q != cur_p[sub]) & (q >= 0)).sum()) - int(q_moves.sum()))
+            if sub_left > 0:
+                q = _rebalance(q, cur_p[sub], w[sub], tslot, target, speed, S, sub_left, tolerance)
         q_moves = ((q != cur_p[sub]) & (q >= 0)).sum(1)
         q_bal = _layer_balance(_rank_loads(q, w[sub], S)[0], target, speed)
         take = q_bal < bal[sub] - 1e-12
@@ -1142,7 +1190,10 @@ def _reseat_stuck(
             return p
         ci = np.flatnonzero(chosen)
         q = q.copy()
-        q[ci] = _rebalance(q[ci], cur_p[sub[ci]], w[sub[ci]], tslot, target, speed, S, spare, tolerance)
+        q[ci] = _rebalance(q[ci], cur_p[sub[ci]], w[sub[ci]], tslot, target, speed, S, spare, tolerance, 2)
+        spare -= int(((q[ci] != cur_p[sub[ci]]) & (q[ci] >= 0)).sum()) - int(q_moves[ci].sum())
+        if spare > 0:
+            q[ci] = _rebalance(q[ci], cur_p[sub[ci]], w[sub[ci]], tslot, target, speed, S, spare, tolerance)
         take = chosen
     if take.any():
         p = p.copy()
