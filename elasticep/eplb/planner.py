@@ -911,7 +911,8 @@ def _repair_by_counts(p: np.ndarray, start: np.ndarray, cur_p: np.ndarray, w: np
         return p
     sub = np.flatnonzero(need)
     c = _repack.keep_counts(cc[sub], w[sub], live)
-    q = _repack.repack(start[sub], w[sub], c, target, speed, S, np.full(sub.size, _INF), max_bumps=0)
+    # a cap no rank can reach (a rank carries at most the whole layer: n times the mean)
+    q = _repack.repack(start[sub], w[sub], c, target, speed, S, np.full(sub.size, 1e12), max_bumps=0)
     same_cost = ((q != cur_p[sub]) & (q >= 0)).sum(1) <= ((p[sub] != cur_p[sub]) & (p[sub] >= 0)).sum(1)
     bq = _layer_balance(_rank_loads(q, w[sub], S)[0], target, speed)
     bp = _layer_balance(_rank_loads(p[sub], w[sub], S)[0], target, speed)
