@@ -661,14 +661,23 @@ def replan(
     if lb:
         p = _repair_by_counts(p, start, cur_p, w, target, speed, S)
     before = float(_layer_balance(_rank_loads(p, w, S)[0], target, speed).mean())
-    # under a budget, fewer pairs per layer and round: the moves go to the hottest ranks first
-    pairs = 8 if budget is None else 2
-    p = _rebalance(p, cur_p, w, tslot, target, speed, S, None if budget is None else min(budget, 3 * lb), float(tolerance), pairs)
-    if budget is not None:
-        # what the narrow search left unspent goes to the wider one
+    # under a budget, fewer pairs per layer and round first: the moves go to the hottest ranks
+    # of each layer; the wider search (8 pairs) takes what that leaves
+    repaired = p
+    if budget is None:
+        p = _rebalance(p, cur_p, w, tslot, target, speed, S, None, float(tolerance))
+    else:
+        p = _rebalance(p, cur_p, w, tslot, target, speed, S, min(budget, 2 * lb), float(tolerance), 2)
         left = budget - (int(((p != cur_p) & (p >= 0)).sum()) - lb)
         if left > 0:
             p = _rebalance(p, cur_p, w, tslot, target, speed, S, left, float(tolerance))
+            left = budget - (int(((p != cur_p) & (p >= 0)).sum()) - lb)
+        if left > 0:
+            # the budget did not bind: the wide search alone may end in a better place
+            wide = _rebalance(repaired, cur_p, w, tslot, target, speed, S, budget, float(tolerance))
+            if _layer_balance(_rank_loads(wide, w, S)[0], target, speed).mean() < \
+                    _layer_balance(_rank_loads(p, w, S)[0], target, speed).mean() - 1e-12:
+                p = wide
     p = _reseat_stuck(p, start, cur_p, w, tslot, target, speed, S, budget, lb, float(tolerance))
     # a safety net: where simply filling the holes in order happens to balance a layer better
     # than the search did (small layers with few ranks, where a greedy step can get stuck), take
