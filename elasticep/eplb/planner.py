@@ -12,7 +12,10 @@ Replanning after a membership change works in two phases, each vectorised over a
    target rank offers its best slot, ranked by the peak it leaves (the rank without the slot's
    current share, and the worst other host of the evicted expert, which takes that share), and
    the heaviest missing experts take the best offers. That is one move per missing (layer,
-   expert) pair: the lower bound.
+   expert) pair: the lower bound. A second repair at the same cost decides replica counts
+   first (the surplus comes from the experts that lose least by giving a replica up, on their
+   most loaded host; the missing experts, heaviest first, take the freed slots on the least
+   loaded ranks); each layer keeps the better balanced of the two.
 2. **Rebalance** is a local search within the move budget. Each round pairs, in every layer, the
    k-th most loaded rank with the k-th least loaded one and tries, per pair, to *replicate* an
    expert of the hot rank into a slot of the cold rank (one changed slot: the hot rank and every
@@ -20,14 +23,21 @@ Replanning after a membership change works in two phases, each vectorised over a
    of the cold rank (two changed slots). Steps are scored by how much they lower the sum of
    squared rank loads per changed slot, may never lift a rank to the hot rank's level, and are
    checked exactly before they are applied. With a budget, the steps on the ranks that stand out
-   most across all layers go first. A layer stops when it is within ``tolerance`` of perfect
-   balance or nothing improves it. Its peak never rises, so the result is never less balanced
+   most across all layers go first, and the search first works the two hottest ranks of each
+   layer only (up to twice the lower bound), then eight; where the budget does not bind, the
+   eight-pair search alone is kept if it ends better balanced. A layer stops when it is within
+   ``tolerance`` of perfect balance or nothing improves it. Its peak never rises, so the result is never less balanced
    than the repair alone; and where filling the holes in id order happens to do better on a
    layer, that layer takes it (it costs the lower bound only).
 3. **Reseat** (skewed loads): a layer the search leaves more than ``max(3 * tolerance, 0.02)``
    off balance is repacked from the current placement (:mod:`elasticep.eplb._repack`: replica
    counts first, then every replica stays unless its rank is over the mean) and searched again;
-   it takes the result where that is better balanced and the budget allows.
+   it takes the result where that is better balanced and the budget allows. When the repacks of
+   all such layers do not fit the budget, the layers that gain most per extra move are repacked
+   while they fit and the search spends what is left on them.
+
+:mod:`elasticep.eplb.bound` gives balances no plan can beat (with or without a budget), which
+``elasticep bench plan --families`` uses to tell infeasible targets from missed ones.
 
 Who calls it: the reconfiguration pipeline on every new view (``replan``), the engines at start
 (``initial``), ``elasticep plan`` and ``elasticep bench plan``.
