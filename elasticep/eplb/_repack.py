@@ -180,13 +180,18 @@ def repack(
             break
         e_star = np.where(pool > 0, u, -_INF).argmax(1)  # [B]
         x = u[rows, e_star]
-        su = slot_u.reshape(B, R, S)
-        occ = p.reshape(B, R, S) >= 0
-        # the smallest replica of each full rank that is lighter than x (bumping it costs a move)
-        vcol = np.where(occ & (su < x[:, None, None] * (1 - 1e-9)), su, _INF).argmin(-1)
-        v = np.take_along_axis(su, vcol[:, :, None], -1)[:, :, 0]
         has_free = nfree > 0
-        can_bump = ~has_free & np.isfinite(v) & (bumps_left[:, None] > 0) & target[None, :]
+        if bumps_left.any():
+            su = slot_u.reshape(B, R, S)
+            occ = p.reshape(B, R, S) >= 0
+            # the smallest replica of each full rank that is lighter than x (bumping it costs a move)
+            vcol = np.where(occ & (su < x[:, None, None] * (1 - 1e-9)), su, _INF).argmin(-1)
+            v = np.take_along_axis(su, vcol[:, :, None], -1)[:, :, 0]
+            can_bump = ~has_free & np.isfinite(v) & (bumps_left[:, None] > 0) & target[None, :]
+        else:  # no bumps left anywhere: the same choice without the per-slot work
+            vcol = np.zeros((B, R), dtype=np.int64)
+            v = np.full((B, R), _INF)
+            can_bump = np.zeros((B, R), dtype=bool)
         new_free = np.where(has_free, load + x[:, None], _INF)
         new_bump = np.where(can_bump, load + x[:, None] - np.where(np.isfinite(v), v, 0.0), _INF)
         fit_free = new_free <= cap

@@ -682,8 +682,9 @@ def replan(
         if left > 0:
             p = _rebalance(p, cur_p, w, tslot, target, speed, S, left, float(tolerance))
             left = budget - (int(((p != cur_p) & (p >= 0)).sum()) - lb)
-        if left > 0:
-            # the budget did not bind: the wide search alone may end in a better place
+        if left > budget // 20:
+            # the budget did not bind (a twentieth or more unspent): the wide search alone may
+            # end in a better place
             wide = _rebalance(repaired, cur_p, w, tslot, target, speed, S, budget, float(tolerance))
             if _layer_balance(_rank_loads(wide, w, S)[0], target, speed).mean() < \
                     _layer_balance(_rank_loads(p, w, S)[0], target, speed).mean() - 1e-12:
