@@ -74,6 +74,14 @@ class Config:
     """How often the membership service polls the store for a newer committed view, ms. A backup
     only: a rank that installs a view announces it on the bus and peers read it at once; the poll
     also proves the store is reachable (see ``store_timeout_s``)."""
+    store_idle_poll_ms: float = 500.0
+    """The poll's period while nothing is in flight (a member serving its view, every peer
+    heard, no join, leave, suspicion or failed store operation), ms; ``store_poll_ms`` applies
+    otherwise. The period used is this clamped to ``[store_poll_ms, store_timeout_s / 2]``, so a
+    store that stops answering is still found within the timeout. Only with ``detection_topology="all"``, where every rank hears
+    every view's announcement and sees its epoch on every peer's envelope (with ``"ring"`` the
+    poll is how views reach ranks beyond the installers' neighbours, so ``store_poll_ms`` always
+    applies)."""
     join_timeout_s: float = 30.0
     """How long a joining rank waits to be admitted before it gives up, s."""
     view_store: str = "tcpstore"
@@ -126,6 +134,11 @@ class Config:
     TOKEN``), at least 16 characters, e.g. ``secrets.token_urlsafe()``; needed when
     ``operator_port >= 0``. Kept out of ``repr()``."""
 
+    def idle_poll_s(self) -> float:
+        """The store poll's period while nothing is in flight, s: ``store_idle_poll_ms`` clamped
+        to ``[store_poll_ms, store_timeout_s / 2]``."""
+        return max(self.store_poll_ms, min(self.store_idle_poll_ms, self.store_timeout_s * 500.0)) / 1e3
+
     @classmethod
     def local(cls, **overrides: Any) -> "Config":
         """Ranks on one host: detect in tens of milliseconds."""
@@ -143,6 +156,7 @@ class Config:
             single_observer_evict_ms=3000.0,
             store_timeout_s=10.0,
             store_poll_ms=200.0,
+            store_idle_poll_ms=2000.0,
             kernel_timeout_us=2_000_000,
             transfer_timeout_s=30.0,
         )
@@ -198,6 +212,8 @@ class Config:
             raise InvalidArgument(f"kernel_timeout_us ({self.kernel_timeout_us}) must be >= grace_ms in us "
                                   f"({self.grace_ms * 1e3:g}): a shorter bound fails the steps of a peer "
                                   "the membership cannot evict yet")
+        if self.store_poll_ms <= 0 or self.store_idle_poll_ms <= 0:
+            raise InvalidArgument("store_poll_ms and store_idle_poll_ms must be > 0")
         if self.phi_threshold <= 0:
             raise InvalidArgument("phi_threshold must be > 0")
         if self.view_store not in ("tcpstore", "etcd"):

@@ -411,3 +411,101 @@ async def test_service_counts_store_conflicts() -> None:
         assert metrics.sample("elasticep_view_store_conflicts_total") == before + 1
     finally:
         await _close(buses, services)
+
+
+# --- the store poll's cadence ----------------------------------------------------------------------
+
+POLL = Config.local(store_poll_ms=50.0, store_idle_poll_ms=400.0, store_timeout_s=2.0)
+
+
+def _member_with(cfg: Config, rank: int = 0, members=(0, 1, 2, 3)) -> MembershipCore:
+    core = MembershipCore(rank, cfg, initial_members=members)
+    (cas,) = core.start(0.0)
+    core.step(CasDone(cas.view, cas.view), 0.0)
+    core.step(ViewRead(2, None), 0.0)
+    assert core.status == "member"
+    return core
+
+
+def _serve(core: MembershipCore, t0: float, t1: float, peers=(1, 2, 3), fail_reads: bool = False) -> list[float]:
+    """Step ``core`` from ``t0`` to ``t1`` with every peer heartbeating each interval; answer every
+    read (empty, or failed); return the times of the reads."""
+    reads, dt, t, seq = [], core.config.heartbeat_interval_ms / 1e3, t0, 100
+    while t < t1:
+        t += dt
+        seq += 1
+        for p in peers:
+            core.step(_env(p, Heartbeat(rank=p), epoch=core.view.epoch, seq=seq), t)
+        for a in core.step(Tick(), t):
+            if isinstance(a, ReadView):
+                reads.append(t)
+                core.step(StoreFailed("read", a.epoch, "refused") if fail_reads else ViewRead(a.epoch, None), t)
+    return reads
+
+
+def test_config_idle_poll_is_clamped_and_validated() -> None:
+    assert POLL.idle_poll_s() == pytest.approx(0.4)
+    assert Config.local(store_poll_ms=100.0, store_idle_poll_ms=5000.0, store_timeout_s=2.0).idle_poll_s() == 1.0
+    assert Config.local(store_poll_ms=100.0, store_idle_poll_ms=10.0).idle_poll_s() == pytest.approx(0.1)
+    assert Config.cluster().idle_poll_s() == pytest.approx(2.0)
+    for bad in ({"store_idle_poll_ms": 0.0}, {"store_poll_ms": -1.0}):
+        with pytest.raises(ValueError, match="must be > 0"):
+            Config.local(**bad)
+
+
+def test_core_quiet_member_polls_at_the_idle_cadence() -> None:
+    core = _member_with(POLL)
+    reads = _serve(core, 0.0, 4.0)
+    gaps = [b - a for a, b in zip(reads, reads[1:])]
+    assert 8 <= len(reads) <= 11, reads          # 4 s / 0.4 s, not 4 s / 0.05 s = 80
+    assert min(gaps) >= 0.4 - 1e-9 and max(gaps) <= 0.4 + POLL.heartbeat_interval_ms / 1e3 + 1e-9
+
+
+def test_core_polls_fast_while_something_is_in_flight() -> None:
+    # A failed store operation: the poll returns to store_poll_ms until a read answers.
+    core = _member_with(POLL)
+    reads = _serve(core, 0.0, 1.0, fail_reads=True)
+    gaps = [b - a for a, b in zip(reads, reads[1:])]
+    assert reads[0] <= 0.4 + 0.04 + 1e-9 and len(gaps) >= 5 and max(gaps) <= 0.05 + 0.04 + 1e-9, reads
+    # A suspicion not yet corroborated.
+    core = _member_with(POLL)
+    _serve(core, 0.0, 0.5)
+    core.step(_env(1, Suspicion(observer=1, suspect=3, source="heartbeat"), seq=1000), 0.5)
+    assert core.fusion.pending()
+    assert core._poll_interval_s() == pytest.approx(0.05)
+    # A silent peer: the monitor suspects it, so the fast cadence applies again.
+    core = _member_with(POLL)
+    _serve(core, 0.0, 0.5)
+    reads = _serve(core, 0.5, 1.5, peers=(1, 2))
+    assert core.monitor.suspected() or core.fusion.pending()
+    assert len(reads) >= 8, reads
+
+
+def test_core_ring_topology_always_polls_fast() -> None:
+    cfg = POLL.replace(detection_topology="ring", monitors_per_rank=4)
+    core = _member_with(cfg, members=tuple(range(8)))
+    reads = _serve(core, 0.0, 2.0, peers=(1, 2, 6, 7))
+    assert not core.monitor.suspected() and len(reads) >= 20, reads
+
+
+def test_core_newer_epoch_on_an_envelope_reads_at_once_and_forgeries_are_bounded() -> None:
+    core = _member_with(POLL)
+    _serve(core, 0.0, 1.0)
+    # A view 2 committed elsewhere whose announcement was lost: a peer's envelope carries epoch 2.
+    acts = core.step(_env(1, Heartbeat(rank=1), epoch=2, seq=5000), 1.1)
+    (read,) = [a for a in acts if isinstance(a, ReadView)]
+    acts = core.step(ViewRead(read.epoch, View.of(2, [0, 1, 2], proposer=1, reason="-3 (exit)")), 1.1)
+    assert any(isinstance(a, Install) for a in acts) and core.view.epoch == 2
+    for a in acts:
+        if isinstance(a, ReadView):
+            core.step(ViewRead(a.epoch, None), 1.1)
+    # A forged epoch on every envelope, 1000 per second: at most one read per store_poll_ms.
+    reads, t = 0, 1.2
+    for i in range(1000):
+        t += 0.001
+        for a in core.step(_env(1, Heartbeat(rank=1), epoch=99, seq=6000 + i), t):
+            if isinstance(a, ReadView):
+                reads += 1
+                assert not core.step(ViewRead(a.epoch, None), t) or core.view.epoch == 2
+    assert 1 <= reads <= 1.0 / 0.05 + 1
+    assert core.view.epoch == 2

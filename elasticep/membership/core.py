@@ -328,6 +328,7 @@ class MembershipCore:
             out += self._tick(now)
         elif isinstance(item, Envelope):
             out += self._event(item.event, item.sender, now)
+            out += self._epoch_hint(item, now)
         elif isinstance(item, CasDone):
             out += self._cas_done(item, now)
         elif isinstance(item, ViewRead):
@@ -395,15 +396,40 @@ class MembershipCore:
             for event in self.monitor.check(now):
                 out.append(Publish(event))
                 out += self._event(event, self.rank, now)
-        if self._read is None and self._cas is None and now - self._last_poll_s >= cfg.store_poll_ms / 1e3:
+        if self._read is None and self._cas is None and now - self._last_poll_s >= self._poll_interval_s():
             out.append(self._read_next(now))
         return out
+
+    def _quiet(self) -> bool:
+        """Nothing in flight that a committed view could settle: this member serves a view, every
+        peer is heard, nobody asks to join or leave, and the store answered its last operation."""
+        return (self.status == Status.MEMBER and self.topology.everyone and not self._leaving
+                and not self._joiners and self._change_since_s is None and "store" not in self._notes
+                and not self.fusion.pending() and not self.monitor.suspected())
+
+    def _poll_interval_s(self) -> float:
+        """``store_idle_poll_ms`` while :meth:`_quiet`, ``store_poll_ms`` otherwise. Quiet polling
+        loses nothing: with every rank hearing every other, a view committed elsewhere is
+        announced (:class:`ViewInstalled`) and stamped on every envelope its members send (the
+        envelope's epoch), and either makes this rank read at once."""
+        return self.config.idle_poll_s() if self._quiet() else self.config.store_poll_ms / 1e3
 
     def _read_next(self, now: float) -> ReadView:
         epoch = (self.view.epoch if self.view else 0) + 1
         self._read = epoch
         self._last_poll_s = now
         return ReadView(epoch)
+
+    def _epoch_hint(self, env: Envelope, now: float) -> list[Action]:
+        """A peer stamps its installed epoch on every envelope: one ahead of this rank means the
+        store holds a newer view (its announcement may have been lost), so read it now rather
+        than at the next poll. At most one read per ``store_poll_ms`` (a forged epoch costs a
+        bounded number of reads that find nothing, never a view)."""
+        current = self.view.epoch if self.view else 0
+        if (env.epoch > current and self.status == Status.MEMBER and self._read is None and self._cas is None
+                and now - self._last_poll_s >= self.config.store_poll_ms / 1e3):
+            return [self._read_next(now)]
+        return []
 
     # --- bus events -------------------------------------------------------------------------
 

@@ -37,8 +37,8 @@ Watch: :meth:`EtcdViewStore.watch` is an async iterator over committed views, in
 fed by an etcd watch on the view prefix (re-established on another endpoint if its stream
 breaks, resuming from the last revision seen). The store's own cache is fed by it too once
 :meth:`start_watch` is called, so a rank's next poll after a commit elsewhere finds the view
-locally. The membership core still polls (``Config.store_poll_ms``): the poll is also how a rank
-proves the store is reachable.
+locally. The membership core still polls (``Config.store_poll_ms``, or ``store_idle_poll_ms`` while
+nothing is in flight): the poll is also how a rank proves the store is reachable.
 
 Needs the ``etcd`` extra (``pip install elasticep[etcd]``: the asyncio client ``aetcd`` over
 ``grpcio``). Every call runs on the caller's event loop; one object serves one event loop.

@@ -16,7 +16,7 @@ Pure functions of the member set (a sorted tuple of ranks); no I/O, no clock.
 A rank outside the member set (a joiner) is placed where it would sit in the ring: it hears, and
 is heard by, the ``k`` members on each side of that place, its *sponsors*. Verdicts need no
 fan-out beyond that: the change is committed in the view store, which every rank polls
-(``Config.store_poll_ms``), and each installer announces it to its own neighbours.
+(``Config.store_poll_ms``; a ring never slows to ``store_idle_poll_ms``), and each installer announces it to its own neighbours.
 
 When ranks die, the ring closes over them at the next view, so a rank whose whole watching set
 died together with it is watched by new neighbours from that view on (and, silent, is suspected
