@@ -344,8 +344,10 @@ def test_link_down_fences_the_minority_and_it_rejoins_when_the_link_returns() ->
 @pytest.mark.parametrize("direction", ["in", "out"])
 def test_asymmetric_partition_ends_the_same_on_every_survivor(direction: str) -> None:
     """Host 2's one rank hears its peers but they do not hear it ("out"), or the reverse ("in");
-    the store (etcd at the bridge) stays reachable from everyone. Whatever the outcome, every
-    survivor ends with the same view, and no epoch has two member sets."""
+    the store (etcd at the bridge) stays reachable from everyone. Either way rank 4 ends outside
+    the view on every survivor: "out", evicted on its silence; "in", it hears nobody, fences
+    itself as isolated after ``store_timeout_s`` and is evicted on its ``Fenced`` event. No
+    epoch has two member sets."""
     from elasticep.testing.etcd import EtcdCluster, etcd_available
 
     reason = etcd_available()
@@ -370,8 +372,10 @@ def test_asymmetric_partition_ends_the_same_on_every_survivor(direction: str) ->
             last = {r: cluster.sequences([r])[r][-1] for r in survivors}
             assert len(set(last.values())) == 1, last
             epoch, members = next(iter(last.values()))
-            assert (4 in members) == (4 in survivors), (members, survivors)
+            assert 4 not in members and 4 not in survivors, (members, survivors)
             assert views[epoch] == members
+            fenced = [x for x in cluster.ranks[4].reports if x["kind"] == "fenced"]
+            assert fenced and ("isolated" if direction == "in" else "outside committed") in str(fenced), fenced
             print(f"direction={direction}: views {views}, survivors {survivors}")
 
 

@@ -266,6 +266,7 @@ class MembershipCore:
         self._causes: dict[int, str] = {}
         self._leaving = False
         self._change_since_s: float | None = None
+        self._isolated_since_s: float | None = None
         self._notes: dict[str, str] = {}  # topic -> last note, to log a reason once per change
         self.step_count = 0
 
@@ -681,6 +682,24 @@ class MembershipCore:
                 out += self._fence(now, f"outside committed {view.describe()} ({view.reason})", "evicted")
         return out
 
+    def _isolated(self, now: float, doubted: set[int], remaining: set[int], base: set[int]) -> list[Action]:
+        """This rank would evict a majority of the members, which it must not do. If the majority
+        is alive and keeps it (it hears nobody, but they hear it: an inbound-only failure), no
+        view would ever remove it, though it can take part in nothing; so a rank that stays on
+        the minority side for ``store_timeout_s`` fences itself (label ``isolated``). Its
+        ``Fenced`` event, or its silence, then lets the majority evict it. A real partition ends
+        sooner: the majority commits a view without this rank, which reads it and fences."""
+        unheard = self.monitor.suspected() & base
+        if 2 * len(base - unheard) >= len(base):  # others' suspicions, not this rank's own silence
+            self._isolated_since_s = None
+        elif self._isolated_since_s is None:
+            self._isolated_since_s = now
+        if self._isolated_since_s is not None and now - self._isolated_since_s >= self.config.store_timeout_s:
+            return self._fence(now, f"isolated: {sorted(unheard)} unheard for {self.config.store_timeout_s:g} s "
+                               f"(store_timeout_s); {len(base - unheard)} of {len(base)} members heard", "isolated")
+        return self._note(f"not evicting {sorted(doubted)}: only {len(remaining)} of {len(base)} members "
+                          f"would remain (a minority must not evict the majority)")
+
     def _fence(self, now: float, reason: str, label: str) -> list[Action]:
         epoch = self.view.epoch if self.view else 0
         self.status = Status.FENCED
@@ -695,19 +714,21 @@ class MembershipCore:
         if view is None or self._cas is not None:
             return []
         members = set(view.members)
-        heard = set(self.monitor.peers) - self.monitor.suspected()
-        # Silence that others report about a rank this rank hears itself is not enough: the link
-        # between them is what failed (kernel timeouts and certain signals still count).
+        heard = (set(self.monitor.peers) - self.monitor.suspected()) | {self.rank}
+        # Silence that others report about a rank this rank hears itself (or about this rank) is
+        # not enough: the link between them is what failed (kernel timeouts and certain signals
+        # still count).
         verdicts: dict[int, Verdict] = {
             v.rank: v for v in self.fusion.verdicts(now, members)
             if v.certain or v.cause != "heartbeat" or v.rank not in heard
         }
         joiners = {r: inc for r, inc in self._joiners.items() if r not in members}
         if not verdicts and not joiners:
-            self._change_since_s = None
+            self._change_since_s = self._isolated_since_s = None
             return []
         target = (members - set(verdicts)) | set(joiners)
         if target == members:
+            self._isolated_since_s = None
             return []
         if self._change_since_s is None:
             self._change_since_s = now
@@ -718,8 +739,8 @@ class MembershipCore:
         doubted = (set(verdicts) | set(self.fusion.pending()) | self.monitor.suspected()) & base
         remaining = base - doubted
         if set(verdicts) - certain_gone and 2 * len(remaining) < len(base):
-            return self._note(f"not evicting {sorted(doubted)}: only {len(remaining)} of {len(base)} members "
-                              f"would remain (a minority must not evict the majority)")
+            return self._isolated(now, doubted, remaining, base)
+        self._isolated_since_s = None
         if not target:
             return self._note("not proposing an empty view")
         my_suspects = self.monitor.suspected()

@@ -17,6 +17,7 @@ Commands (one per line, ``#`` starts a comment)::
     slow 3 interval=160ms              rank 3 ticks (and so heartbeats) only every 160 ms
     partition 0,1,2 | 3,4 / heal       nothing crosses between the groups
     deliver drop=(2,3) / deliver all   cut / restore the link between two ranks (both ways)
+    deliver drop=(2>3)                 cut one way: what rank 2 sends, rank 3 never gets
     store down [ranks=3,4] / store up [ranks=3,4] / store hold / store release
     restart 3                          a new process of rank 3 (next incarnation) asks to join
     leave 2                            rank 2 asks to leave gracefully
@@ -264,8 +265,13 @@ class Sim:
             if pos and pos[0] == "all":
                 self.cuts.clear()
             else:
-                a, b = _ranks(kv["drop"].strip("()"))
-                self.cuts |= {(a, b), (b, a)}
+                spec = kv["drop"].strip("()")
+                if ">" in spec:  # one way only: what A sends, B never gets
+                    a, b = (int(x) for x in spec.split(">"))
+                    self.cuts.add((a, b))
+                else:
+                    a, b = _ranks(spec)
+                    self.cuts |= {(a, b), (b, a)}
         elif cmd == "store":
             ranks = set(_ranks(kv["ranks"])) if "ranks" in kv else None
             if pos[0] in ("down", "up"):
