@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks-per-host", type=int, default=2)
     parser.add_argument("--store", nargs="+", default=None, choices=("tcpstore", "etcd"),
                         help="with --hosts: the view stores to compare in the same run (default: both)")
-    parser.add_argument("--etcd-heartbeat-ms", type=int, default=50, help="with --hosts: etcd's raft heartbeat")
-    parser.add_argument("--etcd-election-ms", type=int, default=500, help="with --hosts: etcd's election timeout")
+    parser.add_argument("--etcd-heartbeat-ms", type=int, default=10, help="with --hosts: etcd's raft heartbeat")
+    parser.add_argument("--etcd-election-ms", type=int, default=100, help="with --hosts: etcd's election timeout")
     args = parser.parse_args(argv)
     if args.hosts:
         return _main_hosts(parser, args)

@@ -62,7 +62,7 @@ def _readmit(cluster, ranks: Sequence[int], world: int, timeout: float) -> None:
 
 
 def run_store(store: str, n_hosts: int, per_host: int, trials: int, seed: int, log=print,
-              etcd_heartbeat_ms: int = 50, etcd_election_ms: int = 500) -> dict[str, Any]:
+              etcd_heartbeat_ms: int = 10, etcd_election_ms: int = 100) -> dict[str, Any]:
     """One store's series on fresh hosts; returns its record. ``etcd_heartbeat_ms`` and
     ``etcd_election_ms`` are the members' raft timers (etcd's ``--heartbeat-interval`` and
     ``--election-timeout``): a dead leader is replaced about one election timeout later."""
