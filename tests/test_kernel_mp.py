@@ -157,7 +157,10 @@ class RankGroup:
     def stop(self) -> None:
         for p in self.procs:
             if p.is_alive():
-                os.kill(p.pid, signal.SIGCONT)
+                try:  # it may exit between the check and the signal
+                    os.kill(p.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    continue
                 p.kill()
         for p in self.procs:
             p.join(5)

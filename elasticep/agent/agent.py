@@ -1132,9 +1132,9 @@ class Agent:
         what is served. The leader of the served view writes it; call it on every rank, from
         the engine thread, after the change."""
         self._require_running()
-        with self._view_lock:
-            view = self._latest_view
-        if view is not None and view.epoch == self.epoch and view.leader == self.rank:
+        # the served epoch and members change only in a commit, while the engine thread (this
+        # caller) is parked in boundary(); the served view's leader is its lowest member
+        if self.epoch >= 1 and self.members and self.rank == min(self.members):
             self._publish_placement(self.epoch, self.hooks.placement())
 
     async def _commit(self, view, plan: _Plan, staged: _Staged | None, group: Any) -> None:
