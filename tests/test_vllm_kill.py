@@ -1,9 +1,11 @@
 """SIGKILL one engine core of a real vLLM server (``AsyncLLM``, DP 2 with expert parallelism)
 mid-stream, with elasticep's recovery and without it, in the same run.
 
-With the ``elasticep`` plugin the server keeps answering: every request cut by the kill is sent
-again and completes, each output equals transformers' greedy output, and a request sent after the
-kill is answered by the surviving engine core, which now serves all 8 experts.
+With the ``elasticep`` plugin the server keeps answering: the engine cores' elasticep agents
+commit a view without the killed one (epoch 2, in the store the front end hosts), every request
+cut by the kill is sent again and completes, each output equals transformers' greedy output, and a
+request sent after the kill is answered by the surviving engine core, which now serves all 8
+experts.
 
 With the CPU collectives plugin only, what vLLM 0.32 does by itself. Every request, also those
 on the surviving engine core, ends within a bounded time short of its tokens (``EngineDeadError``,
@@ -69,6 +71,9 @@ def test_with_elasticep_the_server_keeps_answering_and_outputs_equal_transformer
     assert result["engine_cores_alive"] == {"0": True, "1": False}
     (recovery,) = result["recoveries"]
     assert recovery["dead"] == 1 and recovery["serving_ms"] < BOUND_S * 1000
+    # the engine cores' agents committed view 2 without DP 1: the survivor serves every expert
+    assert recovery["epoch"] == 2
+    assert recovery["experts_by_rank"] == {"0": list(range(8)), "1": []}
 
 
 @pytest.mark.timeout(600)

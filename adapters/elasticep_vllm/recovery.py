@@ -11,21 +11,28 @@ front end
     the other engine cores instead of returning (which shut the client down); the dead DP rank is
     taken out of request routing (``DPLBAsyncMPClient.get_core_engine_for_request``) and the
     requests that were on it are aborted (their streams end; the caller retries them).
-survivor's engine core
-    its worker's next MoE collective fails (gloo: the peer closed its connection); vLLM's fault
-    tolerance (``EngineCoreSentinel.on_fault``) aborts the survivor's requests too and parks the
-    busy loop waiting for an instruction. The front end sends ``elasticep_shrink``: the engine
-    core stops the DP all-reduce of its step loop (``_has_global_unfinished_reqs``: local only),
-    and its worker (:meth:`ElasticEPWorker.elasticep_solo`) serves alone: the MoE gather and
-    scatter and the DP padding all-reduce (``dp_utils._run_ar``) stop waiting for the dead rank,
-    and :class:`~elasticep_vllm.hooks.VllmHooks` commits elasticep's planner's repair of the
-    placement in force (the dead rank's experts read from the checkpoint into the survivor).
-    Then the busy loop resumes.
+every engine core
+    runs an :class:`elasticep.Agent` (:mod:`elasticep_vllm.core_agent`, started at its busy
+    loop's first turn; :func:`~elasticep_vllm.serve.start_engine` hosts the store and generates
+    the bus keys). Its membership sees the dead core go (its sockets close, its heartbeats
+    stop) and commits a view without it; the survivor's busy loop commits that view at its next
+    turn (:meth:`~elasticep_vllm.core_agent.CoreAgent.boundary`) or, when its step failed first
+    (gloo: the peer closed its connection), right after vLLM's engine-core fault tolerance
+    (``EngineCoreSentinel.on_fault``) aborted its requests
+    (:meth:`~elasticep_vllm.core_agent.CoreAgent.recover`). The leader's plan is elasticep's
+    planner from the placement in force (the dead rank's experts into the survivor's empty
+    slots); :class:`~elasticep_vllm.core_agent.VllmAgentHooks` commits it (experts read from the
+    checkpoint) and, for a lone survivor, makes the MoE gather/scatter, the DP padding
+    all-reduce (``dp_utils._run_ar``) and the step loop's DP all-reduce
+    (``DPEngineCoreProc._has_global_unfinished_reqs``) wait for no peer. The busy loop resumes
+    by itself: the front end sends no instruction.
 
 Limits (stated, not hidden): one survivor (DP 2; with more survivors the collectives would need a
-group over them, not done); the survivor must be in a step when the peer dies or get one within
-``_FAULT_WAIT_S`` (it faults at its next collective). Each recovery is recorded in
-``client._elasticep_recoveries`` (``{"dead", "abort_ms", "fault_ms", "serving_ms"}``).
+group over them, not done). A hung (not dead) core holds the survivor's step inside gloo until
+gloo's own timeout: the view comes in about 250 ms but the step cannot be interrupted. Each
+recovery is recorded in ``client._elasticep_recoveries`` (``{"dead", "abort_ms", "committed_ms",
+"serving_ms"}``, as the front end saw it) and in each engine core's
+``CoreAgent.recoveries``.
 """
 
 from __future__ import annotations
@@ -150,10 +157,45 @@ def _on_engine_death(client: Any, proc: Any) -> None:
     asyncio.run_coroutine_threadsafe(_recover(client, rank, time.monotonic()), loop)
 
 
-async def _recover(client: Any, dead: int, t0: float) -> None:
-    from vllm.v1.fault_tolerance.engine_core_sentinel import FT_UTILITY_METHOD
-    from vllm.v1.fault_tolerance.utils import FaultToleranceRequest
+async def _committed_without(client: Any, dead: set[int], deadline: float) -> int | None:
+    """The first epoch whose view leaves every rank of ``dead`` out and whose placement is
+    committed in the engine cores' store (polled every 5 ms until ``deadline``); None if none."""
+    import os
 
+    from elasticep.agent import connect_store, placement_key
+    from elasticep.membership.view import decode_view
+    from elasticep_vllm.core_agent import ENV_CLUSTER, ENV_STORE
+
+    store = getattr(client, "_elasticep_store", None)
+    if store is None:
+        address = os.environ.get(ENV_STORE)
+        if not address:
+            return None
+        store = await asyncio.to_thread(connect_store, address)
+        client._elasticep_store = store
+    cluster = os.environ.get(ENV_CLUSTER, "vllm")
+
+    def scan(first: int) -> tuple[int | None, int]:
+        epoch = first
+        while store.check([f"elasticep/{cluster}/view/{epoch}"]):
+            view = decode_view(store.get(f"elasticep/{cluster}/view/{epoch}"))
+            if not (dead & set(view.members)) and store.check([placement_key(cluster, epoch)]):
+                client._elasticep_placement = store.get(placement_key(cluster, epoch))
+                return epoch, epoch
+            epoch += 1
+        return None, max(first, epoch - 1)
+
+    first = 2
+    while time.monotonic() < deadline:
+        found, first = await asyncio.to_thread(scan, first)
+        if found is not None:
+            return found
+        await asyncio.sleep(0.005)
+    log.error("elasticep: no view without DP ranks %s was committed in time", sorted(dead))
+    return None
+
+
+async def _recover(client: Any, dead: int, t0: float) -> None:
     record: dict[str, Any] = {"dead": dead}
     client._elasticep_dead.add(dead)
     dead_engine = client.core_engines[dead]
@@ -167,19 +209,26 @@ async def _recover(client: Any, dead: int, t0: float) -> None:
     record["cut_on_dead"] = len(cut)
     record["abort_ms"] = round((time.monotonic() - t0) * 1000, 1)
     survivors = [r for r in range(len(client.core_engines)) if r not in client._elasticep_dead]
-    for rank in survivors:
-        deadline = time.monotonic() + _FAULT_WAIT_S
-        while client._engine_status.get(rank, {}).get("status") != "unhealthy":
-            if time.monotonic() > deadline:
-                log.error("elasticep: DP rank %d did not fault within %.0f s", rank, _FAULT_WAIT_S)
-                break
-            await asyncio.sleep(0.005)
-        record["fault_ms"] = round((time.monotonic() - t0) * 1000, 1)
-        req = FaultToleranceRequest(instruction="elasticep_shrink",
-                                    params={"dead": sorted(client._elasticep_dead)},
-                                    request_id=uuid.uuid4().hex)
-        result = await client._call_utility_async(FT_UTILITY_METHOD, req, engine=client.core_engines[rank])
-        record["result"] = result
+    # the survivors' agents commit a view without the dead rank by themselves; serving again is
+    # that view's placement in the store and no survivor left faulted
+    epoch = await _committed_without(client, client._elasticep_dead, t0 + _FAULT_WAIT_S)
+    record["committed_ms"] = round((time.monotonic() - t0) * 1000, 1)
+    record["epoch"] = epoch
+    if epoch is not None:
+        import json
+
+        from elasticep.eplb.placement import Placement
+
+        p = Placement.from_dict(json.loads(client._elasticep_placement))
+        # the experts each rank serves in the committed placement (first MoE layer)
+        record["experts_by_rank"] = {str(r): sorted(int(e) for e in p.phy2log[0, list(p.slots_of_rank(r))].tolist()
+                                                    if e >= 0) for r in range(p.num_ranks)}
+    deadline = t0 + _FAULT_WAIT_S
+    while any(client._engine_status.get(r, {}).get("status") == "unhealthy" for r in survivors):
+        if time.monotonic() > deadline:
+            log.error("elasticep: a survivor stayed faulted for %.0f s", _FAULT_WAIT_S)
+            break
+        await asyncio.sleep(0.005)
     record["serving_ms"] = round((time.monotonic() - t0) * 1000, 1)
     client._elasticep_recoveries.append(record)
     log.warning("elasticep: serving again without DP rank %d: %s", dead, record)
@@ -191,39 +240,60 @@ async def _recover(client: Any, dead: int, t0: float) -> None:
 def _install_engine_core() -> None:
     from vllm.v1.engine.core import DPEngineCoreProc, EngineCoreProc
     from vllm.v1.fault_tolerance.engine_core_sentinel import EngineCoreSentinel
-    from vllm.v1.fault_tolerance.utils import FaultToleranceResult
     from vllm.v1.engine import EngineStatusType
 
-    if hasattr(EngineCoreSentinel, "elasticep_shrink"):
+    from elasticep.agent import AgentFenced
+    from elasticep_vllm.core_agent import agent_enabled
+
+    if getattr(EngineCoreSentinel.on_fault, "__elasticep__", False):
         return
 
-    def elasticep_shrink(self, ft_request):
-        engine = self.engine
-        dead = [int(d) for d in ft_request.params["dead"]]
-        engine._elasticep_solo = True
-        if hasattr(engine, "step_counter"):
-            engine.step_counter = 0
-        engine.model_executor.collective_rpc("elasticep_solo", args=(dead,))
-        self.status_type = EngineStatusType.HEALTHY
-        self.resumed.set()
-        self._push_status()
-        return FaultToleranceResult(request_id=ft_request.request_id, success=True)
+    original_on_fault = EngineCoreSentinel.on_fault
 
-    EngineCoreSentinel.elasticep_shrink = elasticep_shrink
+    def on_fault(self, exc):
+        # vLLM aborts the core's requests and marks it unhealthy; the agent then commits the
+        # view that removes the lost peer and the busy loop resumes by itself
+        original_on_fault(self, exc)
+        core = _core(self.engine)
+        if core is None or self.status_type != EngineStatusType.UNHEALTHY:
+            return
+        try:
+            recovered = core.recover(exc)
+        except AgentFenced as fenced:
+            log.error("elasticep: engine core DP %d is fenced: %s", core.agent.rank, fenced)
+            raise SystemExit(1) from fenced
+        if recovered:
+            self.status_type = EngineStatusType.HEALTHY
+            self.fault_info = None
+            self.resumed.set()
+            self._push_status()
+
+    on_fault.__elasticep__ = True  # type: ignore[attr-defined]
+    EngineCoreSentinel.on_fault = on_fault
 
     original_poll = EngineCoreProc._process_input_queue
 
     def _process_input_queue(self, *args, **kwargs):
         # vLLM's fault-tolerant busy loop and sentinel in the engine core only (its workers'
         # fault tolerance needs a GPU all-to-all backend): a step that fails then parks the loop,
-        # aborts the core's requests and waits for an instruction (elasticep_shrink). Set here,
+        # aborts the core's requests and waits for the agent's view (on_fault above). Set here,
         # on the busy loop's first turn: plugins load inside the engine core's __init__.
         if not getattr(self, "_elasticep_ft", False):
             self._elasticep_ft = True
             if recovering() and not getattr(self, "enable_fault_tolerance", False):
                 self.enable_fault_tolerance = True
                 self.ft_sentinel = EngineCoreSentinel(engine=self, parallel_config=self.vllm_config.parallel_config)
-        return original_poll(self, *args, **kwargs)
+            if recovering() and agent_enabled():
+                _start_core(self)
+        out = original_poll(self, *args, **kwargs)
+        core = _core(self)
+        if core is not None:
+            try:
+                core.boundary()
+            except AgentFenced as fenced:
+                log.error("elasticep: engine core DP %d is fenced: %s", core.agent.rank, fenced)
+                raise SystemExit(1) from fenced
+        return out
 
     EngineCoreProc._process_input_queue = _process_input_queue
 
@@ -237,11 +307,56 @@ def _install_engine_core() -> None:
     DPEngineCoreProc._has_global_unfinished_reqs = _has_global_unfinished_reqs
 
 
+def _core(engine: Any) -> Any:
+    """The engine core's agent once started (None before, or where elasticep's agent is off)."""
+    return getattr(engine, "_elasticep_core", None)
+
+
+def _start_core(engine: Any) -> None:
+    """Start the engine core's agent (the busy loop's first turn); a failure ends the core."""
+    from elasticep_vllm.core_agent import core_agent
+
+    try:
+        engine._elasticep_core = core_agent(engine)
+    except Exception as exc:
+        log.error("elasticep: the agent of engine core DP %s did not start: %r",
+                  engine.vllm_config.parallel_config.data_parallel_rank, exc)
+        raise SystemExit(1) from exc
+
+
 # ---- worker --------------------------------------------------------------------------------
+
+
+def _die_with_engine_core() -> None:
+    """In a worker process of an engine core (vLLM names them ``VllmWorker-<rank>``): the
+    kernel SIGKILLs it the moment its engine core dies. vLLM's own death pipe only shuts the
+    worker's queues down, so a worker in the middle of a step held its gloo peers until the step
+    gave up (about a second); a rank is its engine core and its workers, and they go together."""
+    import ctypes
+    import multiprocessing
+    import os
+    import signal
+
+    if not recovering() or not multiprocessing.current_process().name.startswith("VllmWorker"):
+        return
+    parent = multiprocessing.parent_process()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+            log.warning("elasticep: prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+            return
+    except OSError as exc:
+        log.warning("elasticep: no prctl here (%r): the worker outlives a dead engine core briefly", exc)
+        return
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)  # the engine core died before the signal was armed
 
 
 def _install_worker() -> None:
     from vllm.v1.worker import dp_utils
+
+    _die_with_engine_core()
 
     if getattr(dp_utils._run_ar, "__elasticep__", False):
         return

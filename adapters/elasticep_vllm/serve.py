@@ -18,7 +18,7 @@ import time
 import uuid
 from typing import Any, Sequence
 
-__all__ = ["cpu_env", "engine_args", "generate_all", "main", "start_engine"]
+__all__ = ["cpu_env", "engine_args", "generate_all", "main", "set_up_agents", "start_engine"]
 
 
 def cpu_env(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -50,18 +50,51 @@ def engine_args(model: str, dp: int = 1, ep: bool = False, elasticep: bool = Fal
     return args
 
 
+_store_server: Any = None
+
+
 def start_engine(args: Any):
     """``AsyncLLM`` from ``args``. Where :func:`engine_args` asked for elasticep, sets
-    :data:`~elasticep_vllm.recovery.ENV_RECOVER` for this process and the engine cores it starts
-    (vLLM's own ``enable_fault_tolerance`` cannot be used on CPU: vLLM 0.32 refuses it with its
-    internal load balancer and its workers refuse it without a GPU all-to-all backend)."""
+    :data:`~elasticep_vllm.recovery.ENV_RECOVER` and
+    :data:`~elasticep_vllm.core_agent.ENV_AGENT` for this process and the engine cores it starts,
+    hosts the agents' ``TCPStore`` in this process (unless
+    :data:`~elasticep_vllm.core_agent.ENV_STORE` names one) and generates the cluster's bus keys
+    (unless ``ELASTICEP_BUS_KEYS`` holds them). vLLM's own ``enable_fault_tolerance`` cannot be
+    used on CPU: vLLM 0.32 refuses it with its internal load balancer and its workers refuse it
+    without a GPU all-to-all backend."""
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from elasticep_vllm.recovery import ENV_RECOVER
 
     if getattr(args, "_elasticep_fault_tolerance", False):
         os.environ[ENV_RECOVER] = "1"
+        set_up_agents(int(args.data_parallel_size))
     return AsyncLLM.from_engine_args(args)
+
+
+def set_up_agents(ranks: int) -> dict[str, Any]:
+    """The environment the engine cores' agents start from (they inherit it): a store and the
+    bus keys of ``ranks`` DP ranks. Returns what was set up."""
+    global _store_server
+    import datetime
+
+    from elasticep.bus import ClusterKeys
+    from elasticep.bus.keys import KEYS_ENV
+    from elasticep_vllm.core_agent import ENV_AGENT, ENV_STORE
+
+    os.environ[ENV_AGENT] = "1"
+    hosted = False
+    if not os.environ.get(ENV_STORE):
+        from torch.distributed import TCPStore
+
+        _store_server = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                                 timeout=datetime.timedelta(seconds=30))
+        os.environ[ENV_STORE] = f"127.0.0.1:{_store_server.port}"
+        hosted = True
+    generated = KEYS_ENV not in os.environ
+    if generated:
+        os.environ[KEYS_ENV] = ClusterKeys.generate(max(ranks, 1)).to_json()
+    return {"store": os.environ[ENV_STORE], "store_hosted_here": hosted, "keys_generated": generated}
 
 
 async def generate_one(engine: Any, prompt: Sequence[int], tokens: int, request_id: str | None = None) -> list[int]:

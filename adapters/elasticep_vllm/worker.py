@@ -44,24 +44,13 @@ class ElasticEPWorker:
         hooks.commit(Commit(epoch=int(epoch), view=None, placement=placement, alive=tuple(bool(a) for a in alive)))
         return self.elasticep_placement()
 
-    def elasticep_solo(self, dead: Sequence[int]) -> dict:
-        """Serve alone: every other rank in ``dead``. Commits elasticep's planner's repair of the
-        placement in force (the dead ranks' experts onto this rank, read from the checkpoint),
-        then the MoE gather/scatter and the DP padding all-reduce stop waiting for peers."""
-        import torch
-
-        from elasticep.agent.hooks import Commit
-        from elasticep.eplb.planner import replan
-        from elasticep.errors import InvalidArgument
+    def elasticep_apply(self, epoch: int, phy2log: Sequence[Sequence[int]], alive: Sequence[bool]) -> dict:
+        """The engine core's agent commits a view: :meth:`elasticep_commit`, and where ``alive``
+        leaves this rank alone, the MoE gather/scatter and the DP padding all-reduce stop waiting
+        for peers (they wait again once every rank serves)."""
         from elasticep_vllm import collectives
 
-        hooks = self.elasticep_hooks()
-        survivors = [r for r in range(hooks.num_ranks) if r not in set(int(d) for d in dead)]
-        if survivors != [hooks.rank]:
-            raise InvalidArgument(f"serving alone needs this rank ({hooks.rank}) to be the one survivor, not {survivors}")
-        current = hooks.placement()
-        plan = replan(current, torch.ones(current.num_layers, current.num_experts), alive_ranks=survivors, max_moves=0)
-        alive = tuple(r in survivors for r in range(hooks.num_ranks))
-        hooks.commit(Commit(epoch=hooks.epoch + 1, view=None, placement=plan.placement, alive=alive))
-        collectives.SOLO["on"] = True
-        return self.elasticep_placement()
+        out = self.elasticep_commit(epoch, phy2log, alive)
+        serving = [r for r, a in enumerate(alive) if a]
+        collectives.SOLO["on"] = serving == [self.elasticep_hooks().rank]
+        return out

@@ -477,6 +477,17 @@ class Agent:
         with self._view_lock:
             return self._latest_view is not None and self._latest_view.epoch > self.epoch
 
+    def wait_newer_view(self, timeout_s: float | None = None) -> bool:
+        """Block until a view newer than the served epoch is installed (then :meth:`boundary`
+        commits it); False after ``timeout_s`` (default ``view_wait_s``). For an engine whose
+        step failed without saying which peer it lost.
+
+        Raises:
+            AgentFenced: this rank learned meanwhile that it is outside the committed views.
+        """
+        self._require_running()
+        return self._wait_view(lambda v: v.epoch > self.epoch, self.view_wait_s if timeout_s is None else timeout_s)
+
     def peers_lost(self, ranks: Iterable[int]) -> None:
         """The engine's step could not hear ``ranks`` (its kernel gave up waiting on them).
 

@@ -1,0 +1,236 @@
+"""The elasticep agent of one vLLM engine-core process (one DP/EP rank).
+
+With :data:`ENV_AGENT` set to ``1`` (:func:`~elasticep_vllm.serve.start_engine` does it, and
+hosts the store), every engine core starts an :class:`elasticep.Agent` at the first turn of its
+busy loop, when its worker's model is loaded: rank = vLLM's DP rank, members = every DP rank,
+:class:`VllmAgentHooks` over the worker's fused-MoE layers. From then on elasticep's membership
+(heartbeats and socket disconnects over the CURVE-authenticated bus, views committed in the
+store) decides who serves, and the agent's pipeline (the leader's plan from the placement in
+force, the commit barrier) changes the placement:
+
+- every busy-loop turn, before the engine step, calls :meth:`CoreAgent.boundary`: a view
+  installed since the last turn is planned and committed through the hooks before the step
+  runs (an idle survivor never runs a step against the dead rank);
+- a step that fails (a collective whose peer died) ends in vLLM's engine-core sentinel, which
+  aborts the core's requests; :meth:`CoreAgent.recover` then waits, bounded by the agent's
+  ``view_wait_s``, for the view without the lost rank, commits it, and the busy loop resumes
+  with no instruction from the front end. No view: the core stays faulted (vLLM's own recovery
+  timeout then ends it).
+
+Settings, read from the environment (``start_engine`` sets the first three):
+
+============================  ===============================================================
+variable                      meaning (default)
+============================  ===============================================================
+``ELASTICEP_VLLM_AGENT``      ``1``: start the agent in every engine core
+``ELASTICEP_VLLM_STORE``      ``HOST:PORT`` of a ``TCPStore`` that outlives the engine cores
+``ELASTICEP_BUS_KEYS``        the cluster's CURVE keys (JSON of :class:`~elasticep.bus.ClusterKeys`)
+``ELASTICEP_VLLM_CLUSTER``    key prefix in the store (``vllm``)
+``ELASTICEP_VLLM_PROFILE``    ``local`` or ``cluster``: the :class:`~elasticep.Config` profile
+                              (``local``)
+``ELASTICEP_VLLM_HOST``       address this rank's bus binds (``127.0.0.1``)
+``ELASTICEP_<FIELD>``         any :class:`~elasticep.Config` field
+============================  ===============================================================
+
+Limit: the MoE collectives of vLLM's CPU communicator run over the whole DP group, so a view
+is served only while it leaves every rank or this rank alone (DP 2, or one survivor); any other
+commit raises :class:`SurvivorGroupUnsupported` and the agent fences the rank (nothing half
+applied serves).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import time
+from typing import Any, Mapping
+
+from elasticep import metrics
+from elasticep.agent.hooks import Commit, EngineHooks
+from elasticep.errors import ElasticEPError
+
+__all__ = [
+    "ENV_AGENT",
+    "ENV_CLUSTER",
+    "ENV_HOST",
+    "ENV_PROFILE",
+    "ENV_STORE",
+    "AgentSettingsError",
+    "CoreAgent",
+    "SurvivorGroupUnsupported",
+    "VllmAgentHooks",
+    "agent_enabled",
+    "core_agent",
+]
+
+log = logging.getLogger(__name__)
+
+ENV_AGENT = "ELASTICEP_VLLM_AGENT"
+ENV_STORE = "ELASTICEP_VLLM_STORE"
+ENV_CLUSTER = "ELASTICEP_VLLM_CLUSTER"
+ENV_PROFILE = "ELASTICEP_VLLM_PROFILE"
+ENV_HOST = "ELASTICEP_VLLM_HOST"
+
+
+class AgentSettingsError(ElasticEPError, ValueError):
+    """The engine core's agent cannot be configured (no store, no keys, a malformed setting);
+    counted in ``elasticep_agent_errors_total{kind="vllm_settings"}``."""
+
+
+class SurvivorGroupUnsupported(ElasticEPError, RuntimeError):
+    """A view that leaves more than one rank serving but not every rank: vLLM's CPU MoE
+    collectives span the whole DP group and cannot skip a dead member."""
+
+
+def agent_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether :data:`ENV_AGENT` is ``1``."""
+    return (os.environ if environ is None else environ).get(ENV_AGENT) == "1"
+
+
+def _settings_error(message: str) -> AgentSettingsError:
+    metrics.AGENT_ERRORS.labels("vllm_settings").inc()
+    return AgentSettingsError(message)
+
+
+class VllmAgentHooks(EngineHooks):
+    """The agent's hooks in one engine core. The model lives in the core's worker process
+    (vLLM's ``MultiprocExecutor``), so the hooks reach it with vLLM's ``collective_rpc``: the
+    placement it serves (``elasticep_placement``) and each commit (``elasticep_apply``:
+    :class:`~elasticep_vllm.hooks.VllmHooks` in the worker, and, for a lone survivor, the MoE
+    gather/scatter and the DP padding all-reduce stop waiting for peers). The engine core's own
+    switch for a lone survivor (the step loop's DP all-reduce) is set here."""
+
+    def __init__(self, engine: Any) -> None:
+        from elasticep.eplb.placement import Placement
+
+        self.engine = engine
+        (info,) = engine.model_executor.collective_rpc("elasticep_placement")
+        self.rank = int(info["rank"])
+        self.num_ranks = int(engine.vllm_config.parallel_config.data_parallel_size)
+        self._placement = Placement.from_dict(info["placement"])
+        self.commits: list[dict[str, Any]] = []
+        """One record per commit: epoch, ranks serving, ms."""
+
+    def placement(self):
+        return self._placement
+
+    def commit(self, change: Commit) -> None:
+        from elasticep.eplb.placement import Placement
+
+        t0 = time.monotonic()
+        serving = [r for r, a in enumerate(change.alive) if a]
+        alone = serving == [self.rank]
+        if not alone and len(serving) != self.num_ranks:
+            raise SurvivorGroupUnsupported(
+                f"view {change.epoch} leaves ranks {serving} serving: vLLM's CPU MoE collectives span all "
+                f"{self.num_ranks} DP ranks, so only every rank or one survivor can serve")
+        (info,) = self.engine.model_executor.collective_rpc(
+            "elasticep_apply", args=(change.epoch, change.placement.phy2log.tolist(), list(change.alive)))
+        self._placement = Placement.from_dict(info["placement"])
+        self.engine._elasticep_solo = alone
+        if alone and hasattr(self.engine, "step_counter"):
+            self.engine.step_counter = 0
+        ms = round((time.monotonic() - t0) * 1000, 1)
+        self.commits.append({"epoch": change.epoch, "serving": serving, "ms": ms})
+        log.warning("elasticep: DP rank %d committed epoch %d (ranks serving: %s) in %.1f ms", self.rank,
+                    change.epoch, serving, ms)
+
+
+class CoreAgent:
+    """The agent of one engine core, started at the busy loop's first turn."""
+
+    def __init__(self, engine: Any, environ: Mapping[str, str] | None = None) -> None:
+        self.engine = engine
+        self.environ = dict(os.environ if environ is None else environ)
+        self.agent: Any = None
+        self.hooks: VllmAgentHooks | None = None
+        self.recoveries: list[dict[str, Any]] = []
+
+    def _config(self) -> Any:
+        from elasticep.config import Config
+
+        profile = self.environ.get(ENV_PROFILE, "local")
+        if profile not in ("local", "cluster"):
+            raise _settings_error(f"{ENV_PROFILE}={profile!r}: use local or cluster")
+        return Config.local() if profile == "local" else Config.cluster()
+
+    def start(self) -> Any:
+        from elasticep.agent import Agent, parse_store_address
+        from elasticep.bus import ClusterKeys
+
+        store = self.environ.get(ENV_STORE)
+        if not store:
+            raise _settings_error(f"{ENV_STORE} is not set: the engine cores' agents need a store that outlives "
+                                  "them (elasticep_vllm.serve.start_engine hosts one)")
+        try:
+            parse_store_address(store)
+        except ValueError as exc:
+            raise _settings_error(f"{ENV_STORE}: {exc}") from None
+        try:
+            keys = ClusterKeys.from_env(self.environ)
+        except (KeyError, ValueError) as exc:
+            raise _settings_error(f"the agent's bus keys: {exc}") from None
+        pc = self.engine.vllm_config.parallel_config
+        rank, ranks = int(pc.data_parallel_rank), int(pc.data_parallel_size)
+        try:
+            hooks = VllmAgentHooks(self.engine)
+        except Exception as exc:
+            raise _settings_error(f"the worker has no elasticep extension ({exc}): start the engine with "
+                                  "worker_extension_cls='elasticep_vllm.worker.ElasticEPWorker'") from None
+        if hooks.rank != rank:
+            raise _settings_error(f"EP rank {hooks.rank} is not DP rank {rank}: elasticep serves vLLM with one EP "
+                                  "rank per DP rank")
+        self.hooks = hooks
+        host = self.environ.get(ENV_HOST, "127.0.0.1")
+        agent = Agent(rank, self.hooks, store=store, cluster=self.environ.get(ENV_CLUSTER, "vllm"),
+                      members=range(ranks), config=self._config(), keys=keys, groups=None,
+                      hook_timeout_s=60.0, commit_timeout_s=30.0, transfer_host=host,
+                      bus_endpoint=f"tcp://{host}:*")
+        agent.start(timeout=120.0)
+        self.agent = agent
+        atexit.register(agent.stop)
+        log.warning("elasticep: agent up in engine core DP %d (members %s, store %s)", rank, list(range(ranks)),
+                    store)
+        return agent
+
+    def boundary(self) -> None:
+        """The step boundary: commit any installed view before the engine steps."""
+        if self.agent is not None:
+            self.agent.boundary()
+
+    def recover(self, exc: BaseException) -> bool:
+        """After a failed step (the sentinel aborted the core's requests): True once a newer view
+        is committed, False if none came within the agent's ``view_wait_s``."""
+        agent = self.agent
+        if agent is None:
+            return False
+        t0 = time.monotonic()
+        record: dict[str, Any] = {"fault": f"{type(exc).__name__}", "epoch_before": agent.epoch}
+        ok = agent.wait_newer_view()
+        record["view_ms"] = round((time.monotonic() - t0) * 1000, 1)
+        if not ok:
+            metrics.AGENT_ERRORS.labels("view_timeout").inc()
+            record["outcome"] = "no view"
+            self.recoveries.append(record)
+            log.error("elasticep: DP rank %d: the step failed (%r) and no new view came within %.1f s", agent.rank,
+                      exc, agent.view_wait_s)
+            return False
+        agent.boundary()
+        record.update(outcome="committed", epoch=agent.epoch, members=list(agent.members),
+                      serving_ms=round((time.monotonic() - t0) * 1000, 1))
+        self.recoveries.append(record)
+        return True
+
+
+_CORE: CoreAgent | None = None
+
+
+def core_agent(engine: Any | None = None) -> CoreAgent | None:
+    """This process's :class:`CoreAgent`; with ``engine``, created and started on first use."""
+    global _CORE
+    if _CORE is None and engine is not None:
+        core = CoreAgent(engine)
+        core.start()
+        _CORE = core
+    return _CORE
