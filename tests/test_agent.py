@@ -336,6 +336,26 @@ def test_lost_peers_that_no_view_removes_end_in_a_typed_timeout(cluster) -> None
             a.stop()
 
 
+def test_wait_newer_view_times_out_while_all_serve_and_returns_once_a_rank_is_gone(cluster) -> None:
+    hooks = [ToyHooks(ranks=3) for _ in range(3)]
+    agents = _agents(cluster, hooks, range(3))
+    _start_all(agents)
+    try:
+        t0 = time.monotonic()
+        assert agents[0].wait_newer_view(timeout_s=0.3) is False  # every rank is heard: no view comes
+        assert time.monotonic() - t0 >= 0.3 and agents[0].epoch == 1
+        agents[2].stop()
+        assert agents[0].wait_newer_view(timeout_s=20.0) is True
+        assert agents[0].epoch == 1  # installed, not yet committed: boundary() commits it
+        out = _serve_until(agents[:2], lambda a: a.epoch >= 2)
+        assert out == {0: SERVING, 1: SERVING} and agents[0].members == (0, 1)
+    finally:
+        for a in agents:
+            a.stop()
+    with pytest.raises(AgentStopped):
+        agents[0].wait_newer_view(timeout_s=0.1)
+
+
 def _rank_process(store: str, keys_json: str, cluster: str, rank: int, ready) -> None:
     keys = ClusterKeys.from_json(keys_json)
     agent = Agent(rank, ToyHooks(ranks=3), store=store, cluster=cluster, members=range(3), keys=keys)

@@ -5,7 +5,8 @@
 starts the front end here and data parallel 2 with expert parallelism (one engine-core process
 per DP rank), warms both engine cores up, then streams ``--requests`` greedy requests at once.
 When every request has streamed ``--kill-after`` tokens, engine core DP rank ``--victim`` gets
-SIGKILL. Every request's outcome is recorded (``completed``; ``cut``: the stream ended without an
+SIGKILL (with ``--idle S``: before any request is sent, and the requests follow S seconds
+later). Every request's outcome is recorded (``completed``; ``cut``: the stream ended without an
 error but short of its tokens; ``error``; ``no answer``), with its tokens, its finish reason or
 error, and how long after the kill it ended; then one more request is sent after the kill with a bound of
 ``--after-timeout`` s (answered, failed, or no answer: a hang). One line ``RESULT <json>`` goes
@@ -93,17 +94,24 @@ async def _run(ns: argparse.Namespace) -> dict[str, Any]:
         seen: dict[str, int] = {}
         killed: dict[str, float] = {}
         records = [{"prompt": p} for p in prompts]
+        if ns.idle is not None:
+            # the kill lands between requests: nothing is in flight, then the requests come
+            os.kill(pids[ns.victim], signal.SIGKILL)
+            killed["at"] = time.monotonic()
+            result["tokens_at_kill"] = {}
+            await asyncio.sleep(ns.idle)
         tasks = [asyncio.create_task(_stream(engine, f"r{i}", p, ns.tokens, seen, records[i], killed,
                                              ns.retries, ns.timeout))
                  for i, p in enumerate(prompts)]
-        deadline = time.monotonic() + ns.timeout
-        while (len(seen) < len(prompts) or min(seen.values()) < ns.kill_after) and time.monotonic() < deadline:
-            if all(t.done() for t in tasks):
-                break
-            await asyncio.sleep(0.005)
-        result["tokens_at_kill"] = dict(seen)
-        os.kill(pids[ns.victim], signal.SIGKILL)
-        killed["at"] = time.monotonic()
+        if ns.idle is None:
+            deadline = time.monotonic() + ns.timeout
+            while (len(seen) < len(prompts) or min(seen.values()) < ns.kill_after) and time.monotonic() < deadline:
+                if all(t.done() for t in tasks):
+                    break
+                await asyncio.sleep(0.005)
+            result["tokens_at_kill"] = dict(seen)
+            os.kill(pids[ns.victim], signal.SIGKILL)
+            killed["at"] = time.monotonic()
         done, pending = await asyncio.wait(tasks, timeout=ns.timeout)
         for t in pending:
             t.cancel()
@@ -197,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="vLLM fault tolerance on and elasticep's worker extension (the recovery needs both)")
     p.add_argument("--retries", type=int, default=0, help="send a request cut by the kill again, up to this often")
     p.add_argument("--measure", action="store_true", help="tokens/s of all the prompts before the kill and after")
+    p.add_argument("--idle", type=float, default=None, metavar="S",
+                   help="kill while no request is in flight, then send the requests S seconds later")
     ns = p.parse_args(argv)
     for k, v in cpu_env().items():
         os.environ.setdefault(k, v)
