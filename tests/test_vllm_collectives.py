@@ -164,3 +164,72 @@ def test_solo_rank_waits_for_no_peer():
         assert reduce_scatterv(comm, t, dim=0, sizes=[3, 0]) is t
     finally:
         collectives.SOLO["on"] = False
+
+
+def _routed_rank(rank: int, port: int, out: mp.Queue) -> None:
+    from elasticep.groups import GlooGroups
+    from elasticep_vllm import collectives
+
+    store = dist.TCPStore("127.0.0.1", port, is_master=rank == 0, wait_for_workers=False)
+    group = GlooGroups(store, rank).rebuild(types.SimpleNamespace(epoch=3, members=(0, 2)))
+    collectives.route(group, solo=False)
+    # vLLM's group spans all 3 DP ranks, DP 1 is dead: it must never be touched (None raises)
+    comm = types.SimpleNamespace(world_size=3, rank_in_group=rank, device_group=None)
+    sizes = [2, 0, 3]
+    mine = _part(rank, sizes[rank])
+    gathered = all_gatherv(comm, mine, dim=0, sizes=sizes)
+    full = torch.arange(5 * 4, dtype=torch.float32).reshape(5, 4) * (rank + 1)
+    part = reduce_scatterv(comm, full, dim=0, sizes=sizes)
+    padding = torch.zeros(4, 3, dtype=torch.int32)
+    padding[1][rank] = 10 + rank  # vLLM's DP padding all-reduce: each rank fills its own column
+    assert collectives.dp_all_reduce(padding)
+    out.put((rank, gathered.tolist(), part.tolist(), padding[1].tolist()))
+    group.abort()
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(90)
+def test_routed_collectives_run_over_the_views_group_and_skip_the_dead_rank():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_routed_rank, args=(r, port, q), daemon=True) for r in (0, 2)]
+    for p in procs:
+        p.start()
+    try:
+        results = sorted(q.get(timeout=60) for _ in range(2))
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    want = torch.cat([_part(0, 2), _part(2, 3)])
+    summed = torch.arange(20, dtype=torch.float32).reshape(5, 4) * 4  # ranks 0 and 2 scale by 1 + 3
+    for rank, gathered, part, padding in results:
+        assert gathered == want.tolist()
+        assert part == (summed[0:2] if rank == 0 else summed[2:5]).tolist()
+        assert padding == [10, 0, 12]  # the dead rank's column stays at zero tokens
+
+
+def test_a_replicated_expert_is_computed_once_per_choice_over_its_ranks():
+    from elasticep.eplb.placement import Placement
+    from elasticep_vllm.cpu_moe import _own_share
+    from elasticep_vllm.hooks import _shares
+
+    # 2 ranks x 4 slots, 4 experts: expert 1 on both ranks, expert 3 on rank 1 only
+    p = Placement([[0, 1, 2, -1, 1, 3, -1, -1]], slots_per_rank=4, num_experts=4)
+    shares = [_shares(p, 0, r, (True, True)) for r in (0, 1)]
+    assert shares[0][1].tolist() == [0, 2] and shares[1][1].tolist() == [1, 2]
+    assert shares[1][3].tolist() == [0, 1]
+    ids = torch.tensor([[1, 3], [1, 0], [2, 1], [1, 3], [0, 1]])
+    weights = torch.rand(5, 2)
+    parts = [_own_share(ids, weights, s) for s in shares]
+    # over the two ranks every choice of expert 1 keeps its weight exactly once
+    ones = ids == 1
+    assert torch.equal(torch.where(ones, parts[0] + parts[1], weights * 0), torch.where(ones, weights, weights * 0))
+    assert bool(((parts[0] > 0) & (parts[1] > 0) & ones).sum() == 0)
+    assert _shares(p, 0, 0, (True, False)) is None  # rank 1 dead: no second live copy

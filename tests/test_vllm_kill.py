@@ -5,7 +5,9 @@ With the ``elasticep`` plugin the server keeps answering: the engine cores' elas
 commit a view without the killed one (epoch 2, in the store the front end hosts), every request
 cut by the kill is sent again and completes, each output equals transformers' greedy output, and a
 request sent after the kill is answered by the surviving engine core, which now serves all 8
-experts.
+experts. Then a new engine core takes the killed one's place (``elasticep_vllm.rejoin``): the
+agents admit it in view 3, it serves experts again, the front end routes requests to it, and
+every output is transformers' again.
 
 With the CPU collectives plugin only, what vLLM 0.32 does by itself. Every request, also those
 on the surviving engine core, ends within a bounded time short of its tokens (``EngineDeadError``,
@@ -56,7 +58,7 @@ def _kill(model: Path, *extra: str, plugins: str | None) -> dict:
 @pytest.mark.timeout(600)
 def test_with_elasticep_the_server_keeps_answering_and_outputs_equal_transformers(tmp_path):
     model = make_tiny_qwen3_moe(tmp_path / "m")
-    result = _kill(model, "--elasticep", "--retries", "3", plugins=None)
+    result = _kill(model, "--elasticep", "--retries", "3", "--rejoin", "--rejoin-timeout", "240", plugins=None)
     requests = result["requests"]
     ref = reference_greedy(model, [r["prompt"] for r in requests], 32)
     assert all(n >= 3 for n in result["tokens_at_kill"].values())
@@ -74,6 +76,16 @@ def test_with_elasticep_the_server_keeps_answering_and_outputs_equal_transformer
     # the engine cores' agents committed view 2 without DP 1: the survivor serves every expert
     assert recovery["epoch"] == 2
     assert recovery["experts_by_rank"] == {"0": list(range(8)), "1": []}
+    # then a new engine core takes DP 1's place: admitted by view 3, it serves experts again, the
+    # front end routes to it, and every output (both ranks serving, replicas split by token) is
+    # transformers' again
+    rejoin = result["rejoin"]
+    assert "error" not in rejoin, rejoin
+    assert rejoin["record"]["rank"] == 1 and rejoin["record"]["epoch"] == 3
+    assert rejoin["record"]["experts_by_rank"]["1"], rejoin["record"]
+    assert set().union(*map(set, rejoin["record"]["experts_by_rank"].values())) == set(range(8))
+    assert 1 in rejoin["served_by"] and 0 in rejoin["served_by"], rejoin["served_by"]
+    assert rejoin["tokens"] == ref
 
 
 @pytest.mark.timeout(600)

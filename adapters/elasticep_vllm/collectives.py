@@ -15,6 +15,12 @@ it already has:
   than a true reduce-scatter, but gloo has no variable-size reduce-scatter, and the sum each rank
   keeps is the same sum every rank computed.
 
+After a view change the collectives run over the ranks that serve, not vLLM's group
+(:data:`ROUTE`, set by the elasticep commit in every worker): one rank alone waits for no peer
+(:data:`SOLO`); two or more meet in elasticep's gloo group of that view
+(:class:`~elasticep.groups.HealthyGroup`), where a rank outside the view holds zero rows (the
+DP padding all-reduce, :func:`dp_all_reduce`, gives it zero tokens).
+
 A collective that fails (a peer died: gloo reports the closed connection) is counted in
 ``elasticep_collective_failures_total{op}`` and re-raised.
 """
@@ -29,12 +35,23 @@ import torch.distributed as dist
 from elasticep import metrics
 from elasticep.errors import InvalidArgument
 
-__all__ = ["SOLO", "all_gatherv", "reduce_scatterv", "install", "installed"]
+__all__ = ["ROUTE", "SOLO", "all_gatherv", "dp_all_reduce", "reduce_scatterv", "install", "installed", "route"]
 
 SOLO = {"on": False}
 """Whether this process's rank serves alone (its DP/EP peers are dead; set when elasticep
 recovers a vLLM server, :mod:`elasticep_vllm.recovery`): gather and scatter then keep this rank's
 own rows and wait for no peer."""
+
+ROUTE: dict[str, Any] = {"group": None}
+"""The elasticep group (:class:`~elasticep.groups.HealthyGroup`, its members the DP ranks that
+serve) the MoE collectives run over instead of vLLM's, or None (vLLM's group; or :data:`SOLO`)."""
+
+
+def route(group: Any, solo: bool) -> None:
+    """Set what the collectives run over from now on: alone (``solo``), ``group``, or vLLM's
+    own group (``group`` None and not ``solo``)."""
+    SOLO["on"] = bool(solo)
+    ROUTE["group"] = None if solo else group
 
 _OP_GATHER = "vllm_all_gatherv"
 _OP_SCATTER = "vllm_reduce_scatterv"
@@ -84,6 +101,12 @@ def all_gatherv(comm: Any, input_: torch.Tensor | list[torch.Tensor], dim: int =
     world, rank, group = comm.world_size, comm.rank_in_group, comm.device_group
     if SOLO["on"]:
         world = 1
+    routed = ROUTE["group"]
+    if routed is not None and world > 1:
+        # the ranks that serve, in rank order; a rank outside the view holds no rows
+        if sizes is not None:
+            sizes = [int(sizes[r]) for r in routed.members]
+        group, world, rank = routed.process_group(), routed.size, routed.group_rank
     if isinstance(input_, (list, tuple)):
         if world == 1:
             return list(input_)
@@ -100,6 +123,9 @@ def reduce_scatterv(comm: Any, input_: torch.Tensor, dim: int = -1,
     world, rank, group = comm.world_size, comm.rank_in_group, comm.device_group
     if world == 1 or SOLO["on"]:
         return input_
+    if ROUTE["group"] is not None:
+        # the sum over the ranks that serve; the parts stay cut by DP rank (others' are empty)
+        group = ROUTE["group"].process_group()
     d = dim + input_.dim() if dim < 0 else dim
     total = input_.shape[d]
     if sizes is None:
@@ -120,6 +146,21 @@ def reduce_scatterv(comm: Any, input_: torch.Tensor, dim: int = -1,
         raise
     start = sum(counts[:rank])
     return summed[start : start + counts[rank]].movedim(0, d).contiguous()
+
+
+def dp_all_reduce(tensor: torch.Tensor) -> bool:
+    """Sum ``tensor`` over the elasticep group in force (vLLM's DP padding all-reduce, each rank
+    having filled its own column); False where no elasticep group is in force (alone, or
+    vLLM's own group): the caller then does what it did before."""
+    group = ROUTE["group"]
+    if SOLO["on"] or group is None:
+        return False
+    try:
+        dist.all_reduce(tensor, group=group.process_group())
+    except Exception:
+        metrics.COLLECTIVE_FAILURES.labels(op="vllm_dp_all_reduce").inc()
+        raise
+    return True
 
 
 def installed() -> bool:

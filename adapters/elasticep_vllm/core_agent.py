@@ -32,10 +32,11 @@ variable                      meaning (default)
 ``ELASTICEP_<FIELD>``         any :class:`~elasticep.Config` field
 ============================  ===============================================================
 
-Limit: the MoE collectives of vLLM's CPU communicator run over the whole DP group, so a view
-is served only while it leaves every rank or this rank alone (DP 2, or one survivor); any other
-commit raises :class:`SurvivorGroupUnsupported` and the agent fences the rank (nothing half
-applied serves).
+After a view change the collectives no longer run over vLLM's groups: each view with two or
+more members gets elasticep's gloo groups over them (one in the engine core for its step loop's
+DP all-reduce, one in the worker for the MoE gather/scatter and the DP padding all-reduce); a
+rank alone waits for no peer. So any number of survivors keeps serving, and a rank that rejoins
+(:mod:`elasticep_vllm.rejoin`) meets the others in the admitting view's groups.
 """
 
 from __future__ import annotations
@@ -54,13 +55,15 @@ __all__ = [
     "ENV_AGENT",
     "ENV_CLUSTER",
     "ENV_HOST",
+    "ENV_INCARNATION",
+    "ENV_JOINING",
     "ENV_PROFILE",
     "ENV_STORE",
     "AgentSettingsError",
     "CoreAgent",
-    "SurvivorGroupUnsupported",
     "VllmAgentHooks",
     "agent_enabled",
+    "joining",
     "core_agent",
 ]
 
@@ -71,6 +74,12 @@ ENV_STORE = "ELASTICEP_VLLM_STORE"
 ENV_CLUSTER = "ELASTICEP_VLLM_CLUSTER"
 ENV_PROFILE = "ELASTICEP_VLLM_PROFILE"
 ENV_HOST = "ELASTICEP_VLLM_HOST"
+ENV_JOINING = "ELASTICEP_VLLM_JOINING"
+"""``1`` in an engine core started to take a dead DP rank's place (:mod:`elasticep_vllm.rejoin`
+sets it): its agent asks to be admitted, and until the admitting view is committed it serves
+nothing and meets no peer in a collective."""
+ENV_INCARNATION = "ELASTICEP_VLLM_INCARNATION"
+"""The bus incarnation of a rejoining engine core (a restarted rank must use a new one)."""
 
 
 class AgentSettingsError(ElasticEPError, ValueError):
@@ -78,14 +87,14 @@ class AgentSettingsError(ElasticEPError, ValueError):
     counted in ``elasticep_agent_errors_total{kind="vllm_settings"}``."""
 
 
-class SurvivorGroupUnsupported(ElasticEPError, RuntimeError):
-    """A view that leaves more than one rank serving but not every rank: vLLM's CPU MoE
-    collectives span the whole DP group and cannot skip a dead member."""
-
-
 def agent_enabled(environ: Mapping[str, str] | None = None) -> bool:
     """Whether :data:`ENV_AGENT` is ``1``."""
     return (os.environ if environ is None else environ).get(ENV_AGENT) == "1"
+
+
+def joining(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this engine core (or its worker) was started to rejoin (:data:`ENV_JOINING`)."""
+    return (os.environ if environ is None else environ).get(ENV_JOINING) == "1"
 
 
 def _settings_error(message: str) -> AgentSettingsError:
@@ -96,10 +105,13 @@ def _settings_error(message: str) -> AgentSettingsError:
 class VllmAgentHooks(EngineHooks):
     """The agent's hooks in one engine core. The model lives in the core's worker process
     (vLLM's ``MultiprocExecutor``), so the hooks reach it with vLLM's ``collective_rpc``: the
-    placement it serves (``elasticep_placement``) and each commit (``elasticep_apply``:
-    :class:`~elasticep_vllm.hooks.VllmHooks` in the worker, and, for a lone survivor, the MoE
-    gather/scatter and the DP padding all-reduce stop waiting for peers). The engine core's own
-    switch for a lone survivor (the step loop's DP all-reduce) is set here."""
+    placement it serves (``elasticep_placement``), the groups phase of each view
+    (``elasticep_regroup``: a gloo group over the view's members in the worker) and each commit
+    (``elasticep_apply``: :class:`~elasticep_vllm.hooks.VllmHooks` in the worker, and the MoE
+    gather/scatter and the DP padding all-reduce routed over the ranks that serve). The engine
+    core's own side is set here: its step loop's DP all-reduce runs over a gloo group of the
+    view's members (or waits for no peer when this rank serves alone), and every member steps
+    from the commit on, in lockstep, until that all-reduce agrees that nothing is left."""
 
     def __init__(self, engine: Any) -> None:
         from elasticep.eplb.placement import Placement
@@ -109,28 +121,69 @@ class VllmAgentHooks(EngineHooks):
         self.rank = int(info["rank"])
         self.num_ranks = int(engine.vllm_config.parallel_config.data_parallel_size)
         self._placement = Placement.from_dict(info["placement"])
+        self._groups: Any = None
+        self._pending: Any = None
         self.commits: list[dict[str, Any]] = []
         """One record per commit: epoch, ranks serving, ms."""
 
     def placement(self):
         return self._placement
 
+    def on_view(self, view: Any) -> None:
+        # an idle busy loop waits on its input queue: wake it so that it commits the view now
+        # (recovery's _handle_client_request runs the boundary on this wake-up)
+        from vllm.v1.engine import EngineCoreRequestType
+
+        queue = getattr(self.engine, "input_queue", None)
+        if queue is not None:
+            queue.put_nowait((EngineCoreRequestType.WAKEUP, None))
+
+    def rebuild_collectives(self, view: Any) -> Any:
+        members = sorted(int(m) for m in view.members)
+        self._pending = None
+        if len(members) < 2:
+            return None
+        self.engine.model_executor.collective_rpc("elasticep_regroup", args=(int(view.epoch), members))
+        if self._groups is None:
+            from elasticep.agent import connect_store
+            from elasticep.groups import GlooGroups
+
+            cluster = os.environ.get(ENV_CLUSTER, "vllm")
+            self._groups = GlooGroups(connect_store(os.environ[ENV_STORE]), self.rank, op_timeout_s=30.0,
+                                      rendezvous_timeout_s=20.0, prefix=f"elasticep/{cluster}/groups/core")
+        self._pending = self._groups.rebuild(view)
+        return self._pending
+
     def commit(self, change: Commit) -> None:
+        import torch
+
         from elasticep.eplb.placement import Placement
 
         t0 = time.monotonic()
         serving = [r for r, a in enumerate(change.alive) if a]
         alone = serving == [self.rank]
-        if not alone and len(serving) != self.num_ranks:
-            raise SurvivorGroupUnsupported(
-                f"view {change.epoch} leaves ranks {serving} serving: vLLM's CPU MoE collectives span all "
-                f"{self.num_ranks} DP ranks, so only every rank or one survivor can serve")
+        group = self._pending if self._pending is not None and list(self._pending.members) == serving else None
+        if not alone and group is None:
+            raise _settings_error(f"view {change.epoch}: no group over the ranks that serve ({serving})")
         (info,) = self.engine.model_executor.collective_rpc(
             "elasticep_apply", args=(change.epoch, change.placement.phy2log.tolist(), list(change.alive)))
         self._placement = Placement.from_dict(info["placement"])
-        self.engine._elasticep_solo = alone
-        if alone and hasattr(self.engine, "step_counter"):
-            self.engine.step_counter = 0
+        engine = self.engine
+        engine._elasticep_solo = alone
+        if hasattr(engine, "step_counter"):
+            engine.step_counter = 0
+        if hasattr(engine, "last_counts"):
+            # the DP coordinator's request counts for this rank may be a dead predecessor's:
+            # the next busy-loop turn publishes this rank's own (the front end routes by them)
+            engine.last_counts = None
+        if group is not None:
+            # the step loop's DP all-reduce over the ranks that serve; all of them step from now
+            # until it agrees nothing is left (an idle one runs dummy batches), in the same wave
+            engine.dp_group = group.process_group()
+            wave = torch.tensor([int(getattr(engine, "current_wave", 0))], dtype=torch.int64)
+            group.all_reduce(wave, "max")
+            engine.current_wave = int(wave.item())
+            engine.engines_running = True
         ms = round((time.monotonic() - t0) * 1000, 1)
         self.commits.append({"epoch": change.epoch, "serving": serving, "ms": ms})
         log.warning("elasticep: DP rank %d committed epoch %d (ranks serving: %s) in %.1f ms", self.rank,
@@ -183,12 +236,18 @@ class CoreAgent:
                                   "rank per DP rank")
         self.hooks = hooks
         host = self.environ.get(ENV_HOST, "127.0.0.1")
+        join = joining(self.environ)
+        try:
+            incarnation = int(self.environ.get(ENV_INCARNATION, "0"))
+        except ValueError:
+            raise _settings_error(f"{ENV_INCARNATION}={self.environ[ENV_INCARNATION]!r} is not an integer") from None
         agent = Agent(rank, self.hooks, store=store, cluster=self.environ.get(ENV_CLUSTER, "vllm"),
-                      members=range(ranks), config=self._config(), keys=keys, groups=None,
+                      members=None if join else range(ranks), incarnation=incarnation, config=self._config(),
+                      keys=keys, groups=None,
                       hook_timeout_s=60.0, commit_timeout_s=30.0, transfer_host=host,
                       bus_endpoint=f"tcp://{host}:*")
-        agent.start(timeout=120.0)
         self.agent = agent
+        agent.start(timeout=120.0)
         atexit.register(agent.stop)
         log.warning("elasticep: agent up in engine core DP %d (members %s, store %s)", rank, list(range(ranks)),
                     store)

@@ -36,11 +36,17 @@ class LayerServing:
     computed by this module (a SiLU-gated MLP in the layer's dtype) and added to the output.
     """
 
-    __slots__ = ("keep", "adopted")
+    __slots__ = ("keep", "adopted", "share")
 
-    def __init__(self, keep: torch.Tensor, adopted: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    def __init__(self, keep: torch.Tensor, adopted: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                 share: torch.Tensor | None = None):
         self.keep = keep.to(torch.bool)
         self.adopted = dict(adopted)
+        self.share = None if share is None else share.to(torch.long)
+        """``[global experts, 2]``: for an expert served by ``n`` ranks (replicas), this rank's
+        index among them and ``n``; the rank computes that expert for the gathered tokens ``t``
+        with ``t % n == index`` only, so each choice is computed exactly once over the ranks
+        (every rank holds the same gathered tokens in the same order). None: no replicas."""
 
 
 # keyed by the data pointer of the layer's w13 weight, the tensor vLLM hands the experts kernel
@@ -69,6 +75,15 @@ def _add_adopted(output: torch.Tensor, hidden: torch.Tensor, topk_ids: torch.Ten
         x = hidden[rows]
         y = (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
         output.index_add_(0, rows, y * topk_weights[rows, cols].unsqueeze(1).to(y.dtype))
+
+
+def _own_share(topk_ids: torch.Tensor, topk_weights: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+    """``topk_weights`` with 0 where the chosen expert is replicated and token ``t`` is another
+    replica's (``t % n != index``)."""
+    ids = topk_ids.to(torch.long)
+    index, n = share[ids, 0], share[ids, 1]
+    t = torch.arange(ids.shape[0], dtype=torch.long).unsqueeze(1)
+    return torch.where(t % n == index, topk_weights, torch.zeros_like(topk_weights))
 
 
 def localize(topk_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -101,6 +116,8 @@ def install() -> bool:
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
               global_num_experts, expert_map, *rest, **kw):
         serving = _SERVING.get(w1.data_ptr())
+        if serving is not None and serving.share is not None:
+            topk_weights = _own_share(topk_ids, topk_weights, serving.share)
         global_ids, global_weights = topk_ids, topk_weights
         if serving is not None:
             topk_weights = torch.where(serving.keep[topk_ids.to(torch.long)], topk_weights,

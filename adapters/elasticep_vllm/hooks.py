@@ -129,12 +129,30 @@ class VllmHooks(EngineHooks):
                 for e in adopted:
                     tensors[e] = tuple(weights.get(f"model.layers.{layer}.mlp.experts.{e}.{w}_proj.weight").to(dtype)
                                        for w in ("gate", "up", "down"))
-            serving.append((mod, cpu_moe.LayerServing(keep, tensors)))
+            serving.append((mod, cpu_moe.LayerServing(keep, tensors, _shares(p, li, self.rank, change.alive))))
         # everything read and built: now switch every layer at once
         for mod, s in serving:
             cpu_moe.set_serving(mod.w13_weight, s)
         self._served = p
         self.epoch = change.epoch
+
+
+def _shares(p: Placement, layer: int, rank: int, alive: Sequence[bool]) -> torch.Tensor | None:
+    """``[experts, 2]`` (this rank's index among the live ranks serving each expert, how many
+    serve it) for MoE layer ``layer``; None when no expert has a second live copy."""
+    holders: dict[int, list[int]] = {}
+    for r in range(p.num_ranks):
+        if r < len(alive) and alive[r]:
+            for e in {int(x) for x in p.phy2log[layer, list(p.slots_of_rank(r))].tolist() if x != EMPTY}:
+                holders.setdefault(e, []).append(r)
+    if all(len(h) < 2 for h in holders.values()):
+        return None
+    share = torch.zeros(p.num_experts, 2, dtype=torch.long)
+    share[:, 1] = 1
+    for e, h in holders.items():
+        if rank in h:
+            share[e, 0], share[e, 1] = h.index(rank), len(h)
+    return share
 
 
 def _layer_dtype(mod: torch.nn.Module) -> torch.dtype:

@@ -133,6 +133,8 @@ async def _run(ns: argparse.Namespace) -> dict[str, Any]:
         result["after_kill"] = after
         if ns.measure and after["outcome"] == "completed":
             result["throughput_after"] = await _throughput(engine, prompts, ns.tokens)
+        if ns.rejoin:
+            result["rejoin"] = await _rejoin(engine, ns, prompts)
         result["engine_cores_alive"] = {str(r): _alive(pid) for r, pid in pids.items()}
         result["recoveries"] = [
             {k: v for k, v in rec.items() if k != "result"}
@@ -155,6 +157,46 @@ async def _run(ns: argparse.Namespace) -> dict[str, Any]:
             except OSError:
                 pass
     return result
+
+
+async def _rejoin(engine: Any, ns: argparse.Namespace, prompts: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """Bring the killed rank back (:func:`~elasticep_vllm.rejoin.rejoin`), then serve every prompt
+    again with both ranks: the record, and each prompt's tokens and which engine core served it."""
+    from elasticep_vllm.rejoin import rejoin
+
+    out: dict[str, Any] = {}
+    try:
+        out["record"] = await asyncio.wait_for(rejoin(engine, ns.victim), ns.rejoin_timeout)
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"[:400]
+        import faulthandler
+
+        faulthandler.dump_traceback(all_threads=True)  # where the front end waited, on stderr
+        return out
+    client = engine.engine_core
+    out["routing_before"] = {"lb_engines": [list(c) for c in getattr(client, "lb_engines", [])],
+                             "inflight": {str(client.core_engines.index(e)): n
+                                          for e, n in getattr(client, "engine_inflight", {}).items()}}
+    served: dict[str, int] = {}
+    original_pick = client.get_core_engine_for_request
+
+    def pick(request):
+        chosen = original_pick(request)
+        served[request.request_id] = client.core_engines.index(chosen)
+        return chosen
+
+    client.get_core_engine_for_request = pick
+    try:
+        outs = await asyncio.wait_for(
+            asyncio.gather(*(generate_one(engine, p, ns.tokens, f"j{i}") for i, p in enumerate(prompts))),
+            ns.timeout)
+        out["tokens"] = [list(o) for o in outs]
+    except Exception as exc:
+        out["error"] = f"after the rejoin: {type(exc).__name__}: {exc}"[:400]
+    finally:
+        del client.get_core_engine_for_request
+    out["served_by"] = sorted(served.values())
+    return out
 
 
 def _descendants(root: int) -> list[int]:
@@ -207,6 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--measure", action="store_true", help="tokens/s of all the prompts before the kill and after")
     p.add_argument("--idle", type=float, default=None, metavar="S",
                    help="kill while no request is in flight, then send the requests S seconds later")
+    p.add_argument("--rejoin", action="store_true",
+                   help="after the kill, bring the killed rank back and serve the prompts again (with --elasticep)")
+    p.add_argument("--rejoin-timeout", type=float, default=300.0, help="bound on the rejoin, s")
     ns = p.parse_args(argv)
     for k, v in cpu_env().items():
         os.environ.setdefault(k, v)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 import weakref
@@ -87,8 +88,12 @@ def _install_front_end() -> None:
         if client is None or client() is None or not _ft_enabled(client()):
             return original_monitor(self)
         sentinel_to_proc = {proc.sentinel: proc for proc in self.processes}
+        self._elasticep_added = []
         while sentinel_to_proc and not self.manager_stopped.is_set():
-            for sentinel in connection.wait(list(sentinel_to_proc), timeout=1):
+            while self._elasticep_added:  # rejoined engine cores (elasticep_vllm.rejoin)
+                proc = self._elasticep_added.pop()
+                sentinel_to_proc[proc.sentinel] = proc
+            for sentinel in connection.wait(list(sentinel_to_proc), timeout=0.2):
                 proc = sentinel_to_proc.pop(sentinel)
                 if self.manager_stopped.is_set():
                     continue
@@ -127,6 +132,10 @@ def _install_front_end() -> None:
         if dead and self.core_engines.index(engine) in dead:
             live = [e for i, e in enumerate(self.core_engines) if i not in dead]
             if live:
+                inflight = getattr(self, "engine_inflight", None)
+                if inflight is not None:  # vLLM counted the pick it made; count the one that serves
+                    inflight[engine] -= 1
+                    inflight[live[0]] += 1
                 engine = live[0]
                 self.reqs_in_flight[request.request_id] = engine
         return engine
@@ -157,11 +166,11 @@ def _on_engine_death(client: Any, proc: Any) -> None:
     asyncio.run_coroutine_threadsafe(_recover(client, rank, time.monotonic()), loop)
 
 
-async def _committed_without(client: Any, dead: set[int], deadline: float) -> int | None:
-    """The first epoch whose view leaves every rank of ``dead`` out and whose placement is
-    committed in the engine cores' store (polled every 5 ms until ``deadline``); None if none."""
-    import os
-
+async def _committed_view(client: Any, accept: Any, deadline: float) -> int | None:
+    """The first epoch whose view's members ``accept`` (a predicate on the member set) and whose
+    placement is committed in the engine cores' store (polled every 5 ms until ``deadline``; the
+    scan resumes where the last one ended); None if none. Keeps the placement JSON in
+    ``client._elasticep_placement``."""
     from elasticep.agent import connect_store, placement_key
     from elasticep.membership.view import decode_view
     from elasticep_vllm.core_agent import ENV_CLUSTER, ENV_STORE
@@ -179,20 +188,31 @@ async def _committed_without(client: Any, dead: set[int], deadline: float) -> in
         epoch = first
         while store.check([f"elasticep/{cluster}/view/{epoch}"]):
             view = decode_view(store.get(f"elasticep/{cluster}/view/{epoch}"))
-            if not (dead & set(view.members)) and store.check([placement_key(cluster, epoch)]):
+            if accept(set(view.members)) and store.check([placement_key(cluster, epoch)]):
                 client._elasticep_placement = store.get(placement_key(cluster, epoch))
                 return epoch, epoch
             epoch += 1
         return None, max(first, epoch - 1)
 
-    first = 2
+    first = getattr(client, "_elasticep_scanned", 2)
     while time.monotonic() < deadline:
         found, first = await asyncio.to_thread(scan, first)
         if found is not None:
+            client._elasticep_scanned = found + 1
             return found
         await asyncio.sleep(0.005)
-    log.error("elasticep: no view without DP ranks %s was committed in time", sorted(dead))
     return None
+
+
+def _experts_by_rank(placement_json: Any) -> dict[str, list[int]]:
+    """The experts each rank serves in a committed placement (its first MoE layer)."""
+    import json
+
+    from elasticep.eplb.placement import Placement
+
+    p = Placement.from_dict(json.loads(placement_json))
+    return {str(r): sorted(int(e) for e in p.phy2log[0, list(p.slots_of_rank(r))].tolist() if e >= 0)
+            for r in range(p.num_ranks)}
 
 
 async def _recover(client: Any, dead: int, t0: float) -> None:
@@ -206,23 +226,24 @@ async def _recover(client: Any, dead: int, t0: float) -> None:
         llm.output_processor.abort_requests(cut, internal=True)
         for rid in cut:
             client.reqs_in_flight.pop(rid, None)
+    # the cut requests never finish on the dead engine: its in-flight count must not keep
+    # weighing on the routing (it is the rank's slot when it comes back)
+    inflight = getattr(client, "engine_inflight", None)
+    if inflight is not None:
+        inflight[dead_engine] = 0
     record["cut_on_dead"] = len(cut)
     record["abort_ms"] = round((time.monotonic() - t0) * 1000, 1)
     survivors = [r for r in range(len(client.core_engines)) if r not in client._elasticep_dead]
     # the survivors' agents commit a view without the dead rank by themselves; serving again is
     # that view's placement in the store and no survivor left faulted
-    epoch = await _committed_without(client, client._elasticep_dead, t0 + _FAULT_WAIT_S)
+    epoch = await _committed_view(client, lambda members: not (client._elasticep_dead & members),
+                                  t0 + _FAULT_WAIT_S)
+    if epoch is None:
+        log.error("elasticep: no view without DP ranks %s was committed in time", sorted(client._elasticep_dead))
     record["committed_ms"] = round((time.monotonic() - t0) * 1000, 1)
     record["epoch"] = epoch
     if epoch is not None:
-        import json
-
-        from elasticep.eplb.placement import Placement
-
-        p = Placement.from_dict(json.loads(client._elasticep_placement))
-        # the experts each rank serves in the committed placement (first MoE layer)
-        record["experts_by_rank"] = {str(r): sorted(int(e) for e in p.phy2log[0, list(p.slots_of_rank(r))].tolist()
-                                                    if e >= 0) for r in range(p.num_ranks)}
+        record["experts_by_rank"] = _experts_by_rank(client._elasticep_placement)
     deadline = t0 + _FAULT_WAIT_S
     while any(client._engine_status.get(r, {}).get("status") == "unhealthy" for r in survivors):
         if time.monotonic() > deadline:
@@ -243,7 +264,9 @@ def _install_engine_core() -> None:
     from vllm.v1.engine import EngineStatusType
 
     from elasticep.agent import AgentFenced
-    from elasticep_vllm.core_agent import agent_enabled
+    from vllm.v1.engine import EngineCoreRequestType
+
+    from elasticep_vllm.core_agent import agent_enabled, joining
 
     if getattr(EngineCoreSentinel.on_fault, "__elasticep__", False):
         return
@@ -284,6 +307,8 @@ def _install_engine_core() -> None:
                 self.enable_fault_tolerance = True
                 self.ft_sentinel = EngineCoreSentinel(engine=self, parallel_config=self.vllm_config.parallel_config)
             if recovering() and agent_enabled():
+                if joining():
+                    self._elasticep_solo = True  # no peer until the admitting view is committed
                 _start_core(self)
         out = original_poll(self, *args, **kwargs)
         core = _core(self)
@@ -296,6 +321,22 @@ def _install_engine_core() -> None:
         return out
 
     EngineCoreProc._process_input_queue = _process_input_queue
+
+    original_handle = EngineCoreProc._handle_client_request
+
+    def _handle_client_request(self, request_type, request):
+        # the agent wakes an idle busy loop when a view is installed (VllmAgentHooks.on_view):
+        # the view is committed here, on the engine thread, before any further step
+        original_handle(self, request_type, request)
+        core = _core(self)
+        if request_type == EngineCoreRequestType.WAKEUP and core is not None and core.agent.newer_view():
+            try:
+                core.boundary()
+            except AgentFenced as fenced:
+                log.error("elasticep: engine core DP %d is fenced: %s", core.agent.rank, fenced)
+                raise SystemExit(1) from fenced
+
+    EngineCoreProc._handle_client_request = _handle_client_request
 
     original = DPEngineCoreProc._has_global_unfinished_reqs
 
@@ -357,6 +398,14 @@ def _install_worker() -> None:
     from vllm.v1.worker import dp_utils
 
     _die_with_engine_core()
+    from elasticep_vllm.core_agent import joining
+
+    if recovering() and joining():
+        from elasticep_vllm import collectives
+
+        # a rejoining rank meets no peer (its vLLM groups were met by stand-ins, see
+        # elasticep_vllm.rejoin) until the admitting view routes its collectives
+        collectives.route(None, solo=True)
 
     if getattr(dp_utils._run_ar, "__elasticep__", False):
         return
@@ -364,17 +413,19 @@ def _install_worker() -> None:
 
     def _run_ar(should_ubatch, orig_num_tokens_per_ubatch, padded_num_tokens_per_ubatch, cudagraph_mode,
                 parallel_config):
-        from elasticep_vllm.collectives import SOLO
+        from elasticep_vllm.collectives import ROUTE, SOLO, dp_all_reduce
 
-        if not SOLO["on"]:
+        if not SOLO["on"] and ROUTE["group"] is None:
             return original(should_ubatch, orig_num_tokens_per_ubatch, padded_num_tokens_per_ubatch,
                             cudagraph_mode, parallel_config)
         import torch
 
+        # each rank fills its own column; a rank outside the view stays at zero tokens
         t = torch.zeros(4, parallel_config.data_parallel_size, dtype=torch.int32)
         r = parallel_config.data_parallel_rank
         t[0][r], t[1][r] = orig_num_tokens_per_ubatch, padded_num_tokens_per_ubatch
         t[2][r], t[3][r] = (1 if should_ubatch else 0), cudagraph_mode
+        dp_all_reduce(t)
         return t
 
     _run_ar.__elasticep__ = True  # type: ignore[attr-defined]

@@ -69,7 +69,12 @@ def start_engine(args: Any):
     if getattr(args, "_elasticep_fault_tolerance", False):
         os.environ[ENV_RECOVER] = "1"
         set_up_agents(int(args.data_parallel_size))
-    return AsyncLLM.from_engine_args(args)
+    engine = AsyncLLM.from_engine_args(args)
+    if getattr(args, "_elasticep_fault_tolerance", False):
+        # the device ids as given (vLLM's launcher overwrites the config's with a rank's shard);
+        # a rejoining engine core is cut its own shard from these
+        engine.engine_core._elasticep_device_ids = args._resolve_device_ids()
+    return engine
 
 
 def set_up_agents(ranks: int) -> dict[str, Any]:

@@ -44,13 +44,54 @@ class ElasticEPWorker:
         hooks.commit(Commit(epoch=int(epoch), view=None, placement=placement, alive=tuple(bool(a) for a in alive)))
         return self.elasticep_placement()
 
+    def elasticep_regroup(self, epoch: int, members: Sequence[int]) -> dict:
+        """The groups phase of view ``epoch`` in this worker: a gloo group over ``members`` (the
+        DP ranks that serve) in elasticep's store, met by every member's worker (bounded); none
+        for a rank alone. In force from :meth:`elasticep_apply`. Returns ``{"epoch", "members",
+        "ms"}``."""
+        import time
+
+        t0 = time.monotonic()
+        members = sorted(int(m) for m in members)
+        self._elasticep_pending_group = None
+        if len(members) > 1:
+            self._elasticep_pending_group = self._elasticep_groups().rebuild(_ViewOf(epoch, members))
+        return {"epoch": int(epoch), "members": members, "ms": round((time.monotonic() - t0) * 1000, 1)}
+
+    def _elasticep_groups(self):
+        builder = getattr(self, "_elasticep_group_builder", None)
+        if builder is None:
+            import os
+
+            from elasticep.agent import connect_store
+            from elasticep.groups import GlooGroups
+            from elasticep_vllm.core_agent import ENV_CLUSTER, ENV_STORE
+
+            builder = GlooGroups(connect_store(os.environ[ENV_STORE]), self.elasticep_hooks().rank,
+                                 op_timeout_s=30.0, rendezvous_timeout_s=20.0,
+                                 prefix=f"elasticep/{os.environ.get(ENV_CLUSTER, 'vllm')}/groups/worker")
+            self._elasticep_group_builder = builder
+        return builder
+
     def elasticep_apply(self, epoch: int, phy2log: Sequence[Sequence[int]], alive: Sequence[bool]) -> dict:
-        """The engine core's agent commits a view: :meth:`elasticep_commit`, and where ``alive``
-        leaves this rank alone, the MoE gather/scatter and the DP padding all-reduce stop waiting
-        for peers (they wait again once every rank serves)."""
+        """The engine core's agent commits a view: :meth:`elasticep_commit`, and the MoE
+        gather/scatter and the DP padding all-reduce run over the ranks ``alive`` says serve:
+        alone (wait for no peer), the group :meth:`elasticep_regroup` built for this view, or
+        vLLM's own group while every original rank serves and no view changed the group."""
         from elasticep_vllm import collectives
 
         out = self.elasticep_commit(epoch, phy2log, alive)
         serving = [r for r, a in enumerate(alive) if a]
-        collectives.SOLO["on"] = serving == [self.elasticep_hooks().rank]
+        group = getattr(self, "_elasticep_pending_group", None)
+        if group is not None and list(group.members) != serving:
+            group = None
+        collectives.route(group, solo=serving == [self.elasticep_hooks().rank])
+        out["group"] = None if group is None else list(group.members)
         return out
+
+
+class _ViewOf:
+    """The two fields of a view a group builder reads."""
+
+    def __init__(self, epoch: int, members: Sequence[int]) -> None:
+        self.epoch, self.members = int(epoch), tuple(members)

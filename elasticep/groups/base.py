@@ -164,6 +164,21 @@ class HealthyGroup:
         except KeyError:
             raise NotAMember(f"rank {global_rank} is not a member of view {self.epoch}") from None
 
+    def process_group(self) -> "dist.ProcessGroup":
+        """A ``torch.distributed.ProcessGroup`` over this group's backend, for code that hands a
+        group to ``torch.distributed`` collectives (``dist.all_reduce(t, group=...)``) rather
+        than calling this class. Those calls are bounded by the backend's own timeout, not by
+        ``op_timeout_s``. Built once; gloo only."""
+        pg = getattr(self, "_process_group", None)
+        if pg is None:
+            if self.backend_name != "gloo":
+                raise GroupError(f"process_group() wraps gloo groups only, not {self.backend_name!r}")
+            pg = dist.ProcessGroup(self.group_rank, self.backend.size())
+            pg._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
+            pg._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, self.backend)
+            self._process_group = pg
+        return pg
+
     # --- collectives ------------------------------------------------------------------------
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum", *, timeout_s: float | None = None) -> torch.Tensor:
