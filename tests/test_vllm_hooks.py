@@ -2,7 +2,8 @@
 inside a real vLLM server on CPU, DP 2 with expert parallelism: reading vLLM's placement, a
 leave (rank 0 adopts rank 1's experts from the checkpoint, rank 1 serves nothing) and a rejoin,
 each committed on both workers through vLLM's ``collective_rpc``; greedy tokens equal
-transformers' after each, and a deliberately double-counting placement does not."""
+transformers' after each (also with replicated experts), and a placement that serves an expert
+nowhere does not."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ def test_leave_and_rejoin_committed_through_the_hooks_keep_outputs_equal_to_tran
     assert r["leave_commit"]["epoch"] == 1
     assert r["leave_commit"]["placement"]["phy2log"] == [list(range(8)) + [-1] * 8] * 2
     assert r["after_leave"] == want
-    assert r["double_counted"] != want  # the comparison can fail
-    assert r["rejoin_commit"]["placement"]["phy2log"] == own and r["rejoin_commit"]["epoch"] == 3
+    assert r["replicated"] == want  # replicas split their tokens: nothing counts twice
+    assert r["missing"] != want  # the comparison can fail
+    assert r["rejoin_commit"]["placement"]["phy2log"] == own and r["rejoin_commit"]["epoch"] == 4
     assert r["after_rejoin"] == want

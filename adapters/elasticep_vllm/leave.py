@@ -9,9 +9,11 @@ starts ``AsyncLLM`` with data parallel 2, expert parallelism and the worker exte
 2. greedy tokens of the prompts (``before``);
 3. commits epoch 1, where rank 0 serves all 8 experts (4-7 read from the checkpoint) and rank 1
    is out (``alive = (True, False)``): ``after_leave``;
-4. commits epoch 2, a wrong one on purpose (rank 0 keeps all 8 *and* rank 1 still serves its
-   own): ``double_counted``, which must differ, or the check proves nothing;
-5. commits epoch 3, vLLM's own placement again (rank 1 back): ``after_rejoin``.
+4. commits epoch 2, where rank 0 keeps all 8 *and* rank 1 serves its own again: experts 4-7
+   have two replicas, each computes half of their tokens: ``replicated``, which must equal;
+5. commits epoch 3, a wrong one on purpose (expert 7 served nowhere): ``missing``, which must
+   differ, or the check proves nothing;
+6. commits epoch 4, vLLM's own placement again (rank 1 back): ``after_rejoin``.
 
 Prints ``RESULT <json>``. Must run in the environment that has vLLM (``.venv-vllm``).
 """
@@ -48,11 +50,16 @@ async def _run(ns: argparse.Namespace) -> dict[str, Any]:
         out["leave_commit"] = (await engine.collective_rpc("elasticep_commit", args=(1, everything_on_0, [True, False])))[0]
         out["leave_commit_ms"] = round((time.monotonic() - t0) * 1000, 1)
         out["after_leave"] = await generate_all(engine, PROMPTS, ns.tokens)
-        # rank 0 keeps all 8 and rank 1 serves its own 4-7 again: those count twice
+        # rank 0 keeps all 8 and rank 1 serves its own 4-7 again: two replicas of each of 4-7
         both = [list(range(experts)) + list(range(experts // 2, experts)) + [-1] * (experts // 2) for _ in range(layers)]
         await engine.collective_rpc("elasticep_commit", args=(2, both, [True, True]))
-        out["double_counted"] = await generate_all(engine, PROMPTS, ns.tokens)
-        out["rejoin_commit"] = (await engine.collective_rpc("elasticep_commit", args=(3, phy2log, [True, True])))[0]
+        out["replicated"] = await generate_all(engine, PROMPTS, ns.tokens)
+        # the last expert served by no rank: its share of every token is lost
+        missing = [list(range(experts // 2)) + [-1] * (experts // 2) + list(range(experts // 2, experts - 1))
+                   + [-1] * (experts // 2 + 1) for _ in range(layers)]
+        await engine.collective_rpc("elasticep_commit", args=(3, missing, [True, True]))
+        out["missing"] = await generate_all(engine, PROMPTS, ns.tokens)
+        out["rejoin_commit"] = (await engine.collective_rpc("elasticep_commit", args=(4, phy2log, [True, True])))[0]
         out["after_rejoin"] = await generate_all(engine, PROMPTS, ns.tokens)
     finally:
         engine.shutdown()

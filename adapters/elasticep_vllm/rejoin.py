@@ -25,7 +25,8 @@ How the newcomer meets the survivors:
   core and worker) and commits, and from then on every collective runs over those groups.
 
 Each rejoin is recorded in ``client._elasticep_rejoins`` (``{"rank", "ready_s", "admitted_ms",
-"epoch", "experts_by_rank"}``).
+"routed_ms", "epoch", "experts_by_rank"}``: the new core's start-up, then from its readiness to
+the admitting view's committed placement, and to the front end's routing seeing it idle).
 """
 
 from __future__ import annotations
@@ -213,6 +214,16 @@ async def rejoin(engine: Any, rank: int, *, timeout_s: float = 600.0) -> dict[st
     record["experts_by_rank"] = _experts_by_rank(client._elasticep_placement)
     dead.discard(rank)
     client._engine_status.pop(rank, None)
+    # the front end routes by the DP coordinator's request counts, which for this rank were the
+    # dead core's until the newcomer published its own (its commit made it do so): wait,
+    # bounded, until they show its empty queue, or new requests would all avoid it
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        counts = getattr(client, "lb_engines", None)
+        if not counts or rank >= len(counts) or counts[rank][0] + counts[rank][1] == 0:
+            break
+        await asyncio.sleep(0.01)
+    record["routed_ms"] = round((time.monotonic() - t1) * 1000, 1)
     client.__dict__.setdefault("_elasticep_rejoins", []).append(record)
     log.warning("elasticep: DP rank %d serves again: %s", rank, record)
     return record
