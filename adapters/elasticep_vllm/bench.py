@@ -13,6 +13,10 @@ are checked against transformers' greedy output on the same weights. Figures (``
 - ``outputs_wrong``: completed requests whose tokens differ from transformers';
 - ``throughput_before`` / ``throughput_after``: tokens/s, mean over the runs (after: one engine
   core serving all 8 experts);
+- ``rejoin_failed``, ``rejoin_ready_p50_s``, ``rejoin_admitted_p99_ms``: after each kill the
+  killed rank is brought back (:mod:`elasticep_vllm.rejoin`): rejoins that failed, the new
+  engine core's start-up, and from its readiness to the admitting view's committed placement;
+  the prompts served again after it count in ``outputs_wrong`` too;
 - ``baseline_recovered``: whether vLLM alone answered any request after the kill;
 - ``baseline_requests_lost``, ``baseline_after_kill``: what vLLM alone did.
 
@@ -40,7 +44,7 @@ def _kill_run(model: Path, requests: int, tokens: int, elasticep: bool, timeout_
     cmd = [sys.executable, "-m", "elasticep_vllm.kill", "--model", str(model), "--requests", str(requests),
            "--tokens", str(tokens), "--kill-after", "3", "--timeout", "30", "--after-timeout", "15"]
     if elasticep:
-        cmd += ["--elasticep", "--retries", "3", "--measure"]
+        cmd += ["--elasticep", "--retries", "3", "--measure", "--rejoin", "--rejoin-timeout", "240"]
     else:
         env["VLLM_PLUGINS"] = "elasticep_cpu_collectives"
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
@@ -65,7 +69,9 @@ def run(runs: int = 1, requests: int = 4, tokens: int = 32, timeout_s: float = 5
         prompts = [[1 + i, 2 + 3 * i, 3 + 5 * i] for i in range(requests)]
         ref = reference_greedy(model, prompts, tokens)
         serving, before, after = [], [], []
-        lost = wrong = 0
+        lost = wrong = rejoin_failed = 0
+        ready: list[float] = []
+        admitted: list[float] = []
         for _ in range(runs):
             r = _kill_run(model, requests, tokens, True, timeout_s)
             serving += [rec["serving_ms"] for rec in r.get("recoveries", [])]
@@ -74,6 +80,13 @@ def run(runs: int = 1, requests: int = 4, tokens: int = 32, timeout_s: float = 5
                     lost += 1
                 elif q["tokens"] != want:
                     wrong += 1
+            rj = r.get("rejoin", {})
+            if "error" in rj or "record" not in rj:
+                rejoin_failed += 1
+            else:
+                ready.append(rj["record"]["ready_s"])
+                admitted.append(rj["record"]["admitted_ms"])
+                wrong += sum(1 for got, want in zip(rj.get("tokens", []), ref) if got != want)
             before += [r["throughput_before"]] if "throughput_before" in r else []
             after += [r["throughput_after"]] if "throughput_after" in r else []
         base = _kill_run(model, requests, tokens, False, timeout_s)
@@ -86,6 +99,9 @@ def run(runs: int = 1, requests: int = 4, tokens: int = 32, timeout_s: float = 5
         "outputs_wrong": wrong,
         "throughput_before": round(sum(before) / len(before), 1) if before else None,
         "throughput_after": round(sum(after) / len(after), 1) if after else None,
+        "rejoin_failed": rejoin_failed,
+        "rejoin_ready_p50_s": _pct(ready, 0.5),
+        "rejoin_admitted_p99_ms": _pct(admitted, 0.99),
         "baseline_recovered": base["after_kill"]["outcome"] == "completed",
         "baseline_requests_lost": sum(1 for q in base["requests"] if q["outcome"] != "completed"),
         "baseline_after_kill": base["after_kill"].get("error", base["after_kill"]["outcome"])[:80],

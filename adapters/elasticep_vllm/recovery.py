@@ -24,12 +24,15 @@ every engine core
     slots); :class:`~elasticep_vllm.core_agent.VllmAgentHooks` commits it (experts read from the
     checkpoint) and, for a lone survivor, makes the MoE gather/scatter, the DP padding
     all-reduce (``dp_utils._run_ar``) and the step loop's DP all-reduce
-    (``DPEngineCoreProc._has_global_unfinished_reqs``) wait for no peer. The busy loop resumes
-    by itself: the front end sends no instruction.
+    (``DPEngineCoreProc._has_global_unfinished_reqs``) wait for no peer; with several
+    survivors they run over elasticep's gloo groups of the view's members instead. The busy
+    loop resumes by itself: the front end sends no instruction. The dead rank can be brought
+    back with :func:`elasticep_vllm.rejoin.rejoin`.
 
-Limits (stated, not hidden): one survivor (DP 2; with more survivors the collectives would need a
-group over them, not done). A hung (not dead) core holds the survivor's step inside gloo until
-gloo's own timeout: the view comes in about 250 ms but the step cannot be interrupted. Each
+Limits (stated, not hidden): no server with more than one survivor has been run here (2 cores).
+A hung (not dead) core holds the survivor's step inside gloo until gloo's own timeout (vLLM's
+groups, before any view change): the view comes in about 250 ms but the step cannot be
+interrupted. Each
 recovery is recorded in ``client._elasticep_recoveries`` (``{"dead", "abort_ms", "committed_ms",
 "serving_ms"}``, as the front end saw it) and in each engine core's
 ``CoreAgent.recoveries``.
