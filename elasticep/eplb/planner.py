@@ -693,12 +693,13 @@ def replan(
     # a safety net: where simply filling the holes in order happens to balance a layer better
     # than the search did (small layers with few ranks, where a greedy step can get stuck), take
     # it; it costs the lower bound only, so the budget still holds
-    plain = _fill_in_order(start, tslot, E)
-    peak = _layer_balance(_rank_loads(p, w, S)[0], target, speed)
-    plain_peak = _layer_balance(_rank_loads(plain, w, S)[0], target, speed)
-    better = plain_peak < peak - 1e-12
-    if better.any():
-        p = np.where(better[:, None], plain, p)
+    for prefer_empty in (True, False):
+        plain = _fill_in_order(start, tslot, E, prefer_empty)
+        peak = _layer_balance(_rank_loads(p, w, S)[0], target, speed)
+        plain_peak = _layer_balance(_rank_loads(plain, w, S)[0], target, speed)
+        better = plain_peak < peak - 1e-12
+        if better.any():
+            p = np.where(better[:, None], plain, p)
     rank_load, cnt = _rank_loads(p, w, S)
     after = float(_layer_balance(rank_load, target, speed).mean())
     if (cnt == 0).any():  # impossible when live_slots >= E: a guard on invariant 4
@@ -823,10 +824,11 @@ class _State:
         return out
 
 
-def _fill_in_order(p: np.ndarray, tslot: np.ndarray, E: int) -> np.ndarray:
+def _fill_in_order(p: np.ndarray, tslot: np.ndarray, E: int, prefer_empty: bool = True) -> np.ndarray:
     """The plainest coverage repair: each missing expert, in id order, takes the first empty
-    target slot, else the first target slot whose expert has another replica. Vectorised over
-    layers; one step per missing expert of the layer with the most."""
+    target slot, else the first target slot whose expert has another replica (with
+    ``prefer_empty=False``: the first target slot that is either). Vectorised over layers; one
+    step per missing expert of the layer with the most."""
     L, N = p.shape
     p = p.copy()
     rows = np.arange(L)
@@ -844,7 +846,7 @@ def _fill_in_order(p: np.ndarray, tslot: np.ndarray, E: int) -> np.ndarray:
         legal = tslot[None, :] & ((p < 0) | spare)
         # first empty target slot if any, else the first spare replica
         empty = tslot[None, :] & (p < 0)
-        t = np.where(empty.any(1), empty.argmax(1), legal.argmax(1))
+        t = np.where(empty.any(1), empty.argmax(1), legal.argmax(1)) if prefer_empty else legal.argmax(1)
         p[rows[act], t[act]] = e[act]
     return p
 
