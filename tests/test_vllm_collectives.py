@@ -53,9 +53,9 @@ def _rank(rank: int, port: int, out: mp.Queue) -> None:
     dist.destroy_process_group()
 
 
-@pytest.mark.multiproc
-@pytest.mark.timeout(90)
-def test_all_gatherv_and_reduce_scatterv_over_gloo_with_uneven_sizes():
+def _run_ranks(target, ranks) -> list:
+    """``target(rank, port, queue)`` in one forked process per rank, meeting on a free port;
+    what each put on the queue, sorted."""
     import socket
 
     with socket.socket() as s:
@@ -63,16 +63,22 @@ def test_all_gatherv_and_reduce_scatterv_over_gloo_with_uneven_sizes():
         port = s.getsockname()[1]
     ctx = mp.get_context("fork")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, port, q), daemon=True) for r in range(3)]
+    procs = [ctx.Process(target=target, args=(r, port, q), daemon=True) for r in ranks]
     for p in procs:
         p.start()
     try:
-        results = sorted(q.get(timeout=60) for _ in range(3))
+        return sorted(q.get(timeout=60) for _ in procs)
     finally:
         for p in procs:
             p.join(10)
             if p.is_alive():
                 p.kill()
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(90)
+def test_all_gatherv_and_reduce_scatterv_over_gloo_with_uneven_sizes():
+    results = _run_ranks(_rank, range(3))
     want = torch.cat([_part(r, n) for r, n in enumerate(SIZES)])
     want_ids = torch.cat([torch.full((n, 2), r, dtype=torch.int32) for r, n in enumerate(SIZES)])
     summed = torch.arange(20, dtype=torch.float32).reshape(5, 4) * 6  # ranks scale by 1 + 2 + 3
@@ -190,23 +196,7 @@ def _routed_rank(rank: int, port: int, out: mp.Queue) -> None:
 @pytest.mark.multiproc
 @pytest.mark.timeout(90)
 def test_routed_collectives_run_over_the_views_group_and_skip_the_dead_rank():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_routed_rank, args=(r, port, q), daemon=True) for r in (0, 2)]
-    for p in procs:
-        p.start()
-    try:
-        results = sorted(q.get(timeout=60) for _ in range(2))
-    finally:
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
+    results = _run_ranks(_routed_rank, (0, 2))
     want = torch.cat([_part(0, 2), _part(2, 3)])
     summed = torch.arange(20, dtype=torch.float32).reshape(5, 4) * 4  # ranks 0 and 2 scale by 1 + 3
     for rank, gathered, part, padding in results:

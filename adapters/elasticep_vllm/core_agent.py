@@ -65,6 +65,7 @@ __all__ = [
     "agent_enabled",
     "joining",
     "core_agent",
+    "view_groups",
 ]
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,18 @@ def agent_enabled(environ: Mapping[str, str] | None = None) -> bool:
 def joining(environ: Mapping[str, str] | None = None) -> bool:
     """Whether this engine core (or its worker) was started to rejoin (:data:`ENV_JOINING`)."""
     return (os.environ if environ is None else environ).get(ENV_JOINING) == "1"
+
+
+def view_groups(rank: int, part: str) -> Any:
+    """A :class:`~elasticep.groups.GlooGroups` builder for this DP rank's side ``part``
+    (``"core"``: the engine core; ``"worker"``: its worker) in the store of :data:`ENV_STORE`,
+    under ``elasticep/<cluster>/groups/<part>/<epoch>/``."""
+    from elasticep.agent import connect_store
+    from elasticep.groups import GlooGroups
+
+    cluster = os.environ.get(ENV_CLUSTER, "vllm")
+    return GlooGroups(connect_store(os.environ[ENV_STORE]), rank, op_timeout_s=30.0, rendezvous_timeout_s=20.0,
+                      prefix=f"elasticep/{cluster}/groups/{part}")
 
 
 def _settings_error(message: str) -> AgentSettingsError:
@@ -145,12 +158,7 @@ class VllmAgentHooks(EngineHooks):
             return None
         self.engine.model_executor.collective_rpc("elasticep_regroup", args=(int(view.epoch), members))
         if self._groups is None:
-            from elasticep.agent import connect_store
-            from elasticep.groups import GlooGroups
-
-            cluster = os.environ.get(ENV_CLUSTER, "vllm")
-            self._groups = GlooGroups(connect_store(os.environ[ENV_STORE]), self.rank, op_timeout_s=30.0,
-                                      rendezvous_timeout_s=20.0, prefix=f"elasticep/{cluster}/groups/core")
+            self._groups = view_groups(self.rank, "core")
         self._pending = self._groups.rebuild(view)
         return self._pending
 

@@ -58,7 +58,6 @@ ENV_RECOVER = "ELASTICEP_VLLM_RECOVER"
 
 def recovering() -> bool:
     """Whether :data:`ENV_RECOVER` is ``1`` in this process."""
-    import os
 
     return os.environ.get(ENV_RECOVER) == "1"
 
@@ -378,7 +377,6 @@ def _die_with_engine_core() -> None:
     gave up (about a second); a rank is its engine core and its workers, and they go together."""
     import ctypes
     import multiprocessing
-    import os
     import signal
 
     if not recovering() or not multiprocessing.current_process().name.startswith("VllmWorker"):

@@ -10,6 +10,7 @@ worker.
 
 from __future__ import annotations
 
+import types
 from typing import Any, Sequence
 
 __all__ = ["ElasticEPWorker"]
@@ -55,23 +56,13 @@ class ElasticEPWorker:
         members = sorted(int(m) for m in members)
         self._elasticep_pending_group = None
         if len(members) > 1:
-            self._elasticep_pending_group = self._elasticep_groups().rebuild(_ViewOf(epoch, members))
+            if getattr(self, "_elasticep_group_builder", None) is None:
+                from elasticep_vllm.core_agent import view_groups
+
+                self._elasticep_group_builder = view_groups(self.elasticep_hooks().rank, "worker")
+            view = types.SimpleNamespace(epoch=int(epoch), members=tuple(members))
+            self._elasticep_pending_group = self._elasticep_group_builder.rebuild(view)
         return {"epoch": int(epoch), "members": members, "ms": round((time.monotonic() - t0) * 1000, 1)}
-
-    def _elasticep_groups(self):
-        builder = getattr(self, "_elasticep_group_builder", None)
-        if builder is None:
-            import os
-
-            from elasticep.agent import connect_store
-            from elasticep.groups import GlooGroups
-            from elasticep_vllm.core_agent import ENV_CLUSTER, ENV_STORE
-
-            builder = GlooGroups(connect_store(os.environ[ENV_STORE]), self.elasticep_hooks().rank,
-                                 op_timeout_s=30.0, rendezvous_timeout_s=20.0,
-                                 prefix=f"elasticep/{os.environ.get(ENV_CLUSTER, 'vllm')}/groups/worker")
-            self._elasticep_group_builder = builder
-        return builder
 
     def elasticep_apply(self, epoch: int, phy2log: Sequence[Sequence[int]], alive: Sequence[bool]) -> dict:
         """The engine core's agent commits a view: :meth:`elasticep_commit`, and the MoE
@@ -88,10 +79,3 @@ class ElasticEPWorker:
         collectives.route(group, solo=serving == [self.elasticep_hooks().rank])
         out["group"] = None if group is None else list(group.members)
         return out
-
-
-class _ViewOf:
-    """The two fields of a view a group builder reads."""
-
-    def __init__(self, epoch: int, members: Sequence[int]) -> None:
-        self.epoch, self.members = int(epoch), tuple(members)
