@@ -1,13 +1,22 @@
 """One frozen configuration type with named profiles.
 
 Precedence, highest first: an explicit keyword argument to :meth:`Config.local` /
-:meth:`Config.cluster` (or :meth:`Config.replace`), then an environment variable
-``ELASTICEP_<FIELD NAME IN CAPITALS>``, then the profile's default.
+:meth:`Config.cluster` / :meth:`Config.for_hosts` (or :meth:`Config.replace`), then an
+environment variable ``ELASTICEP_<FIELD NAME IN CAPITALS>``, then the profile's default.
 
-``local()`` is for ranks sharing one host (the reference engine, tests, the demo): loopback
+``local()`` is for ranks sharing one host (the reference engine, the demo, most tests): loopback
 latencies of tens of microseconds let it detect in tens of milliseconds. ``cluster()`` is for
 ranks spread over hosts and switches, where pauses of a few hundred milliseconds (GC, page
 faults, a busy NIC) are normal and must not evict anyone.
+
+Which profile is the default: :meth:`Config.for_hosts` (and the profile name ``"auto"``, see
+:data:`PROFILES`) picks ``local()`` for ranks on one host and ``cluster()`` for ranks on more
+than one, and every launcher that places ranks on several hosts follows it unless told
+otherwise. Loopback never loses a packet, but a real link does, and one lost TCP segment
+stalls the stream it belongs to for at least Linux's minimum retransmission timeout, 200 ms:
+as long as the local profile's ``grace_ms``, so under a few per cent of loss the local profile
+evicts healthy ranks on another host. The cluster profile's 1.5 s grace outlasts several
+retransmissions.
 
 What each profile trades: a shorter ``heartbeat_interval_ms`` and lower ``phi_threshold`` detect
 a hang sooner but evict a merely slow rank more often. With heartbeats every ``I`` ms and a
@@ -25,6 +34,25 @@ import math
 from typing import Any
 
 from elasticep.errors import InvalidArgument
+
+
+PROFILES = ("auto", "local", "cluster")
+"""Profile names accepted where a profile is named by string (:meth:`Config.named`, the
+``--profile`` options): ``"auto"`` is the default for the deployment, :func:`resolve_profile`."""
+
+
+def resolve_profile(profile: str, hosts: int) -> str:
+    """The profile to use, ``"local"`` or ``"cluster"``, for ranks spread over ``hosts`` hosts:
+    ``profile`` itself when it names one, and for ``"auto"`` the default, ``"local"`` for one
+    host (or 0: every rank on the caller's host) and ``"cluster"`` for more (see
+    :meth:`Config.for_hosts` for why)."""
+    if profile not in PROFILES:
+        raise InvalidArgument(f"profile must be one of {', '.join(PROFILES)}, not {profile!r}")
+    if isinstance(hosts, bool) or not isinstance(hosts, int) or hosts < 0:
+        raise InvalidArgument(f"hosts must be an int >= 0, not {hosts!r}")
+    if profile != "auto":
+        return profile
+    return "local" if hosts <= 1 else "cluster"
 
 
 class UnknownConfigField(InvalidArgument, TypeError):
@@ -161,6 +189,31 @@ class Config:
             transfer_timeout_s=30.0,
         )
         return cls._build(profile, overrides)
+
+    @classmethod
+    def for_hosts(cls, hosts: int, **overrides: Any) -> "Config":
+        """The default profile for ranks spread over ``hosts`` hosts: :meth:`local` for one (or
+        0, every rank on the caller's host), :meth:`cluster` for more. ``overrides`` and
+        ``ELASTICEP_*`` variables apply as to the profile itself.
+
+        Why: between hosts packets get lost, and a lost TCP segment holds up its stream (the
+        bus's heartbeats with it) for at least Linux's minimum retransmission timeout, 200 ms,
+        doubling at each further loss. That is the local profile's whole ``grace_ms`` (200 ms),
+        so a few per cent of loss on one host's link evicts its healthy ranks within seconds;
+        the cluster profile's ``grace_ms`` of 1.5 s covers three back-to-back retransmissions
+        (200 + 400 + 800 ms). Certain signals (a process exit, sockets closed by a dead rank's
+        kernel) evict without waiting for the grace under either profile; only silence waits.
+        On one host loopback loses nothing, and the local profile detects a hang in about
+        200 ms."""
+        return cls.named("auto", hosts=hosts, **overrides)
+
+    @classmethod
+    def named(cls, profile: str, *, hosts: int = 1, **overrides: Any) -> "Config":
+        """The profile called ``profile``: ``"local"``, ``"cluster"``, or ``"auto"``, the default
+        for ranks on ``hosts`` hosts (:meth:`for_hosts`)."""
+        if resolve_profile(profile, hosts) == "cluster":
+            return cls.cluster(**overrides)
+        return cls.local(**overrides)
 
     @classmethod
     def _build(cls, profile: dict[str, Any], overrides: dict[str, Any]) -> "Config":

@@ -294,7 +294,8 @@ def test_a_host_dies_with_its_ranks_and_its_etcd_member() -> None:
     with HostNet(3) as net, _etcd_on(net) as etcd:
         leader = etcd.leader()  # the host that dies carries etcd's leader
         config = {"view_store": "etcd", "etcd_endpoints": etcd.endpoints_csv()}
-        with HostCluster(net, [0, 0, 1, 1, 2, 2], config=config) as cluster:
+        # the local profile (store_timeout_s 2 s) keeps the wait below short; these links lose nothing
+        with HostCluster(net, [0, 0, 1, 1, 2, 2], config=config, profile="local") as cluster:
             cluster.wait_ready(90)
             cluster.wait_view(lambda v: v["epoch"] == 1, 10)
             dead = cluster.ranks_on(net.hosts[leader])
@@ -318,7 +319,8 @@ def test_a_host_dies_with_its_ranks_and_its_etcd_member() -> None:
 def test_link_down_fences_the_minority_and_it_rejoins_when_the_link_returns() -> None:
     with HostNet(3) as net, _etcd_on(net) as etcd:
         config = {"view_store": "etcd", "etcd_endpoints": etcd.endpoints_csv()}
-        with HostCluster(net, [0, 0, 1, 1, 2, 2], config=config) as cluster:
+        # the local profile: the fence bound below is its store_timeout_s; these links lose nothing
+        with HostCluster(net, [0, 0, 1, 1, 2, 2], config=config, profile="local") as cluster:
             cluster.wait_ready(90)
             cluster.wait_view(lambda v: v["epoch"] == 1, 10)
             cut = net.hosts[2]
@@ -357,7 +359,8 @@ def test_asymmetric_partition_ends_the_same_on_every_survivor(direction: str) ->
     with HostNet(3) as net, EtcdCluster(3, hosts=[net.gateway] * 3) as etcd:
         etcd.wait_healthy(30)
         config = {"view_store": "etcd", "etcd_endpoints": etcd.endpoints_csv()}
-        with HostCluster(net, [0, 0, 1, 1, 2], config=config) as cluster:
+        # the local profile: the 8 s of partition below outlast its store_timeout_s (2 s) several times
+        with HostCluster(net, [0, 0, 1, 1, 2], config=config, profile="local") as cluster:
             cluster.wait_ready(90)
             cluster.wait_view(lambda v: v["epoch"] == 1, 10)
             h0, h1, h2 = net.hosts
@@ -383,17 +386,18 @@ def test_asymmetric_partition_ends_the_same_on_every_survivor(direction: str) ->
 @pytest.mark.timeout(240)
 def test_five_percent_loss_on_a_host_evicts_no_one_and_a_kill_there_is_still_seen() -> None:
     """Host 2's TCP held 25 ms each way (about 50 ms more round trip, by the delaying relay)
-    and 5 % of its packets lost both ways (nftables on its link) for 60 s with the profile for
-    ranks across hosts (``Config.cluster``): no view changes; then one of its ranks is killed and
-    every survivor installs a view without it. (The local profile, whose heartbeat silence bound
-    is about TCP's 200 ms minimum retransmission timeout, evicted host 2's ranks within seconds
-    under the same faults.)"""
+    and 5 % of its packets lost both ways (nftables on its link) for 60 s at the default
+    configuration, which for ranks across hosts is the cluster profile (``Config.for_hosts``):
+    no view changes; then one of its ranks is killed and every survivor installs a view without
+    it. (The local profile, whose heartbeat silence bound is about TCP's 200 ms minimum
+    retransmission timeout, evicted host 2's ranks within seconds under the same faults.)"""
     with HostNet(3) as net:
         lossy = net.hosts[2]
         net.delay(lossy, 25)  # before anything connects: the relay takes new connections only
         with _etcd_on(net) as etcd:
             config = {"view_store": "etcd", "etcd_endpoints": etcd.endpoints_csv()}
-            with HostCluster(net, [0, 0, 1, 1, 2, 2], config=config, profile="cluster") as cluster:
+            with HostCluster(net, [0, 0, 1, 1, 2, 2], config=config) as cluster:
+                assert cluster.profile == "cluster"
                 cluster.wait_ready(90)
                 cluster.wait_view(lambda v: v["epoch"] == 1, 10)
                 net.drop(lossy, percent=5, direction="both")

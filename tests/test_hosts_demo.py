@@ -26,6 +26,7 @@ def _refused(option: str) -> float:
         (["--hosts", "1"], "--hosts", "0 (every rank on this host) or 2 to 4"),
         (["--hosts", "9"], "--hosts", "2 to 4"),
         (["--store", "etcd", "--hosts", "2"], "--hosts", "3 or more hosts"),
+        (["--profile", "fast"], "--profile", "one of auto, local, cluster"),
     ],
 )
 def test_bad_store_or_hosts_exits_2_before_set_up(argv, option, words, capsys, tmp_path) -> None:

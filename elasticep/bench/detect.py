@@ -18,7 +18,8 @@ Baselines measured in the same run: how long the launcher takes to see a SIGKILL
 ``hang_to_view_p50_ms``, ``hang_to_view_p99_ms``, ``false_evictions`` plus the baselines.
 
 ``--hosts N`` runs the series across network-namespace hosts instead, once per ``--store``
-(:mod:`elasticep.bench.detect_hosts`).
+(:mod:`elasticep.bench.detect_hosts`), at the cluster profile unless ``--profile`` names another:
+the default for ranks on more than one host (:meth:`~elasticep.config.Config.for_hosts`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import subprocess
 import sys
 import time
 
-from elasticep.config import Config
+from elasticep.config import PROFILES, Config
+from elasticep.errors import InvalidArgument
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -125,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-launcher", action="store_true",
                         help="do not report exits to the ranks (detect kills from the ranks' own signals)")
     parser.add_argument("--config", action="append", default=[], metavar="FIELD=VALUE",
-                        help="Config.local overrides passed to every rank")
+                        help="Config overrides passed to every rank (of the --profile profile)")
+    parser.add_argument("--profile", choices=PROFILES, default="auto",
+                        help="the ranks' Config profile; auto (the default): cluster with --hosts, local without "
+                             "(cluster needs --hosts)")
     parser.add_argument("--hosts", type=int, default=0,
                         help="run across this many network-namespace hosts instead (elasticep.bench.detect_hosts)")
     parser.add_argument("--ranks-per-host", type=int, default=2)
@@ -138,10 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         return _main_hosts(parser, args)
     if args.store:
         parser.error("--store needs --hosts")
+    if args.profile == "cluster":
+        parser.error("--profile cluster needs --hosts (ranks on this host run at the local profile)")
     from elasticep.membership.local_cluster import LocalCluster
 
-    overrides = dict(item.split("=", 1) for item in args.config)
-    config = Config.local(**{k: type(getattr(Config, k))(v) for k, v in overrides.items()})
+    overrides = _overrides(parser, args.config)
+    config = _config(parser, "local", 0, overrides)
     rng = random.Random(args.seed)
     world = args.ranks
     kills: list[float] = []
@@ -214,6 +221,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, object]:
+    """``FIELD=VALUE`` options as typed :class:`Config` overrides; unknown fields are refused."""
+    out: dict[str, object] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        default = getattr(Config, name, None) if sep else None
+        if default is None or name.startswith("_") or callable(default):
+            parser.error(f"--config {item!r}: expected FIELD=VALUE with FIELD a Config field")
+        try:
+            out[name] = type(default)(value)
+        except ValueError:
+            parser.error(f"--config {item!r}: {value!r} is not a valid {type(default).__name__}")
+    return out
+
+
+def _config(parser: argparse.ArgumentParser, profile: str, hosts: int, overrides: dict[str, object]) -> Config:
+    try:
+        return Config.named(profile, hosts=hosts, **overrides)
+    except InvalidArgument as exc:
+        parser.error(f"--config: {exc}")
+
+
 def _main_hosts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from elasticep.bench import detect_hosts
 
@@ -226,11 +255,15 @@ def _main_hosts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     if reason is not None:
         print(f"elasticep bench detect: cannot run across hosts here: {reason}", file=sys.stderr)
         return 2
+    overrides = _overrides(parser, args.config)
+    _config(parser, args.profile, args.hosts, overrides)  # an impossible config fails here, not in every rank
     results = detect_hosts.run(stores, args.hosts, args.ranks_per_host, args.trials, args.seed,
                                log=lambda line: print(line, flush=True),
-                               etcd_heartbeat_ms=args.etcd_heartbeat_ms, etcd_election_ms=args.etcd_election_ms)
+                               etcd_heartbeat_ms=args.etcd_heartbeat_ms, etcd_election_ms=args.etcd_election_ms,
+                               profile=args.profile, overrides=overrides)
     for r in results:
-        print(f"{r['store']:>8}: rank kill p50/p99 {r['rank_kill_to_view_p50_ms']} / {r['rank_kill_to_view_p99_ms']} ms, "
+        print(f"{r['store']:>8} ({r['profile']} profile): "
+              f"rank kill p50/p99 {r['rank_kill_to_view_p50_ms']} / {r['rank_kill_to_view_p99_ms']} ms, "
               f"host kill {r['host_kill_to_view_p50_ms']} / {r['host_kill_to_view_p99_ms']} ms, "
               f"host silent {r['host_silent_to_view_p50_ms']} / {r['host_silent_to_view_p99_ms']} ms, "
               f"store-leader kill {r['store_leader_kill_to_view_p50_ms']} / {r['store_leader_kill_to_view_p99_ms']} ms, "

@@ -20,12 +20,16 @@ for etcd one etcd member per host (:class:`~elasticep.testing.etcd.EtcdCluster`)
   member is started again. The embedded TCPStore has no replica: its death is a loud stop
   (see the control-plane docs), so its row is ``None``.
 
+The ranks run at ``--profile`` (default ``auto``: the cluster profile, as for any ranks on more
+than one host, :meth:`~elasticep.config.Config.for_hosts`), with ``--config`` overrides.
+
 A rank removed from a view without being a victim is a false eviction; a rank that fenced itself
 is counted in ``fences``. ``--json PATH`` writes one record per store with the keys ``store``,
-``hosts``, ``ranks``, ``trials``, ``rank_kill_to_view_p50_ms``, ``rank_kill_to_view_p99_ms``,
-``host_kill_to_view_p50_ms``, ``host_kill_to_view_p99_ms``, ``host_silent_to_view_p50_ms``,
-``host_silent_to_view_p99_ms``, ``store_leader_kill_to_view_p50_ms``,
-``store_leader_kill_to_view_p99_ms``, ``false_evictions``, ``fences`` and the raw times.
+``profile``, ``config`` (the ``--config`` overrides), ``hosts``, ``ranks``, ``trials``,
+``rank_kill_to_view_p50_ms``, ``rank_kill_to_view_p99_ms``, ``host_kill_to_view_p50_ms``,
+``host_kill_to_view_p99_ms``, ``host_silent_to_view_p50_ms``, ``host_silent_to_view_p99_ms``,
+``store_leader_kill_to_view_p50_ms``, ``store_leader_kill_to_view_p99_ms``, ``false_evictions``,
+``fences`` and the raw times.
 """
 
 from __future__ import annotations
@@ -62,10 +66,13 @@ def _readmit(cluster, ranks: Sequence[int], world: int, timeout: float) -> None:
 
 
 def run_store(store: str, n_hosts: int, per_host: int, trials: int, seed: int, log=print,
-              etcd_heartbeat_ms: int = 10, etcd_election_ms: int = 100) -> dict[str, Any]:
+              etcd_heartbeat_ms: int = 10, etcd_election_ms: int = 100, profile: str = "auto",
+              overrides: dict[str, object] | None = None) -> dict[str, Any]:
     """One store's series on fresh hosts; returns its record. ``etcd_heartbeat_ms`` and
     ``etcd_election_ms`` are the members' raft timers (etcd's ``--heartbeat-interval`` and
-    ``--election-timeout``): a dead leader is replaced about one election timeout later."""
+    ``--election-timeout``): a dead leader is replaced about one election timeout later.
+    ``profile`` and ``overrides``: the ranks' :class:`~elasticep.config.Config` profile
+    (``"auto"``: the default for ranks on ``n_hosts`` hosts) and field overrides."""
     from contextlib import ExitStack
 
     from elasticep.testing.hosts import HostCluster, HostNet
@@ -81,7 +88,7 @@ def run_store(store: str, n_hosts: int, per_host: int, trials: int, seed: int, l
     with ExitStack() as stack:
         net = stack.enter_context(HostNet(n_hosts))
         etcd = None
-        config: dict[str, object] = {}
+        config: dict[str, object] = dict(overrides or {})
         if store == "etcd":
             from elasticep.testing.etcd import EtcdCluster
 
@@ -89,11 +96,11 @@ def run_store(store: str, n_hosts: int, per_host: int, trials: int, seed: int, l
                                                    exec_prefix=[h.exec_prefix for h in net.hosts],
                                                    heartbeat_ms=etcd_heartbeat_ms, election_ms=etcd_election_ms))
             etcd.wait_healthy(30)
-            config = {"view_store": "etcd", "etcd_endpoints": etcd.endpoints_csv()}
-        cluster = stack.enter_context(HostCluster(net, placement, config=config))
+            config.update(view_store="etcd", etcd_endpoints=etcd.endpoints_csv())
+        cluster = stack.enter_context(HostCluster(net, placement, config=config, profile=profile))
         cluster.wait_ready(90)
         cluster.wait_view(lambda v: v["epoch"] >= 1, 30, ranks=list(range(world)))
-        log(f"[{store}] {world} ranks on {n_hosts} hosts up")
+        log(f"[{store}] {world} ranks on {n_hosts} hosts up, {cluster.profile} profile")
         for i in range(trials):
             victim = rng.randrange(world)
             victims.add(victim)
@@ -151,6 +158,8 @@ def run_store(store: str, n_hosts: int, per_host: int, trials: int, seed: int, l
                     fences += 1
     return {
         "store": store,
+        "profile": cluster.profile,
+        "config": dict(overrides or {}),
         "hosts": n_hosts,
         "ranks": world,
         "trials": trials,
@@ -174,9 +183,10 @@ def run_store(store: str, n_hosts: int, per_host: int, trials: int, seed: int, l
 
 
 def run(stores: Sequence[str], n_hosts: int, per_host: int, trials: int, seed: int, log=print,
-        **etcd_timers: int) -> list[dict[str, Any]]:
-    """Every store's series in turn (the same seed, so the same victims)."""
-    return [run_store(s, n_hosts, per_host, trials, seed, log=log, **etcd_timers) for s in stores]
+        **options: Any) -> list[dict[str, Any]]:
+    """Every store's series in turn (the same seed, so the same victims); ``options`` as for
+    :func:`run_store`."""
+    return [run_store(s, n_hosts, per_host, trials, seed, log=log, **options) for s in stores]
 
 
 def unavailable(stores: Sequence[str]) -> str | None:

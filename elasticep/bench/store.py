@@ -5,7 +5,9 @@ Both stores run in the same invocation on the same machine, each as it runs in a
 cluster (:class:`~elasticep.testing.etcd.EtcdCluster`: heartbeat 50 ms, election timeout
 500 ms, data on ``/dev/shm``). The client is the view store the membership service uses
 (:class:`~elasticep.membership.TCPStoreViewStore`, :class:`~elasticep.membership.EtcdViewStore`),
-bounded by ``Config.local().store_timeout_s``. Figures:
+bounded by ``store_timeout_s`` of ``--profile`` (default ``auto``: the local profile's 2 s on
+loopback, the cluster profile's 10 s with ``--hosts``, as for ranks across hosts,
+:meth:`~elasticep.config.Config.for_hosts`). Figures:
 
 * ``commit_p50_ms`` / ``commit_p99_ms``: one compare-and-set of a new epoch's view, issued one
   after another (``--commits`` of them);
@@ -23,7 +25,7 @@ bounded by ``Config.local().store_timeout_s``. Figures:
 needs root): the TCPStore server on host 0, etcd member ``i`` on host ``i``, the client at the
 bridge, so that every round trip crosses veth links.
 
-    elasticep bench store [--commits 300] [--kills 5] [--hosts 3] [--json]
+    elasticep bench store [--commits 300] [--kills 5] [--hosts 3] [--profile auto] [--json]
 """
 
 from __future__ import annotations
@@ -202,13 +204,16 @@ def measure_etcd(commits: int, kills: int, *, timeout_s: float, net=None) -> dic
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from elasticep.config import Config
+    from elasticep.config import PROFILES, Config
 
     parser = argparse.ArgumentParser(prog="elasticep bench store", description=__doc__.split("\n")[0])
     parser.add_argument("--commits", type=int, default=300, help="compare-and-sets timed per store")
     parser.add_argument("--kills", type=int, default=5, help="etcd leader kills timed")
     parser.add_argument("--hosts", type=int, default=0,
                         help="place the stores on this many network-namespace hosts (3 or more; needs root)")
+    parser.add_argument("--profile", choices=PROFILES, default="auto",
+                        help="the Config profile whose store_timeout_s bounds each operation; auto (the default): "
+                             "cluster with --hosts, local without")
     parser.add_argument("--json", action="store_true", help="one JSON record per store")
     args = parser.parse_args(argv)
     if args.commits < 1 or args.kills < 0:
@@ -221,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if reason is not None:
         print(f"elasticep bench store: {reason}", file=sys.stderr)
         return 2
-    timeout_s = Config.local().store_timeout_s
+    timeout_s = Config.named(args.profile, hosts=args.hosts).store_timeout_s
     with ExitStack() as stack:
         net = None
         if args.hosts:

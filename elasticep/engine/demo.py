@@ -603,6 +603,7 @@ def run_demo(
     slots_per_rank: int | None = None,
     store: str = "tcpstore",
     hosts: int = 0,
+    profile: str = "auto",
 ) -> DemoResult:
     """Run the demo scenario; see the module docs. ``fail_at``: ``"3s"`` (seconds after the
     stream starts), ``"60"`` (after that many requests finished) or ``"40%"`` of the requests.
@@ -617,8 +618,10 @@ def run_demo(
     3-member etcd cluster started for the run; at the end the demo checks that the newest view
     is committed there). ``hosts``: run the ranks on that many network-namespace hosts (root
     only; :class:`elasticep.testing.hosts.ControlPlane`), rank ``r`` on host ``r % hosts``, each
-    etcd member on a host of its own."""
-    _check_control_plane(store, hosts, ranks)
+    etcd member on a host of its own. ``profile``: the ranks' :class:`~elasticep.config.Config`
+    profile, ``"local"``, ``"cluster"`` or ``"auto"`` (the default: ``"cluster"`` with ``hosts``,
+    ``"local"`` without, :meth:`~elasticep.config.Config.for_hosts`)."""
+    _check_control_plane(store, hosts, ranks, profile)
     plan = _check_options(ranks=ranks, fault=fault, fail_rank=fail_rank, fail_at=fail_at, requests=requests,
                           max_new_tokens=max_new_tokens, prompt_len=prompt_len, concurrency=concurrency, out=out,
                           rejoin=rejoin, timeout_s=timeout_s, schedule=schedule, slots_per_rank=slots_per_rank)
@@ -647,7 +650,7 @@ def run_demo(
     store_problems: list[str] = []
     with ControlPlane(store=store, hosts=hosts) as plane, \
             plane.launcher(model_path, ranks, backend="kernel", attempt_timeout_s=30.0,
-                           slots_per_rank=plan.slots_per_rank) as launcher:
+                           slots_per_rank=plan.slots_per_rank, rank_profile=profile) as launcher:
         router = launcher.router
 
         def follow_view(previous: tuple[int, ...], members: tuple[int, ...]) -> None:
@@ -711,8 +714,13 @@ def run_demo(
     return DemoResult(ok, verdict, changes, json_path, png_path, time.monotonic() - t_start)
 
 
-def _check_control_plane(store: str, hosts: int, ranks: int) -> None:
-    """``--store`` and ``--hosts``, and what they need on this machine; raises :class:`DemoOptionError`."""
+def _check_control_plane(store: str, hosts: int, ranks: int, profile: str = "auto") -> None:
+    """``--store``, ``--hosts`` and ``--profile``, and what they need on this machine; raises
+    :class:`DemoOptionError`."""
+    from elasticep.config import PROFILES
+
+    if profile not in PROFILES:
+        raise _refuse("--profile", f"{profile!r}: one of {', '.join(PROFILES)}")
     if store not in ("tcpstore", "etcd"):
         raise _refuse("--store", f"{store!r}: one of tcpstore, etcd")
     if hosts < 0 or hosts == 1 or hosts > ranks:
@@ -807,6 +815,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "or etcd (a 3-member etcd cluster started for the run)")
     parser.add_argument("--hosts", type=int, default=0, help="run the ranks on this many network-namespace hosts "
                         "(root only; with --store etcd, 3 or more, one etcd member each)")
+    parser.add_argument("--profile", default="auto", help="the ranks' Config profile: local, cluster, or auto "
+                        "(the default: cluster with --hosts, local without)")
     args = parser.parse_args(argv)
     try:
         schedule, fault = _schedule_from_args(args)
@@ -815,7 +825,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           fail_at="40%" if args.fail_at is None else args.fail_at, requests=args.requests,
                           max_new_tokens=args.max_new_tokens, out=args.out, live=not args.no_live,
                           rejoin=not args.no_rejoin, seed=args.seed, schedule=schedule,
-                          slots_per_rank=args.slots_per_rank, store=args.store, hosts=args.hosts)
+                          slots_per_rank=args.slots_per_rank, store=args.store, hosts=args.hosts,
+                          profile=args.profile)
     except DemoOptionError as exc:
         print(f"elasticep demo: {exc}", file=sys.stderr)
         return 2

@@ -115,8 +115,9 @@ class EPRankServer:
             ``bus_keys`` (this rank's CURVE keys, JSON), ``bus_incarnation``, ``join`` (``"1"``
             for a restart or a new rank), ``control`` and ``control_key`` (the launcher's
             exit-report endpoint and its CURVE public key, Z85),
-            ``store`` (``HOST:PORT``) and ``config`` (JSON overrides of
-            :class:`~elasticep.config.Config`).
+            ``store`` (``HOST:PORT``), ``profile`` (the :class:`~elasticep.config.Config`
+            profile, ``"local"`` or ``"cluster"``; default ``"local"``) and ``config`` (JSON
+            overrides of that profile).
 
     Who calls it: :func:`elasticep.engine.rank.run_rank` when ``spec.backend == "kernel"``.
     """
@@ -140,7 +141,7 @@ class EPRankServer:
         self.cluster = spec.cluster
         extra = spec.extra
         self.join = extra.get("join", "0") == "1"
-        self.config = Config.local(**json.loads(extra.get("config", "{}")))
+        self.config = Config.named(extra.get("profile", "local"), **json.loads(extra.get("config", "{}")))
         self.faults = spec.faults
         self.step = 0
         self.masked = False

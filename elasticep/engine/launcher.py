@@ -162,10 +162,14 @@ class Launcher:
             generated for that many); default ``2 * num_ranks``.
         rank_config: ``backend="kernel"``: :class:`~elasticep.config.Config` overrides for the
             ranks' membership (e.g. ``{"heartbeat_interval_ms": 50.0}``).
+        rank_profile: ``backend="kernel"``: the profile ``rank_config`` overrides, ``"local"``,
+            ``"cluster"`` or ``"auto"`` (the default: ``"local"``, as this launcher starts every
+            rank on its own host; a launcher that places ranks on several hosts resolves it to
+            ``"cluster"``, see :meth:`~elasticep.config.Config.for_hosts`).
         kernel_timeout_us: ``backend="kernel"``: the hard bound on each kernel wait for a peer, us;
             a shorthand for ``rank_config={"kernel_timeout_us": ...}``. Default: the ranks'
             ``Config.kernel_timeout_us`` (1 s in
-            ``Config.local()``, or ``$ELASTICEP_KERNEL_TIMEOUT_US``).
+            ``Config.local()``, 2 s in ``Config.cluster()``, or ``$ELASTICEP_KERNEL_TIMEOUT_US``).
 
     With ``backend="kernel"`` the ranks serve with expert parallelism through the CPU kernel
     (:mod:`elasticep.engine.ep_rank`): the launcher hands out CURVE keys for the bus, publishes
@@ -194,6 +198,7 @@ class Launcher:
         max_ranks: int | None = None,
         rank_config: dict[str, Any] | None = None,
         kernel_timeout_us: int | None = None,
+        rank_profile: str = "auto",
     ):
         from elasticep.engine.model import load_config, moe_layer_ids, round_robin_placement
 
@@ -249,10 +254,12 @@ class Launcher:
         self.rank_config = dict(rank_config or {})
         if kernel_timeout_us is not None:
             self.rank_config["kernel_timeout_us"] = int(kernel_timeout_us)
-        if backend == "kernel":
-            from elasticep.config import Config
+        from elasticep.config import Config, resolve_profile
 
-            Config.local(**self.rank_config)  # an impossible rank config fails here, not in every rank
+        self.rank_profile = resolve_profile(rank_profile, 1)
+        if backend == "kernel":
+            # an impossible rank config fails here, not in every rank
+            Config.named(self.rank_profile, **self.rank_config)
         self.keys = None
         self._control = None
         self._control_lock = threading.Lock()
@@ -437,6 +444,7 @@ class Launcher:
             control_key=self.control_public_key,
             store=f"{host}:{port}",
             config=json.dumps(self.rank_config),
+            profile=self.rank_profile,
         )
         return extra
 

@@ -50,8 +50,7 @@ async def run(args: argparse.Namespace) -> int:
     from elasticep.membership.service import MembershipService, RankFenced
     from elasticep.membership.store import open_view_store
 
-    profile = Config.cluster if args.profile == "cluster" else Config.local
-    config = profile(**_parse_overrides(args.config))
+    config = Config.named(args.profile, **_parse_overrides(args.config))
     keys = ClusterKeys.from_env()
     bus_store = connect_store(args.store, timeout_s=config.store_timeout_s * 5)
     # The view store is Config.view_store's (the launcher's TCPStore by default, or etcd).
@@ -143,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bind", default=None, help="the bus PUB socket's endpoint (default tcp://127.0.0.1:*)")
     parser.add_argument("--join", action="store_true", help="a restarted or new process: ask to be admitted")
     parser.add_argument("--incarnation", type=int, default=0, help="0: the bus picks one (wall-clock ns)")
-    parser.add_argument("--profile", choices=("local", "cluster"), default="local")
+    parser.add_argument("--profile", choices=("local", "cluster"), default="local",
+                        help="the Config profile: local (ranks on one host) or cluster (ranks across hosts); "
+                             "the launcher, which knows the placement, picks it")
     parser.add_argument("--config", action="append", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--ready-timeout", type=float, default=30.0, help="wait for the bootstrap peers, s")
     parser.add_argument("--log-level", default="WARNING")

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 __all__ = ["ControlPlane", "Host", "HostNet", "HostCluster", "NetnsError", "enter_netns", "host_launcher_class",
-           "netns_available", "run_rank_on_host"]
+           "netns_available", "placement_profile", "run_rank_on_host"]
 
 _STATE_DIR = "/run/elasticep-hosts"
 _DELAY_MARK = 0x2A  # firewall mark of the delaying relay's own connections
@@ -462,6 +462,16 @@ def _close_open_nets() -> None:
             pass
 
 
+def placement_profile(placement: Sequence[int], profile: str = "auto") -> str:
+    """The :class:`~elasticep.config.Config` profile of ranks placed on hosts (``placement[rank]``
+    the index of a rank's host): ``profile`` when it names one, and for ``"auto"`` the
+    deployment's default, ``"cluster"`` when the ranks span more than one host, ``"local"`` when
+    they share one (:meth:`~elasticep.config.Config.for_hosts` says why)."""
+    from elasticep.config import resolve_profile
+
+    return resolve_profile(profile, len(set(placement)))
+
+
 def _host_child_main(netns_path: str, argv: list[str], env: dict[str, str], channel) -> None:
     """Entry of a membership worker placed on a host: join its namespace, then run as usual."""
     from elasticep.membership.local_cluster import _child_main
@@ -499,9 +509,12 @@ def _define_host_cluster(LocalCluster, RankProcess, _Child, _forkserver) -> type
         Args:
             net: the hosts.
             placement: ``placement[rank]`` is the index of the host rank ``rank`` runs on.
-            config, report_exits, log_level: as for ``LocalCluster``.
-            profile: the workers' :class:`~elasticep.config.Config` profile, ``"local"`` (the
-                default) or ``"cluster"`` (detection in about a second, for ranks across hosts).
+            config, report_exits, log_level: as for ``LocalCluster`` (``config`` overrides the
+                profile's values).
+            profile: the workers' :class:`~elasticep.config.Config` profile: ``"auto"`` (the
+                default) is the deployment's, ``"cluster"`` when ``placement`` spans more than
+                one host and ``"local"`` when every rank shares one (:func:`placement_profile`);
+                ``"local"`` or ``"cluster"`` names it. The resolved name is :attr:`profile`.
 
         :meth:`kill_host` kills a host and everything on it (with the etcd member you placed there)
         and, as when a machine dies with its local launcher, nobody reports those exits: the
@@ -509,12 +522,10 @@ def _define_host_cluster(LocalCluster, RankProcess, _Child, _forkserver) -> type
         """
 
         def __init__(self, net: HostNet, placement: Sequence[int], *, config: dict[str, object] | None = None,
-                     report_exits: bool = True, log_level: str = "WARNING", profile: str = "local") -> None:
+                     report_exits: bool = True, log_level: str = "WARNING", profile: str = "auto") -> None:
             if any(not 0 <= h < len(net.hosts) for h in placement):
                 raise ValueError(f"placement {list(placement)} names a host outside 0..{len(net.hosts) - 1}")
-            if profile not in ("local", "cluster"):
-                raise ValueError(f"profile must be 'local' or 'cluster', not {profile!r}")
-            self.profile = profile
+            self.profile = placement_profile(placement, profile)
             self.net = net
             self.placement = list(placement)
             self._silent: set[int] = set()
@@ -587,13 +598,16 @@ def host_launcher_class() -> type:
         restarted rank on the same host. The launcher itself (its ``TCPStore``, router and
         exit-report socket) listens at the bridge, :attr:`HostNet.gateway`. Each rank's spec
         names the address it should bind its bus and weight-transfer engine to
-        (``extra["bus_endpoint"]``, ``extra["host_addr"]``). Only the zygote start method."""
+        (``extra["bus_endpoint"]``, ``extra["host_addr"]``). Only the zygote start method.
+        ``rank_profile`` defaults to ``"auto"``: the cluster profile when the ranks' hosts are
+        more than one (:func:`placement_profile`)."""
 
         def __init__(self, net: HostNet, model_path, num_ranks: int, *, placement_hosts: Sequence[int] | None = None,
                       rank_extra=None, **kwargs) -> None:
             self.net = net
             self.rank_hosts = list(placement_hosts) if placement_hosts is not None else [
                 r % len(net.hosts) for r in range(kwargs.get("max_ranks") or 2 * num_ranks)]
+            kwargs["rank_profile"] = placement_profile(self.rank_hosts, kwargs.get("rank_profile", "auto"))
             user_extra = rank_extra
 
             def extra(rank: int, inc: int) -> dict[str, str]:
