@@ -23,6 +23,7 @@ from elasticep.events import (
 )
 from elasticep.membership import (
     CasDone,
+    Committed,
     CompareAndSet,
     CorruptView,
     Fence,
@@ -486,6 +487,45 @@ def test_core_ring_topology_always_polls_fast() -> None:
     core = _member_with(cfg, members=tuple(range(8)))
     reads = _serve(core, 0.0, 2.0, peers=(1, 2, 6, 7))
     assert not core.monitor.suspected() and len(reads) >= 20, reads
+
+
+def test_core_ring_with_a_pushing_store_polls_at_the_idle_cadence_and_reads_on_a_push() -> None:
+    cfg = POLL.replace(detection_topology="ring", monitors_per_rank=4)
+    core = _member_with(cfg, members=tuple(range(8)))
+    core.store_pushes = True
+    reads = _serve(core, 0.0, 2.0, peers=(1, 2, 6, 7))
+    assert not core.monitor.suspected() and 4 <= len(reads) <= 6, reads  # 2 s / 0.4 s, not 2 s / 0.05 s
+    # The store pushes a commit at epoch 2 (made by ranks this one does not hear): read it now.
+    (read,) = [a for a in core.step(Committed(2), 2.01) if isinstance(a, ReadView)]
+    assert read.epoch == 2
+    acts = core.step(ViewRead(2, View.of(2, [0, 1, 2, 3, 5, 6, 7], proposer=3, reason="-4 (exit)")), 2.011)
+    assert any(isinstance(a, Install) for a in acts) and core.view.epoch == 2
+    for a in acts:
+        if isinstance(a, ReadView):
+            core.step(ViewRead(a.epoch, None), 2.012)
+    # A push for an epoch already installed, or while a read is in flight, reads nothing more.
+    assert not [a for a in core.step(Committed(2), 2.02) if isinstance(a, ReadView)]
+    assert core._read is None
+    core.step(Committed(3), 2.03)
+    assert not [a for a in core.step(Committed(3), 2.031) if isinstance(a, ReadView)]
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_in_memory_store_pushes_commits_and_fails_waits_when_down() -> None:
+    store = InMemoryViewStore()
+    assert store.pushes
+    waiting = asyncio.ensure_future(store.wait_committed(1))
+    await asyncio.sleep(0.02)
+    assert not waiting.done()
+    store.compare_and_set_nowait(View.of(1, [0, 1], reason="bootstrap"))
+    assert await asyncio.wait_for(waiting, 1.0) is True
+    assert await store.wait_committed(1) is True  # already there: at once
+    waiting = asyncio.ensure_future(store.wait_committed(2))
+    await asyncio.sleep(0.02)
+    store.set_down()
+    with pytest.raises(StoreUnavailable):
+        await asyncio.wait_for(waiting, 1.0)
 
 
 def test_core_newer_epoch_on_an_envelope_reads_at_once_and_forgeries_are_bounded() -> None:

@@ -133,8 +133,13 @@ class StoreRendezvous:
         """Publish this rank's endpoint; returns the registration number."""
         self.store.set(f"{self.prefix}rank/{rank}", self.record(rank, endpoint, incarnation))
         n = int(self.store.add(self._count_key, 1))
-        self.store.set(f"{self.prefix}log/{n}", str(rank))
+        self.store.set(self.log_key(n), str(rank))
         return n
+
+    def log_key(self, n: int) -> str:
+        """The key registration ``n`` (1-based) writes last: a watcher that has seen ``n - 1``
+        registrations can wait for it (``TCPStore.wait``) instead of polling :meth:`count`."""
+        return f"{self.prefix}log/{n}"
 
     def count(self) -> int:
         """Registrations made so far (a change counter)."""
@@ -207,7 +212,7 @@ class StoreRendezvous:
         ranks: set[int] = set()
         n = seen
         while n < total:
-            key = f"{self.prefix}log/{n + 1}"
+            key = self.log_key(n + 1)
             if not self.store.check([key]):
                 break
             n += 1

@@ -9,10 +9,12 @@ is authenticated as that peer, and the bus passes the rank to the codec as
 ``sender_mismatch``).
 
 Endpoints come from a :class:`~elasticep.bus.rendezvous.StoreRendezvous` on a ``TCPStore``. A
-background watcher polls the store's registration counter every ``poll_interval_s`` (one cheap
-store round trip from a worker thread, never a busy loop) and connects to ranks that registered
-later (joiners, scale-up) or re-registered at a new endpoint (restarts); :meth:`refresh` does the
-same at once, for a membership service that knows a rank just joined.
+background watcher waits for the next registration (the store server answers a ``WAIT`` on its
+log key the moment it is written: :class:`~elasticep.bus.store_wait.KeyWaiter`, an asyncio
+connection of its own; on a store other than a ``TCPStore`` it polls the registration counter
+every ``poll_interval_s`` from a worker thread) and connects to ranks that registered later (joiners,
+scale-up) or re-registered at a new endpoint (restarts); :meth:`refresh` does the same at once,
+for a membership service that knows a rank just joined.
 
 The store is not authenticated, so nothing read from it is taken on trust:
 
@@ -79,6 +81,7 @@ from zmq.utils.monitor import recv_monitor_message
 from elasticep import metrics
 from elasticep.bus.keys import ClusterKeys, MissingKey, _require_curve
 from elasticep.bus.rendezvous import DEFAULT_PREFIX, Registration, StoreRendezvous
+from elasticep.bus.store_wait import KeyWaiter
 from elasticep.events import MAX_FRAME_BYTES
 from elasticep.bus.transport import Frame, Transport, TransportClosed, new_incarnation
 
@@ -182,8 +185,9 @@ class ZmqTransport(Transport):
         incarnation: this process's incarnation (default: :func:`new_incarnation`).
         hwm: send and receive high-water mark per socket, messages.
         prefix: store key prefix of the rendezvous.
-        poll_interval_s: how often the watcher looks for new registrations, s (0 disables it;
-            then call :meth:`refresh`).
+        poll_interval_s: how often the watcher looks for new registrations on a store other than
+            a ``TCPStore`` (which pushes them), s; 0 disables the watcher and the self-check (then call
+            :meth:`refresh` and :meth:`check_registration`).
         max_frame_bytes: the longest envelope accepted (the codec's limit); subscriber sockets
             refuse messages longer than :func:`max_message_bytes` of it unread.
         context: a :class:`SharedContext` to open the sockets in (default: a context and ZAP
@@ -254,6 +258,8 @@ class ZmqTransport(Transport):
         self._readable: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._checker: asyncio.Task[None] | None = None
+        self._log_waiter: KeyWaiter | None = None
         self._refresh_lock: asyncio.Lock | None = None
         self._seen_registrations = 0
         self._listeners: list[PeerListener] = []
@@ -312,13 +318,18 @@ class ZmqTransport(Transport):
             self._next_self_check = time.monotonic() + SELF_CHECK_S
         await self.refresh()
         if self.poll_interval_s > 0:
+            self._log_waiter = KeyWaiter.for_store(self.rendezvous.store)
             self._watcher = self._loop.create_task(self._watch_store(), name=f"elasticep-bus-watch-{self.rank}")
+            if self._registration is not None:
+                self._checker = self._loop.create_task(self._check_loop(), name=f"elasticep-bus-check-{self.rank}")
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for task in (self._watcher, self._filter_task):
+        if self._log_waiter is not None:
+            self._log_waiter.close()
+        for task in (self._watcher, self._checker, self._filter_task):
             if task is not None and not task.done():
                 task.cancel()
                 try:
@@ -496,20 +507,36 @@ class ZmqTransport(Transport):
         return True
 
     async def _watch_store(self) -> None:
+        waiter = self._log_waiter
         while True:
-            await asyncio.sleep(self.poll_interval_s)
             try:
+                if waiter is not None:
+                    # told of the next registration by the store (a write it answers at once)
+                    await waiter.wait(self.rendezvous.log_key(self._seen_registrations + 1))
+                else:
+                    await asyncio.sleep(self.poll_interval_s)
                 count = await self._in_thread(self.rendezvous.count)
                 if count != self._seen_registrations:
                     await self.refresh()
-                if self._registration is not None and time.monotonic() >= self._next_self_check:
-                    await self.check_registration()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 # The store may be briefly unreachable; the next poll retries. (Bad records do
                 # not land here: the rendezvous skips and counts them.)
                 log.warning("bus rank %d: rendezvous poll failed: %s", self.rank, exc)
+                if waiter is not None:
+                    await asyncio.sleep(max(self.poll_interval_s, SELF_CHECK_S))
+
+    async def _check_loop(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.0, self._next_self_check - time.monotonic()))
+            try:
+                await self.check_registration()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._next_self_check = time.monotonic() + SELF_CHECK_S
+                log.warning("bus rank %d: rendezvous self-check failed: %s", self.rank, exc)
 
     def _connect(self, reg: Registration) -> None:
         peer = self._peers.get(reg.rank)

@@ -7,6 +7,7 @@ commits each view once by compare-and-set; :class:`MembershipService` drives bot
 from elasticep.membership.core import (
     Action,
     CasDone,
+    Committed,
     CompareAndSet,
     Fence,
     Install,
@@ -46,6 +47,7 @@ __all__ = [
     "Action",
     "CasDone",
     "Cause",
+    "Committed",
     "ChangeKind",
     "CompareAndSet",
     "CorruptView",

@@ -88,13 +88,21 @@ class StoreFailed:
 
 
 @dataclass(frozen=True)
+class Committed:
+    """The view store says a view is committed at ``epoch`` (its push: a watch, a server-side
+    wait; see ``ViewStore.wait_committed``)."""
+
+    epoch: int
+
+
+@dataclass(frozen=True)
 class LeaveCommand:
     """The local application asks this rank to leave gracefully."""
 
     reason: str = "scale-down"
 
 
-Input = Union[Envelope, Event, Tick, CasDone, ViewRead, StoreFailed, LeaveCommand]
+Input = Union[Envelope, Event, Tick, CasDone, ViewRead, StoreFailed, Committed, LeaveCommand]
 
 # --- actions ------------------------------------------------------------------------------------
 
@@ -253,6 +261,9 @@ class MembershipCore:
         self.bootstrap_heard = False
         """Set by the driver when every bootstrap member was heard before :meth:`start` (then no
         peer is treated as still starting)."""
+        self.store_pushes = False
+        """Set by the driver when its view store pushes commits (:class:`Committed` inputs), so a
+        quiet rank polls only at ``store_idle_poll_ms`` whatever the detection topology."""
         self._started = False
         self._cas: View | None = None
         self._read: int | None = None
@@ -336,6 +347,8 @@ class MembershipCore:
             out += self._view_read(item, now)
         elif isinstance(item, StoreFailed):
             out += self._store_failed(item, now)
+        elif isinstance(item, Committed):
+            out += self._committed(item.epoch, now)
         elif isinstance(item, LeaveCommand):
             out += self._leave(item, now)
         else:
@@ -404,7 +417,7 @@ class MembershipCore:
     def _quiet(self) -> bool:
         """Nothing in flight that a committed view could settle: this member serves a view, every
         peer is heard, nobody asks to join or leave, and the store answered its last operation."""
-        return (self.status == Status.MEMBER and self.topology.everyone and not self._leaving
+        return (self.status == Status.MEMBER and (self.topology.everyone or self.store_pushes) and not self._leaving
                 and not self._joiners and self._change_since_s is None and "store" not in self._notes
                 and not self.fusion.pending() and not self.monitor.suspected())
 
@@ -412,7 +425,9 @@ class MembershipCore:
         """``store_idle_poll_ms`` while :meth:`_quiet`, ``store_poll_ms`` otherwise. Quiet polling
         loses nothing: with every rank hearing every other, a view committed elsewhere is
         announced (:class:`ViewInstalled`) and stamped on every envelope its members send (the
-        envelope's epoch), and either makes this rank read at once."""
+        envelope's epoch), and either makes this rank read at once; with a store that pushes
+        (:attr:`store_pushes`), the store's own :class:`Committed` does, for the ranks of a ring
+        that hear none of the installers too."""
         return self.config.idle_poll_s() if self._quiet() else self.config.store_poll_ms / 1e3
 
     def _read_next(self, now: float) -> ReadView:
@@ -429,6 +444,14 @@ class MembershipCore:
         current = self.view.epoch if self.view else 0
         if (env.epoch > current and self.status == Status.MEMBER and self._read is None and self._cas is None
                 and now - self._last_poll_s >= self.config.store_poll_ms / 1e3):
+            return [self._read_next(now)]
+        return []
+
+    def _committed(self, epoch: int, now: float) -> list[Action]:
+        """The store pushed a commit at ``epoch``: read the next view now (a read in flight walks
+        on to the head by itself). The store is trusted; this costs one read, never a view."""
+        current = self.view.epoch if self.view else 0
+        if epoch > current and self._read is None and self._cas is None and self.status != Status.SYNCING:
             return [self._read_next(now)]
         return []
 

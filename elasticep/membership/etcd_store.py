@@ -52,7 +52,7 @@ import logging
 from typing import AsyncIterator, Sequence
 
 from elasticep import metrics
-from elasticep.membership.store import StoreUnavailable, ViewStore
+from elasticep.membership.store import WAIT_BOUND_S, StoreUnavailable, ViewStore
 from elasticep.membership.view import CorruptView, View, decode_view, encode_view
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,7 @@ class EtcdViewStore(ViewStore):
         self._clients: dict[int, object] = {}
         self._current = 0
         self._cache: dict[int, View] = {}
+        self._arrived = asyncio.Event()  # set (and replaced) whenever a new epoch is cached
         self._watch_task: asyncio.Task | None = None
         self._watch_revision = 0
         self._watchers: list[asyncio.Queue] = []
@@ -323,6 +324,27 @@ class EtcdViewStore(ViewStore):
     def _remember(self, view: View) -> None:
         if view.epoch not in self._cache:
             self._cache[view.epoch] = view
+            arrived, self._arrived = self._arrived, asyncio.Event()
+            arrived.set()
+
+    pushes = True
+
+    async def wait_committed(self, epoch: int) -> bool:
+        """Told by the watch (:meth:`start_watch`, started here): a commit anywhere reaches the
+        cache one etcd round trip after it. False after ``WAIT_BOUND_S`` without it (also while
+        the watch is broken: the membership's slow poll then finds whether etcd is reachable)."""
+        self.start_watch()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT_BOUND_S
+        while epoch not in self._cache and not self._closed:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:
+                return False
+        return epoch in self._cache
 
     # --- watch ------------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from elasticep.bus.bus import NotAnEventType
 from elasticep.events import EVENT_TAGS, Envelope, Heartbeat, Suspicion
 from elasticep.membership.core import (
     CasDone,
+    Committed,
     CompareAndSet,
     Fence,
     Install,
@@ -358,6 +359,9 @@ class MembershipService:
         self._apply(core.start(self.clock()))
         self._spawn(self._receive_loop(), "receive")
         self._spawn(self._tick_loop(), "tick")
+        if getattr(self.store, "pushes", False):
+            core.store_pushes = True
+            self._spawn(self._commit_watch(), "watch")
 
     def _hook_topology(self) -> bool:
         """With a bounded detection topology (the ring), the bus transport subscribes only to the
@@ -464,6 +468,39 @@ class MembershipService:
             if next_at < now:  # we fell behind (a stall): do not fire a burst of ticks
                 next_at = now + interval
             await asyncio.sleep(next_at - now)
+
+    async def _commit_watch(self) -> None:
+        """Hand the core each commit the store pushes (:meth:`ViewStore.wait_committed`), so a
+        rank learns of a view committed anywhere one store round trip after it, without polling.
+        A wait that fails is retried after the idle poll period: the core's own poll is what finds
+        out whether the store is gone (and fences)."""
+        core = self.core
+        # (the state too: asyncio.wait_for in Python 3.11 can swallow a cancellation that lands
+        # as its wait completes, and close() must still end this loop)
+        while self._state == "running" and not core.stopped:
+            epoch = (core.view.epoch if core.view else 0) + 1
+            try:
+                committed = await self.store.wait_committed(epoch)
+            except (StoreUnavailable, CorruptView) as exc:
+                log.debug("rank %d: store wait for epoch %d failed: %s", self.rank, epoch, exc)
+                await asyncio.sleep(self.config.idle_poll_s())
+                continue
+            if not committed or core.stopped or (core.view.epoch if core.view else 0) >= epoch:
+                continue
+            self._apply(core.step(Committed(epoch), self.clock()))
+            # Let the read it started land before asking again (the key exists now, so the next
+            # wait would return at once); bounded, so a read that failed is asked for again.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.config.store_poll_ms / 1e3
+            while (core.view.epoch if core.view else 0) < epoch and not core.stopped and self._state == "running":
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                self._changed.clear()
+                try:
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
 
     def _on_peer(self, rank: int, kind: str) -> None:
         if kind != "disconnected" or self.core.stopped or rank < 0:

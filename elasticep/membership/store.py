@@ -16,6 +16,13 @@ Two implementations behind one interface:
 Both bound every operation by ``timeout_s`` and raise :class:`StoreUnavailable` past it; the
 membership service turns a store lost for longer than ``Config.store_timeout_s`` into a fence.
 
+Both also *push* commits (:attr:`ViewStore.pushes`): :meth:`ViewStore.wait_committed` returns
+when the next view is committed, without polling. The TCPStore's server answers a ``WAIT`` for a
+key the moment the key is set, so a rank learns of a commit anywhere in the cluster one round
+trip after it, at no cost while nothing changes (:class:`~elasticep.bus.store_wait.KeyWaiter`);
+the membership service then polls the store only slowly, to prove it is reachable
+(``Config.store_idle_poll_ms``), whatever the detection topology.
+
 A third, :class:`~elasticep.membership.etcd_store.EtcdViewStore`, keeps the chain on an etcd
 cluster that outlives any one host; :func:`open_view_store` picks one from ``Config.view_store``.
 """
@@ -25,13 +32,19 @@ from __future__ import annotations
 import abc
 import asyncio
 import datetime
+import logging
 import random
 import threading
+from typing import Any, Callable
 
+from elasticep.bus.store_wait import WAIT_BOUND_S, KeyWaiter, StoreWaitFailed
 from elasticep.errors import ElasticEPError
 from elasticep.membership.view import View, decode_view, encode_view
 
 _ABSENT = b"\x00elasticep-absent"
+
+log = logging.getLogger(__name__)
+
 
 
 class StoreUnavailable(ElasticEPError, RuntimeError):
@@ -52,6 +65,17 @@ class ViewStore(abc.ABC):
     @abc.abstractmethod
     async def read(self, epoch: int, *, rank: int = -1) -> View | None:
         """The view committed at ``epoch``, or None if there is none yet."""
+
+    pushes: bool = False
+    """True when :meth:`wait_committed` is told of a commit by the store itself (a watch, a
+    server-side wait) rather than finding it by reading."""
+
+    async def wait_committed(self, epoch: int) -> bool:
+        """Wait until a view is committed at ``epoch``; True once one is. False when the store's own
+        bound on one wait expired first (call again). Raises :class:`StoreUnavailable` when the
+        store cannot be reached. A store that cannot push (``pushes`` False) answers with one
+        read, without waiting."""
+        return await self.read(epoch) is not None
 
     async def close(self) -> None:
         """Release connections (default: nothing)."""
@@ -78,6 +102,9 @@ class InMemoryViewStore(ViewStore):
         self.down_for: set[int] = set()
         self.operations = 0
         self.conflicts = 0
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[bool], int]] = []
+
+    pushes = True
 
     # --- fault controls ---------------------------------------------------------------------
 
@@ -85,6 +112,8 @@ class InMemoryViewStore(ViewStore):
         """Make the store unreachable for everyone, or (``ranks``) for those ranks only."""
         if ranks is None:
             self.down = down
+            if down:
+                self._wake(lambda epoch: True, StoreUnavailable("view store unreachable"))
         elif down:
             self.down_for |= set(ranks)
         else:
@@ -114,6 +143,7 @@ class InMemoryViewStore(ViewStore):
         self._check(rank)
         self.operations += 1
         data = self._views.setdefault(view.epoch, encode_view(view))
+        self._wake(lambda epoch: epoch in self._views, True)
         committed = decode_view(data)
         if committed != view:
             self.conflicts += 1
@@ -144,6 +174,42 @@ class InMemoryViewStore(ViewStore):
         await self._delay()
         return self.read_nowait(epoch, rank=rank)
 
+    def _wake(self, which: Callable[[int], bool], outcome: bool | Exception) -> None:
+        """End the waits ``which(epoch)`` selects (on whichever loop each waits)."""
+        keep = []
+        for loop, future, epoch in self._waiters:
+            if future.done():
+                continue
+            if not which(epoch):
+                keep.append((loop, future, epoch))
+                continue
+
+            def settle(future: asyncio.Future[bool] = future) -> None:
+                if not future.done():
+                    if isinstance(outcome, Exception):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+
+            try:
+                loop.call_soon_threadsafe(settle)
+            except RuntimeError:  # that loop is closed
+                pass
+        self._waiters = keep
+
+    async def wait_committed(self, epoch: int) -> bool:
+        if self.down:
+            raise StoreUnavailable("view store unreachable")
+        if epoch in self._views:
+            return True
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        self._waiters.append((loop, future, epoch))
+        try:
+            return await asyncio.wait_for(future, WAIT_BOUND_S)
+        except asyncio.TimeoutError:
+            return False
+
 
 class TCPStoreViewStore(ViewStore):
     """Views in a ``torch.distributed.TCPStore``, committed with ``compare_set``.
@@ -161,8 +227,11 @@ class TCPStoreViewStore(ViewStore):
     Keys are ``{prefix}/view/{epoch}`` holding JSON views. A read is one ``compare_set`` with an
     expected value no view can have, so it never writes and costs one round trip whether the key
     exists or not (``get`` would block until the key appears). Blocking calls run on a worker
-    thread, one at a time per object.
+    thread, one at a time per object. :meth:`wait_committed` is the server's ``WAIT`` on the
+    epoch's key, on an asyncio connection of its own (:class:`~elasticep.bus.store_wait.KeyWaiter`).
     """
+
+    pushes = True
 
     def __init__(
         self,
@@ -178,6 +247,7 @@ class TCPStoreViewStore(ViewStore):
         self.connect_timeout_s = max(connect_timeout_s, timeout_s)
         self._store = store
         self._lock = threading.Lock()
+        self._waiter: KeyWaiter | None = None
 
     def connect(self) -> None:
         """Open the client now (blocking, bounded by ``connect_timeout_s``); idempotent."""
@@ -237,6 +307,22 @@ class TCPStoreViewStore(ViewStore):
 
     async def read(self, epoch: int, *, rank: int = -1) -> View | None:
         return await self._run(self.read_nowait, epoch, rank=rank)
+
+    async def wait_committed(self, epoch: int) -> bool:
+        if self._waiter is None:
+            self._waiter = (KeyWaiter.for_store(self._store, connect_timeout_s=self.connect_timeout_s)
+                            if self._store is not None
+                            else KeyWaiter(self.host, self.port, connect_timeout_s=self.connect_timeout_s))
+            if self._waiter is None:  # a store object of another kind: one read, as the base does
+                return await super().wait_committed(epoch)
+        try:
+            return await self._waiter.wait(self._key(epoch))
+        except StoreWaitFailed as exc:
+            raise StoreUnavailable(str(exc)) from None
+
+    async def close(self) -> None:
+        if self._waiter is not None:
+            self._waiter.close()
 
 
 def open_view_store(config, *, tcpstore: str | None = None, prefix: str = "elasticep") -> ViewStore:

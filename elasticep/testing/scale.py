@@ -4,8 +4,9 @@ No sockets, no threads, no sleeps. Each rank is a :class:`~elasticep.membership.
 a frame a rank publishes reaches the ranks whose topology subscribes to it
 (:meth:`MembershipCore.hears`: everyone with ``"all"``, the ring neighbours with ``"ring"``)
 after a modeled one-way delay (``delay_ms`` plus uniform ``jitter_ms``), each copy lost with
-probability ``loss``; view-store operations take ``store_ms``. Every random draw comes from one
-``random.Random(seed)``. Ticks follow :meth:`MembershipCore.tick_interval`, phases spread.
+probability ``loss``; view-store operations take ``store_ms``, and with ``pushes`` (the default,
+as the TCPStore and etcd stores do) a commit reaches every rank's wait ``store_ms`` after it.
+Every random draw comes from one ``random.Random(seed)``. Ticks follow :meth:`MembershipCore.tick_interval`, phases spread.
 
 Example::
 
@@ -28,6 +29,7 @@ from elasticep.config import Config
 from elasticep.events import SCHEMA_VERSION, Codec, Envelope, ProcessExit
 from elasticep.membership.core import (
     CasDone,
+    Committed,
     CompareAndSet,
     Install,
     MembershipCore,
@@ -43,7 +45,7 @@ class SimCluster:
     """``n`` ranks bootstrapping together at virtual time 0 (every one starts *joining*)."""
 
     def __init__(self, n: int, config: Config, *, seed: int = 0, delay_ms: float = 0.1, jitter_ms: float = 0.1,
-                 loss: float = 0.0, store_ms: float = 0.5) -> None:
+                 loss: float = 0.0, store_ms: float = 0.5, pushes: bool = True) -> None:
         self.config = config
         self.now = 0.0
         self.rng = random.Random(seed)
@@ -52,6 +54,9 @@ class SimCluster:
         self._head = 0  # the store's newest epoch
         self._candidates: dict[tuple[int, int, int], tuple[int, ...]] = {}
         self.cores = {r: MembershipCore(r, config, initial_members=tuple(range(n))) for r in range(n)}
+        self.pushes = pushes
+        for core in self.cores.values():
+            core.store_pushes = pushes
         self.state = {r: "up" for r in range(n)}
         self.seq = {r: itertools.count(1) for r in range(n)}
         self.installs: dict[int, list[tuple[float, View]]] = {r: [] for r in range(n)}
@@ -122,9 +127,14 @@ class SimCluster:
             if not core.stopped:
                 self._push(self.now + core.tick_interval(), rank, "tick")
         elif isinstance(item, CompareAndSet):
+            new = item.view.epoch not in self.store
             committed = self.store.setdefault(item.view.epoch, item.view)
             self._head = max(self._head, item.view.epoch)
             self._push(self.now + self.store_s, rank, CasDone(item.view, committed))
+            if new and self.pushes:  # the store's push to every rank's wait on that epoch
+                for dst in self.cores:
+                    if dst != rank and self.state[dst] == "up":
+                        self._push(self.now + self.store_s, dst, Committed(item.view.epoch))
         elif isinstance(item, ReadView):
             self._push(self.now + self.store_s, rank, ViewRead(item.epoch, self.store.get(item.epoch)))
         else:
