@@ -19,7 +19,7 @@ above ``--real-all-max``; its steady-state rate is then only the formula
 ``(N - 1) * 1000 / heartbeat_interval_ms``, printed as such. In real mode the soak runs on the
 same cluster after the kills and hangs (over the survivors), with 1 % loss from then on.
 
-    elasticep bench scale --ranks 16 64 256 1024 [--json] [--soak-s 60] [--real-max 256]
+    elasticep bench scale --ranks 16 64 256 1024 [--json] [--soak-s 60] [--real-max 256] [--config FIELD=VALUE]
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
-def measure(n: int, topology: str, *, trials: int = 2, soak_s: float = 60.0, seed: int = 1) -> dict:
-    config = Config.local(detection_topology=topology)
+def measure(n: int, topology: str, *, trials: int = 2, soak_s: float = 60.0, seed: int = 1,
+            overrides: dict | None = None) -> dict:
+    config = Config.local(**{**(overrides or {}), "detection_topology": topology})
     kill_ms: list[float] = []
     hang_ms: list[float] = []
     sim = SimCluster(n, config, seed=seed)
@@ -77,11 +78,11 @@ def _victims(n: int, trials: int) -> list[int]:
 
 
 def measure_real(n: int, topology: str, *, trials: int = 2, soak_s: float = 60.0, procs: int | None = None,
-                 steady_s: float = 3.0, seed: int = 1) -> dict:
+                 steady_s: float = 3.0, seed: int = 1, overrides: dict | None = None) -> dict:
     """One N and topology over real sockets (:class:`RealCluster`); the keys of :func:`measure`
     plus ``cpu_pct_per_rank``, ``fds_per_rank``, ``threads_per_rank``, ``sockets_per_rank``,
     ``peers_max``, ``procs``, ``soak_ranks``."""
-    config = Config.local(detection_topology=topology)
+    config = Config.local(**{**(overrides or {}), "detection_topology": topology})
     procs = procs or max(1, min(8, n // 32))
     kill_ms: list[float] = []
     hang_ms: list[float] = []
@@ -133,8 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real-all-max", type=int, default=16, help="largest N to run all-to-all at with real sockets")
     parser.add_argument("--all-max", type=int, default=64, help="largest N to simulate all-to-all at")
     parser.add_argument("--procs", type=int, default=None, help="processes of a real run (default N / 32, 1 to 8)")
+    parser.add_argument("--config", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a Config.local() field for every run, both topologies (repeatable), "
+                             "e.g. heartbeat_interval_ms=100")
     parser.add_argument("--json", action="store_true", help="print one JSON record per N, topology and mode")
     args = parser.parse_args(argv)
+    from elasticep.bench.detect import _config, _overrides
+
+    overrides = _overrides(parser, args.config)
+    overrides.pop("detection_topology", None)  # both are run
+    base = _config(parser, "local", 1, overrides)  # an impossible config fails here
     sim_soak = args.soak_s if args.sim_soak_s is None else args.sim_soak_s
     records = []
     if not args.json:
@@ -143,12 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         real = n <= args.real_max
         for topology in ("all", "ring"):
             if topology == "all" and n > (args.real_all_max if real else args.all_max):
-                rate = Topology("all").messages_per_rank_per_s(n, Config.local().heartbeat_interval_ms)
+                rate = Topology("all").messages_per_rank_per_s(n, base.heartbeat_interval_ms)
                 records.append({"ranks": n, "mode": "formula", "topology": "all", "msgs_per_rank_per_s": rate})
             elif real:
-                records.append(measure_real(n, topology, trials=args.trials, soak_s=args.soak_s, procs=args.procs))
+                records.append(measure_real(n, topology, trials=args.trials, soak_s=args.soak_s, procs=args.procs,
+                                            overrides=overrides))
             else:
-                records.append(measure(n, topology, trials=args.trials, soak_s=sim_soak))
+                records.append(measure(n, topology, trials=args.trials, soak_s=sim_soak, overrides=overrides))
+            records[-1]["config"] = overrides
             if not args.json:
                 print(_row(records[-1]), flush=True)
     if args.json:
