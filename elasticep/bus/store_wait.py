@@ -8,7 +8,7 @@ a second at the server.
 torch's client can only wait by blocking a thread in C++ (a wait cannot be interrupted, a thread
 still inside one when the interpreter exits aborts the process, and every expired wait logs a
 warning). :class:`KeyWaiter` instead speaks the request itself on an asyncio connection of its
-own (one per wait): a validation message (query type 0 with the store's magic number), then ``WAIT`` (query type
+own: a validation message (query type 0 with the store's magic number), then ``WAIT`` (query type
 6: a count of keys, each a length and its bytes, under the client's key prefix ``/``), answered by
 one byte (0: every key is set). All integers are little-endian (the byte order of the hosts torch
 runs on). Both of torch's servers (libuv and the classic one) speak it. Cancelling a wait closes
@@ -29,7 +29,8 @@ _STOP_WAITING = 0
 _KEY_PREFIX = "/"  # torch's client stores every key under this prefix
 
 WAIT_BOUND_S = 60.0
-"""Longest one :meth:`KeyWaiter.wait` lasts before it returns False (then wait again), s."""
+"""Longest one ``wait_committed`` of the in-process and etcd view stores lasts before it returns
+False (then wait again), s."""
 
 
 class StoreWaitFailed(ElasticEPError, ConnectionError):
@@ -37,22 +38,27 @@ class StoreWaitFailed(ElasticEPError, ConnectionError):
 
 
 class KeyWaiter:
-    """Waits for keys of one ``TCPStore`` server to be set, each wait on an asyncio connection of
-    its own (opened for it and closed after it, so nothing is left open for its owner to close).
-    Costs nothing while it waits: no thread, no polling. Waits are rare (one per committed view or
-    registration), so a connection per wait costs little.
+    """Waits for keys of one ``TCPStore`` server to be set, on an asyncio connection of its own.
+
+    One wait at a time. The connection is kept from one wait to the next (the server looks up
+    the name of every client that connects, so a connection per wait would cost it a name lookup
+    per commit and rank) and opened again after a wait that was cancelled or failed. Costs nothing
+    while it waits: no thread, no polling. Its owner ends it with :meth:`close`, or drops the idle
+    connection with :meth:`reset`.
 
     Args:
         host, port: the store server (a torch ``TCPStore`` client's ``host`` and ``port``).
         connect_timeout_s: bound on opening the connection, s.
-        bound_s: longest one wait, s (:data:`WAIT_BOUND_S`).
+        bound_s: longest one wait, s (None: until the key is set, the wait is cancelled or the
+            connection breaks; a store that goes silent is the membership's poll to find).
     """
 
     def __init__(self, host: str, port: int, *, connect_timeout_s: float = 10.0,
-                 bound_s: float = WAIT_BOUND_S) -> None:
+                 bound_s: float | None = None) -> None:
         self.host, self.port = host, port
         self.connect_timeout_s = connect_timeout_s
         self.bound_s = bound_s
+        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self._closed = False
 
     @classmethod
@@ -63,6 +69,17 @@ class KeyWaiter:
             return None
         return cls(host, port, **kwargs)
 
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._streams is None:
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port),
+                                                        self.connect_timeout_s)
+            except (OSError, asyncio.TimeoutError) as exc:
+                raise StoreWaitFailed(f"cannot reach the store at {self.host}:{self.port}: {exc!r}") from None
+            writer.write(struct.pack("<BI", _VALIDATE, _MAGIC))
+            self._streams = reader, writer
+        return self._streams
+
     async def wait(self, key: str) -> bool:
         """True once ``key`` is set; False when ``bound_s`` passed first or the waiter is closed.
         Raises :class:`StoreWaitFailed` when the store cannot be reached."""
@@ -70,24 +87,36 @@ class KeyWaiter:
             return False
         name = (_KEY_PREFIX + key).encode()
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port),
-                                                    self.connect_timeout_s)
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise StoreWaitFailed(f"cannot reach the store at {self.host}:{self.port}: {exc!r}") from None
-        try:
-            writer.write(struct.pack("<BI", _VALIDATE, _MAGIC) + struct.pack("<BQQ", _WAIT, 1, len(name)) + name)
+            reader, writer = await self._connect()
+            writer.write(struct.pack("<BQQ", _WAIT, 1, len(name)) + name)
             await writer.drain()
-            answer = await asyncio.wait_for(reader.readexactly(1), self.bound_s)
+            if self.bound_s is None:
+                answer = await reader.readexactly(1)
+            else:
+                answer = await asyncio.wait_for(reader.readexactly(1), self.bound_s)
         except asyncio.TimeoutError:
-            return False  # the server drops the wait with the connection
+            self.reset()  # the server still holds that wait: this connection is spent
+            return False
         except (OSError, asyncio.IncompleteReadError) as exc:
+            self.reset()
+            if self._closed:
+                return False
             raise StoreWaitFailed(f"store wait for {key!r} failed: {exc!r}") from None
-        finally:
-            writer.close()
+        except BaseException:  # cancelled: its answer would come on a connection nobody reads
+            self.reset()
+            raise
         if answer[0] != _STOP_WAITING:
+            self.reset()
             raise StoreWaitFailed(f"store answered a wait with {answer!r}")
         return True
 
+    def reset(self) -> None:
+        """Close the connection (a wait in progress ends; the next one connects again)."""
+        if self._streams is not None:
+            self._streams[1].close()
+            self._streams = None
+
     def close(self) -> None:
-        """Take no more waits (one in progress is left to its caller's cancellation)."""
+        """Close the connection and take no more waits."""
         self._closed = True
+        self.reset()

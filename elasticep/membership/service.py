@@ -424,6 +424,8 @@ class MembershipService:
                 pass
         if self._sub is not None:
             self._sub.close()
+        if self.core.store_pushes:
+            getattr(self.store, "end_waits", lambda: None)()  # the commit watch's idle connection, if any
         self._end_streams(_END)
 
     async def __aenter__(self) -> "MembershipService":

@@ -77,6 +77,10 @@ class ViewStore(abc.ABC):
         read, without waiting."""
         return await self.read(epoch) is not None
 
+    def end_waits(self) -> None:
+        """Release what :meth:`wait_committed` keeps open between waits (a later wait opens it
+        again); the membership service calls it when it stops (default: nothing)."""
+
     async def close(self) -> None:
         """Release connections (default: nothing)."""
 
@@ -319,6 +323,10 @@ class TCPStoreViewStore(ViewStore):
             return await self._waiter.wait(self._key(epoch))
         except StoreWaitFailed as exc:
             raise StoreUnavailable(str(exc)) from None
+
+    def end_waits(self) -> None:
+        if self._waiter is not None:
+            self._waiter.reset()
 
     async def close(self) -> None:
         if self._waiter is not None:
