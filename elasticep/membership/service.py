@@ -487,7 +487,10 @@ class MembershipService:
                 log.debug("rank %d: store wait for epoch %d failed: %s", self.rank, epoch, exc)
                 await asyncio.sleep(self.config.idle_poll_s())
                 continue
-            if not committed or core.stopped or (core.view.epoch if core.view else 0) >= epoch:
+            if not committed:  # the wait's bound passed (or the store was closed: never spin)
+                await asyncio.sleep(self.config.store_poll_ms / 1e3)
+                continue
+            if core.stopped or (core.view.epoch if core.view else 0) >= epoch:
                 continue
             self._apply(core.step(Committed(epoch), self.clock()))
             # Let the read it started land before asking again (the key exists now, so the next

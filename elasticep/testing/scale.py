@@ -255,7 +255,6 @@ def _worker(conn, ranks: list[int], n: int, config: Config, keys_json: str, stor
             shared: bool) -> None:
     """One harness process: ``ranks``' buses, detectors and membership services on one loop."""
     import asyncio
-    import gc
     import logging
     import time
 
@@ -304,11 +303,6 @@ def _worker(conn, ranks: list[int], n: int, config: Config, keys_json: str, stor
                 await asyncio.gather(*(services[r].start(ready_timeout=120.0) for r in ranks))
                 for r in ranks:
                     state[r] = "up"
-                # This process holds the objects of many ranks, a rank process those of one: move
-                # what start-up made out of the collector's sight, so that full collections do not
-                # grow with the ranks packed here (a cost no real rank pays).
-                gc.collect()
-                gc.freeze()
                 return {"fds": _fd_count() - fds0, "threads": _thread_count() - threads0}
             if op == "members":  # first time each live rank installed a view of exactly cmd[1] members
                 out = {}
