@@ -64,10 +64,13 @@ class KeyWaiter:
     @classmethod
     def for_store(cls, store: object, **kwargs) -> "KeyWaiter | None":
         """A waiter on the server behind a torch ``TCPStore`` object; None for any other store."""
-        host, port = getattr(store, "host", None), getattr(store, "port", None)
-        if type(store).__name__ != "TCPStore" or not isinstance(host, str) or not isinstance(port, int) or port <= 0:
+        try:
+            from torch.distributed import TCPStore
+        except ImportError:  # pragma: no cover - torch is a dependency; a store without it is no TCPStore
             return None
-        return cls(host, port, **kwargs)
+        if not isinstance(store, TCPStore) or not isinstance(store.host, str) or store.port <= 0:
+            return None
+        return cls(store.host, store.port, **kwargs)
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self._streams is None:
