@@ -28,11 +28,6 @@ _WAIT = 6
 _STOP_WAITING = 0
 _KEY_PREFIX = "/"  # torch's client stores every key under this prefix
 
-WAIT_BOUND_S = 60.0
-"""Longest one ``wait_committed`` of the in-process and etcd view stores lasts before it returns
-False (then wait again), s."""
-
-
 class StoreWaitFailed(ElasticEPError, ConnectionError):
     """A wait could not be made: the store is unreachable, or answered outside the protocol."""
 

@@ -32,19 +32,19 @@ from __future__ import annotations
 import abc
 import asyncio
 import datetime
-import logging
 import random
 import threading
-from typing import Any, Callable
+from typing import Callable
 
-from elasticep.bus.store_wait import WAIT_BOUND_S, KeyWaiter, StoreWaitFailed
+from elasticep.bus.store_wait import KeyWaiter, StoreWaitFailed
 from elasticep.errors import ElasticEPError
 from elasticep.membership.view import View, decode_view, encode_view
 
 _ABSENT = b"\x00elasticep-absent"
 
-log = logging.getLogger(__name__)
-
+WAIT_BOUND_S = 60.0
+"""Longest one ``wait_committed`` of the in-process and etcd view stores lasts before it returns
+False (then wait again), s."""
 
 
 class StoreUnavailable(ElasticEPError, RuntimeError):

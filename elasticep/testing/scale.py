@@ -6,7 +6,8 @@ a frame a rank publishes reaches the ranks whose topology subscribes to it
 after a modeled one-way delay (``delay_ms`` plus uniform ``jitter_ms``), each copy lost with
 probability ``loss``; view-store operations take ``store_ms``, and with ``pushes`` (the default,
 as the TCPStore and etcd stores do) a commit reaches every rank's wait ``store_ms`` after it.
-Every random draw comes from one ``random.Random(seed)``. Ticks follow :meth:`MembershipCore.tick_interval`, phases spread.
+Every random draw comes from one ``random.Random(seed)``. Ticks follow
+:meth:`MembershipCore.tick_interval`, phases spread.
 
 Example::
 
