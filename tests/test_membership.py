@@ -549,3 +549,23 @@ def test_core_newer_epoch_on_an_envelope_reads_at_once_and_forgeries_are_bounded
                 assert not core.step(ViewRead(a.epoch, None), t) or core.view.epoch == 2
     assert 1 <= reads <= 1.0 / 0.05 + 1
     assert core.view.epoch == 2
+
+
+def test_core_bootstrap_member_heartbeats_while_its_store_reads_are_slow() -> None:
+    # Many ranks starting together can queue their store reads for a while; a bootstrap member
+    # still walking the chain (syncing) is alive and must keep heartbeating, or the neighbours
+    # that installed the view already would evict it as silent.
+    hb_s = CFG.heartbeat_interval_ms / 1e3
+    core = MembershipCore(1, CFG, initial_members=(0, 1, 2))
+    actions = core.start(0.0)
+    assert core.status == "syncing" and any(isinstance(a, (ReadView, CompareAndSet)) for a in actions)
+    beats = 0
+    for i in range(1, 11):  # ten heartbeat intervals with no store answer
+        out = core.step(Tick(), i * hb_s)
+        beats += sum(isinstance(a, Publish) and isinstance(a.event, Heartbeat) for a in out)
+    assert core.status == "syncing" and beats == 10
+    # A restarted process (a joiner) that is not in any view yet does not speak for a member.
+    joiner = MembershipCore(3, CFG, join=True, incarnation=7)
+    joiner.start(0.0)
+    out = [a for i in range(1, 4) for a in joiner.step(Tick(), i * hb_s)]
+    assert not any(isinstance(a, Publish) and isinstance(a.event, Heartbeat) for a in out)

@@ -145,11 +145,15 @@ class SharedContext:
     Args:
         keys: the cluster's keys (only the public ones are used: who may subscribe).
         io_threads: libzmq I/O threads of the context.
+        max_sockets: the context's bound on open sockets (each rank holds its PUB socket, one
+            SUB socket per peer it hears and a monitor socket for each).
     """
 
-    def __init__(self, keys: ClusterKeys, io_threads: int = 1) -> None:
+    def __init__(self, keys: ClusterKeys, io_threads: int = 1, max_sockets: int = 16384) -> None:
         _require_curve()
         self.context = zmq.Context(io_threads=io_threads)
+        # libzmq's default bound of 1,023 sockets per context is about 100 ranks' worth here.
+        self.context.set(zmq.MAX_SOCKETS, max_sockets)
         self._auth = zmq.auth.thread.ThreadAuthenticator(self.context, log=logging.getLogger(__name__ + ".zap"))
         self._auth.start()
         self._auth.configure_curve_callback("*", _AllowedKeys(keys.allowed_subscribers()))

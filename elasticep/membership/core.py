@@ -389,6 +389,15 @@ class MembershipCore:
 
     # --- time -------------------------------------------------------------------------------
 
+    def _speaks(self) -> bool:
+        """Whether this rank heartbeats: a member or a joiner, and also a member still walking the
+        chain to its head (a bootstrap member, or one the adopted view holds). Store reads can
+        take a while when many ranks start together; its watchers, who may have installed the
+        view already, must not take that walk for silence."""
+        if self.status in (Status.MEMBER, Status.JOINING):
+            return True
+        return self.status == Status.SYNCING and (self.is_member or (self.initial is not None and not self.join))
+
     def _tick(self, now: float) -> list[Action]:
         cfg = self.config
         out: list[Action] = []
@@ -396,7 +405,7 @@ class MembershipCore:
             return self._fence(now, f"view store unreachable for {now - self._last_store_ok_s:.1f} s "
                                     f"(store_timeout_s={cfg.store_timeout_s:g})", "store_unreachable")
         # Ticks come faster than heartbeats while a suspicion is pending (see ``tick_interval``).
-        if self.status in (Status.MEMBER, Status.JOINING) and now - self._last_heartbeat_s >= cfg.heartbeat_interval_ms / 1e3 * 0.9:
+        if self._speaks() and now - self._last_heartbeat_s >= cfg.heartbeat_interval_ms / 1e3 * 0.9:
             self._last_heartbeat_s = now
             out.append(Publish(Heartbeat(rank=self.rank, incarnation=self.incarnation)))
         if self.status == Status.JOINING:
