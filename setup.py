@@ -1,4 +1,6 @@
-"""Builds the CPU data-plane kernel (csrc/) as ``elasticep._C`` with pybind11, no torch headers."""
+"""Builds the CPU data-plane kernel and the EPLB planner core (csrc/) as ``elasticep._C`` with pybind11,
+no torch headers. No fast-math and no floating-point contraction: the planner core must round as
+numpy does (csrc/eplb_planner.cpp)."""
 
 from glob import glob
 
@@ -10,7 +12,7 @@ ext = Pybind11Extension(
     sorted(glob("csrc/*.cpp")),
     include_dirs=["csrc"],
     cxx_std=17,
-    extra_compile_args=["-O3", "-fvisibility=hidden"],
+    extra_compile_args=["-O3", "-fvisibility=hidden", "-ffp-contract=off", "-fno-fast-math"],
     libraries=["rt", "pthread"],
 )
 

@@ -46,6 +46,7 @@ Who calls it: the reconfiguration pipeline on every new view (``replan``), the e
 from __future__ import annotations
 
 import operator
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -72,6 +73,23 @@ __all__ = [
 _INF = np.inf
 # relative improvement below which a move is not worth a weight transfer
 _MIN_GAIN = 1e-9
+
+
+def _native_core():
+    """``elasticep._C.eplb_plan_core``, or None (an extension built before it, or
+    ``ELASTICEP_PLANNER=python``)."""
+    if os.environ.get("ELASTICEP_PLANNER", "").lower() == "python":
+        return None
+    try:
+        from elasticep import _C
+    except ImportError:
+        return None
+    return getattr(_C, "eplb_plan_core", None)
+
+
+_NATIVE = _native_core()
+# budgets beyond this go to the reference (the core counts moves in int64)
+_NATIVE_MAX_BUDGET = 1 << 40
 
 
 # ---------------------------------------------------------------------------------- results
@@ -663,43 +681,9 @@ def replan(
             raise InvalidArgument(f"max_moves must be an int >= 0 or None, not {max_moves}")
     budget = max_moves
 
-    tslot = np.repeat(target, S)  # [N]
     cur_p = cur.phy2log.numpy()
-    p = np.where(tslot[None, :], cur_p, EMPTY)
-    start = p
-    p, lb = _repair(start, w, tslot, target, speed, S)
-    if lb:
-        p = _repair_by_counts(p, start, cur_p, w, target, speed, S)
-    before = float(_layer_balance(_rank_loads(p, w, S)[0], target, speed).mean())
-    # under a budget, fewer pairs per layer and round first: the moves go to the hottest ranks
-    # of each layer; the wider search (8 pairs) takes what that leaves
-    repaired = p
-    if budget is None:
-        p = _rebalance(p, cur_p, w, tslot, target, speed, S, None, float(tolerance))
-    else:
-        p = _rebalance(p, cur_p, w, tslot, target, speed, S, min(budget, 2 * lb), float(tolerance), 2)
-        left = budget - (int(((p != cur_p) & (p >= 0)).sum()) - lb)
-        if left > 0:
-            p = _rebalance(p, cur_p, w, tslot, target, speed, S, left, float(tolerance))
-            left = budget - (int(((p != cur_p) & (p >= 0)).sum()) - lb)
-        if left > budget // 20:
-            # the budget did not bind (a twentieth or more unspent): the wide search alone may
-            # end in a better place
-            wide = _rebalance(repaired, cur_p, w, tslot, target, speed, S, budget, float(tolerance))
-            if _layer_balance(_rank_loads(wide, w, S)[0], target, speed).mean() < \
-                    _layer_balance(_rank_loads(p, w, S)[0], target, speed).mean() - 1e-12:
-                p = wide
-    p = _reseat_stuck(p, start, cur_p, w, tslot, target, speed, S, budget, lb, float(tolerance))
-    # a safety net: where simply filling the holes in order happens to balance a layer better
-    # than the search did (small layers with few ranks, where a greedy step can get stuck), take
-    # it; it costs the lower bound only, so the budget still holds
-    for prefer_empty in (True, False):
-        plain = _fill_in_order(start, tslot, E, prefer_empty)
-        peak = _layer_balance(_rank_loads(p, w, S)[0], target, speed)
-        plain_peak = _layer_balance(_rank_loads(plain, w, S)[0], target, speed)
-        better = plain_peak < peak - 1e-12
-        if better.any():
-            p = np.where(better[:, None], plain, p)
+    p, repaired, lb = _plan_core(cur_p, w, target, speed, S, budget, float(tolerance))
+    before = float(_layer_balance(_rank_loads(repaired, w, S)[0], target, speed).mean())
     rank_load, cnt = _rank_loads(p, w, S)
     after = float(_layer_balance(rank_load, target, speed).mean())
     if (cnt == 0).any():  # impossible when live_slots >= E: a guard on invariant 4
@@ -723,6 +707,77 @@ def replan(
         move_slot=torch.from_numpy(move_slot.astype(np.int64)),
         move_expert=torch.from_numpy(move_expert.astype(np.int64)),
     )
+
+
+def _plan_core(
+    cur_p: np.ndarray, w: np.ndarray, target: np.ndarray, speed: np.ndarray, S: int, budget: int | None,
+    tolerance: float, native: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Repair, rebalance and reseat ``cur_p`` ``[L, N]`` for the ``target`` ranks: ``(placement,
+    repaired, lower_bound)``, where ``repaired`` is the placement after the coverage repair alone.
+
+    ``native`` None: the C++ core (``elasticep._C.eplb_plan_core``, csrc/eplb_planner.cpp) when
+    the extension has it and ``ELASTICEP_PLANNER`` is not ``python``, else
+    :func:`_plan_reference`. The two compute the same plans (tests/test_eplb_native.py); the
+    Python one is the reference and documents the semantics."""
+    if native is None:
+        native = _NATIVE is not None and (budget is None or budget <= _NATIVE_MAX_BUDGET)
+    if native:
+        if _NATIVE is None:
+            raise RuntimeError("elasticep._C has no eplb_plan_core: rebuild the extension (scripts/setup.sh)")
+        b = -1 if budget is None else int(budget)
+        try:
+            p, repaired, lb = _NATIVE(np.ascontiguousarray(cur_p, dtype=np.int64), np.ascontiguousarray(w, dtype=np.float64),
+                                      np.ascontiguousarray(target, dtype=bool), np.ascontiguousarray(speed, dtype=np.float64),
+                                      int(S), b, float(tolerance))
+        except RuntimeError as exc:  # a broken invariant in the core, as the reference's guards raise it
+            raise AssertionError(str(exc)) from None
+        return p, repaired, int(lb)
+    return _plan_reference(cur_p, w, target, speed, S, budget, tolerance)
+
+
+def _plan_reference(
+    cur_p: np.ndarray, w: np.ndarray, target: np.ndarray, speed: np.ndarray, S: int, budget: int | None,
+    tolerance: float,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The replan core in numpy, vectorised over layers (the reference; see :func:`_plan_core`)."""
+    E = w.shape[1]
+    tslot = np.repeat(target, S)  # [N]
+    p = np.where(tslot[None, :], cur_p, EMPTY)
+    start = p
+    p, lb = _repair(start, w, tslot, target, speed, S)
+    if lb:
+        p = _repair_by_counts(p, start, cur_p, w, target, speed, S)
+    # under a budget, fewer pairs per layer and round first: the moves go to the hottest ranks
+    # of each layer; the wider search (8 pairs) takes what that leaves
+    repaired = p
+    if budget is None:
+        p = _rebalance(p, cur_p, w, tslot, target, speed, S, None, tolerance)
+    else:
+        p = _rebalance(p, cur_p, w, tslot, target, speed, S, min(budget, 2 * lb), tolerance, 2)
+        left = budget - (int(((p != cur_p) & (p >= 0)).sum()) - lb)
+        if left > 0:
+            p = _rebalance(p, cur_p, w, tslot, target, speed, S, left, tolerance)
+            left = budget - (int(((p != cur_p) & (p >= 0)).sum()) - lb)
+        if left > budget // 20:
+            # the budget did not bind (a twentieth or more unspent): the wide search alone may
+            # end in a better place
+            wide = _rebalance(repaired, cur_p, w, tslot, target, speed, S, budget, tolerance)
+            if _layer_balance(_rank_loads(wide, w, S)[0], target, speed).mean() < \
+                    _layer_balance(_rank_loads(p, w, S)[0], target, speed).mean() - 1e-12:
+                p = wide
+    p = _reseat_stuck(p, start, cur_p, w, tslot, target, speed, S, budget, lb, tolerance)
+    # a safety net: where simply filling the holes in order happens to balance a layer better
+    # than the search did (small layers with few ranks, where a greedy step can get stuck), take
+    # it; it costs the lower bound only, so the budget still holds
+    for prefer_empty in (True, False):
+        plain = _fill_in_order(start, tslot, E, prefer_empty)
+        peak = _layer_balance(_rank_loads(p, w, S)[0], target, speed)
+        plain_peak = _layer_balance(_rank_loads(plain, w, S)[0], target, speed)
+        better = plain_peak < peak - 1e-12
+        if better.any():
+            p = np.where(better[:, None], plain, p)
+    return p, repaired, lb
 
 
 def _reason(cur: Placement, alive: np.ndarray, leaving: np.ndarray, lb: int, reb: int, budget: int | None, before: float, after: float) -> str:

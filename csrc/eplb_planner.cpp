@@ -1,0 +1,1128 @@
+// The EPLB planner's replan core (elasticep/eplb/planner.py and _repack.py) in C++.
+//
+// The Python modules are the reference: this file computes the same plans, step for step, and
+// tests/test_eplb_native.py checks that the two agree on seeded cases. To agree to the last bit,
+// every floating-point expression here is evaluated in the order and the precision numpy uses
+// for the reference's: sums over a row follow numpy's pairwise summation (np_sum), the local
+// search scores its candidate steps in float32 where the reference does, and ties go to the
+// lowest index as np.argmin / np.argmax / stable sorts break them. The reference works on all
+// layers at once; here the work is a loop per layer, with the few decisions that span layers
+// (the move budget, the repack of the layers that stay off balance) taken after each round
+// exactly as there. Build flags: no fast-math and no floating-point contraction (setup.py).
+//
+// Nothing here allocates more than a few arrays of [layers, slots]; no I/O, no threads.
+
+#include "eplb_planner.h"
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <stdexcept>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace elasticep {
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr float kInfF = std::numeric_limits<float>::infinity();
+constexpr double kMinGain = 1e-9;  // planner._MIN_GAIN
+
+using IVec = std::vector<int64_t>;
+using DVec = std::vector<double>;
+
+// numpy's pairwise summation of a contiguous float64 row (add.reduce over the last axis).
+double np_sum(const double* a, int64_t n) {
+  if (n < 8) {
+    double res = 0.0;
+    for (int64_t i = 0; i < n; ++i) res += a[i];
+    return res;
+  }
+  if (n <= 128) {
+    double r[8];
+    for (int j = 0; j < 8; ++j) r[j] = a[j];
+    int64_t i = 8;
+    for (; i < n - (n % 8); i += 8)
+      for (int j = 0; j < 8; ++j) r[j] += a[i + j];
+    double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+    for (; i < n; ++i) res += a[i];
+    return res;
+  }
+  int64_t n2 = n / 2;
+  n2 -= n2 % 8;
+  return np_sum(a, n2) + np_sum(a + n2, n - n2);
+}
+
+// numpy's sum over axis 1 of a [rows, n] array taken from a wider one by a column index
+// (x[:, target]): numpy lays that out column-major, so with two rows or more each row's sum runs
+// in index order; a single row is contiguous and summed pairwise.
+double np_sum_cols(const double* a, int64_t n, int64_t rows) {
+  if (rows <= 1) return np_sum(a, n);
+  double res = 0.0;
+  for (int64_t i = 0; i < n; ++i) res += a[i];
+  return res;
+}
+
+double np_mean(const DVec& v) { return np_sum(v.data(), (int64_t)v.size()) / (double)v.size(); }
+
+// Indices sorted by key ascending, ties in index order (np.argsort(kind="stable")).
+template <class Key>
+std::vector<int> stable_order(int n, Key key) {
+  std::vector<int> o(n);
+  std::iota(o.begin(), o.end(), 0);
+  std::stable_sort(o.begin(), o.end(), [&](int x, int y) { return key(x) < key(y); });
+  return o;
+}
+
+struct Prob {
+  int E = 0, R = 0, S = 0, N = 0;
+  std::vector<uint8_t> target;  // [R]
+  DVec speed;                   // [R]
+  std::vector<int> tgt;         // target rank ids, ascending
+  bool uniform = true;
+  double spd_sum = 0.0;  // speed[target].sum()
+  double spd_max = 0.0, spd_min = 0.0;
+  double tol = 0.01;
+};
+
+// Rows of a batch: B placements [B, N] and their loads [B, E] (copies of the layers involved).
+struct Batch {
+  int B = 0;
+  IVec p;    // [B, N]
+  IVec cur;  // [B, N]
+  DVec w;    // [B, E]
+};
+
+// ------------------------------------------------------------------ metrics (one row)
+
+// planner._rank_loads for one row: rank loads [R] and replica counts [E].
+void rank_loads_row(const Prob& pr, const int64_t* p, const double* w, double* rank_load, int64_t* cnt) {
+  const int E = pr.E, S = pr.S, R = pr.R;
+  std::fill(cnt, cnt + E, 0);
+  for (int s = 0; s < pr.N; ++s)
+    if (p[s] >= 0) ++cnt[p[s]];
+  double slot[64];
+  std::vector<double> big;
+  double* sl = slot;
+  if (S > 64) {
+    big.resize(S);
+    sl = big.data();
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < S; ++j) {
+      int64_t e = p[r * S + j];
+      sl[j] = e < 0 ? 0.0 : w[e] / (double)std::max<int64_t>(cnt[e], 1);
+    }
+    rank_load[r] = np_sum(sl, S);
+  }
+}
+
+// planner._layer_balance for one row of a call on `rows` rows.
+double layer_balance_row(const Prob& pr, const double* rank_load, int64_t rows) {
+  DVec tl(pr.tgt.size());
+  double mx = -kInf;
+  for (size_t k = 0; k < pr.tgt.size(); ++k) {
+    int r = pr.tgt[k];
+    tl[k] = rank_load[r];
+    mx = std::max(mx, rank_load[r] / pr.speed[r]);
+  }
+  double total = np_sum_cols(tl.data(), (int64_t)tl.size(), rows);
+  double mean = total / pr.spd_sum;
+  return total > 0 ? mx / mean : 1.0;
+}
+
+double balance_row(const Prob& pr, const int64_t* p, const double* w, int64_t rows) {
+  DVec rl(pr.R);
+  IVec cnt(pr.E);
+  rank_loads_row(pr, p, w, rl.data(), cnt.data());
+  return layer_balance_row(pr, rl.data(), rows);
+}
+
+int64_t moves_row(const Prob& pr, const int64_t* p, const int64_t* cur) {
+  int64_t m = 0;
+  for (int s = 0; s < pr.N; ++s) m += (p[s] != cur[s] && p[s] >= 0);
+  return m;
+}
+
+// ------------------------------------------------------------------ planner._State, one row
+
+struct RowState {
+  std::vector<int> idx;  // [N] expert of each slot, E for empty
+  DVec cnt;              // [E+1]
+  DVec u, u_plus, delta;  // [E+1]
+  DVec slot_u, slot_delta;  // [N]
+  DVec load, eff;           // [R]
+  DVec host_max;            // [E+1]
+  DVec A1, A2;              // [E+1]
+};
+
+void compute_state(const Prob& pr, const int64_t* p, const double* w, RowState& st, bool full) {
+  const int E = pr.E, S = pr.S, N = pr.N, R = pr.R, E1 = pr.E + 1;
+  st.idx.resize(N);
+  st.cnt.assign(E1, 0.0);
+  for (int s = 0; s < N; ++s) {
+    int e = p[s] < 0 ? E : (int)p[s];
+    st.idx[s] = e;
+    st.cnt[e] += 1.0;
+  }
+  st.cnt[E] = 0.0;
+  st.u.resize(E1);
+  st.delta.resize(E1);
+  for (int e = 0; e < E1; ++e) {
+    double we = e < E ? w[e] : 0.0;
+    double c = st.cnt[e];
+    st.u[e] = we / std::max(c, 1.0);
+    st.delta[e] = c >= 2 ? we / (c - 1) - st.u[e] : kInf;
+  }
+  st.delta[E] = 0.0;
+  st.slot_u.resize(N);
+  st.slot_delta.resize(N);
+  for (int s = 0; s < N; ++s) {
+    st.slot_u[s] = st.u[st.idx[s]];
+    st.slot_delta[s] = st.delta[st.idx[s]];
+  }
+  st.load.resize(R);
+  st.eff.resize(R);
+  for (int r = 0; r < R; ++r) {
+    st.load[r] = np_sum(st.slot_u.data() + r * S, S);
+    st.eff[r] = pr.uniform ? st.load[r] : st.load[r] / pr.speed[r];
+  }
+  st.host_max.assign(E1, -kInf);
+  for (int s = 0; s < N; ++s) {
+    int e = st.idx[s];
+    if (p[s] >= 0 && st.cnt[e] >= 2) {
+      double es = st.eff[s / S];
+      double v = pr.uniform ? es + st.slot_delta[s] : es + st.slot_delta[s] / pr.speed[s / S];
+      st.host_max[e] = std::max(st.host_max[e], v);
+    }
+  }
+  if (!full) return;
+  st.u_plus.resize(E1);
+  for (int e = 0; e < E1; ++e) st.u_plus[e] = (e < E ? w[e] : 0.0) / (st.cnt[e] + 1);
+  st.A1.assign(E1, 0.0);
+  if (pr.uniform) {
+    for (int s = 0; s < N; ++s) st.A1[st.idx[s]] += st.eff[s / S];
+    st.A2 = st.cnt;
+  } else {
+    st.A2.assign(E1, 0.0);
+    for (int s = 0; s < N; ++s) {
+      double inv = p[s] >= 0 ? 1.0 / pr.speed[s / S] : 0.0;
+      st.A1[st.idx[s]] += st.eff[s / S] * inv;
+      st.A2[st.idx[s]] += inv * inv;
+    }
+  }
+}
+
+// _State.exact for one row of a call on `rows` rows: peak effective target load, sum of
+// squares, coverage.
+void exact_row(const Prob& pr, const int64_t* p, const double* w, int64_t rows, double& t_max, double& t_ss, bool& cov) {
+  DVec rl(pr.R);
+  IVec cnt(pr.E);
+  rank_loads_row(pr, p, w, rl.data(), cnt.data());
+  DVec sq(pr.tgt.size());
+  t_max = -kInf;
+  for (size_t k = 0; k < pr.tgt.size(); ++k) {
+    int r = pr.tgt[k];
+    double e = pr.uniform ? rl[r] : rl[r] / pr.speed[r];
+    t_max = std::max(t_max, e);
+    sq[k] = e * e;
+  }
+  t_ss = np_sum_cols(sq.data(), (int64_t)sq.size(), rows);
+  cov = true;
+  for (int e = 0; e < pr.E; ++e)
+    if (cnt[e] == 0) cov = false;
+}
+
+// ------------------------------------------------------------------ repair (planner._repair)
+
+int64_t repair_row(const Prob& pr, int64_t* p, const double* w) {
+  const int E = pr.E, S = pr.S, R = pr.R;
+  IVec cnt(E);
+  DVec rl(R);
+  rank_loads_row(pr, p, w, rl.data(), cnt.data());
+  int64_t left = 0;
+  for (int e = 0; e < E; ++e) left += cnt[e] == 0;
+  const int64_t lb = left;
+  if (!lb) return 0;
+  DVec key(E);
+  for (int e = 0; e < E; ++e) key[e] = -(cnt[e] == 0 ? w[e] : -1.0);
+  std::vector<int> miss_order = stable_order(E, [&](int e) { return key[e]; });
+  int64_t done = 0;
+  RowState st;
+  DVec offer(R);
+  std::vector<int> slot(R), evicted(R);
+  std::vector<uint8_t> seen(E);
+  while (left > 0) {
+    compute_state(pr, p, w, st, false);
+    for (int r = 0; r < R; ++r) {
+      double best = kInf;
+      int col = 0;
+      for (int j = 0; j < S; ++j) {
+        int s = r * S + j;
+        double sc = kInf;
+        if (pr.target[r] && std::isfinite(st.slot_delta[s])) {
+          double a = st.eff[r] - st.slot_u[s] / pr.speed[r];
+          double b = st.host_max[st.idx[s]];
+          sc = std::max(a, b);
+        }
+        if (sc < best) {
+          best = sc;
+          col = j;
+        }
+      }
+      offer[r] = best;
+      slot[r] = r * S + col;
+      evicted[r] = st.idx[r * S + col];
+    }
+    std::vector<int> order = stable_order(R, [&](int r) { return offer[r]; });
+    std::fill(seen.begin(), seen.end(), 0);
+    int64_t rank_in = -1, placed = 0;
+    for (int m = 0; m < R; ++m) {
+      int r = order[m];
+      bool keep = true;
+      if (evicted[r] < E) {
+        keep = !seen[evicted[r]];
+        seen[evicted[r]] = 1;
+      }
+      bool ok = keep && std::isfinite(offer[r]);
+      if (!ok) continue;
+      ++rank_in;
+      if (rank_in >= left) continue;
+      int64_t pos = std::min<int64_t>(done + rank_in, E - 1);
+      p[slot[r]] = miss_order[pos];
+      ++placed;
+    }
+    if (placed == 0) throw std::logic_error("coverage repair found no legal slot");
+    done += placed;
+    left -= placed;
+  }
+  return lb;
+}
+
+// ------------------------------------------------------------------ _repack
+
+// _repack.keep_counts for one row (cnt: live replicas now) -> counts summing to live.
+void keep_counts_row(const int64_t* cnt, const double* w, int E, int64_t live, int64_t* c) {
+  int64_t tot = 0;
+  for (int e = 0; e < E; ++e) {
+    c[e] = std::max<int64_t>(cnt[e], 1);
+    tot += c[e];
+  }
+  while (tot != live) {
+    if (tot > live) {
+      double best = kInf;
+      int give = 0;
+      for (int e = 0; e < E; ++e) {
+        double v = c[e] >= 2 ? w[e] / (double)std::max<int64_t>(c[e] - 1, 1) : kInf;
+        if (v < best) {
+          best = v;
+          give = e;
+        }
+      }
+      --c[give];
+      --tot;
+    } else {
+      double best = -kInf;
+      int take = 0;
+      for (int e = 0; e < E; ++e) {
+        double v = w[e] / (double)c[e];
+        if (v > best) {
+          best = v;
+          take = e;
+        }
+      }
+      ++c[take];
+      ++tot;
+    }
+  }
+}
+
+// _repack.restore_counts for one row.
+void restore_counts_row(int64_t* c, const double* w, int E, double ceiling, int max_steps) {
+  DVec cost(E);
+  for (int step = 0; step < max_steps; ++step) {
+    double top = -kInf;
+    int take = 0;
+    for (int e = 0; e < E; ++e) {
+      double v = w[e] / (double)c[e];
+      if (v > top) {
+        top = v;
+        take = e;
+      }
+    }
+    double best = kInf;
+    int give = 0;
+    for (int e = 0; e < E; ++e) {
+      double v = c[e] >= 2 ? w[e] / (double)std::max<int64_t>(c[e] - 1, 1) : kInf;
+      if (e == take) v = kInf;
+      if (v < best) {
+        best = v;
+        give = e;
+      }
+    }
+    if (!(top > ceiling && best < top)) break;
+    ++c[take];
+    --c[give];
+  }
+}
+
+// _repack.repack over a batch of rows; p0 rows are replaced by the packed placements.
+// max_bumps < 0: no limit given (each row's pool).
+void repack_batch(const Prob& pr, int B, int64_t* P, const double* W, const int64_t* C, const DVec& tau,
+                  int64_t max_bumps) {
+  const int E = pr.E, S = pr.S, R = pr.R, N = pr.N;
+  if (B == 0) return;
+  DVec mean(B);
+  for (int b = 0; b < B; ++b) mean[b] = np_sum(W + (int64_t)b * E, E) / pr.spd_sum;
+  double mean_max = *std::max_element(mean.begin(), mean.end());
+  const double BIG = 4.0 * (mean_max + 1.0) * pr.spd_max / pr.spd_min + 1.0;
+
+  // per-row working state kept across the phases
+  std::vector<IVec> pool(B, IVec(E));
+  std::vector<DVec> loadv(B, DVec(R)), slotuv(B, DVec(N)), uv(B, DVec(E + 1)), capv(B, DVec(R));
+  IVec bumps_left(B);
+  int64_t limit = 0;
+  for (int b = 0; b < B; ++b) {
+    int64_t* p = P + (int64_t)b * N;
+    const double* w = W + (int64_t)b * E;
+    const int64_t* c = C + (int64_t)b * E;
+    DVec& u = uv[b];
+    for (int e = 0; e < E; ++e) u[e] = w[e] / (double)c[e];
+    u[E] = 0.0;
+    IVec cc(E, 0);
+    for (int s = 0; s < N; ++s)
+      if (p[s] >= 0) ++cc[p[s]];
+    DVec& cap = capv[b];
+    for (int r = 0; r < R; ++r) cap[r] = pr.target[r] ? ((1.0 + tau[b]) * mean[b]) * pr.speed[r] : -kInf;
+    DVec& slot_u = slotuv[b];
+    DVec& load = loadv[b];
+    auto refresh = [&]() {
+      for (int s = 0; s < N; ++s) slot_u[s] = u[p[s] < 0 ? E : p[s]];
+      for (int r = 0; r < R; ++r) load[r] = np_sum(slot_u.data() + r * S, S);
+    };
+    refresh();
+    // 1. surplus replicas leave the most loaded ranks
+    bool any_surplus = false;
+    for (int e = 0; e < E; ++e) any_surplus |= cc[e] > c[e];
+    if (any_surplus) {
+      DVec slot_eff(N);
+      for (int s = 0; s < N; ++s) slot_eff[s] = load[s / S] / pr.speed[s / S];
+      std::vector<int> order(N);
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(), [&](int x, int y) {
+        int ix = p[x] < 0 ? E : (int)p[x], iy = p[y] < 0 ? E : (int)p[y];
+        if (ix != iy) return ix < iy;
+        return -slot_eff[x] < -slot_eff[y];
+      });
+      int prev = -1;
+      int64_t pos = 0;
+      std::vector<uint8_t> drop(N, 0);
+      for (int m = 0; m < N; ++m) {
+        int s = order[m];
+        int e = p[s] < 0 ? E : (int)p[s];
+        pos = (m == 0 || e != prev) ? 0 : pos + 1;
+        prev = e;
+        int64_t sur = e < E ? std::max<int64_t>(cc[e] - c[e], 0) : 0;
+        if (e < E && pos < sur) drop[s] = 1;
+      }
+      for (int s = 0; s < N; ++s)
+        if (drop[s]) p[s] = -1;
+      refresh();
+    }
+    IVec& pl = pool[b];
+    for (int e = 0; e < E; ++e) pl[e] = c[e];
+    for (int s = 0; s < N; ++s)
+      if (p[s] >= 0) --pl[p[s]];
+    // 2. ranks over their target load evict
+    for (int round = 0; round < S; ++round) {
+      std::vector<int> over;
+      DVec excess(R);
+      for (int r = 0; r < R; ++r) {
+        excess[r] = load[r] - cap[r];
+        if (excess[r] > 1e-12 * mean[b] && pr.target[r]) over.push_back(r);
+      }
+      if (over.empty()) break;
+      for (int r : over) {
+        double sf = kInf, lg = -kInf;
+        int cf = 0, cl = 0;
+        bool any_fit = false;
+        for (int j = 0; j < S; ++j) {
+          int s = r * S + j;
+          bool occ = p[s] >= 0;
+          double su = slot_u[s];
+          bool fits = occ && su >= excess[r];
+          any_fit |= fits;
+          double vf = fits ? su : kInf;
+          if (vf < sf) {
+            sf = vf;
+            cf = j;
+          }
+          double vl = occ ? su : -kInf;
+          if (vl > lg) {
+            lg = vl;
+            cl = j;
+          }
+        }
+        int s = r * S + (any_fit ? cf : cl);
+        int64_t e = p[s];
+        load[r] -= slot_u[s];
+        pl[e < 0 ? E - 1 : e] += 1;  // (e < 0 cannot happen: an over rank holds something)
+        p[s] = -1;
+        slot_u[s] = 0.0;
+      }
+    }
+    int64_t ps = 0;
+    for (int e = 0; e < E; ++e) ps += pl[e];
+    limit = std::max(limit, ps);
+    bumps_left[b] = max_bumps < 0 ? ps : max_bumps;
+  }
+  int64_t max_bl = 0;
+  for (int b = 0; b < B; ++b) max_bl = std::max(max_bl, bumps_left[b]);
+  const int64_t iters = limit + max_bl + 1;
+
+  // 3. place the pool, heaviest first
+  for (int b = 0; b < B; ++b) {
+    int64_t* p = P + (int64_t)b * N;
+    IVec& pl = pool[b];
+    DVec& load = loadv[b];
+    DVec& slot_u = slotuv[b];
+    DVec& u = uv[b];
+    DVec& cap = capv[b];
+    std::vector<int> nfree(R, 0);
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < S; ++j) nfree[r] += (p[r * S + j] < 0 && pr.target[r]);
+    std::vector<int> vcol(R);
+    DVec v(R);
+    for (int64_t it = 0; it < iters; ++it) {
+      int64_t todo = 0;
+      for (int e = 0; e < E; ++e) todo += pl[e];
+      if (todo <= 0) break;
+      double x = -kInf;
+      int e_star = 0;
+      for (int e = 0; e < E; ++e) {
+        double val = pl[e] > 0 ? u[e] : -kInf;
+        if (val > x) {
+          x = val;
+          e_star = e;
+        }
+      }
+      x = u[e_star];
+      double best_free = kInf, best_bump = kInf;
+      int r_free = 0, r_bump = 0;
+      for (int r = 0; r < R; ++r) {
+        bool has_free = nfree[r] > 0;
+        bool can_bump = false;
+        if (bumps_left[b] > 0) {
+          double vm = kInf;
+          int vc = 0;
+          for (int j = 0; j < S; ++j) {
+            int s = r * S + j;
+            double val = (p[s] >= 0 && slot_u[s] < x * (1 - 1e-9)) ? slot_u[s] : kInf;
+            if (val < vm) {
+              vm = val;
+              vc = j;
+            }
+          }
+          vcol[r] = vc;
+          v[r] = slot_u[r * S + vc];
+          can_bump = !has_free && std::isfinite(v[r]) && pr.target[r];
+        }
+        double spd = pr.speed[r];
+        if (has_free) {
+          double nf = load[r] + x;
+          double sfree = (nf <= cap[r] ? 0.0 : 2.0 * BIG) + nf / spd;
+          if (sfree < best_free) {
+            best_free = sfree;
+            r_free = r;
+          }
+        }
+        if (can_bump) {
+          double nb = load[r] + x - (std::isfinite(v[r]) ? v[r] : 0.0);
+          double sbump = (nb <= cap[r] ? BIG : 2.0 * BIG) + nb / spd;
+          if (sbump < best_bump) {
+            best_bump = sbump;
+            r_bump = r;
+          }
+        }
+      }
+      if (!(std::isfinite(best_free) || std::isfinite(best_bump))) continue;
+      bool ub = best_bump < best_free;
+      int r = ub ? r_bump : r_free;
+      int fcol = 0;
+      for (int j = 0; j < S; ++j)
+        if (p[r * S + j] < 0 && pr.target[r]) {
+          fcol = j;
+          break;
+        }
+      int col = ub ? vcol[r] : fcol;
+      int s = r * S + col;
+      int64_t old = p[s];
+      if (ub) {
+        pl[old] += 1;
+        bumps_left[b] -= 1;
+      }
+      load[r] += x - (ub ? slot_u[s] : 0.0);
+      p[s] = e_star;
+      slot_u[s] = x;
+      if (!ub) nfree[r] -= 1;
+      pl[e_star] -= 1;
+    }
+    for (int e = 0; e < E; ++e)
+      if (pl[e] > 0) throw std::logic_error("repack left replicas unplaced");
+  }
+}
+
+// ------------------------------------------------------------------ rebalance (planner._rebalance)
+
+struct Step {
+  bool good = false;
+  int kind = 0;
+  int slot_i = 0, slot_j = 0;
+  int64_t e_i = 0, e_j = 0, new_i = 0, new_j = 0;
+  int64_t cost = 0;
+  double e_h = 0.0;
+};
+
+inline int64_t slot_cost(int64_t cur, int64_t now, int64_t nw) {
+  int64_t before = (now != cur) && now >= 0;
+  int64_t after = (nw != cur) && nw >= 0;
+  return after - before;
+}
+
+// Rows of `bt` are rebalanced in place. budget < 0: no budget.
+void rebalance(const Prob& pr, Batch& bt, int64_t budget, int max_pairs) {
+  const int E = pr.E, S = pr.S, N = pr.N, B = bt.B;
+  const int nt = (int)pr.tgt.size();
+  const int K = std::min(max_pairs, nt / 2);
+  if (budget == 0 || K == 0 || B == 0) return;
+  const bool has_budget = budget >= 0;
+  int64_t remaining = budget;
+  std::vector<uint8_t> active(B, 1);
+  std::vector<uint8_t> banned((size_t)B * N, 0);
+  DVec mean_all(B), scale_all(B);
+  for (int b = 0; b < B; ++b) {
+    mean_all[b] = np_sum(bt.w.data() + (int64_t)b * E, E) / pr.spd_sum;
+    scale_all[b] = std::max(mean_all[b], 1e-300);
+  }
+  std::vector<RowState> st(B);
+  for (int b = 0; b < B; ++b) compute_state(pr, bt.p.data() + (int64_t)b * N, bt.w.data() + (int64_t)b * E, st[b], true);
+  std::vector<Step> steps((size_t)B * K);
+  DVec old_max(B), old_ss(B);
+  std::vector<int> hot(K), cold(K);
+  std::vector<int> a(S), x(S);
+  std::vector<uint8_t> ok_i(S), ok_j(S);
+  DVec term_i(S), term_j(S), ua(S), ux(S);
+  std::vector<float> Pf(S), Qf(S);
+  DVec eff_t(nt), sq(nt);
+  IVec trial(N);
+  for (int64_t round = 0; round < 4 * (int64_t)N; ++round) {
+    std::vector<int> sub;
+    for (int b = 0; b < B; ++b) {
+      if (!active[b]) continue;
+      double mx = -kInf;
+      for (int r : pr.tgt) mx = std::max(mx, st[b].eff[r]);
+      if (!(mx > (1.0 + pr.tol) * mean_all[b])) active[b] = 0;
+      else sub.push_back(b);
+    }
+    if (sub.empty()) break;
+    bool any_some = false;
+    for (int b : sub) {
+      const RowState& s = st[b];
+      const int64_t* p = bt.p.data() + (int64_t)b * N;
+      const int64_t* cur = bt.cur.data() + (int64_t)b * N;
+      const double scale = scale_all[b];
+      const double eps = kMinGain * scale;
+      double mx = -kInf;
+      for (int k = 0; k < nt; ++k) {
+        eff_t[k] = s.eff[pr.tgt[k]];
+        mx = std::max(mx, eff_t[k]);
+        sq[k] = eff_t[k] * eff_t[k];
+      }
+      old_max[b] = mx;
+      old_ss[b] = np_sum(sq.data(), nt);
+      std::vector<int> order = stable_order(nt, [&](int k) { return -eff_t[k]; });
+      for (int k = 0; k < K; ++k) {
+        hot[k] = pr.tgt[order[k]];
+        cold[k] = pr.tgt[order[nt - 1 - k]];
+      }
+      const uint8_t* ban = banned.data() + (int64_t)b * N;
+      const double good_lim = (-1e-6 * scale) * scale;
+      bool some = false;
+      for (int k = 0; k < K; ++k) {
+        const int h = hot[k], q = cold[k];
+        const double eh = s.eff[h], eq = s.eff[q];
+        const double sph = pr.speed[h], spq = pr.speed[q];
+        const double thr = eh - eps;
+        for (int i = 0; i < S; ++i) a[i] = s.idx[h * S + i];
+        for (int i = 0; i < S; ++i) {
+          const int hs = h * S + i;
+          const int ai = a[i];
+          ua[i] = s.slot_u[hs];
+          const double uap = s.u_plus[ai];
+          double n_a = 0.0;
+          for (int i2 = 0; i2 < S; ++i2) n_a += (a[i2] == ai);
+          const double d_a = ua[i] - uap;
+          const double nh1 = eh - (n_a * d_a) / sph;
+          const double a_rest = ((-2.0 * d_a) * s.A1[ai] + (d_a * d_a) * s.A2[ai]) -
+                                n_a * ((((-2.0 * eh) * d_a) / sph) + ((d_a * d_a) / (sph * sph)));
+          term_i[i] = ((nh1 * nh1) - (eh * eh)) + a_rest;
+          ok_i[i] = ai < E && nh1 < thr;
+          Pf[i] = (float)(uap / spq);
+        }
+        for (int j = 0; j < S; ++j) {
+          const int qs = q * S + j;
+          const int xj = s.idx[qs];
+          x[j] = xj;
+          ux[j] = s.slot_u[qs];
+          const double dx = s.slot_delta[qs];
+          const double xh = s.host_max[xj];
+          const double dxf = std::isfinite(dx) ? dx : 0.0;
+          term_j[j] = (((2.0 * dxf) * s.A1[xj]) + ((dxf * dxf) * s.A2[xj])) -
+                      ((((2.0 * eq) * dxf) / spq) + ((dxf * dxf) / (spq * spq)));
+          const double x_peak = dxf > 0 ? (std::isfinite(xh) ? xh : -kInf) : -kInf;
+          ok_j[j] = std::isfinite(dx) && !ban[qs] && x_peak < thr;
+          Qf[j] = (float)(ux[j] / spq);
+        }
+        const float eq4 = (float)eq;
+        const float two_eq = 2.0f * eq4;
+        const float lim_q = (float)(thr - eq);
+        const float lim_h = (float)(thr - eh);
+        const float two_eh = 2.0f * (float)eh;
+        const float inv_h = (float)(1.0 / sph), inv_q = (float)(1.0 / spq);
+        float best = kInfF;
+        int arg = 0;
+        // kind 0 (replicate) over (i, j), then kind 1 (swap): np.argmin's order
+        for (int i = 0; i < S; ++i) {
+          const float ti = (float)term_i[i];
+          for (int j = 0; j < S; ++j) {
+            const float dq = Pf[i] - Qf[j];
+            float dphi1 = dq * (two_eq + dq);
+            dphi1 = dphi1 + (ti + (float)term_j[j]);
+            const bool ok1 = (dq < lim_q) && (a[i] != x[j]) && ok_i[i] && ok_j[j];
+            const float sc = ok1 ? dphi1 : kInfF;
+            if (sc < best) {
+              best = sc;
+              arg = i * S + j;
+            }
+          }
+        }
+        for (int i = 0; i < S; ++i) {
+          const float uaf = (float)ua[i];
+          for (int j = 0; j < S; ++j) {
+            const float d2 = (float)ux[j] - uaf;
+            const float dh = d2 * inv_h;
+            const float dc = d2 * inv_q;
+            const float dphi2 = 0.5f * ((dh * (two_eh + dh)) + (dc * (dc - two_eq)));
+            const bool ok2 = (dh < lim_h) && (-dc < lim_q) && (a[i] != x[j]) && (x[j] < E) && !ban[q * S + j];
+            const float sc = ok2 ? dphi2 : kInfF;
+            if (sc < best) {
+              best = sc;
+              arg = S * S + i * S + j;
+            }
+          }
+        }
+        Step& stp = steps[(size_t)b * K + k];
+        stp.good = (double)best < good_lim;
+        stp.kind = arg / (S * S);
+        stp.slot_i = h * S + (arg % (S * S)) / S;
+        stp.slot_j = q * S + arg % S;
+        stp.e_i = p[stp.slot_i];
+        stp.e_j = p[stp.slot_j];
+        stp.new_j = stp.good ? stp.e_i : stp.e_j;
+        stp.new_i = (stp.good && stp.kind == 1) ? stp.e_j : stp.e_i;
+        stp.e_h = eh;
+        stp.cost = slot_cost(cur[stp.slot_j], stp.e_j, stp.new_j) + slot_cost(cur[stp.slot_i], stp.e_i, stp.new_i);
+        some |= stp.good;
+      }
+      if (!some) active[b] = 0;
+      any_some |= some;
+    }
+    if (!any_some) break;
+    if (has_budget) {
+      // the budget goes first to the pairs whose hot rank stands out most, over all layers
+      std::vector<std::pair<int, int>> cand;  // (b, k), layer-major
+      DVec pri;
+      for (int b : sub)
+        for (int k = 0; k < K; ++k) {
+          const Step& s = steps[(size_t)b * K + k];
+          cand.push_back({b, k});
+          pri.push_back(s.good ? s.e_h / scale_all[b] : -kInf);
+        }
+      std::vector<int> ordr = stable_order((int)cand.size(), [&](int m) { return -pri[m]; });
+      int64_t csum = 0;
+      bool taking = true;
+      bool any_good = false;
+      std::vector<uint8_t> chosen(cand.size(), 0);
+      for (int m : ordr) {
+        const Step& s = steps[(size_t)cand[m].first * K + cand[m].second];
+        if (!s.good) continue;
+        csum += s.cost;
+        taking = taking && csum <= remaining;
+        if (taking) chosen[m] = 1;
+      }
+      for (size_t m = 0; m < cand.size(); ++m) {
+        Step& s = steps[(size_t)cand[m].first * K + cand[m].second];
+        s.good = s.good && chosen[m];
+        any_good |= s.good;
+        if (!s.good) {
+          s.new_j = s.e_j;
+          s.new_i = s.e_i;
+        }
+      }
+      if (!any_good) break;
+    }
+    int64_t spent = 0;
+    for (int b : sub) {
+      Step* sb = steps.data() + (size_t)b * K;
+      bool some = false;
+      for (int k = 0; k < K; ++k) some |= sb[k].good;
+      if (!some) continue;
+      int64_t* p = bt.p.data() + (int64_t)b * N;
+      const double* w = bt.w.data() + (int64_t)b * E;
+      const double scale = scale_all[b];
+      const double eps = kMinGain * scale;
+      std::copy(p, p + N, trial.begin());
+      for (int k = 0; k < K; ++k) {
+        trial[sb[k].slot_j] = sb[k].new_j;
+        trial[sb[k].slot_i] = sb[k].new_i;
+      }
+      double t_max, t_ss;
+      bool t_cov;
+      exact_row(pr, trial.data(), w, (int64_t)sub.size(), t_max, t_ss, t_cov);
+      bool passed = t_cov && t_max <= old_max[b] && t_ss < old_ss[b] - eps * scale;
+      int only = -1;  // the pair whose step alone passed
+      if (!passed) {
+        // the layer's steps fail together: try the first good pair's step alone
+        int first = 0;
+        while (!sb[first].good) ++first;
+        std::copy(p, p + N, trial.begin());
+        trial[sb[first].slot_j] = sb[first].new_j;
+        trial[sb[first].slot_i] = sb[first].new_i;
+        exact_row(pr, trial.data(), w, (int64_t)sub.size(), t_max, t_ss, t_cov);
+        if (t_cov && t_max <= old_max[b] && t_ss < old_ss[b] - eps * scale) {
+          passed = true;
+          only = first;
+        } else {
+          banned[(int64_t)b * N + sb[first].slot_j] = 1;  // its cold slot is set aside
+        }
+      }
+      if (!passed) continue;
+      for (int k = 0; k < K; ++k)
+        if (sb[k].good && (only < 0 || only == k)) spent += sb[k].cost;
+      std::copy(trial.begin(), trial.end(), p);
+      compute_state(pr, p, w, st[b], true);
+    }
+    if (has_budget) remaining -= spent;
+  }
+}
+
+// ------------------------------------------------------------------ the other phases
+
+// Layers `rows` of the full placement as a batch.
+Batch gather(const Prob& pr, const IVec& P, const IVec& CUR, const double* W, const std::vector<int>& rows) {
+  Batch bt;
+  bt.B = (int)rows.size();
+  bt.p.resize((size_t)bt.B * pr.N);
+  bt.cur.resize((size_t)bt.B * pr.N);
+  bt.w.resize((size_t)bt.B * pr.E);
+  for (int i = 0; i < bt.B; ++i) {
+    int l = rows[i];
+    std::copy(P.begin() + (int64_t)l * pr.N, P.begin() + (int64_t)(l + 1) * pr.N, bt.p.begin() + (int64_t)i * pr.N);
+    std::copy(CUR.begin() + (int64_t)l * pr.N, CUR.begin() + (int64_t)(l + 1) * pr.N, bt.cur.begin() + (int64_t)i * pr.N);
+    std::copy(W + (int64_t)l * pr.E, W + (int64_t)(l + 1) * pr.E, bt.w.begin() + (int64_t)i * pr.E);
+  }
+  return bt;
+}
+
+int64_t total_moves(const Prob& pr, const Batch& bt) {
+  int64_t m = 0;
+  for (int b = 0; b < bt.B; ++b) m += moves_row(pr, bt.p.data() + (int64_t)b * pr.N, bt.cur.data() + (int64_t)b * pr.N);
+  return m;
+}
+
+DVec balances(const Prob& pr, const IVec& P, const double* W, int L) {
+  DVec out(L);
+  for (int l = 0; l < L; ++l) out[l] = balance_row(pr, P.data() + (int64_t)l * pr.N, W + (int64_t)l * pr.E, L);
+  return out;
+}
+
+void counts_row(const Prob& pr, const int64_t* p, int64_t* cnt) {
+  std::fill(cnt, cnt + pr.E, 0);
+  for (int s = 0; s < pr.N; ++s)
+    if (p[s] >= 0) ++cnt[p[s]];
+}
+
+// planner._repair_by_counts
+void repair_by_counts(const Prob& pr, IVec& P, const IVec& START, const IVec& CUR, const double* W, int L) {
+  const int E = pr.E, N = pr.N;
+  const int64_t live = (int64_t)pr.tgt.size() * pr.S;
+  IVec cc((size_t)L * E);
+  std::vector<int> sub;
+  for (int l = 0; l < L; ++l) {
+    counts_row(pr, START.data() + (int64_t)l * N, cc.data() + (int64_t)l * E);
+    bool need = false;
+    for (int e = 0; e < E; ++e) need |= cc[(int64_t)l * E + e] == 0;
+    if (need) sub.push_back(l);
+  }
+  if (sub.empty()) return;
+  Batch q = gather(pr, START, CUR, W, sub);
+  IVec c((size_t)q.B * E);
+  for (int i = 0; i < q.B; ++i)
+    keep_counts_row(cc.data() + (int64_t)sub[i] * E, q.w.data() + (int64_t)i * E, E, live, c.data() + (int64_t)i * E);
+  repack_batch(pr, q.B, q.p.data(), q.w.data(), c.data(), DVec(q.B, 1e12), 0);
+  for (int i = 0; i < q.B; ++i) {
+    int l = sub[i];
+    const int64_t* qr = q.p.data() + (int64_t)i * N;
+    int64_t* pr_ = P.data() + (int64_t)l * N;
+    const int64_t* cr = CUR.data() + (int64_t)l * N;
+    bool same_cost = moves_row(pr, qr, cr) <= moves_row(pr, pr_, cr);
+    double bq = balance_row(pr, qr, W + (int64_t)l * E, q.B);
+    double bp = balance_row(pr, pr_, W + (int64_t)l * E, q.B);
+    if (same_cost && bq < bp - 1e-12) std::copy(qr, qr + N, pr_);
+  }
+}
+
+// planner._reseat_stuck
+void reseat_stuck(const Prob& pr, IVec& P, const IVec& START, const IVec& CUR, const double* W, int L, int64_t budget,
+                  int64_t lb) {
+  const int E = pr.E, N = pr.N, S = pr.S;
+  DVec bal = balances(pr, P, W, L);
+  const double lim = 1.0 + std::max(3.0 * pr.tol, 0.02);
+  std::vector<int> sub;
+  IVec moves(L);
+  int64_t moves_rest = 0;
+  for (int l = 0; l < L; ++l) {
+    moves[l] = moves_row(pr, P.data() + (int64_t)l * N, CUR.data() + (int64_t)l * N);
+    if (bal[l] > lim) sub.push_back(l);
+    else moves_rest += moves[l];
+  }
+  if (sub.empty()) return;
+  const int nb = (int)sub.size();
+  const int64_t live = (int64_t)pr.tgt.size() * S;
+  Batch q = gather(pr, START, CUR, W, sub);
+  IVec cc(E), c((size_t)nb * E);
+  for (int i = 0; i < nb; ++i) {
+    const double* w = q.w.data() + (int64_t)i * E;
+    counts_row(pr, q.p.data() + (int64_t)i * N, cc.data());
+    keep_counts_row(cc.data(), w, E, live, c.data() + (int64_t)i * E);
+    double mean = np_sum(w, E) / pr.spd_sum;
+    restore_counts_row(c.data() + (int64_t)i * E, w, E, 0.5 * mean, S);
+  }
+  repack_batch(pr, nb, q.p.data(), q.w.data(), c.data(), DVec(nb, 0.0), -1);
+  IVec q_moves(nb);
+  int64_t q_moves_sum = 0, moves_sub = 0;
+  for (int i = 0; i < nb; ++i) {
+    q_moves[i] = moves_row(pr, q.p.data() + (int64_t)i * N, q.cur.data() + (int64_t)i * N);
+    q_moves_sum += q_moves[i];
+    moves_sub += moves[sub[i]];
+  }
+  const bool has_budget = budget >= 0;
+  const int64_t allowed = has_budget ? lb + budget - moves_rest : 0;
+  std::vector<uint8_t> take(nb, 0);
+  auto q_balance = [&](int i) { return balance_row(pr, q.p.data() + (int64_t)i * N, q.w.data() + (int64_t)i * E, nb); };
+  if (!has_budget || allowed >= q_moves_sum) {
+    const int64_t sub_budget = has_budget ? allowed - q_moves_sum : -1;
+    if (sub_budget != 0 || !has_budget) rebalance(pr, q, sub_budget, has_budget ? 2 : 8);
+    if (has_budget) {
+      int64_t sub_left = sub_budget - (total_moves(pr, q) - q_moves_sum);
+      if (sub_left > 0) rebalance(pr, q, sub_left, 8);
+    }
+    DVec q_bal(nb);
+    for (int i = 0; i < nb; ++i) {
+      q_moves[i] = moves_row(pr, q.p.data() + (int64_t)i * N, q.cur.data() + (int64_t)i * N);
+      q_bal[i] = q_balance(i);
+      take[i] = q_bal[i] < bal[sub[i]] - 1e-12;
+    }
+    if (has_budget) {
+      int64_t spare = allowed - moves_sub;
+      DVec eff(nb);
+      IVec extra(nb);
+      for (int i = 0; i < nb; ++i) {
+        extra[i] = q_moves[i] - moves[sub[i]];
+        double gain = bal[sub[i]] - q_bal[i];
+        eff[i] = extra[i] > 0 ? gain / (double)std::max<int64_t>(extra[i], 1) : kInf;
+      }
+      std::vector<int> order = stable_order(nb, [&](int i) { return -eff[i]; });
+      std::vector<uint8_t> take_now(nb, 0);
+      for (int i : order)
+        if (take[i] && extra[i] <= spare) {
+          take_now[i] = 1;
+          spare -= extra[i];
+        }
+      take = take_now;
+    }
+  } else {
+    int64_t spare = allowed - moves_sub;
+    DVec eff(nb), gain(nb);
+    IVec extra(nb);
+    for (int i = 0; i < nb; ++i) {
+      extra[i] = q_moves[i] - moves[sub[i]];
+      gain[i] = bal[sub[i]] - q_balance(i);
+      eff[i] = extra[i] > 0 ? gain[i] / (double)std::max<int64_t>(extra[i], 1) : kInf;
+    }
+    std::vector<int> order = stable_order(nb, [&](int i) { return -eff[i]; });
+    std::vector<int> ci;
+    for (int i : order)
+      if (extra[i] <= spare && gain[i] > 1e-12) {
+        take[i] = 1;
+        spare -= extra[i];
+      }
+    for (int i = 0; i < nb; ++i)
+      if (take[i]) ci.push_back(i);
+    if (ci.empty()) return;
+    Batch qc;
+    qc.B = (int)ci.size();
+    for (int i : ci) {
+      qc.p.insert(qc.p.end(), q.p.begin() + (int64_t)i * N, q.p.begin() + (int64_t)(i + 1) * N);
+      qc.cur.insert(qc.cur.end(), q.cur.begin() + (int64_t)i * N, q.cur.begin() + (int64_t)(i + 1) * N);
+      qc.w.insert(qc.w.end(), q.w.begin() + (int64_t)i * E, q.w.begin() + (int64_t)(i + 1) * E);
+    }
+    int64_t qm_ci = 0;
+    for (int i : ci) qm_ci += q_moves[i];
+    rebalance(pr, qc, spare, 2);
+    spare -= total_moves(pr, qc) - qm_ci;
+    if (spare > 0) rebalance(pr, qc, spare, 8);
+    for (size_t m = 0; m < ci.size(); ++m)
+      std::copy(qc.p.begin() + (int64_t)m * N, qc.p.begin() + (int64_t)(m + 1) * N, q.p.begin() + (int64_t)ci[m] * N);
+  }
+  for (int i = 0; i < nb; ++i)
+    if (take[i])
+      std::copy(q.p.begin() + (int64_t)i * N, q.p.begin() + (int64_t)(i + 1) * N, P.begin() + (int64_t)sub[i] * N);
+}
+
+// planner._fill_in_order for one row (from the start placement)
+void fill_in_order_row(const Prob& pr, int64_t* p, bool prefer_empty) {
+  const int E = pr.E, N = pr.N, S = pr.S;
+  IVec cnt(E + 1);
+  auto count = [&]() {
+    std::fill(cnt.begin(), cnt.end(), 0);
+    for (int s = 0; s < N; ++s) ++cnt[p[s] < 0 ? E : p[s]];
+  };
+  count();
+  std::vector<int> missing;
+  for (int e = 0; e < E; ++e)
+    if (cnt[e] == 0) missing.push_back(e);
+  for (int e : missing) {
+    count();
+    int t_empty = -1, t_legal = -1;
+    for (int s = 0; s < N; ++s) {
+      if (!pr.target[s / S]) continue;
+      bool empty = p[s] < 0;
+      bool spare = cnt[p[s] < 0 ? E : p[s]] >= 2;
+      if (empty && t_empty < 0) t_empty = s;
+      if ((empty || spare) && t_legal < 0) t_legal = s;
+    }
+    int t = (prefer_empty && t_empty >= 0) ? t_empty : std::max(t_legal, 0);
+    p[t] = e;
+  }
+}
+
+}  // namespace
+
+// The whole replan core; see elasticep/eplb/planner.py:_plan_reference for the steps.
+py::tuple plan_core(py::array_t<int64_t, py::array::c_style | py::array::forcecast> cur_a,
+                    py::array_t<double, py::array::c_style | py::array::forcecast> w_a,
+                    py::array_t<bool, py::array::c_style | py::array::forcecast> target_a,
+                    py::array_t<double, py::array::c_style | py::array::forcecast> speed_a, int S, int64_t budget,
+                    double tolerance) {
+  if (cur_a.ndim() != 2 || w_a.ndim() != 2 || target_a.ndim() != 1 || speed_a.ndim() != 1)
+    throw py::value_error("plan_core: cur [L, N], w [L, E], target [R], speed [R]");
+  const int L = (int)cur_a.shape(0), N = (int)cur_a.shape(1), E = (int)w_a.shape(1);
+  const int R = (int)target_a.shape(0);
+  if (S <= 0 || N != R * S || w_a.shape(0) != L || speed_a.shape(0) != R)
+    throw py::value_error("plan_core: inconsistent shapes");
+  Prob pr;
+  pr.E = E;
+  pr.R = R;
+  pr.S = S;
+  pr.N = N;
+  pr.tol = tolerance;
+  pr.target.resize(R);
+  pr.speed.resize(R);
+  auto ta = target_a.unchecked<1>();
+  auto sa = speed_a.unchecked<1>();
+  DVec tspeed;
+  for (int r = 0; r < R; ++r) {
+    pr.target[r] = ta(r);
+    pr.speed[r] = sa(r);
+    if (ta(r)) {
+      pr.tgt.push_back(r);
+      tspeed.push_back(sa(r));
+    }
+    pr.uniform = pr.uniform && sa(r) == 1.0;
+  }
+  if (pr.tgt.empty()) throw py::value_error("plan_core: no target rank");
+  pr.spd_sum = np_sum(tspeed.data(), (int64_t)tspeed.size());
+  pr.spd_max = *std::max_element(pr.speed.begin(), pr.speed.end());
+  pr.spd_min = *std::min_element(pr.speed.begin(), pr.speed.end());
+  const double* W = w_a.data();
+  IVec CUR(cur_a.data(), cur_a.data() + (size_t)L * N);
+  IVec START(CUR);
+  for (int l = 0; l < L; ++l)
+    for (int s = 0; s < N; ++s)
+      if (!pr.target[s / S]) START[(int64_t)l * N + s] = -1;
+  IVec P, REPAIRED;
+  int64_t lb = 0;
+  {
+    py::gil_scoped_release nogil;
+    P = START;
+    for (int l = 0; l < L; ++l) lb += repair_row(pr, P.data() + (int64_t)l * N, W + (int64_t)l * E);
+    if (lb) repair_by_counts(pr, P, START, CUR, W, L);
+    REPAIRED = P;
+    std::vector<int> all(L);
+    std::iota(all.begin(), all.end(), 0);
+    auto run = [&](const IVec& from, int64_t bud, int pairs) {
+      Batch bt = gather(pr, from, CUR, W, all);
+      rebalance(pr, bt, bud, pairs);
+      return bt.p;
+    };
+    auto moved = [&](const IVec& X) {
+      int64_t m = 0;
+      for (int l = 0; l < L; ++l) m += moves_row(pr, X.data() + (int64_t)l * N, CUR.data() + (int64_t)l * N);
+      return m;
+    };
+    if (budget < 0) {
+      P = run(P, -1, 8);
+    } else {
+      P = run(P, std::min(budget, 2 * lb), 2);
+      int64_t left = budget - (moved(P) - lb);
+      if (left > 0) {
+        P = run(P, left, 8);
+        left = budget - (moved(P) - lb);
+      }
+      if (left > budget / 20) {
+        IVec wide = run(REPAIRED, budget, 8);
+        if (np_mean(balances(pr, wide, W, L)) < np_mean(balances(pr, P, W, L)) - 1e-12) P = wide;
+      }
+    }
+    reseat_stuck(pr, P, START, CUR, W, L, budget, lb);
+    for (bool prefer_empty : {true, false}) {
+      for (int l = 0; l < L; ++l) {
+        IVec plain(START.begin() + (int64_t)l * N, START.begin() + (int64_t)(l + 1) * N);
+        fill_in_order_row(pr, plain.data(), prefer_empty);
+        int64_t* pl = P.data() + (int64_t)l * N;
+        const double* w = W + (int64_t)l * E;
+        if (balance_row(pr, plain.data(), w, L) < balance_row(pr, pl, w, L) - 1e-12) std::copy(plain.begin(), plain.end(), pl);
+      }
+    }
+  }
+  py::array_t<int64_t> p_out({L, N}), r_out({L, N});
+  std::copy(P.begin(), P.end(), p_out.mutable_data());
+  std::copy(REPAIRED.begin(), REPAIRED.end(), r_out.mutable_data());
+  return py::make_tuple(p_out, r_out, lb);
+}
+
+void register_eplb_planner(py::module_& m) {
+  m.def("eplb_plan_core", &plan_core, py::arg("cur"), py::arg("load"), py::arg("target"), py::arg("speed"),
+        py::arg("slots_per_rank"), py::arg("budget"), py::arg("tolerance"),
+        "The replan core of elasticep.eplb.planner in C++: (placement [L, N], repaired [L, N], lower bound). "
+        "budget < 0 means no budget.");
+}
+
+}  // namespace elasticep
