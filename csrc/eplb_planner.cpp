@@ -17,6 +17,8 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <emmintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -76,6 +78,19 @@ template <class Key>
 std::vector<int> stable_order(int n, Key key) {
   std::vector<int> o(n);
   std::iota(o.begin(), o.end(), 0);
+  if (n <= 64) {  // insertion sort: stable, and no buffer for the short lists sorted per round
+    for (int i = 1; i < n; ++i) {
+      int v = o[i];
+      auto kv = key(v);
+      int j = i - 1;
+      while (j >= 0 && kv < key(o[j])) {
+        o[j + 1] = o[j];
+        --j;
+      }
+      o[j + 1] = v;
+    }
+    return o;
+  }
   std::stable_sort(o.begin(), o.end(), [&](int x, int y) { return key(x) < key(y); });
   return o;
 }
@@ -125,7 +140,8 @@ void rank_loads_row(const Prob& pr, const int64_t* p, const double* w, double* r
 
 // planner._layer_balance for one row of a call on `rows` rows.
 double layer_balance_row(const Prob& pr, const double* rank_load, int64_t rows) {
-  DVec tl(pr.tgt.size());
+  static thread_local DVec tl;
+  tl.resize(pr.tgt.size());
   double mx = -kInf;
   for (size_t k = 0; k < pr.tgt.size(); ++k) {
     int r = pr.tgt[k];
@@ -138,8 +154,10 @@ double layer_balance_row(const Prob& pr, const double* rank_load, int64_t rows) 
 }
 
 double balance_row(const Prob& pr, const int64_t* p, const double* w, int64_t rows) {
-  DVec rl(pr.R);
-  IVec cnt(pr.E);
+  static thread_local DVec rl;
+  static thread_local IVec cnt;
+  rl.resize(pr.R);
+  cnt.resize(pr.E);
   rank_loads_row(pr, p, w, rl.data(), cnt.data());
   return layer_balance_row(pr, rl.data(), rows);
 }
@@ -162,8 +180,13 @@ struct RowState {
   DVec A1, A2;              // [E+1]
 };
 
+// A state already computed for this row (same loads) is updated: the per-expert quotients are
+// recomputed only where an expert's replica count changed (the same divisions, so the same bits).
 void compute_state(const Prob& pr, const int64_t* p, const double* w, RowState& st, bool full) {
   const int E = pr.E, S = pr.S, N = pr.N, R = pr.R, E1 = pr.E + 1;
+  const bool again = (int)st.cnt.size() == E1 && (!full || (int)st.u_plus.size() == E1);
+  static thread_local DVec old;
+  if (again) old = st.cnt;
   st.idx.resize(N);
   st.cnt.assign(E1, 0.0);
   for (int s = 0; s < N; ++s) {
@@ -174,11 +197,14 @@ void compute_state(const Prob& pr, const int64_t* p, const double* w, RowState& 
   st.cnt[E] = 0.0;
   st.u.resize(E1);
   st.delta.resize(E1);
+  if (full) st.u_plus.resize(E1);
   for (int e = 0; e < E1; ++e) {
-    double we = e < E ? w[e] : 0.0;
     double c = st.cnt[e];
+    if (again && e < E && old[e] == c) continue;
+    double we = e < E ? w[e] : 0.0;
     st.u[e] = we / std::max(c, 1.0);
     st.delta[e] = c >= 2 ? we / (c - 1) - st.u[e] : kInf;
+    if (full) st.u_plus[e] = we / (c + 1);
   }
   st.delta[E] = 0.0;
   st.slot_u.resize(N);
@@ -194,27 +220,31 @@ void compute_state(const Prob& pr, const int64_t* p, const double* w, RowState& 
     st.eff[r] = pr.uniform ? st.load[r] : st.load[r] / pr.speed[r];
   }
   st.host_max.assign(E1, -kInf);
-  for (int s = 0; s < N; ++s) {
-    int e = st.idx[s];
-    if (p[s] >= 0 && st.cnt[e] >= 2) {
-      double es = st.eff[s / S];
-      double v = pr.uniform ? es + st.slot_delta[s] : es + st.slot_delta[s] / pr.speed[s / S];
-      st.host_max[e] = std::max(st.host_max[e], v);
+  for (int r = 0, s = 0; r < R; ++r) {
+    const double es = st.eff[r];
+    for (int j = 0; j < S; ++j, ++s) {
+      const int e = st.idx[s];
+      if (p[s] >= 0 && st.cnt[e] >= 2) {
+        double v = pr.uniform ? es + st.slot_delta[s] : es + st.slot_delta[s] / pr.speed[r];
+        st.host_max[e] = std::max(st.host_max[e], v);
+      }
     }
   }
   if (!full) return;
-  st.u_plus.resize(E1);
-  for (int e = 0; e < E1; ++e) st.u_plus[e] = (e < E ? w[e] : 0.0) / (st.cnt[e] + 1);
   st.A1.assign(E1, 0.0);
   if (pr.uniform) {
-    for (int s = 0; s < N; ++s) st.A1[st.idx[s]] += st.eff[s / S];
+    for (int r = 0, s = 0; r < R; ++r)
+      for (int j = 0; j < S; ++j, ++s) st.A1[st.idx[s]] += st.eff[r];
     st.A2 = st.cnt;
   } else {
     st.A2.assign(E1, 0.0);
-    for (int s = 0; s < N; ++s) {
-      double inv = p[s] >= 0 ? 1.0 / pr.speed[s / S] : 0.0;
-      st.A1[st.idx[s]] += st.eff[s / S] * inv;
-      st.A2[st.idx[s]] += inv * inv;
+    for (int r = 0, s = 0; r < R; ++r) {
+      const double inv_r = 1.0 / pr.speed[r];
+      for (int j = 0; j < S; ++j, ++s) {
+        double inv = p[s] >= 0 ? inv_r : 0.0;
+        st.A1[st.idx[s]] += st.eff[r] * inv;
+        st.A2[st.idx[s]] += inv * inv;
+      }
     }
   }
 }
@@ -222,10 +252,12 @@ void compute_state(const Prob& pr, const int64_t* p, const double* w, RowState& 
 // _State.exact for one row of a call on `rows` rows: peak effective target load, sum of
 // squares, coverage.
 void exact_row(const Prob& pr, const int64_t* p, const double* w, int64_t rows, double& t_max, double& t_ss, bool& cov) {
-  DVec rl(pr.R);
-  IVec cnt(pr.E);
+  static thread_local DVec rl, sq;
+  static thread_local IVec cnt;
+  rl.resize(pr.R);
+  cnt.resize(pr.E);
+  sq.resize(pr.tgt.size());
   rank_loads_row(pr, p, w, rl.data(), cnt.data());
-  DVec sq(pr.tgt.size());
   t_max = -kInf;
   for (size_t k = 0; k < pr.tgt.size(); ++k) {
     int r = pr.tgt[k];
@@ -308,59 +340,73 @@ int64_t repair_row(const Prob& pr, int64_t* p, const double* w) {
 // ------------------------------------------------------------------ _repack
 
 // _repack.keep_counts for one row (cnt: live replicas now) -> counts summing to live.
+// Each expert's load per replica (w / c) and per remaining replica if it gives one up
+// (w / (c - 1), inf below two), kept up to date as the counts change.
+struct Quotients {
+  DVec per, spare;
+  void init(const int64_t* c, const double* w, int E) {
+    per.resize(E);
+    spare.resize(E);
+    for (int e = 0; e < E; ++e) update(c, w, e);
+  }
+  void update(const int64_t* c, const double* w, int e) {
+    per[e] = w[e] / (double)c[e];
+    spare[e] = c[e] >= 2 ? w[e] / (double)std::max<int64_t>(c[e] - 1, 1) : kInf;
+  }
+};
+
 void keep_counts_row(const int64_t* cnt, const double* w, int E, int64_t live, int64_t* c) {
   int64_t tot = 0;
   for (int e = 0; e < E; ++e) {
     c[e] = std::max<int64_t>(cnt[e], 1);
     tot += c[e];
   }
+  if (tot == live) return;
+  static thread_local Quotients q;
+  q.init(c, w, E);
   while (tot != live) {
     if (tot > live) {
       double best = kInf;
       int give = 0;
-      for (int e = 0; e < E; ++e) {
-        double v = c[e] >= 2 ? w[e] / (double)std::max<int64_t>(c[e] - 1, 1) : kInf;
-        if (v < best) {
-          best = v;
+      for (int e = 0; e < E; ++e)
+        if (q.spare[e] < best) {
+          best = q.spare[e];
           give = e;
         }
-      }
       --c[give];
       --tot;
+      q.update(c, w, give);
     } else {
       double best = -kInf;
       int take = 0;
-      for (int e = 0; e < E; ++e) {
-        double v = w[e] / (double)c[e];
-        if (v > best) {
-          best = v;
+      for (int e = 0; e < E; ++e)
+        if (q.per[e] > best) {
+          best = q.per[e];
           take = e;
         }
-      }
       ++c[take];
       ++tot;
+      q.update(c, w, take);
     }
   }
 }
 
 // _repack.restore_counts for one row.
 void restore_counts_row(int64_t* c, const double* w, int E, double ceiling, int max_steps) {
-  DVec cost(E);
+  static thread_local Quotients q;
+  q.init(c, w, E);
   for (int step = 0; step < max_steps; ++step) {
     double top = -kInf;
     int take = 0;
-    for (int e = 0; e < E; ++e) {
-      double v = w[e] / (double)c[e];
-      if (v > top) {
-        top = v;
+    for (int e = 0; e < E; ++e)
+      if (q.per[e] > top) {
+        top = q.per[e];
         take = e;
       }
-    }
     double best = kInf;
     int give = 0;
     for (int e = 0; e < E; ++e) {
-      double v = c[e] >= 2 ? w[e] / (double)std::max<int64_t>(c[e] - 1, 1) : kInf;
-      if (e == take) v = kInf;
+      double v = e == take ? kInf : q.spare[e];
       if (v < best) {
         best = v;
         give = e;
@@ -369,6 +415,8 @@ void restore_counts_row(int64_t* c, const double* w, int E, double ceiling, int 
     if (!(top > ceiling && best < top)) break;
     ++c[take];
     --c[give];
+    q.update(c, w, take);
+    q.update(c, w, give);
   }
 }
 
@@ -413,12 +461,16 @@ void repack_batch(const Prob& pr, int B, int64_t* P, const double* W, const int6
     if (any_surplus) {
       DVec slot_eff(N);
       for (int s = 0; s < N; ++s) slot_eff[s] = load[s / S] / pr.speed[s / S];
-      std::vector<int> order(N);
+      std::vector<int> order(N), ix(N);
+      DVec neg(N);
+      for (int s = 0; s < N; ++s) {
+        ix[s] = p[s] < 0 ? E : (int)p[s];
+        neg[s] = -slot_eff[s];
+      }
       std::iota(order.begin(), order.end(), 0);
       std::stable_sort(order.begin(), order.end(), [&](int x, int y) {
-        int ix = p[x] < 0 ? E : (int)p[x], iy = p[y] < 0 ? E : (int)p[y];
-        if (ix != iy) return ix < iy;
-        return -slot_eff[x] < -slot_eff[y];
+        if (ix[x] != ix[y]) return ix[x] < ix[y];
+        return neg[x] < neg[y];
       });
       int prev = -1;
       int64_t pos = 0;
@@ -499,26 +551,28 @@ void repack_batch(const Prob& pr, int B, int64_t* P, const double* W, const int6
       for (int j = 0; j < S; ++j) nfree[r] += (p[r * S + j] < 0 && pr.target[r]);
     std::vector<int> vcol(R);
     DVec v(R);
+    int64_t todo = 0;
+    std::vector<int> waiting;  // experts with replicas in the pool, ascending
+    for (int e = 0; e < E; ++e) {
+      todo += pl[e];
+      if (pl[e] > 0) waiting.push_back(e);
+    }
     for (int64_t it = 0; it < iters; ++it) {
-      int64_t todo = 0;
-      for (int e = 0; e < E; ++e) todo += pl[e];
       if (todo <= 0) break;
       double x = -kInf;
       int e_star = 0;
-      for (int e = 0; e < E; ++e) {
-        double val = pl[e] > 0 ? u[e] : -kInf;
-        if (val > x) {
-          x = val;
+      for (int e : waiting)
+        if (u[e] > x) {
+          x = u[e];
           e_star = e;
         }
-      }
       x = u[e_star];
       double best_free = kInf, best_bump = kInf;
       int r_free = 0, r_bump = 0;
       for (int r = 0; r < R; ++r) {
         bool has_free = nfree[r] > 0;
         bool can_bump = false;
-        if (bumps_left[b] > 0) {
+        if (bumps_left[b] > 0 && !has_free && pr.target[r]) {
           double vm = kInf;
           int vc = 0;
           for (int j = 0; j < S; ++j) {
@@ -551,7 +605,7 @@ void repack_batch(const Prob& pr, int B, int64_t* P, const double* W, const int6
           }
         }
       }
-      if (!(std::isfinite(best_free) || std::isfinite(best_bump))) continue;
+      if (!(std::isfinite(best_free) || std::isfinite(best_bump))) break;  // nothing changes any more
       bool ub = best_bump < best_free;
       int r = ub ? r_bump : r_free;
       int fcol = 0;
@@ -564,14 +618,16 @@ void repack_batch(const Prob& pr, int B, int64_t* P, const double* W, const int6
       int s = r * S + col;
       int64_t old = p[s];
       if (ub) {
-        pl[old] += 1;
+        if (pl[old]++ == 0) waiting.insert(std::lower_bound(waiting.begin(), waiting.end(), (int)old), (int)old);
         bumps_left[b] -= 1;
+        ++todo;
       }
       load[r] += x - (ub ? slot_u[s] : 0.0);
       p[s] = e_star;
       slot_u[s] = x;
       if (!ub) nfree[r] -= 1;
-      pl[e_star] -= 1;
+      if (--pl[e_star] == 0) waiting.erase(std::lower_bound(waiting.begin(), waiting.end(), e_star));
+      --todo;
     }
     for (int e = 0; e < E; ++e)
       if (pl[e] > 0) throw std::logic_error("repack left replicas unplaced");
@@ -618,7 +674,9 @@ void rebalance(const Prob& pr, Batch& bt, int64_t budget, int max_pairs) {
   std::vector<int> a(S), x(S);
   std::vector<uint8_t> ok_i(S), ok_j(S);
   DVec term_i(S), term_j(S), ua(S), ux(S);
-  std::vector<float> Pf(S), Qf(S);
+  const int SP = (S + 3) & ~3;  // rows of scores padded to whole SSE vectors
+  std::vector<float> Pf(S), Qf(SP), Tj(SP), uxf(SP), buf((size_t)2 * S * SP);
+  std::vector<int> okj1(SP), okj2(SP), xs(SP);
   DVec eff_t(nt), sq(nt);
   IVec trial(N);
   for (int64_t round = 0; round < 4 * (int64_t)N; ++round) {
@@ -659,6 +717,8 @@ void rebalance(const Prob& pr, Batch& bt, int64_t budget, int max_pairs) {
         const double eh = s.eff[h], eq = s.eff[q];
         const double sph = pr.speed[h], spq = pr.speed[q];
         const double thr = eh - eps;
+        // x / 1.0 is x exactly: with uniform speeds the divisions by a speed are left out
+        const bool un = pr.uniform;
         for (int i = 0; i < S; ++i) a[i] = s.idx[h * S + i];
         for (int i = 0; i < S; ++i) {
           const int hs = h * S + i;
@@ -668,12 +728,13 @@ void rebalance(const Prob& pr, Batch& bt, int64_t budget, int max_pairs) {
           double n_a = 0.0;
           for (int i2 = 0; i2 < S; ++i2) n_a += (a[i2] == ai);
           const double d_a = ua[i] - uap;
-          const double nh1 = eh - (n_a * d_a) / sph;
+          const double nh1 = eh - (un ? n_a * d_a : (n_a * d_a) / sph);
           const double a_rest = ((-2.0 * d_a) * s.A1[ai] + (d_a * d_a) * s.A2[ai]) -
-                                n_a * ((((-2.0 * eh) * d_a) / sph) + ((d_a * d_a) / (sph * sph)));
+                                n_a * (un ? ((-2.0 * eh) * d_a) + (d_a * d_a)
+                                          : (((-2.0 * eh) * d_a) / sph) + ((d_a * d_a) / (sph * sph)));
           term_i[i] = ((nh1 * nh1) - (eh * eh)) + a_rest;
           ok_i[i] = ai < E && nh1 < thr;
-          Pf[i] = (float)(uap / spq);
+          Pf[i] = (float)(un ? uap : uap / spq);
         }
         for (int j = 0; j < S; ++j) {
           const int qs = q * S + j;
@@ -684,10 +745,10 @@ void rebalance(const Prob& pr, Batch& bt, int64_t budget, int max_pairs) {
           const double xh = s.host_max[xj];
           const double dxf = std::isfinite(dx) ? dx : 0.0;
           term_j[j] = (((2.0 * dxf) * s.A1[xj]) + ((dxf * dxf) * s.A2[xj])) -
-                      ((((2.0 * eq) * dxf) / spq) + ((dxf * dxf) / (spq * spq)));
+                      (un ? ((2.0 * eq) * dxf) + (dxf * dxf) : (((2.0 * eq) * dxf) / spq) + ((dxf * dxf) / (spq * spq)));
           const double x_peak = dxf > 0 ? (std::isfinite(xh) ? xh : -kInf) : -kInf;
           ok_j[j] = std::isfinite(dx) && !ban[qs] && x_peak < thr;
-          Qf[j] = (float)(ux[j] / spq);
+          Qf[j] = (float)(un ? ux[j] : ux[j] / spq);
         }
         const float eq4 = (float)eq;
         const float two_eq = 2.0f * eq4;
@@ -695,37 +756,86 @@ void rebalance(const Prob& pr, Batch& bt, int64_t budget, int max_pairs) {
         const float lim_h = (float)(thr - eh);
         const float two_eh = 2.0f * (float)eh;
         const float inv_h = (float)(1.0 / sph), inv_q = (float)(1.0 / spq);
+        // Scores of all (i, j), four j at a time (SSE2: the same IEEE operations per lane as
+        // numpy's float32 arrays), into rows padded to SP with entries that are never ok; then
+        // the first smallest in np.argmin's order: kind 0 (replicate) over (i, j), then kind 1.
+        for (int j = 0; j < SP; ++j) {
+          const bool in = j < S;
+          Tj[j] = in ? (float)term_j[j] : 0.0f;
+          Qf[j] = in ? Qf[j] : 0.0f;
+          uxf[j] = in ? (float)ux[j] : 0.0f;
+          xs[j] = in ? x[j] : -2;
+          okj1[j] = (in && ok_j[j]) ? -1 : 0;
+          okj2[j] = (in && x[j] < E && !ban[q * S + j]) ? -1 : 0;
+        }
+        const __m128 v_inf = _mm_set1_ps(kInfF), v_sign = _mm_set1_ps(-0.0f);
+        const __m128 v_two_eq = _mm_set1_ps(two_eq), v_two_eh = _mm_set1_ps(two_eh);
+        const __m128 v_lim_q = _mm_set1_ps(lim_q), v_lim_h = _mm_set1_ps(lim_h);
+        const __m128 v_inv_h = _mm_set1_ps(inv_h), v_inv_q = _mm_set1_ps(inv_q), v_half = _mm_set1_ps(0.5f);
         float best = kInfF;
-        int arg = 0;
-        // kind 0 (replicate) over (i, j), then kind 1 (swap): np.argmin's order
-        for (int i = 0; i < S; ++i) {
-          const float ti = (float)term_i[i];
-          for (int j = 0; j < S; ++j) {
-            const float dq = Pf[i] - Qf[j];
-            float dphi1 = dq * (two_eq + dq);
-            dphi1 = dphi1 + (ti + (float)term_j[j]);
-            const bool ok1 = (dq < lim_q) && (a[i] != x[j]) && ok_i[i] && ok_j[j];
-            const float sc = ok1 ? dphi1 : kInfF;
-            if (sc < best) {
-              best = sc;
-              arg = i * S + j;
-            }
+        int best_row = -1;  // the first row (kind * S + i) holding the smallest score
+        auto row_min = [&](__m128 m, int row_id) {
+          m = _mm_min_ps(m, _mm_shuffle_ps(m, m, _MM_SHUFFLE(1, 0, 3, 2)));
+          m = _mm_min_ps(m, _mm_shuffle_ps(m, m, _MM_SHUFFLE(2, 3, 0, 1)));
+          const float v = _mm_cvtss_f32(m);
+          if (v < best) {
+            best = v;
+            best_row = row_id;
           }
+        };
+        float* sc1 = buf.data();
+        float* sc2 = sc1 + S * SP;
+        for (int i = 0; i < S; ++i) {
+          float* row = sc1 + i * SP;
+          if (!ok_i[i]) {
+            for (int j = 0; j < SP; j += 4) _mm_storeu_ps(row + j, v_inf);
+            continue;
+          }
+          const __m128 vP = _mm_set1_ps(Pf[i]), vti = _mm_set1_ps((float)term_i[i]);
+          const __m128i vai = _mm_set1_epi32(a[i]);
+          __m128 v_min = v_inf;
+          for (int j = 0; j < SP; j += 4) {
+            const __m128 dq = _mm_sub_ps(vP, _mm_loadu_ps(&Qf[j]));
+            __m128 d = _mm_mul_ps(dq, _mm_add_ps(v_two_eq, dq));
+            d = _mm_add_ps(d, _mm_add_ps(vti, _mm_loadu_ps(&Tj[j])));
+            const __m128i xv = _mm_loadu_si128((const __m128i*)&xs[j]);
+            const __m128i okj = _mm_loadu_si128((const __m128i*)&okj1[j]);
+            const __m128i differ = _mm_andnot_si128(_mm_cmpeq_epi32(vai, xv), okj);
+            const __m128 ok = _mm_and_ps(_mm_cmplt_ps(dq, v_lim_q), _mm_castsi128_ps(differ));
+            const __m128 sc = _mm_or_ps(_mm_and_ps(ok, d), _mm_andnot_ps(ok, v_inf));
+            _mm_storeu_ps(row + j, sc);
+            v_min = _mm_min_ps(v_min, sc);
+          }
+          row_min(v_min, i);
         }
         for (int i = 0; i < S; ++i) {
-          const float uaf = (float)ua[i];
-          for (int j = 0; j < S; ++j) {
-            const float d2 = (float)ux[j] - uaf;
-            const float dh = d2 * inv_h;
-            const float dc = d2 * inv_q;
-            const float dphi2 = 0.5f * ((dh * (two_eh + dh)) + (dc * (dc - two_eq)));
-            const bool ok2 = (dh < lim_h) && (-dc < lim_q) && (a[i] != x[j]) && (x[j] < E) && !ban[q * S + j];
-            const float sc = ok2 ? dphi2 : kInfF;
-            if (sc < best) {
-              best = sc;
-              arg = S * S + i * S + j;
-            }
+          float* row = sc2 + i * SP;
+          const __m128 vua = _mm_set1_ps((float)ua[i]);
+          const __m128i vai = _mm_set1_epi32(a[i]);
+          __m128 v_min = v_inf;
+          for (int j = 0; j < SP; j += 4) {
+            const __m128 d2 = _mm_sub_ps(_mm_loadu_ps(&uxf[j]), vua);
+            const __m128 dh = _mm_mul_ps(d2, v_inv_h);
+            const __m128 dc = _mm_mul_ps(d2, v_inv_q);
+            const __m128 v = _mm_mul_ps(v_half, _mm_add_ps(_mm_mul_ps(dh, _mm_add_ps(v_two_eh, dh)),
+                                                            _mm_mul_ps(dc, _mm_sub_ps(dc, v_two_eq))));
+            const __m128i xv = _mm_loadu_si128((const __m128i*)&xs[j]);
+            const __m128i okj = _mm_loadu_si128((const __m128i*)&okj2[j]);
+            const __m128i differ = _mm_andnot_si128(_mm_cmpeq_epi32(vai, xv), okj);
+            const __m128 ok = _mm_and_ps(_mm_and_ps(_mm_cmplt_ps(dh, v_lim_h), _mm_cmplt_ps(_mm_xor_ps(dc, v_sign), v_lim_q)),
+                                         _mm_castsi128_ps(differ));
+            const __m128 sc = _mm_or_ps(_mm_and_ps(ok, v), _mm_andnot_ps(ok, v_inf));
+            _mm_storeu_ps(row + j, sc);
+            v_min = _mm_min_ps(v_min, sc);
           }
+          row_min(v_min, S + i);
+        }
+        int arg = 0;
+        if (best_row >= 0) {
+          const float* row = sc1 + best_row * SP;
+          int j = 0;
+          while (row[j] != best) ++j;
+          arg = (best_row / S) * S * S + (best_row % S) * S + j;
         }
         Step& stp = steps[(size_t)b * K + k];
         stp.good = (double)best < good_lim;
@@ -1008,17 +1118,18 @@ void fill_in_order_row(const Prob& pr, int64_t* p, bool prefer_empty) {
   std::vector<int> missing;
   for (int e = 0; e < E; ++e)
     if (cnt[e] == 0) missing.push_back(e);
+  // Filling a slot only ever takes a slot's emptiness or its expert's spare replica away, so
+  // the first empty and the first legal target slot never move back: two forward scans.
+  int se = 0, sl = 0;
+  auto is_empty = [&](int s) { return pr.target[s / S] && p[s] < 0; };
+  auto is_legal = [&](int s) { return pr.target[s / S] && (p[s] < 0 || cnt[p[s] < 0 ? E : p[s]] >= 2); };
   for (int e : missing) {
-    count();
-    int t_empty = -1, t_legal = -1;
-    for (int s = 0; s < N; ++s) {
-      if (!pr.target[s / S]) continue;
-      bool empty = p[s] < 0;
-      bool spare = cnt[p[s] < 0 ? E : p[s]] >= 2;
-      if (empty && t_empty < 0) t_empty = s;
-      if ((empty || spare) && t_legal < 0) t_legal = s;
-    }
+    while (se < N && !is_empty(se)) ++se;
+    while (sl < N && !is_legal(sl)) ++sl;
+    const int t_empty = se < N ? se : -1, t_legal = sl < N ? sl : -1;
     int t = (prefer_empty && t_empty >= 0) ? t_empty : std::max(t_legal, 0);
+    --cnt[p[t] < 0 ? E : p[t]];
+    ++cnt[e];
     p[t] = e;
   }
 }
@@ -1112,17 +1223,30 @@ py::tuple plan_core(py::array_t<int64_t, py::array::c_style | py::array::forceca
       }
     }
   }
+  // the plan's balances as planner.replan computes them (mean over layers) and its coverage
+  double before, after;
+  bool covered = true;
+  {
+    py::gil_scoped_release nogil;
+    before = np_mean(balances(pr, REPAIRED, W, L));
+    after = np_mean(balances(pr, P, W, L));
+    IVec cnt(E);
+    for (int l = 0; l < L && covered; ++l) {
+      counts_row(pr, P.data() + (int64_t)l * N, cnt.data());
+      for (int e = 0; e < E; ++e) covered = covered && cnt[e] > 0;
+    }
+  }
   py::array_t<int64_t> p_out({L, N}), r_out({L, N});
   std::copy(P.begin(), P.end(), p_out.mutable_data());
   std::copy(REPAIRED.begin(), REPAIRED.end(), r_out.mutable_data());
-  return py::make_tuple(p_out, r_out, lb);
+  return py::make_tuple(p_out, r_out, lb, before, after, covered);
 }
 
 void register_eplb_planner(py::module_& m) {
   m.def("eplb_plan_core", &plan_core, py::arg("cur"), py::arg("load"), py::arg("target"), py::arg("speed"),
         py::arg("slots_per_rank"), py::arg("budget"), py::arg("tolerance"),
-        "The replan core of elasticep.eplb.planner in C++: (placement [L, N], repaired [L, N], lower bound). "
-        "budget < 0 means no budget.");
+        "The replan core of elasticep.eplb.planner in C++: (placement [L, N], repaired [L, N], lower bound, "
+        "balance of repaired, balance of placement, every expert covered). budget < 0 means no budget.");
 }
 
 }  // namespace elasticep

@@ -682,11 +682,8 @@ def replan(
     budget = max_moves
 
     cur_p = cur.phy2log.numpy()
-    p, repaired, lb = _plan_core(cur_p, w, target, speed, S, budget, float(tolerance))
-    before = float(_layer_balance(_rank_loads(repaired, w, S)[0], target, speed).mean())
-    rank_load, cnt = _rank_loads(p, w, S)
-    after = float(_layer_balance(rank_load, target, speed).mean())
-    if (cnt == 0).any():  # impossible when live_slots >= E: a guard on invariant 4
+    p, _, lb, before, after, covered = _plan_core(cur_p, w, target, speed, S, budget, float(tolerance))
+    if not covered:  # impossible when live_slots >= E: a guard on invariant 4
         raise AssertionError("planner left an expert without a live replica")
 
     move_layer, move_slot = np.nonzero((p != cur_p) & (p >= 0))
@@ -712,9 +709,11 @@ def replan(
 def _plan_core(
     cur_p: np.ndarray, w: np.ndarray, target: np.ndarray, speed: np.ndarray, S: int, budget: int | None,
     tolerance: float, native: bool | None = None,
-) -> tuple[np.ndarray, np.ndarray, int]:
+) -> tuple[np.ndarray, np.ndarray, int, float, float, bool]:
     """Repair, rebalance and reseat ``cur_p`` ``[L, N]`` for the ``target`` ranks: ``(placement,
-    repaired, lower_bound)``, where ``repaired`` is the placement after the coverage repair alone.
+    repaired, lower_bound, balance_before, balance_after, covered)``, where ``repaired`` is the
+    placement after the coverage repair alone, the balances are those of ``repaired`` and of the
+    placement (means over layers) and ``covered`` says every expert has a replica.
 
     ``native`` None: the C++ core (``elasticep._C.eplb_plan_core``, csrc/eplb_planner.cpp) when
     the extension has it and ``ELASTICEP_PLANNER`` is not ``python``, else
@@ -727,13 +726,18 @@ def _plan_core(
             raise RuntimeError("elasticep._C has no eplb_plan_core: rebuild the extension (scripts/setup.sh)")
         b = -1 if budget is None else int(budget)
         try:
-            p, repaired, lb = _NATIVE(np.ascontiguousarray(cur_p, dtype=np.int64), np.ascontiguousarray(w, dtype=np.float64),
-                                      np.ascontiguousarray(target, dtype=bool), np.ascontiguousarray(speed, dtype=np.float64),
-                                      int(S), b, float(tolerance))
+            p, repaired, lb, before, after, covered = _NATIVE(
+                np.ascontiguousarray(cur_p, dtype=np.int64), np.ascontiguousarray(w, dtype=np.float64),
+                np.ascontiguousarray(target, dtype=bool), np.ascontiguousarray(speed, dtype=np.float64),
+                int(S), b, float(tolerance))
         except RuntimeError as exc:  # a broken invariant in the core, as the reference's guards raise it
             raise AssertionError(str(exc)) from None
-        return p, repaired, int(lb)
-    return _plan_reference(cur_p, w, target, speed, S, budget, tolerance)
+        return p, repaired, int(lb), float(before), float(after), bool(covered)
+    p, repaired, lb = _plan_reference(cur_p, w, target, speed, S, budget, tolerance)
+    before = float(_layer_balance(_rank_loads(repaired, w, S)[0], target, speed).mean())
+    rank_load, cnt = _rank_loads(p, w, S)
+    after = float(_layer_balance(rank_load, target, speed).mean())
+    return p, repaired, lb, before, after, bool((cnt > 0).all())
 
 
 def _plan_reference(
