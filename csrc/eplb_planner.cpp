@@ -95,6 +95,8 @@ std::vector<int> stable_order(int n, Key key) {
   return o;
 }
 
+// Throughout, a division by a rank's speed is left out when every speed is 1.0: x / 1.0 is x
+// exactly, so the results do not change.
 struct Prob {
   int E = 0, R = 0, S = 0, N = 0;
   std::vector<uint8_t> target;  // [R]
@@ -146,7 +148,7 @@ double layer_balance_row(const Prob& pr, const double* rank_load, int64_t rows) 
   for (size_t k = 0; k < pr.tgt.size(); ++k) {
     int r = pr.tgt[k];
     tl[k] = rank_load[r];
-    mx = std::max(mx, rank_load[r] / pr.speed[r]);
+    mx = std::max(mx, pr.uniform ? rank_load[r] : rank_load[r] / pr.speed[r]);
   }
   double total = np_sum_cols(tl.data(), (int64_t)tl.size(), rows);
   double mean = total / pr.spd_sum;
@@ -249,25 +251,34 @@ void compute_state(const Prob& pr, const int64_t* p, const double* w, RowState& 
   }
 }
 
-// _State.exact for one row of a call on `rows` rows: peak effective target load, sum of
-// squares, coverage.
-void exact_row(const Prob& pr, const int64_t* p, const double* w, int64_t rows, double& t_max, double& t_ss, bool& cov) {
-  static thread_local DVec rl, sq;
+// _State.exact for one row of a call on `rows` rows (peak effective target load, sum of squares,
+// coverage), for a trial placement that differs from the state's in a few slots: the load per
+// replica is the state's wherever the trial leaves an expert's count alone (the same quotient).
+void exact_trial(const Prob& pr, const RowState& st, const int64_t* p, const double* w, int64_t rows, double& t_max,
+                 double& t_ss, bool& cov) {
+  static thread_local DVec slot, sq;
   static thread_local IVec cnt;
-  rl.resize(pr.R);
-  cnt.resize(pr.E);
+  const int E = pr.E, S = pr.S, N = pr.N;
+  cnt.assign(E, 0);
+  for (int s = 0; s < N; ++s)
+    if (p[s] >= 0) ++cnt[p[s]];
+  slot.resize(S);
   sq.resize(pr.tgt.size());
-  rank_loads_row(pr, p, w, rl.data(), cnt.data());
   t_max = -kInf;
   for (size_t k = 0; k < pr.tgt.size(); ++k) {
-    int r = pr.tgt[k];
-    double e = pr.uniform ? rl[r] : rl[r] / pr.speed[r];
-    t_max = std::max(t_max, e);
-    sq[k] = e * e;
+    const int r = pr.tgt[k];
+    for (int j = 0; j < S; ++j) {
+      const int64_t e = p[r * S + j];
+      slot[j] = e < 0 ? 0.0 : ((double)cnt[e] == st.cnt[e] ? st.u[e] : w[e] / (double)std::max<int64_t>(cnt[e], 1));
+    }
+    const double load = np_sum(slot.data(), S);
+    const double eff = pr.uniform ? load : load / pr.speed[r];
+    t_max = std::max(t_max, eff);
+    sq[k] = eff * eff;
   }
   t_ss = np_sum_cols(sq.data(), (int64_t)sq.size(), rows);
   cov = true;
-  for (int e = 0; e < pr.E; ++e)
+  for (int e = 0; e < E; ++e)
     if (cnt[e] == 0) cov = false;
 }
 
@@ -299,7 +310,7 @@ int64_t repair_row(const Prob& pr, int64_t* p, const double* w) {
         int s = r * S + j;
         double sc = kInf;
         if (pr.target[r] && std::isfinite(st.slot_delta[s])) {
-          double a = st.eff[r] - st.slot_u[s] / pr.speed[r];
+          double a = st.eff[r] - (pr.uniform ? st.slot_u[s] : st.slot_u[s] / pr.speed[r]);
           double b = st.host_max[st.idx[s]];
           sc = std::max(a, b);
         }
@@ -459,32 +470,20 @@ void repack_batch(const Prob& pr, int B, int64_t* P, const double* W, const int6
     bool any_surplus = false;
     for (int e = 0; e < E; ++e) any_surplus |= cc[e] > c[e];
     if (any_surplus) {
+      // each expert over its count drops its replicas on the most loaded ranks (ties: lowest
+      // slot first), as the reference's sort by (expert, -rank load) does
       DVec slot_eff(N);
-      for (int s = 0; s < N; ++s) slot_eff[s] = load[s / S] / pr.speed[s / S];
-      std::vector<int> order(N), ix(N);
-      DVec neg(N);
-      for (int s = 0; s < N; ++s) {
-        ix[s] = p[s] < 0 ? E : (int)p[s];
-        neg[s] = -slot_eff[s];
+      for (int s = 0; s < N; ++s) slot_eff[s] = pr.uniform ? load[s / S] : load[s / S] / pr.speed[s / S];
+      std::vector<int> slots;
+      for (int e = 0; e < E; ++e) {
+        const int64_t sur = cc[e] - c[e];
+        if (sur <= 0) continue;
+        slots.clear();
+        for (int s = 0; s < N; ++s)
+          if (p[s] == e) slots.push_back(s);
+        std::stable_sort(slots.begin(), slots.end(), [&](int x, int y) { return -slot_eff[x] < -slot_eff[y]; });
+        for (int64_t m = 0; m < sur; ++m) p[slots[m]] = -1;
       }
-      std::iota(order.begin(), order.end(), 0);
-      std::stable_sort(order.begin(), order.end(), [&](int x, int y) {
-        if (ix[x] != ix[y]) return ix[x] < ix[y];
-        return neg[x] < neg[y];
-      });
-      int prev = -1;
-      int64_t pos = 0;
-      std::vector<uint8_t> drop(N, 0);
-      for (int m = 0; m < N; ++m) {
-        int s = order[m];
-        int e = p[s] < 0 ? E : (int)p[s];
-        pos = (m == 0 || e != prev) ? 0 : pos + 1;
-        prev = e;
-        int64_t sur = e < E ? std::max<int64_t>(cc[e] - c[e], 0) : 0;
-        if (e < E && pos < sur) drop[s] = 1;
-      }
-      for (int s = 0; s < N; ++s)
-        if (drop[s]) p[s] = -1;
       refresh();
     }
     IVec& pl = pool[b];
@@ -590,7 +589,7 @@ void repack_batch(const Prob& pr, int B, int64_t* P, const double* W, const int6
         double spd = pr.speed[r];
         if (has_free) {
           double nf = load[r] + x;
-          double sfree = (nf <= cap[r] ? 0.0 : 2.0 * BIG) + nf / spd;
+          double sfree = (nf <= cap[r] ? 0.0 : 2.0 * BIG) + (pr.uniform ? nf : nf / spd);
           if (sfree < best_free) {
             best_free = sfree;
             r_free = r;
@@ -598,7 +597,7 @@ void repack_batch(const Prob& pr, int B, int64_t* P, const double* W, const int6
         }
         if (can_bump) {
           double nb = load[r] + x - (std::isfinite(v[r]) ? v[r] : 0.0);
-          double sbump = (nb <= cap[r] ? BIG : 2.0 * BIG) + nb / spd;
+          double sbump = (nb <= cap[r] ? BIG : 2.0 * BIG) + (pr.uniform ? nb : nb / spd);
           if (sbump < best_bump) {
             best_bump = sbump;
             r_bump = r;
@@ -904,7 +903,7 @@ void rebalance(const Prob& pr, Batch& bt, int64_t budget, int max_pairs) {
       }
       double t_max, t_ss;
       bool t_cov;
-      exact_row(pr, trial.data(), w, (int64_t)sub.size(), t_max, t_ss, t_cov);
+      exact_trial(pr, st[b], trial.data(), w, (int64_t)sub.size(), t_max, t_ss, t_cov);
       bool passed = t_cov && t_max <= old_max[b] && t_ss < old_ss[b] - eps * scale;
       int only = -1;  // the pair whose step alone passed
       if (!passed) {
@@ -914,7 +913,7 @@ void rebalance(const Prob& pr, Batch& bt, int64_t budget, int max_pairs) {
         std::copy(p, p + N, trial.begin());
         trial[sb[first].slot_j] = sb[first].new_j;
         trial[sb[first].slot_i] = sb[first].new_i;
-        exact_row(pr, trial.data(), w, (int64_t)sub.size(), t_max, t_ss, t_cov);
+        exact_trial(pr, st[b], trial.data(), w, (int64_t)sub.size(), t_max, t_ss, t_cov);
         if (t_cov && t_max <= old_max[b] && t_ss < old_ss[b] - eps * scale) {
           passed = true;
           only = first;
