@@ -474,15 +474,20 @@ void repack_batch(const Prob& pr, int B, int64_t* P, const double* W, const int6
       // slot first), as the reference's sort by (expert, -rank load) does
       DVec slot_eff(N);
       for (int s = 0; s < N; ++s) slot_eff[s] = pr.uniform ? load[s / S] : load[s / S] / pr.speed[s / S];
-      std::vector<int> slots;
-      for (int e = 0; e < E; ++e) {
+      std::vector<int> slots;  // the slots of the experts over their count, in slot order
+      for (int s = 0; s < N; ++s)
+        if (p[s] >= 0 && cc[p[s]] > c[p[s]]) slots.push_back(s);
+      std::stable_sort(slots.begin(), slots.end(), [&](int x, int y) {
+        if (p[x] != p[y]) return p[x] < p[y];
+        return -slot_eff[x] < -slot_eff[y];
+      });
+      for (size_t m = 0; m < slots.size();) {
+        const int64_t e = p[slots[m]];
+        size_t n = m;
+        while (n < slots.size() && p[slots[n]] == e) ++n;
         const int64_t sur = cc[e] - c[e];
-        if (sur <= 0) continue;
-        slots.clear();
-        for (int s = 0; s < N; ++s)
-          if (p[s] == e) slots.push_back(s);
-        std::stable_sort(slots.begin(), slots.end(), [&](int x, int y) { return -slot_eff[x] < -slot_eff[y]; });
-        for (int64_t m = 0; m < sur; ++m) p[slots[m]] = -1;
+        for (int64_t k = 0; k < sur; ++k) p[slots[m + k]] = -1;
+        m = n;
       }
       refresh();
     }
