@@ -1,10 +1,27 @@
 """Type stub for the native extension built from csrc/ (pybind11, no torch headers).
 
 Tensors cross as raw ``data_ptr()`` integers plus shapes; :class:`elasticep.kernel.EPBuffer` does
-the checking and owns the one :class:`KernelRuntime` of a rank.
+the checking and owns the one :class:`KernelRuntime` of a rank. ``eplb_plan_core`` takes numpy
+arrays; :func:`elasticep.eplb.replan` calls it (``planner._plan_core``).
 """
 
+import numpy as np
+
 ABI_VERSION: int
+
+def eplb_plan_core(
+    cur: np.ndarray,
+    load: np.ndarray,
+    target: np.ndarray,
+    speed: np.ndarray,
+    slots_per_rank: int,
+    budget: int,
+    tolerance: float,
+) -> tuple[np.ndarray, np.ndarray, int, float, float, bool]:
+    """The replan core of :mod:`elasticep.eplb.planner` (csrc/eplb_planner.cpp): from ``cur``
+    ([L, N] int64), ``load`` ([L, E] float64), ``target`` and ``speed`` ([R]), ``budget`` moves
+    beyond the repair (< 0: none), returns ``(placement, repaired, lower_bound, balance_before,
+    balance_after, covered)``, the same as ``planner._plan_reference`` and its balances."""
 
 class KernelRuntime:
     """One rank's attachment to the shared dispatch/combine segment ``shm_name``."""

@@ -36,6 +36,13 @@ Replanning after a membership change works in two phases, each vectorised over a
    all such layers do not fit the budget, the layers that gain most per extra move are repacked
    while they fit and the search spends what is left on them.
 
+Phases 1 to 3 are written twice: in numpy here (:func:`_plan_reference`, the reference, which
+documents the semantics) and in C++ (``csrc/eplb_planner.cpp``, ``elasticep._C.eplb_plan_core``),
+which :func:`replan` runs. The C++ core loops per layer instead of vectorising over layers and
+computes the same plans to the bit (its sums run in numpy's order, its candidate scores in
+float32 where the reference's do); ``tests/test_eplb_native.py`` checks it against the reference.
+``ELASTICEP_PLANNER=python`` runs the reference instead.
+
 :mod:`elasticep.eplb.bound` gives balances no plan can beat (with or without a budget), which
 ``elasticep bench plan --families`` uses to tell infeasible targets from missed ones.
 
@@ -197,9 +204,10 @@ class Plan:
 
 # ---------------------------------------------------------------------------------- inputs
 #
-# The planner computes in numpy: its arrays are small (tens of thousands of elements), where
-# numpy's single-threaded kernels beat torch's intra-op thread pool, and it must not compete for
-# cores with the engine it runs inside. Placements and plans still speak torch.
+# The planner computes in numpy (the reference) or in its single-threaded C++ core: its arrays
+# are small (tens of thousands of elements), where numpy's single-threaded kernels beat torch's
+# intra-op thread pool, and it must not compete for cores with the engine it runs inside.
+# Placements and plans still speak torch.
 
 
 def _to_numpy(x: Any) -> np.ndarray:
