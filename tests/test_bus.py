@@ -358,3 +358,44 @@ async def test_event_counts_by_type_are_exported_and_survive_close():
     assert (published("heartbeat"), published("suspicion"), received("heartbeat")) == (
         before[0] + 5, before[1] + 2, before[2] + 5
     )
+
+
+@pytest.mark.asyncio
+async def test_a_handler_gets_every_batch_in_order_with_gap_reports_and_its_errors_are_counted():
+    net = InProcessNetwork(seed=3)
+    async with cluster(net, 2) as (a, b):
+        got: list = []
+        remove = b.add_handler(lambda batch: got.extend(batch))
+        calls = []
+
+        def bad(batch):
+            calls.append(len(batch))
+            raise RuntimeError("a handler that breaks")
+
+        b.add_handler(bad)
+        sub = b.subscribe(Heartbeat)
+        for _ in range(5):
+            a.publish_nowait(Heartbeat(rank=0, incarnation=1))
+        await drain(sub)
+        net.cut(0, 1)  # two frames from rank 0 to rank 1 are lost
+        for _ in range(2):
+            a.publish_nowait(Heartbeat(rank=0, incarnation=1))
+        await drain(sub)
+        net.heal()
+        a.publish_nowait(Heartbeat(rank=0, incarnation=1))
+        b.publish_nowait(Suspicion(observer=1, suspect=0, source="heartbeat"))  # local: alone
+        await drain(sub)
+        remote = [e for e in got if e.sender == 0]
+        assert [e.seq for e in remote if isinstance(e.event, Heartbeat)] == [1, 2, 3, 4, 5, 8]
+        gaps = [e.event for e in got if isinstance(e.event, SequenceGap)]
+        assert [(g.sender, g.expected, g.got) for g in gaps] == [(0, 6, 8)]
+        assert got.index(next(e for e in got if isinstance(e.event, SequenceGap))) < got.index(remote[-1])
+        assert [e.event.suspect for e in got if isinstance(e.event, Suspicion)] == [0]
+        assert b.handler_errors == len(calls) >= 2  # logged and counted; delivery went on
+        remove()
+        seen = len(got)
+        a.publish_nowait(Heartbeat(rank=0, incarnation=1))
+        assert [e.seq for e in await drain(sub)] == [9]  # delivered to the subscription...
+        assert len(got) == seen  # ...not to the removed handler
+        with pytest.raises(Exception):
+            b.add_handler("not callable")

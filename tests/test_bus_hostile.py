@@ -421,3 +421,29 @@ def test_fuzzed_raw_messages_at_a_running_bus(tcp_store):
         loop.run_until_complete(receiver.close())
         loop.run_until_complete(sender.close())
         loop.close()
+
+
+def test_a_burst_of_registrations_is_read_in_two_round_trips_and_an_unwritten_entry_waits(tcp_store):
+    keys = ClusterKeys.generate(8)
+    for r in range(6):
+        StoreRendezvous(tcp_store, keys=keys.for_rank(r)).register(r, f"tcp://127.0.0.1:{5000 + r}", r + 1)
+
+    class Counting:  # the real store, its calls counted
+        def __init__(self, store):
+            self.store, self.calls = store, []
+
+        def __getattr__(self, name):
+            fn = getattr(self.store, name)
+            return lambda *a: (self.calls.append(name), fn(*a))[1]
+
+    counted = Counting(tcp_store)
+    reader = StoreRendezvous(counted, keys=keys.for_rank(7))
+    assert reader.ranks_since(0) == (6, set(range(6)))
+    assert counted.calls == ["add", "check", "multi_get"]  # count, then the burst at once
+    # a registration counted whose log entry is not written yet: read up to it, then it later
+    n = int(tcp_store.add(DEFAULT_PREFIX + "count", 1))
+    StoreRendezvous(tcp_store, keys=keys.for_rank(6)).register(6, "tcp://127.0.0.1:5006", 9)
+    assert reader.ranks_since(6) == (6, set())  # entry n is missing: nothing past it is taken
+    tcp_store.set(f"{DEFAULT_PREFIX}log/{n}", "6")
+    assert reader.ranks_since(6) == (8, {6})
+    assert reader.lookup(6).incarnation == 9

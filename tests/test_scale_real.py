@@ -92,6 +92,7 @@ def test_ring_over_real_sockets_keeps_per_rank_cost_bounded() -> None:
         cluster.start(limit_s=60.0)
         stats = cluster.stats()
         assert stats["peers_max"] == 4 and stats["sockets"] == 16 * (2 + 2 * 4)
+        assert cluster.coverage() == {}  # every watched neighbour's stream is connected
         t0 = cluster.kill(7)
         assert min(cluster.wait_excluded(7, 15.0).values()) >= t0
         cluster.hang(8)

@@ -73,3 +73,63 @@ async def test_the_tcpstore_view_store_pushes_a_commit_to_a_waiting_rank() -> No
     finally:
         await writer.close()
         await reader.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_a_hub_makes_one_request_per_key_for_many_waiters_on_a_fixed_few_connections() -> None:
+    from elasticep.bus.store_wait import WaitHub
+
+    server = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, use_libuv=True)
+    hub = WaitHub.for_store(server, connections=2)
+    assert hub is not None and WaitHub.for_store(object()) is None
+    try:
+        many = [asyncio.ensure_future(hub.wait("epoch/2")) for _ in range(50)]
+        other = asyncio.ensure_future(hub.wait("log/7"))
+        await asyncio.sleep(0.2)
+        assert not any(t.done() for t in many + [other]) and hub.requests == 2
+        # a third key waits for a connection (both are held by unset keys), then is answered
+        third = asyncio.ensure_future(hub.wait("log/6"))
+        await asyncio.sleep(0.1)
+        assert hub.requests == 2
+        server.set("epoch/2", b"v")
+        assert await asyncio.wait_for(asyncio.gather(*many), 5.0) == [True] * 50
+        server.set("log/6", b"1")
+        assert await asyncio.wait_for(third, 5.0) is True and hub.requests == 3
+        # one waiter cancelled leaves the others of its key waiting; the last one ends the request
+        a, b = asyncio.ensure_future(hub.wait("log/7")), asyncio.ensure_future(hub.wait("log/7"))
+        await asyncio.sleep(0.05)
+        a.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await a
+        server.set("log/7", b"2")
+        assert await asyncio.wait_for(asyncio.gather(b, other), 5.0) == [True, True]
+        assert hub.requests == 3  # log/7 was one request for all three of its waiters
+        late = asyncio.ensure_future(hub.wait("never"))
+        await asyncio.sleep(0.05)
+    finally:
+        hub.close()
+    assert await asyncio.wait_for(late, 5.0) is False  # closed under the wait: False, not an error
+    assert await hub.wait("epoch/2") is False
+    with pytest.raises(ValueError):
+        WaitHub("127.0.0.1", 1, connections=1)
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_view_stores_and_transports_sharing_a_hub_leave_it_open_when_they_close() -> None:
+    from elasticep.bus.store_wait import WaitHub
+
+    server = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, use_libuv=True)
+    hub = WaitHub.for_store(server)
+    stores = [TCPStoreViewStore(store=server, waits=hub) for _ in range(3)]
+    waits = [asyncio.ensure_future(s.wait_committed(1)) for s in stores]
+    await asyncio.sleep(0.1)
+    await stores[0].compare_and_set(View(epoch=1, members=(0, 1), leader=0, proposer=0, reason="bootstrap"))
+    assert await asyncio.wait_for(asyncio.gather(*waits), 5.0) == [True, True, True]
+    assert hub.requests == 1
+    for s in stores:
+        s.end_waits()
+        await s.close()
+    assert await asyncio.wait_for(hub.wait(stores[0]._key(1)), 5.0) is True  # still open
+    hub.close()

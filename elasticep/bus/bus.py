@@ -40,7 +40,7 @@ import collections
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Iterable, Literal
+from typing import AsyncIterator, Callable, Iterable, Literal
 
 import msgspec
 from anyio import EndOfStream, WouldBlock
@@ -407,6 +407,9 @@ class EventBus:
         self._has_block = False
         self._stall_task: asyncio.Task[None] | None = None
         self._push = False
+        self._handlers: tuple[Callable[[list[Envelope]], None], ...] = ()
+        self.handler_errors = 0
+        """Exceptions raised by handlers (:meth:`add_handler`), each logged."""
 
     def __repr__(self) -> str:
         return f"EventBus(rank={self.rank}, epoch={self._epoch}, state={self._state})"
@@ -522,6 +525,8 @@ class EventBus:
         self._queue_frame(frame)
         for sub in subs:
             sub._offer(env)
+        if self._handlers:
+            self._run_handlers([env])
         return env
 
     def _not_an_event(self, t: type) -> NotAnEventType:
@@ -558,6 +563,8 @@ class EventBus:
         self._queue_frame(frame)
         for sub in custom_subs:
             sub._offer(wire)
+        if self._handlers:
+            self._run_handlers([wire])
         env = Envelope(SCHEMA_VERSION, self.rank, self._epoch, seq, wall, mono, event)
         for sub in self._user_routes.get(type(event), ()):
             sub._offer(env) or sub._push(env)
@@ -761,6 +768,36 @@ class EventBus:
         self._rebuild_routes()
         return sub
 
+    def add_handler(self, handler: Callable[[list[Envelope]], None]) -> Callable[[], None]:
+        """Call ``handler`` with every batch of envelopes the bus delivers, synchronously, in
+        order, on the event loop: the envelopes of one transport read (after the same checks
+        and sequencing as for subscriptions), and each one this rank publishes, alone. Returns
+        a function that removes it.
+
+        For a consumer that must never fall behind and must not pay a task switch per batch
+        (the membership core's heartbeats); there is no buffer, so nothing is dropped, and a
+        handler must not block. An exception it raises is logged and counted
+        (:attr:`handler_errors`); the bus goes on.
+        """
+        if not callable(handler):
+            raise InvalidArgument(f"handler must be callable, not {handler!r}")
+        if self._state == "closed":
+            raise BusClosed("bus is closed")
+        self._handlers = self._handlers + (handler,)
+
+        def remove() -> None:
+            self._handlers = tuple(h for h in self._handlers if h is not handler)
+
+        return remove
+
+    def _run_handlers(self, batch: list[Envelope]) -> None:
+        for handler in self._handlers:
+            try:
+                handler(batch)
+            except Exception:
+                self.handler_errors += 1
+                log.exception("bus rank %d: a handler raised on %d envelope(s)", self.rank, len(batch))
+
     def _unsubscribe(self, sub: Subscription) -> None:
         if sub in self._subscriptions:
             self._subscriptions.remove(sub)
@@ -802,6 +839,7 @@ class EventBus:
         routes = self._routes
         counts = self._received_counts
         has_block = self._has_block
+        handled: list[Envelope] | None = [] if self._handlers else None
         for index in range(start, len(frames)):
             sender, incarnation, data = frames[index]
             try:
@@ -841,6 +879,8 @@ class EventBus:
             if has_block:
                 blocked = self._blocked_by(t)
                 if blocked is not None:
+                    if handled:
+                        self._run_handlers(handled)
                     return index, blocked
             if new_sender:
                 tracks[sender] = [incarnation, seq + 1]
@@ -850,16 +890,22 @@ class EventBus:
                 assert track is not None
                 track[1] = seq + 1
                 if gap_from:
-                    self._report_gap(sender, gap_from, seq)
+                    gap = self._report_gap(sender, gap_from, seq)
+                    if handled is not None:
+                        handled.append(gap)
             counts[t] = counts.get(t, 0) + 1
             for sub in routes[t]:
                 # Room was checked above; only a gap report just queued can have taken it.
                 sub._offer(env) or sub._push(env)
             if t is Custom and self._user_kinds:
                 self._deliver_user(env)
+            if handled is not None:
+                handled.append(env)
+        if handled:
+            self._run_handlers(handled)
         return None
 
-    def _report_gap(self, sender: int, expected: int, got: int) -> None:
+    def _report_gap(self, sender: int, expected: int, got: int) -> Envelope:
         lost = got - expected
         self._gaps += 1
         self._lost += lost
@@ -870,6 +916,7 @@ class EventBus:
         for sub in self._routes[SequenceGap]:
             # A loss report is never itself lost: past a ``block`` bound it is queued anyway.
             sub._offer(env) or sub._push(env)
+        return env
 
     def _on_frames(self, frames: list[Frame]) -> None:
         """Push-mode entry: the transport calls this from its reader callback."""

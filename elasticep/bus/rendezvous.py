@@ -211,12 +211,20 @@ class StoreRendezvous:
         total = min(self.count(), seen + MAX_LOG_READ)
         ranks: set[int] = set()
         n = seen
+        values: list = []
+        keys = [self.log_key(i) for i in range(seen + 1, total + 1)]
+        multi_get = getattr(self.store, "multi_get", None)
+        if len(keys) > 1 and multi_get is not None and self.store.check(keys):
+            values = multi_get(keys)  # two round trips for a burst of registrations, not two each
         while n < total:
-            key = self.log_key(n + 1)
-            if not self.store.check([key]):
-                break
+            if values:
+                value = values[n - seen]
+            else:
+                key = self.log_key(n + 1)
+                if not self.store.check([key]):  # counted, its log entry not written yet
+                    break
+                value = self.store.get(key)
             n += 1
-            value = self.store.get(key)
             try:
                 rank = int(value)
                 if not 0 <= rank < 1 << 31:

@@ -118,3 +118,97 @@ class KeyWaiter:
         """Close the connection and take no more waits."""
         self._closed = True
         self.reset()
+
+
+class WaitHub:
+    """Waits on the keys of one ``TCPStore`` server shared by many waiters of one event loop: one
+    ``WAIT`` request per key however many wait for it, on a few connections kept between waits.
+
+    For processes that hold many ranks (the scale harness): there each rank's commit watch and
+    bus watcher wait for the same next keys, and a connection per waiter would be hundreds of
+    connections, each one a name lookup at the server. A rank process of its own needs none (its
+    :class:`KeyWaiter` is as cheap). Same interface as :class:`KeyWaiter` for its users
+    (:meth:`wait`; their ``reset`` and ``close`` leave a hub alone, its owner closes it).
+
+    At most ``connections`` requests are open at once; a wait for another key waits for one of
+    them. That cannot starve: at any moment at most one registration-log key and one epoch key
+    past the store's head are unset (every earlier one is answered at once), so the open
+    requests are always about to be answered. The connections are kept, so the server sees a
+    fixed few.
+
+    Args:
+        host, port: the store server.
+        connect_timeout_s: bound on opening a connection, s.
+        connections: requests (connections) open at once.
+    """
+
+    def __init__(self, host: str, port: int, *, connect_timeout_s: float = 10.0, connections: int = 8) -> None:
+        if connections < 2:
+            raise ValueError(f"a WaitHub needs at least 2 connections (a log key and an epoch key), not {connections}")
+        self.host, self.port = host, port
+        self.connect_timeout_s = connect_timeout_s
+        self.connections = connections
+        self._slots: asyncio.Semaphore | None = None
+        self._waits: dict[str, list] = {}  # key -> [task, sharers]
+        self._spare: list[KeyWaiter] = []
+        self._closed = False
+        self.requests = 0
+        """``WAIT`` requests made (each answered every waiter of its key)."""
+
+    @classmethod
+    def for_store(cls, store: object, **kwargs) -> "WaitHub | None":
+        """A hub on the server behind a torch ``TCPStore`` object; None for any other store."""
+        probe = KeyWaiter.for_store(store)
+        return None if probe is None else cls(probe.host, probe.port, **kwargs)
+
+    async def _one(self, key: str) -> bool:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.connections)
+        async with self._slots:
+            waiter = self._spare.pop() if self._spare else KeyWaiter(self.host, self.port,
+                                                                     connect_timeout_s=self.connect_timeout_s)
+            self.requests += 1
+            try:
+                return await waiter.wait(key)
+            finally:
+                if self._closed:
+                    waiter.close()
+                else:
+                    self._spare.append(waiter)  # after a failure it connects again on its next wait
+
+    async def wait(self, key: str) -> bool:
+        """True once ``key`` is set; False when the hub is closed. Raises
+        :class:`StoreWaitFailed` when the store cannot be reached. Cancelling one waiter leaves
+        the others waiting; the request ends with its last waiter."""
+        if self._closed:
+            return False
+        entry = self._waits.get(key)
+        if entry is None or entry[0].done():
+            entry = self._waits[key] = [asyncio.get_running_loop().create_task(self._one(key)), 0]
+        entry[1] += 1
+        try:
+            return await asyncio.shield(entry[0])
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and entry[0].cancelled() and not (task is not None and task.cancelling()):
+                return False  # the hub was closed under this wait, not the waiter cancelled
+            raise
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                if not entry[0].done():
+                    entry[0].cancel()
+                if self._waits.get(key) is entry:
+                    del self._waits[key]
+
+    def reset(self) -> None:
+        """Nothing: the hub's connections are its own (a user's ``end_waits`` lands here)."""
+
+    def close(self) -> None:
+        """End every wait (they return False) and close the connections."""
+        self._closed = True
+        for task, _ in list(self._waits.values()):
+            task.cancel()
+        for waiter in self._spare:
+            waiter.close()
+        self._spare.clear()

@@ -81,7 +81,7 @@ from zmq.utils.monitor import recv_monitor_message
 from elasticep import metrics
 from elasticep.bus.keys import ClusterKeys, MissingKey, _require_curve
 from elasticep.bus.rendezvous import DEFAULT_PREFIX, Registration, StoreRendezvous
-from elasticep.bus.store_wait import KeyWaiter
+from elasticep.bus.store_wait import KeyWaiter, WaitHub
 from elasticep.events import MAX_FRAME_BYTES
 from elasticep.bus.transport import Frame, Transport, TransportClosed, new_incarnation
 
@@ -99,6 +99,9 @@ envelope longer than that travels alone)."""
 
 SELF_CHECK_S = 1.0
 """How often a rank reads its own record back to catch a silent overwrite, s."""
+REFRESH_GAP_S = 0.1
+"""Least time between two reads of the registration log by the watcher, s (a registration on
+its own is read at once; one in a burst waits at most this long)."""
 
 
 def max_message_bytes(max_frame_bytes: int = MAX_FRAME_BYTES) -> int:
@@ -196,6 +199,9 @@ class ZmqTransport(Transport):
             refuse messages longer than :func:`max_message_bytes` of it unread.
         context: a :class:`SharedContext` to open the sockets in (default: a context and ZAP
             handler of this transport's own, closed with it).
+        waits: a :class:`~elasticep.bus.store_wait.WaitHub` on the store's server shared with
+            other ranks of this process, for the watcher's waits (default: a connection of its
+            own); its owner closes it.
     """
 
     def __init__(
@@ -211,6 +217,7 @@ class ZmqTransport(Transport):
         poll_interval_s: float = 0.05,
         max_frame_bytes: int = MAX_FRAME_BYTES,
         context: SharedContext | None = None,
+        waits: WaitHub | None = None,
     ) -> None:
         _require_curve()
         self._shared = context
@@ -263,7 +270,8 @@ class ZmqTransport(Transport):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._checker: asyncio.Task[None] | None = None
-        self._log_waiter: KeyWaiter | None = None
+        self._log_waiter: KeyWaiter | WaitHub | None = None
+        self._waits = waits
         self._refresh_lock: asyncio.Lock | None = None
         self._seen_registrations = 0
         self._listeners: list[PeerListener] = []
@@ -322,7 +330,7 @@ class ZmqTransport(Transport):
             self._next_self_check = time.monotonic() + SELF_CHECK_S
         await self.refresh()
         if self.poll_interval_s > 0:
-            self._log_waiter = KeyWaiter.for_store(self.rendezvous.store)
+            self._log_waiter = self._waits or KeyWaiter.for_store(self.rendezvous.store)
             self._watcher = self._loop.create_task(self._watch_store(), name=f"elasticep-bus-watch-{self.rank}")
             if self._registration is not None:
                 self._checker = self._loop.create_task(self._check_loop(), name=f"elasticep-bus-check-{self.rank}")
@@ -331,7 +339,7 @@ class ZmqTransport(Transport):
         if self._closed:
             return
         self._closed = True
-        if self._log_waiter is not None:
+        if self._log_waiter is not None and self._log_waiter is not self._waits:
             self._log_waiter.close()
         for task in (self._watcher, self._checker, self._filter_task):
             if task is not None and not task.done():
@@ -512,11 +520,21 @@ class ZmqTransport(Transport):
 
     async def _watch_store(self) -> None:
         waiter = self._log_waiter
-        while True:
+        last = -1e18
+        # (not ``while True``: Python 3.11's wait_for can swallow the cancellation close() sends,
+        # and a closed waiter answers at once, so the loop must see the transport closed)
+        while not self._closed:
             try:
                 if waiter is not None:
                     # told of the next registration by the store (a write it answers at once)
                     await waiter.wait(self.rendezvous.log_key(self._seen_registrations + 1))
+                    # A registration alone is read at once; a burst of them (a whole cluster
+                    # starting) is read in batches, at most one read every REFRESH_GAP_S: each
+                    # rank would otherwise read the log once per rank that starts, N^2 reads.
+                    wait_s = last + REFRESH_GAP_S - time.monotonic()
+                    if wait_s > 0:
+                        await asyncio.sleep(wait_s)
+                    last = time.monotonic()
                 else:
                     await asyncio.sleep(self.poll_interval_s)
                 count = await self._in_thread(self.rendezvous.count)
@@ -532,7 +550,7 @@ class ZmqTransport(Transport):
                     await asyncio.sleep(max(self.poll_interval_s, SELF_CHECK_S))
 
     async def _check_loop(self) -> None:
-        while True:
+        while not self._closed:
             await asyncio.sleep(max(0.0, self._next_self_check - time.monotonic()))
             try:
                 await self.check_registration()

@@ -143,6 +143,8 @@ class MembershipService:
         self._leave_diff: ViewDiff | None = None
         self._tasks: set[asyncio.Task] = set()
         self._sub = None
+        self._remove_handler = None
+        self._held: list[Envelope] | None = None  # envelopes handed over before the core started
         self._state = "new"
         self._changed = asyncio.Event()
         self._subscribed_disconnects = False
@@ -341,7 +343,13 @@ class MembershipService:
         self._filtering = self._hook_topology()
         if not self.bus.running:
             await self.bus.start()
-        self._sub = self.bus.subscribe(maxsize=self.config.subscriber_buffer, name=f"membership-{self.rank}")
+        if callable(getattr(self.bus, "add_handler", None)):
+            # Straight from the bus's receive path into the core: no queue, no task switch per
+            # batch (a heartbeat's whole cost at scale is its Python path).
+            self._held = []
+            self._remove_handler = self.bus.add_handler(self._on_envelopes)
+        else:
+            self._sub = self.bus.subscribe(maxsize=self.config.subscriber_buffer, name=f"membership-{self.rank}")
         transport = getattr(self.bus, "transport", None)
         if hasattr(transport, "add_listener"):
             transport.add_listener(self._on_peer)
@@ -357,7 +365,12 @@ class MembershipService:
         # steady-state detector applies at once (not the startup grace)
         core.bootstrap_heard = heard
         self._apply(core.start(self.clock()))
-        self._spawn(self._receive_loop(), "receive")
+        if self._sub is not None:
+            self._spawn(self._receive_loop(), "receive")
+        else:
+            held, self._held = self._held, None
+            if held:
+                self._on_envelopes(held)
         self._spawn(self._tick_loop(), "tick")
         if getattr(self.store, "pushes", False):
             core.store_pushes = True
@@ -424,6 +437,8 @@ class MembershipService:
                 pass
         if self._sub is not None:
             self._sub.close()
+        if self._remove_handler is not None:
+            self._remove_handler()
         if self.core.store_pushes:
             getattr(self.store, "end_waits", lambda: None)()  # the commit watch's idle connection, if any
         self._end_streams(_END)
@@ -442,6 +457,22 @@ class MembershipService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    def _on_envelopes(self, batch: list[Envelope]) -> None:
+        """The bus's handler: a batch as one step of the core (two exits in one read: one view)."""
+        held = self._held
+        if held is not None:  # still waiting for the bootstrap peers: the core starts later
+            held.extend(e for e in batch if e.sender != self.rank)
+            over = len(held) - self.config.subscriber_buffer
+            if over > 0:  # bounded as a subscription would be: the oldest go
+                del held[:over]
+                metrics.SUBSCRIBER_DROPPED.labels(f"membership-{self.rank}").inc(over)
+            return
+        if self._state != "running" or self.core.stopped:
+            return
+        batch = [e for e in batch if e.sender != self.rank]
+        if batch:
+            self._apply(self.core.step_many(batch, self.clock()))
 
     async def _receive_loop(self) -> None:
         sub = self._sub

@@ -32,11 +32,13 @@ from __future__ import annotations
 import abc
 import asyncio
 import datetime
+import functools
 import random
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from elasticep.bus.store_wait import KeyWaiter, StoreWaitFailed
+from elasticep.bus.store_wait import KeyWaiter, StoreWaitFailed, WaitHub
 from elasticep.errors import ElasticEPError
 from elasticep.membership.view import View, decode_view, encode_view
 
@@ -246,12 +248,15 @@ class TCPStoreViewStore(ViewStore):
         prefix: str = "elasticep",
         store: object | None = None,
         connect_timeout_s: float = 10.0,
+        waits: WaitHub | None = None,
     ) -> None:
         self.host, self.port, self.timeout_s, self.prefix = host, port, timeout_s, prefix
         self.connect_timeout_s = max(connect_timeout_s, timeout_s)
         self._store = store
         self._lock = threading.Lock()
-        self._waiter: KeyWaiter | None = None
+        self._waiter: KeyWaiter | WaitHub | None = waits
+        self._owns_waiter = waits is None
+        self._thread: ThreadPoolExecutor | None = None
 
     def connect(self) -> None:
         """Open the client now (blocking, bounded by ``connect_timeout_s``); idempotent."""
@@ -294,15 +299,23 @@ class TCPStoreViewStore(ViewStore):
             return None
         return decode_view(data)
 
+    def _in_thread(self, fn, *args, **kwargs):
+        # A thread of its own, not the process's default pool: a rank's view reads must not queue
+        # behind other blocking work (a burst of bus registrations at start-up took the pool for
+        # seconds at 64 ranks per process, past store_timeout_s).
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elasticep-view-store")
+        return asyncio.get_running_loop().run_in_executor(self._thread, functools.partial(fn, *args, **kwargs))
+
     async def _run(self, fn, *args, **kwargs):
         if self._store is None:
             try:
-                await asyncio.wait_for(asyncio.to_thread(self.connect), self.connect_timeout_s)
+                await asyncio.wait_for(self._in_thread(self.connect), self.connect_timeout_s)
             except asyncio.TimeoutError:
                 raise StoreUnavailable(f"cannot reach the view store at {self.host}:{self.port} "
                                        f"within {self.connect_timeout_s:g} s") from None
         try:
-            return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), self.timeout_s)
+            return await asyncio.wait_for(self._in_thread(fn, *args, **kwargs), self.timeout_s)
         except asyncio.TimeoutError:
             raise StoreUnavailable(f"view store did not answer within {self.timeout_s:g} s") from None
 
@@ -325,12 +338,15 @@ class TCPStoreViewStore(ViewStore):
             raise StoreUnavailable(str(exc)) from None
 
     def end_waits(self) -> None:
-        if self._waiter is not None:
+        if self._waiter is not None and self._owns_waiter:
             self._waiter.reset()
 
     async def close(self) -> None:
-        if self._waiter is not None:
+        if self._waiter is not None and self._owns_waiter:
             self._waiter.close()
+        if self._thread is not None:
+            self._thread.shutdown(wait=False)
+            self._thread = None
 
 
 def open_view_store(config, *, tcpstore: str | None = None, prefix: str = "elasticep") -> ViewStore:

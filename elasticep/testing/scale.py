@@ -261,6 +261,7 @@ def _worker(conn, ranks: list[int], n: int, config: Config, keys_json: str, stor
 
     logging.getLogger("elasticep").setLevel(logging.ERROR)  # 1 % loss logs a gap per lost frame
     from elasticep.bus import ClusterKeys, EventBus, ZmqTransport, connect_store
+    from elasticep.bus.store_wait import WaitHub
     from elasticep.bus.zmq_transport import SharedContext
     from elasticep.bus.loop import new_event_loop
     from elasticep.membership.service import MembershipService
@@ -268,10 +269,20 @@ def _worker(conn, ranks: list[int], n: int, config: Config, keys_json: str, stor
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
+        # Store calls run on worker threads; a rank process has the default pool to itself,
+        # here ranks share one, so give it room for several calls per rank in flight.
+        from concurrent.futures import ThreadPoolExecutor
+
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=max(8, len(ranks) // 2),
+                                                     thread_name_prefix="elasticep-scale-store"))
         keys = ClusterKeys.from_json(keys_json)
         store = connect_store(store_addr, timeout_s=60.0)
         fds0, threads0 = _fd_count(), _thread_count()
         context = SharedContext(keys, io_threads=1) if shared else None
+        # The ranks' commit watches and bus watchers wait for the same next keys: one request
+        # per key for the whole process (a connection per waiter is a name lookup per
+        # connection at the store's server, hundreds of them at start-up).
+        waits = WaitHub.for_store(store) if shared else None
         installs: dict[int, list[tuple[float, int, tuple[int, ...]]]] = {r: [] for r in ranks}
         services, wrappers, state = {}, {}, {r: "new" for r in ranks}
         reasons: dict[int, str] = {}  # epoch -> why that view changed the members
@@ -286,10 +297,10 @@ def _worker(conn, ranks: list[int], n: int, config: Config, keys_json: str, stor
                 removed.update(r for r in range(n) if r not in members)
 
         for r in ranks:
-            t = ZmqTransport(r, keys.for_rank(r), store, poll_interval_s=0.2, context=context)
+            t = ZmqTransport(r, keys.for_rank(r), store, poll_interval_s=0.2, context=context, waits=waits)
             wrappers[r] = _LossyTransport(t, seed * 100_003 + r)
             bus = EventBus(t, r)
-            vs = TCPStoreViewStore(store=store, timeout_s=config.store_timeout_s)
+            vs = TCPStoreViewStore(store=store, timeout_s=config.store_timeout_s, waits=waits)
             services[r] = MembershipService(
                 r, bus, vs, config, initial_members=tuple(range(n)),
                 on_install=lambda view, _ns, r=r: record(r, view))
@@ -324,6 +335,13 @@ def _worker(conn, ranks: list[int], n: int, config: Config, keys_json: str, stor
                     svc.bus.transport.pause_receiving()
                     await svc.close()
                 return t0
+            if op == "coverage":  # per live rank, the watched neighbours it has no handshake with
+                out = {}
+                for r in live():
+                    missing = set(services[r].core.watched()) - services[r].bus.transport.connected()
+                    if missing:
+                        out[r] = sorted(missing)
+                return out
             if op == "loss":
                 for w in wrappers.values():
                     w.loss = cmd[1]
@@ -345,6 +363,8 @@ def _worker(conn, ranks: list[int], n: int, config: Config, keys_json: str, stor
                 for r in ranks:
                     await services[r].close()
                     await services[r].bus.close()
+                if waits is not None:
+                    waits.close()
                 if context is not None:
                     context.close()
                 done.set()
@@ -500,6 +520,14 @@ class RealCluster:
     def wait_excluded(self, rank: int, limit_s: float) -> dict[int, float]:
         """Per live rank, when it first installed a view without ``rank`` (monotonic seconds)."""
         return self.wait_all(lambda: ("excluded", rank), limit_s)
+
+    def coverage(self) -> dict[int, list[int]]:
+        """Per live rank, the neighbours its detector watches that its bus has no completed
+        handshake with (empty when every watched stream is connected)."""
+        out: dict[int, list[int]] = {}
+        for part in self._all(("coverage",)):
+            out.update(part)
+        return out
 
     def set_loss(self, p: float) -> None:
         self._all(("loss", p))
