@@ -133,3 +133,25 @@ async def test_view_stores_and_transports_sharing_a_hub_leave_it_open_when_they_
         await s.close()
     assert await asyncio.wait_for(hub.wait(stores[0]._key(1)), 5.0) is True  # still open
     hub.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_shared_views_read_each_committed_epoch_once_for_every_store_of_a_process() -> None:
+    from elasticep.membership.store import SharedViews
+
+    server = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, use_libuv=True)
+    shared = SharedViews(keep=2)
+    stores = [TCPStoreViewStore(store=server, shared=shared) for _ in range(20)]
+    assert await asyncio.gather(*(s.read(1) for s in stores)) == [None] * 20  # not committed: not kept
+    view = View(epoch=1, members=(0, 1), leader=0, proposer=0, reason="bootstrap")
+    other = TCPStoreViewStore(store=server)  # another process's store commits it
+    assert await other.compare_and_set(view) == view
+    before = shared.reads
+    got = await asyncio.gather(*(s.read(1) for s in stores))
+    assert got == [view] * 20 and shared.reads == before + 1  # one read for twenty ranks
+    v2 = View(epoch=2, members=(0,), leader=0, proposer=0, reason="-1")
+    assert await stores[3].compare_and_set(v2) == v2 and shared.reads == before + 1  # a CAS's answer is kept
+    assert await stores[7].read(2) == v2 and shared.reads == before + 1
+    await stores[0].compare_and_set(View(epoch=3, members=(0, 2), leader=0, proposer=0, reason="+2"))
+    assert sorted(shared.views) == [2, 3]  # the newest `keep`

@@ -217,6 +217,44 @@ class InMemoryViewStore(ViewStore):
             return False
 
 
+class SharedViews:
+    """Committed views read once for many :class:`TCPStoreViewStore` objects of one process and
+    event loop (the scale harness's ranks): a committed epoch never changes, so a view read by
+    one is the view for all, and a read in flight is joined rather than repeated. Pass the same
+    object as ``shared`` to each store. Keeps the newest ``keep`` epochs."""
+
+    def __init__(self, keep: int = 64) -> None:
+        self.keep = keep
+        self.views: dict[int, View] = {}
+        self.inflight: dict[int, asyncio.Future] = {}
+        self.reads = 0
+        """Reads that went to the store."""
+
+    def put(self, view: View) -> None:
+        self.views[view.epoch] = view
+        if len(self.views) > self.keep:
+            for epoch in sorted(self.views)[: len(self.views) - self.keep]:
+                del self.views[epoch]
+
+    async def read(self, epoch: int, fetch) -> View | None:
+        view = self.views.get(epoch)
+        if view is not None:
+            return view
+        future = self.inflight.get(epoch)
+        if future is None:
+            self.reads += 1
+            future = self.inflight[epoch] = asyncio.ensure_future(fetch())
+
+            def done(f: asyncio.Future, epoch: int = epoch) -> None:
+                if self.inflight.get(epoch) is f:
+                    del self.inflight[epoch]
+                if not f.cancelled() and f.exception() is None and f.result() is not None:
+                    self.put(f.result())
+
+            future.add_done_callback(done)
+        return await asyncio.shield(future)
+
+
 class TCPStoreViewStore(ViewStore):
     """Views in a ``torch.distributed.TCPStore``, committed with ``compare_set``.
 
@@ -229,6 +267,10 @@ class TCPStoreViewStore(ViewStore):
         connect_timeout_s: bound on the first connection (at least ``timeout_s``): a whole
             cluster connecting at start-up can take longer than one operation may, and a slow
             connect is not a lost store. Connect ahead of the first operation with :meth:`connect`.
+        waits: a :class:`~elasticep.bus.store_wait.WaitHub` shared with other ranks of this
+            process for :meth:`wait_committed` (default: a connection of its own).
+        shared: a :class:`SharedViews` shared with other ranks of this process: each committed
+            view is read once for all of them.
 
     Keys are ``{prefix}/view/{epoch}`` holding JSON views. A read is one ``compare_set`` with an
     expected value no view can have, so it never writes and costs one round trip whether the key
@@ -249,8 +291,10 @@ class TCPStoreViewStore(ViewStore):
         store: object | None = None,
         connect_timeout_s: float = 10.0,
         waits: WaitHub | None = None,
+        shared: SharedViews | None = None,
     ) -> None:
         self.host, self.port, self.timeout_s, self.prefix = host, port, timeout_s, prefix
+        self._shared = shared
         self.connect_timeout_s = max(connect_timeout_s, timeout_s)
         self._store = store
         self._lock = threading.Lock()
@@ -320,9 +364,14 @@ class TCPStoreViewStore(ViewStore):
             raise StoreUnavailable(f"view store did not answer within {self.timeout_s:g} s") from None
 
     async def compare_and_set(self, view: View, *, rank: int = -1) -> View:
-        return await self._run(self.compare_and_set_nowait, view, rank=rank)
+        committed = await self._run(self.compare_and_set_nowait, view, rank=rank)
+        if self._shared is not None:
+            self._shared.put(committed)
+        return committed
 
     async def read(self, epoch: int, *, rank: int = -1) -> View | None:
+        if self._shared is not None:
+            return await self._shared.read(epoch, lambda: self._run(self.read_nowait, epoch, rank=rank))
         return await self._run(self.read_nowait, epoch, rank=rank)
 
     async def wait_committed(self, epoch: int) -> bool:

@@ -265,7 +265,7 @@ def _worker(conn, ranks: list[int], n: int, config: Config, keys_json: str, stor
     from elasticep.bus.zmq_transport import SharedContext
     from elasticep.bus.loop import new_event_loop
     from elasticep.membership.service import MembershipService
-    from elasticep.membership.store import TCPStoreViewStore
+    from elasticep.membership.store import SharedViews, TCPStoreViewStore
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -283,6 +283,7 @@ def _worker(conn, ranks: list[int], n: int, config: Config, keys_json: str, stor
         # per key for the whole process (a connection per waiter is a name lookup per
         # connection at the store's server, hundreds of them at start-up).
         waits = WaitHub.for_store(store) if shared else None
+        views = SharedViews() if shared else None  # a committed view read once per process
         installs: dict[int, list[tuple[float, int, tuple[int, ...]]]] = {r: [] for r in ranks}
         services, wrappers, state = {}, {}, {r: "new" for r in ranks}
         reasons: dict[int, str] = {}  # epoch -> why that view changed the members
@@ -300,7 +301,7 @@ def _worker(conn, ranks: list[int], n: int, config: Config, keys_json: str, stor
             t = ZmqTransport(r, keys.for_rank(r), store, poll_interval_s=0.2, context=context, waits=waits)
             wrappers[r] = _LossyTransport(t, seed * 100_003 + r)
             bus = EventBus(t, r)
-            vs = TCPStoreViewStore(store=store, timeout_s=config.store_timeout_s, waits=waits)
+            vs = TCPStoreViewStore(store=store, timeout_s=config.store_timeout_s, waits=waits, shared=views)
             services[r] = MembershipService(
                 r, bus, vs, config, initial_members=tuple(range(n)),
                 on_install=lambda view, _ns, r=r: record(r, view))
