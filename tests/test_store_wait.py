@@ -155,3 +155,16 @@ async def test_shared_views_read_each_committed_epoch_once_for_every_store_of_a_
     assert await stores[7].read(2) == v2 and shared.reads == before + 1
     await stores[0].compare_and_set(View(epoch=3, members=(0, 2), leader=0, proposer=0, reason="+2"))
     assert sorted(shared.views) == [2, 3]  # the newest `keep`
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_a_waiter_closed_while_it_connects_ends_its_wait() -> None:
+    # close() while the connection is being opened: the wait must end, not go on to wait on a
+    # connection nobody will close (a lost cancellation left a transport's close() waiting).
+    server = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, use_libuv=True)
+    waiter = KeyWaiter(server.host, server.port)
+    pending = asyncio.ensure_future(waiter.wait("never"))
+    await asyncio.sleep(0)  # it is connecting now
+    waiter.close()
+    assert await asyncio.wait_for(pending, 5.0) is False

@@ -86,6 +86,9 @@ class KeyWaiter:
         name = (_KEY_PREFIX + key).encode()
         try:
             reader, writer = await self._connect()
+            if self._closed:  # closed while connecting (and the cancellation may have been lost)
+                self.reset()
+                return False
             writer.write(struct.pack("<BQQ", _WAIT, 1, len(name)) + name)
             await writer.drain()
             if self.bound_s is None:

@@ -112,6 +112,7 @@ def max_message_bytes(max_frame_bytes: int = MAX_FRAME_BYTES) -> int:
 
 _RECEIVE_BATCH = 4096
 _RECONNECT_S = 0.02  # the sockets' reconnect_ivl
+_CLOSE_WAIT_S = 2.0  # how long close() waits for each of the transport's tasks to end
 _INCARNATION = struct.Struct("<Q")
 _LENGTH = struct.Struct("<I")
 # pyzmq's constants are enums; an int & an enum flag goes through the enum machinery (about 2 us
@@ -347,10 +348,14 @@ class ZmqTransport(Transport):
         for task in (self._watcher, self._checker, self._filter_task):
             if task is not None and not task.done():
                 task.cancel()
-                try:
-                    await task
-                except (asyncio.CancelledError, Exception):
-                    pass
+                # Bounded: Python 3.11's wait_for can swallow a cancellation, and a task that
+                # lost it ends at its next look at the transport, which may be a while away.
+                done, _ = await asyncio.wait({task}, timeout=_CLOSE_WAIT_S)
+                if done and not task.cancelled() and task.exception() is not None:
+                    log.debug("bus rank %d: %s ended with %r", self.rank, task.get_name(), task.exception())
+                elif not done:
+                    log.warning("bus rank %d: %s did not end within %g s of close; left to end by itself",
+                                self.rank, task.get_name(), _CLOSE_WAIT_S)
         for peer in [*self._peers.values(), *self._pending.values()]:
             self._close_peer(peer)
         self._peers.clear()
