@@ -223,3 +223,15 @@ def test_a_replicated_expert_is_computed_once_per_choice_over_its_ranks():
     assert torch.equal(torch.where(ones, parts[0] + parts[1], weights * 0), torch.where(ones, weights, weights * 0))
     assert bool(((parts[0] > 0) & (parts[1] > 0) & ones).sum() == 0)
     assert _shares(p, 0, 0, (True, False)) is None  # rank 1 dead: no second live copy
+
+
+def test_agent_profile_follows_the_nodes_the_dp_ranks_span():
+    from elasticep_vllm.core_agent import AgentSettingsError, config_for, nodes_of
+
+    assert [nodes_of(8, 8), nodes_of(8, 4), nodes_of(9, 4), nodes_of(2, 0)] == [1, 2, 3, 1]
+    one_node, two_nodes = config_for({}, 4, 4), config_for({}, 4, 2)
+    assert one_node.grace_ms == 200.0 and two_nodes.grace_ms == 1500.0  # local, cluster
+    assert config_for({"ELASTICEP_VLLM_PROFILE": "local"}, 4, 2).grace_ms == 200.0
+    assert config_for({"ELASTICEP_VLLM_PROFILE": "cluster"}, 4, 4).grace_ms == 1500.0
+    with pytest.raises(AgentSettingsError):
+        config_for({"ELASTICEP_VLLM_PROFILE": "fast"}, 4, 4)

@@ -26,8 +26,9 @@ variable                      meaning (default)
 ``ELASTICEP_VLLM_STORE``      ``HOST:PORT`` of a ``TCPStore`` that outlives the engine cores
 ``ELASTICEP_BUS_KEYS``        the cluster's CURVE keys (JSON of :class:`~elasticep.bus.ClusterKeys`)
 ``ELASTICEP_VLLM_CLUSTER``    key prefix in the store (``vllm``)
-``ELASTICEP_VLLM_PROFILE``    ``local`` or ``cluster``: the :class:`~elasticep.Config` profile
-                              (``local``)
+``ELASTICEP_VLLM_PROFILE``    ``auto``, ``local`` or ``cluster``: the :class:`~elasticep.Config`
+                              profile (``auto``: ``cluster`` when the DP ranks span more than
+                              one node, ``data_parallel_size / data_parallel_size_local``)
 ``ELASTICEP_VLLM_HOST``       address this rank's bus binds (``127.0.0.1``)
 ``ELASTICEP_<FIELD>``         any :class:`~elasticep.Config` field
 ============================  ===============================================================
@@ -63,7 +64,9 @@ __all__ = [
     "CoreAgent",
     "VllmAgentHooks",
     "agent_enabled",
+    "config_for",
     "joining",
+    "nodes_of",
     "core_agent",
     "view_groups",
 ]
@@ -198,6 +201,26 @@ class VllmAgentHooks(EngineHooks):
                     change.epoch, serving, ms)
 
 
+def nodes_of(data_parallel_size: int, data_parallel_size_local: int) -> int:
+    """The nodes vLLM's DP ranks span: ``data_parallel_size`` over the ranks per node (one
+    node when vLLM does not say)."""
+    if data_parallel_size_local <= 0:
+        return 1
+    return max(1, -(-data_parallel_size // data_parallel_size_local))
+
+
+def config_for(environ: Mapping[str, str], data_parallel_size: int, data_parallel_size_local: int) -> Any:
+    """The agent's :class:`~elasticep.Config`: ``ELASTICEP_VLLM_PROFILE`` (default ``auto``:
+    ``local`` on one node, ``cluster`` across nodes, where lost packets hold a stream up for a
+    retransmission timeout), then any ``ELASTICEP_<FIELD>``."""
+    from elasticep.config import PROFILES, Config
+
+    profile = environ.get(ENV_PROFILE, "auto")
+    if profile not in PROFILES:
+        raise _settings_error(f"{ENV_PROFILE}={profile!r}: use one of {', '.join(PROFILES)}")
+    return Config.named(profile, hosts=nodes_of(data_parallel_size, data_parallel_size_local))
+
+
 class CoreAgent:
     """The agent of one engine core, started at the busy loop's first turn."""
 
@@ -209,12 +232,8 @@ class CoreAgent:
         self.recoveries: list[dict[str, Any]] = []
 
     def _config(self) -> Any:
-        from elasticep.config import Config
-
-        profile = self.environ.get(ENV_PROFILE, "local")
-        if profile not in ("local", "cluster"):
-            raise _settings_error(f"{ENV_PROFILE}={profile!r}: use local or cluster")
-        return Config.local() if profile == "local" else Config.cluster()
+        pc = self.engine.vllm_config.parallel_config
+        return config_for(self.environ, int(pc.data_parallel_size), int(getattr(pc, "data_parallel_size_local", 0) or 0))
 
     def start(self) -> Any:
         from elasticep.agent import Agent, parse_store_address
