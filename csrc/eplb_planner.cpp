@@ -17,7 +17,9 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#if defined(__SSE2__)
 #include <emmintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -30,6 +32,9 @@
 namespace py = pybind11;
 
 namespace elasticep {
+
+#if defined(__SSE2__)  // x86-64; elsewhere the module has no eplb_plan_core and the numpy planner runs
+
 namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
@@ -1252,5 +1257,11 @@ void register_eplb_planner(py::module_& m) {
         "The replan core of elasticep.eplb.planner in C++: (placement [L, N], repaired [L, N], lower bound, "
         "balance of repaired, balance of placement, every expert covered). budget < 0 means no budget.");
 }
+
+#else
+
+void register_eplb_planner(py::module_&) {}
+
+#endif  // __SSE2__
 
 }  // namespace elasticep
