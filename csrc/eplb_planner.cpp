@@ -358,6 +358,31 @@ int64_t repair_row(const Prob& pr, int64_t* p, const double* w) {
 // _repack.keep_counts for one row (cnt: live replicas now) -> counts summing to live.
 // Each expert's load per replica (w / c) and per remaining replica if it gives one up
 // (w / (c - 1), inf below two), kept up to date as the counts change.
+// The first index of the smallest value below +inf (of the largest above -inf), 0 when there is
+// none; first_argmax's ``value`` gets that value (or -inf).
+int first_argmin(const double* a, int n) {
+  double best = kInf;
+  int at = 0;
+  for (int i = 0; i < n; ++i)
+    if (a[i] < best) {
+      best = a[i];
+      at = i;
+    }
+  return at;
+}
+
+int first_argmax(const double* a, int n, double* value = nullptr) {
+  double best = -kInf;
+  int at = 0;
+  for (int i = 0; i < n; ++i)
+    if (a[i] > best) {
+      best = a[i];
+      at = i;
+    }
+  if (value != nullptr) *value = best;
+  return at;
+}
+
 struct Quotients {
   DVec per, spare;
   void init(const int64_t* c, const double* w, int E) {
@@ -382,24 +407,12 @@ void keep_counts_row(const int64_t* cnt, const double* w, int E, int64_t live, i
   q.init(c, w, E);
   while (tot != live) {
     if (tot > live) {
-      double best = kInf;
-      int give = 0;
-      for (int e = 0; e < E; ++e)
-        if (q.spare[e] < best) {
-          best = q.spare[e];
-          give = e;
-        }
+      const int give = first_argmin(q.spare.data(), E);
       --c[give];
       --tot;
       q.update(c, w, give);
     } else {
-      double best = -kInf;
-      int take = 0;
-      for (int e = 0; e < E; ++e)
-        if (q.per[e] > best) {
-          best = q.per[e];
-          take = e;
-        }
+      const int take = first_argmax(q.per.data(), E);
       ++c[take];
       ++tot;
       q.update(c, w, take);
@@ -412,13 +425,8 @@ void restore_counts_row(int64_t* c, const double* w, int E, double ceiling, int 
   static thread_local Quotients q;
   q.init(c, w, E);
   for (int step = 0; step < max_steps; ++step) {
-    double top = -kInf;
-    int take = 0;
-    for (int e = 0; e < E; ++e)
-      if (q.per[e] > top) {
-        top = q.per[e];
-        take = e;
-      }
+    double top;
+    const int take = first_argmax(q.per.data(), E, &top);
     double best = kInf;
     int give = 0;
     for (int e = 0; e < E; ++e) {

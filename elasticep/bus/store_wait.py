@@ -28,6 +28,17 @@ _WAIT = 6
 _STOP_WAITING = 0
 _KEY_PREFIX = "/"  # torch's client stores every key under this prefix
 
+def _server_of(store: object) -> tuple[str, int] | None:
+    """``(host, port)`` of the server behind a torch ``TCPStore`` object; None for any other store."""
+    try:
+        from torch.distributed import TCPStore
+    except ImportError:  # pragma: no cover - torch is a dependency; a store without it is no TCPStore
+        return None
+    if not isinstance(store, TCPStore) or not isinstance(store.host, str) or store.port <= 0:
+        return None
+    return store.host, store.port
+
+
 class StoreWaitFailed(ElasticEPError, ConnectionError):
     """A wait could not be made: the store is unreachable, or answered outside the protocol."""
 
@@ -59,13 +70,8 @@ class KeyWaiter:
     @classmethod
     def for_store(cls, store: object, **kwargs) -> "KeyWaiter | None":
         """A waiter on the server behind a torch ``TCPStore`` object; None for any other store."""
-        try:
-            from torch.distributed import TCPStore
-        except ImportError:  # pragma: no cover - torch is a dependency; a store without it is no TCPStore
-            return None
-        if not isinstance(store, TCPStore) or not isinstance(store.host, str) or store.port <= 0:
-            return None
-        return cls(store.host, store.port, **kwargs)
+        server = _server_of(store)
+        return None if server is None else cls(*server, **kwargs)
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self._streams is None:
@@ -161,8 +167,8 @@ class WaitHub:
     @classmethod
     def for_store(cls, store: object, **kwargs) -> "WaitHub | None":
         """A hub on the server behind a torch ``TCPStore`` object; None for any other store."""
-        probe = KeyWaiter.for_store(store)
-        return None if probe is None else cls(probe.host, probe.port, **kwargs)
+        server = _server_of(store)
+        return None if server is None else cls(*server, **kwargs)
 
     async def _one(self, key: str) -> bool:
         if self._slots is None:
