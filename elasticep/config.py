@@ -94,6 +94,11 @@ class Config:
     """A bootstrap member never heard since the first view is *joining* (still starting): it is
     suspected only after this much silence, s, never by the steady-state timers (a process exit
     still evicts it at once)."""
+    host_board: bool = True
+    """Ranks on one host heartbeat each other through a shared-memory board
+    (:mod:`elasticep.detect.board`) instead of the bus: no message, no wake-up. A rank still
+    heartbeats on the bus while any rank that watches it is not seen on its board; events
+    (suspicions, views, joins) always travel on the bus. Used by the :class:`~elasticep.Agent`."""
 
     # --- membership and store ---
     store_timeout_s: float = 2.0
@@ -288,7 +293,16 @@ class Config:
                              "characters (e.g. secrets.token_urlsafe())")
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
 def _parse(text: str, kind: type, name: str) -> Any:
+    if kind is bool:
+        word = text.strip().lower()
+        if word in _TRUE or word in _FALSE:
+            return word in _TRUE
+        raise InvalidArgument(f"ELASTICEP_{name.upper()}={text!r} is not a valid bool (one of {_TRUE + _FALSE})")
     try:
         return kind(text)
     except ValueError:

@@ -117,6 +117,16 @@ QUEUE_DEPTH = Gauge(
 SUSPICIONS = Counter(
     "elasticep_suspicions_total", "Suspicions raised, by signal source.", ["source"], registry=REGISTRY
 )
+HOST_BOARD_HEARTBEATS = Counter(
+    "elasticep_host_board_heartbeats_total",
+    "Heartbeats read from the host board (shared memory) instead of the bus.",
+    registry=REGISTRY,
+)
+HOST_BOARD_UNAVAILABLE = Counter(
+    "elasticep_host_board_unavailable_total",
+    "Ranks that could not open their host board and heartbeat over the bus only.",
+    registry=REGISTRY,
+)
 EVICTIONS = Counter(
     "elasticep_evictions_total", "Ranks removed from the view, by cause.", ["cause"], registry=REGISTRY
 )

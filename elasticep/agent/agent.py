@@ -993,8 +993,13 @@ class Agent:
         self.bus = EventBus(transport, self.rank)
         view_store = self._view_store or TCPStoreViewStore(host, port, timeout_s=self.config.store_timeout_s,
                                                            prefix=f"elasticep/{self.cluster}")
+        board = None
+        if self.config.host_board:
+            from elasticep.detect.board import open_board
+
+            board = open_board(f"{self.cluster}@{self.store_address}", self.rank, transport.incarnation)
         self.service = MembershipService(self.rank, self.bus, view_store, self.config, initial_members=self._initial,
-                                         join=self.join, on_install=self._on_install)
+                                         join=self.join, on_install=self._on_install, board=board)
         groups: Any = None
         if self.hooks.overrides("rebuild_collectives"):
             groups = _HookGroups(self)

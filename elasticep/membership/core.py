@@ -745,14 +745,18 @@ class MembershipCore:
         view = self.view
         if view is None or self._cas is not None:
             return []
-        members = set(view.members)
+        members = self._member_set()
+        found = self.fusion.verdicts(now, members)
+        if not found and not self._joiners:  # the common case, every tick: nothing to decide
+            self._change_since_s = self._isolated_since_s = None
+            return []
+        members = set(members)
         heard = (set(self.monitor.peers) - self.monitor.suspected()) | {self.rank}
         # Silence that others report about a rank this rank hears itself (or about this rank) is
         # not enough: the link between them is what failed (kernel timeouts and certain signals
         # still count).
         verdicts: dict[int, Verdict] = {
-            v.rank: v for v in self.fusion.verdicts(now, members)
-            if v.certain or v.cause != "heartbeat" or v.rank not in heard
+            v.rank: v for v in found if v.certain or v.cause != "heartbeat" or v.rank not in heard
         }
         joiners = {r: inc for r, inc in self._joiners.items() if r not in members}
         if not verdicts and not joiners:

@@ -30,7 +30,7 @@ from elasticep import metrics
 from elasticep.config import Config
 from elasticep.errors import Closed, ElasticEPError, InvalidArgument, NotStarted, WaitTimeout, _rebuild
 from elasticep.bus.bus import NotAnEventType
-from elasticep.events import EVENT_TAGS, Envelope, Heartbeat, Suspicion
+from elasticep.events import EVENT_TAGS, SCHEMA_VERSION, Envelope, Heartbeat, Suspicion
 from elasticep.membership.core import (
     CasDone,
     Committed,
@@ -55,6 +55,7 @@ from elasticep.membership.topology import Topology
 from elasticep.membership.view import ChangeKind, CorruptView, View, ViewDiff
 
 if TYPE_CHECKING:
+    from elasticep.detect.board import HostBoard
     from elasticep.bus import EventBus
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ class MembershipService:
         clock: monotonic seconds (``time.monotonic``); replaceable for tests.
         on_install: optional plain callback ``on_install(view, wall_ns)`` run on the event loop
             right after each install (not concurrently with itself).
+        board: this rank's :class:`~elasticep.detect.board.HostBoard`, or None: heartbeats to
+            and from the ranks of its host go through it (the service closes it).
 
     Use ``await start()`` / ``await close()`` (or ``async with``).
     """
@@ -105,6 +108,7 @@ class MembershipService:
         join: bool = False,
         clock: Callable[[], float] = time.monotonic,
         on_install: Callable[[View, int], None] | None = None,
+        board: "HostBoard | None" = None,
     ) -> None:
         rank = rank_id("rank", rank)
         bus_rank = getattr(bus, "rank", None)
@@ -123,6 +127,11 @@ class MembershipService:
             raise InvalidArgument("clock must be a callable returning monotonic seconds")
         if on_install is not None and not callable(on_install):
             raise InvalidArgument("on_install must be a callable on_install(view, wall_ns) or None")
+        if board is not None and not (callable(getattr(board, "beat", None))
+                                      and callable(getattr(board, "changed", None))):
+            raise InvalidArgument(f"board must be a HostBoard or None, not {type(board).__name__}")
+        if board is not None and board.rank != rank:
+            raise InvalidArgument(f"the board handle is rank {board.rank}'s, the service rank {rank}'s")
         self.rank = rank
         self.bus = bus
         self.store = store
@@ -150,6 +159,11 @@ class MembershipService:
         self._subscribed_disconnects = False
         self._filtered_view: View | None = None
         self._filtering = False
+        self.board = board
+        self.board_heartbeats = 0
+        """Heartbeats read from the host board (each one a bus message saved)."""
+        self.bus_heartbeats_spared = 0
+        """Own heartbeats not sent on the bus because every watcher reads them on the board."""
 
     # --- public API -------------------------------------------------------------------------
 
@@ -441,6 +455,8 @@ class MembershipService:
             self._remove_handler()
         if self.core.store_pushes:
             getattr(self.store, "end_waits", lambda: None)()  # the commit watch's idle connection, if any
+        if self.board is not None:
+            self.board.close()
         self._end_streams(_END)
 
     async def __aenter__(self) -> "MembershipService":
@@ -493,14 +509,53 @@ class MembershipService:
     async def _tick_loop(self) -> None:
         loop = asyncio.get_running_loop()
         next_at = loop.time()
+        board = self.board
         while not self.core.stopped:
-            self._apply(self.core.step(Tick(), self.clock()))
+            now = self.clock()
+            beats = self._board_beats(now) if board is not None else None
+            if beats:
+                beats.append(Tick())
+                self._apply(self.core.step_many(beats, now))
+            else:
+                self._apply(self.core.step(Tick(), now))
             interval = self.core.tick_interval()
             next_at += interval
             now = loop.time()
             if next_at < now:  # we fell behind (a stall): do not fire a burst of ticks
                 next_at = now + interval
             await asyncio.sleep(next_at - now)
+
+    def _board_beats(self, now: float) -> list:
+        """The host board's news since the last tick, as the envelopes the bus would have
+        carried: one heartbeat per local peer whose beat moved, stamped with that peer's
+        installed epoch (so a newer view is read at once, as with a bus heartbeat)."""
+        core = self.core
+        peers = core.watched()
+        if not peers:
+            members = core.view.members if core.view is not None else core.initial
+            peers = members or ()
+        moved = self.board.changed(peers, now)
+        if not moved:
+            return []
+        self.board_heartbeats += len(moved)
+        metrics.HOST_BOARD_HEARTBEATS.inc(len(moved))
+        return [Envelope(schema=SCHEMA_VERSION, sender=peer, epoch=slot.epoch, seq=0, wall_ns=0, mono_ns=slot.beat,
+                         event=Heartbeat(rank=peer, incarnation=slot.incarnation))
+                for peer, slot in moved]
+
+    def _board_covers(self, now: float) -> bool:
+        """Whether every rank that watches this one was seen beating on the board within
+        ``grace_ms``: then they read this rank's beats there, and the bus need not carry them."""
+        core = self.core
+        view = core.view
+        if view is None or core.status != "member" or not core.is_member:
+            return False
+        if core.topology.everyone:
+            watchers: tuple[int, ...] = view.members
+        else:
+            watchers = core.topology.neighbors(view.members, self.rank)
+        board, within = self.board, self.config.grace_ms / 1e3
+        return all(w == self.rank or board.fresh(w, now, within) for w in watchers)
 
     async def _commit_watch(self) -> None:
         """Hand the core each commit the store pushes (:meth:`ViewStore.wait_committed`), so a
@@ -573,6 +628,13 @@ class MembershipService:
         for action in actions:
             if isinstance(action, Publish):
                 event = action.event
+                if self.board is not None and type(event) is Heartbeat and event.rank == self.rank:
+                    view = self.core.view
+                    now = self.clock()
+                    self.board.beat(view.epoch if view is not None else 0)
+                    if self._board_covers(now):
+                        self.bus_heartbeats_spared += 1
+                        continue
                 if isinstance(event, Suspicion) and event.observer == self.rank:
                     metrics.SUSPICIONS.labels(event.source).inc()
                     log.info("rank %d suspects rank %d (%s): %s", self.rank, event.suspect, event.source, event.detail)

@@ -25,7 +25,7 @@ import sys
 import time
 
 from elasticep.bus.loop import new_event_loop
-from elasticep.config import Config
+from elasticep.config import Config, _parse
 from elasticep.events import ProcessExit
 
 log = logging.getLogger("elasticep.membership.worker")
@@ -40,8 +40,7 @@ def _parse_overrides(items: list[str]) -> dict[str, object]:
     out: dict[str, object] = {}
     for item in items:
         name, _, value = item.partition("=")
-        kind = type(getattr(Config, name))
-        out[name] = kind(value)
+        out[name] = _parse(value, type(getattr(Config, name)), name)
     return out
 
 
@@ -64,8 +63,13 @@ async def run(args: argparse.Namespace) -> int:
               reason=view.reason)
 
     initial = None if args.join else tuple(range(args.world))
+    board = None
+    if config.host_board:
+        from elasticep.detect.board import open_board
+
+        board = open_board(f"{os.environ.get('ELASTICEP_CLUSTER', '')}@{args.store}", args.rank, transport.incarnation)
     service = MembershipService(args.rank, bus, view_store, config, initial_members=initial, join=args.join,
-                                on_install=on_install)
+                                on_install=on_install, board=board)
     await bus.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
