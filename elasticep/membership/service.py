@@ -510,14 +510,22 @@ class MembershipService:
         loop = asyncio.get_running_loop()
         next_at = loop.time()
         board = self.board
-        while not self.core.stopped:
+        core = self.core
+        while not core.stopped:
             now = self.clock()
-            beats = self._board_beats(now) if board is not None else None
-            if beats:
-                beats.append(Tick())
-                self._apply(self.core.step_many(beats, now))
+            if board is not None:
+                # each beat at the time its writer stamped it (the host's monotonic clock, the
+                # one this service runs on by default), as a bus heartbeat arrives when it is sent
+                at_stamp = self.clock is time.monotonic
+                window = 2 * self.config.heartbeat_interval_ms / 1e3
+                actions: list = []
+                for env in self._board_beats(now):
+                    at = env.mono_ns / 1e9 if at_stamp else now
+                    actions += core.step(env, at if now - window <= at <= now else now, decide=False)
+                actions += core.step(Tick(), now)
+                self._apply(actions)
             else:
-                self._apply(self.core.step(Tick(), now))
+                self._apply(core.step(Tick(), now))
             interval = self.core.tick_interval()
             next_at += interval
             now = loop.time()
