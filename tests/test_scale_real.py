@@ -121,3 +121,22 @@ def test_bench_scale_real_tiny_json(capsys) -> None:
     assert ring["sockets_per_rank"] < all_["sockets_per_rank"]
     # a rank receives from its 4 watched neighbours only (rates are not timed: only the ratio)
     assert ring["msgs_per_rank_per_s"] < 0.6 * all_["msgs_per_rank_per_s"]
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(180)
+def test_ring_with_hosts_on_boards_sends_fewer_bus_messages_and_still_evicts(capsys) -> None:
+    """16 ranks as two hosts of 8 in two processes: ring neighbours on the same host heartbeat on
+    its board, so the bus carries fewer messages per rank than without hosts (same run); a
+    killed and a hung rank still leave every survivor's view, with no false eviction."""
+    assert cli_main(["bench", "scale", "--ranks", "16", "--real-max", "16", "--real-all-max", "0",
+                     "--ranks-per-host", "0", "8", "--soak-s", "2", "--trials", "1", "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    real = [r for r in records if r["mode"] == "real"]
+    assert [(r["topology"], r["ranks_per_host"]) for r in real] == [("ring", 0), ("ring", 8)]
+    plain, hosts = real
+    for r in real:
+        assert r["false_evictions"] == 0
+        assert r["kill_to_view_p99_ms"] > 0 and r["hang_to_view_p99_ms"] > 0  # both victims left every view
+    # within a host of 8, ranks 2 to 5 have all 4 watchers on their board: half the ranks send nothing
+    assert hosts["msgs_per_rank_per_s"] < 0.75 * plain["msgs_per_rank_per_s"]

@@ -78,15 +78,16 @@ def _victims(n: int, trials: int) -> list[int]:
 
 
 def measure_real(n: int, topology: str, *, trials: int = 2, soak_s: float = 60.0, procs: int | None = None,
-                 steady_s: float = 3.0, seed: int = 1, overrides: dict | None = None) -> dict:
+                 steady_s: float = 3.0, seed: int = 1, overrides: dict | None = None, ranks_per_host: int = 0) -> dict:
     """One N and topology over real sockets (:class:`RealCluster`); the keys of :func:`measure`
     plus ``cpu_pct_per_rank``, ``fds_per_rank``, ``threads_per_rank``, ``sockets_per_rank``,
-    ``peers_max``, ``procs``, ``soak_ranks``."""
+    ``peers_max``, ``procs``, ``soak_ranks``, ``ranks_per_host`` (0: every rank heartbeats over
+    the bus; H: ranks ``r // H`` share a host board)."""
     config = Config.local(**{**(overrides or {}), "detection_topology": topology})
     procs = procs or max(1, min(8, n // 32))
     kill_ms: list[float] = []
     hang_ms: list[float] = []
-    with RealCluster(n, config, procs=procs, seed=seed) as cluster:
+    with RealCluster(n, config, procs=procs, seed=seed, ranks_per_host=ranks_per_host) as cluster:
         join_all_s = cluster.start()
         time.sleep(1.0)
         s0 = cluster.stats()
@@ -119,6 +120,7 @@ def measure_real(n: int, topology: str, *, trials: int = 2, soak_s: float = 60.0
         "fds_per_rank": round(s1["fds"] / s1["ranks"], 1), "threads_per_rank": round(s1["threads"] / s1["ranks"], 2),
         "sockets_per_rank": round(s1["sockets"] / s1["ranks"], 1), "peers_max": s1["peers_max"], "procs": procs,
         "loop_lag_max_ms": round(s2["lag_max_ms"], 1), "loop_stalls_over_100ms": s2["lag_over_100ms"],
+        "ranks_per_host": ranks_per_host,
     }
 
 
@@ -137,10 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", action="append", default=[], metavar="FIELD=VALUE",
                         help="a Config.local() field for every run, both topologies (repeatable), "
                              "e.g. heartbeat_interval_ms=100")
+    parser.add_argument("--ranks-per-host", type=int, nargs="+", default=[0], metavar="H",
+                        help="real runs: ranks r // H share a host and heartbeat each other on its shared-memory "
+                             "board (0: all over the bus); several values are run one after another")
     parser.add_argument("--json", action="store_true", help="print one JSON record per N, topology and mode")
     args = parser.parse_args(argv)
     from elasticep.bench.detect import _config, _overrides
 
+    if any(h < 0 for h in args.ranks_per_host):
+        parser.error(f"--ranks-per-host takes values >= 0, not {args.ranks_per_host}")
     overrides = _overrides(parser, args.config)
     overrides.pop("detection_topology", None)  # both are run
     base = _config(parser, "local", 1, overrides)  # an impossible config fails here
@@ -155,8 +162,13 @@ def main(argv: list[str] | None = None) -> int:
                 rate = Topology("all").messages_per_rank_per_s(n, base.heartbeat_interval_ms)
                 records.append({"ranks": n, "mode": "formula", "topology": "all", "msgs_per_rank_per_s": rate})
             elif real:
-                records.append(measure_real(n, topology, trials=args.trials, soak_s=args.soak_s, procs=args.procs,
-                                            overrides=overrides))
+                for h in args.ranks_per_host:
+                    records.append(measure_real(n, topology, trials=args.trials, soak_s=args.soak_s, procs=args.procs,
+                                                overrides=overrides, ranks_per_host=h))
+                    records[-1]["config"] = overrides
+                    if not args.json:
+                        print(_row(records[-1]), flush=True)
+                continue
             else:
                 records.append(measure(n, topology, trials=args.trials, soak_s=sim_soak, overrides=overrides))
             records[-1]["config"] = overrides
@@ -166,7 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         for r in records:
             print(json.dumps(r))
         return 0
-    by = {(r["ranks"], r["topology"]): r for r in records}
+    by = {(r["ranks"], r["topology"]): r for r in records if not r.get("ranks_per_host")}
+    for r in records:
+        g = by.get((r["ranks"], r["topology"]))
+        if r.get("ranks_per_host") and g and r["msgs_per_rank_per_s"]:
+            print(f"N={r['ranks']} {r['topology']}: hosts of {r['ranks_per_host']} on shared-memory boards carry "
+                  f"{g['msgs_per_rank_per_s'] / r['msgs_per_rank_per_s']:.1f}x fewer bus messages per rank, "
+                  f"{g['cpu_pct_per_rank'] / max(r['cpu_pct_per_rank'], 1e-9):.2f}x less CPU (same run)")
     for n in args.ranks:
         a, g = by.get((n, "all")), by.get((n, "ring"))
         if a and g and g["msgs_per_rank_per_s"]:
@@ -183,7 +201,8 @@ _HEADER = (f"{'N':>5} {'topology':>8} {'mode':>9} {'kill p50/p99 ms':>16} {'hang
 def _row(r: dict) -> str:
     if r["mode"] == "formula":
         return f"{r['ranks']:>5} {'all':>8} {'formula':>9} {'':>16} {'':>16} {r['msgs_per_rank_per_s']:>11.0f}"
-    line = (f"{r['ranks']:>5} {r['topology']:>8} {r['mode']:>9} "
+    topology = r["topology"] + (f"/h{r['ranks_per_host']}" if r.get("ranks_per_host") else "")
+    line = (f"{r['ranks']:>5} {topology:>8} {r['mode']:>9} "
             f"{r['kill_to_view_p50_ms']:>7.1f}/{r['kill_to_view_p99_ms']:<8.1f} "
             f"{r['hang_to_view_p50_ms']:>7.1f}/{r['hang_to_view_p99_ms']:<8.1f} "
             f"{r['msgs_per_rank_per_s']:>11.0f} {r['bytes_per_rank_per_s']:>9.0f} {r['false_evictions']:>8} "

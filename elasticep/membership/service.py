@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
 import time
 from typing import TYPE_CHECKING, AsyncIterator, Callable
 
@@ -61,6 +63,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _END = object()
+
+
+def _phase() -> float:
+    """Where in each tick interval this process's membership ticks fall, as a fraction of it:
+    one value per process (computed from the pid, so processes forked from one parent that
+    imported this module still differ)."""
+    return (os.getpid() * 0.6180339887498949) % 1.0
 
 
 class RankFenced(ElasticEPError, RuntimeError):
@@ -508,7 +517,7 @@ class MembershipService:
 
     async def _tick_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        next_at = loop.time()
+        phase = _phase()
         board = self.board
         core = self.core
         while not core.stopped:
@@ -526,12 +535,14 @@ class MembershipService:
                 self._apply(actions)
             else:
                 self._apply(core.step(Tick(), now))
-            interval = self.core.tick_interval()
-            next_at += interval
+            # The next tick on this process's grid (a stall skips the ticks it missed, never
+            # fires a burst): ranks sharing a process and a loop wake together, one wake-up for
+            # all of them; other processes' grids are offset by their phase, so a host's ranks
+            # do not all wake at once.
+            interval = core.tick_interval()
+            offset = phase * interval
             now = loop.time()
-            if next_at < now:  # we fell behind (a stall): do not fire a burst of ticks
-                next_at = now + interval
-            await asyncio.sleep(next_at - now)
+            await asyncio.sleep((math.floor((now - offset) / interval) + 1) * interval + offset - now)
 
     def _board_beats(self, now: float) -> list:
         """The host board's news since the last tick, as the envelopes the bus would have

@@ -253,7 +253,7 @@ def _thread_count() -> int:
 
 
 def _worker(conn, ranks: list[int], n: int, config: Config, keys_json: str, store_addr: str, seed: int,
-            shared: bool) -> None:
+            shared: bool, ranks_per_host: int = 0) -> None:
     """One harness process: ``ranks``' buses, detectors and membership services on one loop."""
     import asyncio
     import logging
@@ -264,6 +264,7 @@ def _worker(conn, ranks: list[int], n: int, config: Config, keys_json: str, stor
     from elasticep.bus.store_wait import WaitHub
     from elasticep.bus.zmq_transport import SharedContext
     from elasticep.bus.loop import new_event_loop
+    from elasticep.detect.board import HostBoard
     from elasticep.membership.service import MembershipService
     from elasticep.membership.store import SharedViews, TCPStoreViewStore
 
@@ -302,9 +303,12 @@ def _worker(conn, ranks: list[int], n: int, config: Config, keys_json: str, stor
             wrappers[r] = _LossyTransport(t, seed * 100_003 + r)
             bus = EventBus(t, r)
             vs = TCPStoreViewStore(store=store, timeout_s=config.store_timeout_s, waits=waits, shared=views)
+            # ranks_per_host: ranks r // ranks_per_host share a host and heartbeat each other on its board
+            board = (HostBoard(f"scale@{store_addr}/host{r // ranks_per_host}", r, t.incarnation)
+                     if ranks_per_host else None)
             services[r] = MembershipService(
                 r, bus, vs, config, initial_members=tuple(range(n)),
-                on_install=lambda view, _ns, r=r: record(r, view))
+                on_install=lambda view, _ns, r=r: record(r, view), board=board)
         done = asyncio.Event()
 
         def live() -> list[int]:
@@ -425,6 +429,9 @@ class RealCluster:
     closes the rank's sockets (as the kernel does for a killed process; no launcher report), a
     *hang* stops its service and its reading with its connections left open (SIGSTOP).
     Loss (:meth:`set_loss`) is modeled at the receiver, each envelope dropped independently.
+    With ``ranks_per_host`` H, ranks ``r // H`` form a host: each host's ranks heartbeat each
+    other on a :class:`~elasticep.detect.board.HostBoard` of their own, and over the bus only to
+    watchers on other hosts (a killed or hung rank's slot goes quiet with it).
 
     Example::
 
@@ -434,7 +441,8 @@ class RealCluster:
             print(max(c.wait_excluded(17, 5.0).values()) - t0)
     """
 
-    def __init__(self, n: int, config: Config, *, procs: int = 2, seed: int = 0, shared_context: bool = True) -> None:
+    def __init__(self, n: int, config: Config, *, procs: int = 2, seed: int = 0, shared_context: bool = True,
+                 ranks_per_host: int = 0) -> None:
         import multiprocessing as mp
 
         from torch.distributed import TCPStore
@@ -455,7 +463,8 @@ class RealCluster:
             for r in ranks:
                 self.owner[r] = p
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, ranks, n, config, keys, f"127.0.0.1:{port}", seed, shared_context),
+            proc = ctx.Process(target=_worker, args=(child, ranks, n, config, keys, f"127.0.0.1:{port}", seed, shared_context,
+                                                     ranks_per_host),
                                daemon=True, name=f"elasticep-scale-{p}")
             proc.start()
             child.close()
