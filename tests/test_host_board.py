@@ -8,6 +8,7 @@ is still heard, and still hears the others, over the bus.
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing as mp
 import os
 import threading
@@ -208,3 +209,46 @@ def test_a_rank_without_a_board_hears_and_is_heard_over_the_bus() -> None:
         for a in agents:
             a.stop()
         del server
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_the_service_ticks_once_per_interval_on_its_grid_even_with_millisecond_timers(loop: str) -> None:
+    """Ticks fall on a per-process grid; a timer that fires a little early (libuv's are
+    millisecond timers) must not tick twice at one grid point (twice the CPU when it did)."""
+    from elasticep.bus.loop import run
+
+    run(_ticks_once_per_interval(), kind=loop)
+
+
+async def _ticks_once_per_interval() -> None:
+    from elasticep.bus import EventBus, InProcessNetwork
+    from elasticep.membership import InMemoryViewStore, MembershipService
+
+    net, store = InProcessNetwork(seed=1), InMemoryViewStore()
+    buses = [EventBus(net.transport(r), r) for r in (0, 1)]
+    services = [MembershipService(r, buses[r], store, Config.local(), initial_members=(0, 1)) for r in (0, 1)]
+    ticks = [0, 0]
+    for r, s in enumerate(services):
+        real = s.core._tick
+
+        def counted(now, real=real, r=r):
+            ticks[r] += 1
+            return real(now)
+
+        s.core._tick = counted
+    for b in buses:
+        await b.start()
+    await asyncio.gather(*(s.start() for s in services))
+    before = list(ticks)
+    await asyncio.sleep(1.0)
+    try:
+        for r in (0, 1):
+            assert services[r].current is not None and not services[r].core.monitor.suspected()
+            # 25 grid points a second at 40 ms (a little slack for a late start of the window)
+            assert 20 <= ticks[r] - before[r] <= 27, ticks
+    finally:
+        for s in services:
+            await s.close()
+        for b in buses:
+            await b.close()

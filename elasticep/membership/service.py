@@ -542,7 +542,9 @@ class MembershipService:
             interval = core.tick_interval()
             offset = phase * interval
             now = loop.time()
-            await asyncio.sleep((math.floor((now - offset) / interval) + 1) * interval + offset - now)
+            # (at least a quarter interval ahead: a timer that fires a little early, as libuv's
+            # millisecond timers do, must not tick twice at one grid point)
+            await asyncio.sleep((math.floor((now + interval / 4 - offset) / interval) + 1) * interval + offset - now)
 
     def _board_beats(self, now: float) -> list:
         """The host board's news since the last tick, as the envelopes the bus would have
