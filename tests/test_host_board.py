@@ -88,6 +88,19 @@ def test_a_file_of_another_layout_or_a_rank_without_a_slot_falls_back_to_the_bus
     assert not path.exists()
 
 
+def test_a_link_planted_at_the_boards_name_is_not_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    probe = _board(tmp_path, 0)
+    name = probe.path
+    probe.close()
+    name.symlink_to(victim)
+    with pytest.raises(OSError):
+        _board(tmp_path, 0)
+    assert open_board("c@h:1", 0, directory=tmp_path, slots=64) is None
+    assert victim.read_bytes() == b"precious"
+
+
 def _hold_a_slot_and_die(directory: str, rank: int) -> None:
     board = HostBoard("c@h:1", rank, directory=directory, slots=64)
     board.beat(1)

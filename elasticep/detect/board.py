@@ -35,6 +35,7 @@ import hashlib
 import logging
 import mmap
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Iterable
@@ -121,9 +122,13 @@ class HostBoard:
         self.incarnation = incarnation
         self.slots = slots
         size = 8 * (_HEADER_WORDS + _SLOT_WORDS * slots)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        # never through a link someone planted at the name, never into anything but a plain file
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
-            if os.fstat(fd).st_size < size:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(f"{self.path} is not a regular file")
+            if st.st_size < size:
                 os.ftruncate(fd, size)
             self._map = mmap.mmap(fd, size)
         finally:
