@@ -23,7 +23,7 @@ from torch.distributed import TCPStore
 
 from elasticep import Agent, Config, EngineHooks, metrics
 from elasticep.bus import ClusterKeys
-from elasticep.detect.board import HostBoard, open_board
+from elasticep.detect.board import HostBoard, open_board, sweep_stale_boards
 from elasticep.eplb import initial
 from elasticep.errors import InvalidArgument
 
@@ -118,6 +118,27 @@ def test_the_last_live_rank_removes_the_file_even_after_a_peer_was_killed(tmp_pa
     assert a.path.exists()  # rank 2 is alive
     b.close()
     assert not a.path.exists()
+
+
+def test_boards_whose_every_rank_was_killed_are_swept_and_live_ones_kept(tmp_path: Path) -> None:
+    p = mp.get_context("fork").Process(target=_hold_a_slot_and_die, args=(str(tmp_path), 3))
+    p.start()
+    p.join(30)
+    dead = _board(tmp_path, 0)
+    dead_path = dead.path
+    dead.close(clear=False)  # rank 0 of it gone too, its slot still written: nobody will remove the file
+    live = _board(tmp_path, 0, name="other@h:1")
+    (tmp_path / "elasticep-board-notes").write_text("not a board")
+    assert dead_path.exists()
+    assert sweep_stale_boards(tmp_path) == 0  # rank 0's pid (ours) is alive: kept
+    words = memoryview(bytearray(dead_path.read_bytes())).cast("Q")
+    for slot in range(64):
+        if words[8 + 4 * slot + 1] == os.getpid():
+            words[8 + 4 * slot + 1] = 0  # as if this process had been killed
+    dead_path.write_bytes(words.tobytes())
+    assert sweep_stale_boards(tmp_path) == 1
+    assert not dead_path.exists() and live.path.exists() and (tmp_path / "elasticep-board-notes").exists()
+    live.close()
 
 
 def test_host_board_is_a_config_field_with_a_typed_environment_value(monkeypatch: pytest.MonkeyPatch) -> None:

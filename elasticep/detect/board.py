@@ -44,7 +44,7 @@ from elasticep.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BOARD_SLOTS", "BoardBeat", "HostBoard", "host_identity", "open_board"]
+__all__ = ["BOARD_SLOTS", "BoardBeat", "HostBoard", "host_identity", "open_board", "sweep_stale_boards"]
 
 BOARD_SLOTS = 4096
 """Ranks one board holds (ranks 0 to 4095); a rank beyond it heartbeats over the bus only."""
@@ -241,13 +241,49 @@ class HostBoard:
         return f"HostBoard({str(self.path)!r}, rank={self.rank})"
 
 
+def sweep_stale_boards(directory: str | os.PathLike = "/dev/shm") -> int:
+    """Remove the board files in ``directory`` that no live process holds a slot in (their last
+    ranks were killed, so nobody removed them); returns how many. Best effort: a file that
+    cannot be read is left alone, and a rank that opened a file just as it was removed keeps an
+    unlinked copy to itself and heartbeats over the bus."""
+    removed = 0
+    for path in Path(directory).glob("elasticep-board-*"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_size < 8 * _HEADER_WORDS:
+                continue
+            data = os.pread(fd, st.st_size, 0)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        words = memoryview(data[: len(data) // 8 * 8]).cast("Q")
+        if words[0] != _MAGIC or any(_alive(pid) for pid in words[_HEADER_WORDS + _PID::_SLOT_WORDS] if pid):
+            continue
+        try:
+            path.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
 def open_board(name: str, rank: int, incarnation: int = 0, **kwargs) -> HostBoard | None:
-    """:class:`HostBoard` for ``rank``, or None (logged and counted) where none can be had: a
+    """:class:`HostBoard` for ``rank`` (after :func:`sweep_stale_boards`), or None (logged and
+    counted) where none can be had: a
     rank beyond the board's slots, no ``/dev/shm``, a file of another layout. Such a rank
     heartbeats over the bus, and its peers see no beat of its on their boards, so they keep
     heartbeating to it over the bus too."""
     from elasticep import metrics
 
+    try:
+        sweep_stale_boards(kwargs.get("directory", "/dev/shm"))
+    except OSError:
+        pass
     try:
         return HostBoard(name, rank, incarnation, **kwargs)
     except (OSError, InvalidArgument) as exc:
