@@ -38,7 +38,7 @@ import os
 import stat
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from elasticep.errors import InvalidArgument
 
@@ -82,19 +82,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class BoardBeat:
+class BoardBeat(NamedTuple):
     """One peer's slot as last read: ``beat`` (ns), ``pid``, ``incarnation``, ``epoch``."""
 
-    __slots__ = ("beat", "pid", "incarnation", "epoch")
+    beat: int
+    pid: int
+    incarnation: int
+    epoch: int
 
-    def __init__(self, beat: int, pid: int, incarnation: int, epoch: int) -> None:
-        self.beat = beat
-        self.pid = pid
-        self.incarnation = incarnation
-        self.epoch = epoch
 
-    def __repr__(self) -> str:
-        return f"BoardBeat(beat={self.beat}, pid={self.pid}, incarnation={self.incarnation}, epoch={self.epoch})"
+def _held(words) -> bool:
+    """Whether a live process holds a slot of the board ``words`` (its 64-bit words)."""
+    return any(_alive(pid) for pid in words[_HEADER_WORDS + _PID::_SLOT_WORDS] if pid)
 
 
 class HostBoard:
@@ -224,7 +223,7 @@ class HostBoard:
             if words is not None and clear and words[self._base + _PID] == os.getpid():
                 words[self._base + _BEAT] = 0
                 words[self._base + _PID] = 0
-                empty = not any(_alive(pid) for pid in words[_HEADER_WORDS + _PID::_SLOT_WORDS] if pid)
+                empty = not _held(words)
         finally:
             if words is not None:
                 words.release()
@@ -262,7 +261,7 @@ def sweep_stale_boards(directory: str | os.PathLike = "/dev/shm") -> int:
         finally:
             os.close(fd)
         words = memoryview(data[: len(data) // 8 * 8]).cast("Q")
-        if words[0] != _MAGIC or any(_alive(pid) for pid in words[_HEADER_WORDS + _PID::_SLOT_WORDS] if pid):
+        if words[0] != _MAGIC or _held(words):
             continue
         try:
             path.unlink()
@@ -274,16 +273,12 @@ def sweep_stale_boards(directory: str | os.PathLike = "/dev/shm") -> int:
 
 def open_board(name: str, rank: int, incarnation: int = 0, **kwargs) -> HostBoard | None:
     """:class:`HostBoard` for ``rank`` (after :func:`sweep_stale_boards`), or None (logged and
-    counted) where none can be had: a
-    rank beyond the board's slots, no ``/dev/shm``, a file of another layout. Such a rank
-    heartbeats over the bus, and its peers see no beat of its on their boards, so they keep
-    heartbeating to it over the bus too."""
+    counted) where none can be had: a rank beyond the board's slots, no ``/dev/shm``, a file of
+    another layout. Such a rank heartbeats over the bus, and its peers see no beat of its on
+    their boards, so they keep heartbeating to it over the bus too."""
     from elasticep import metrics
 
-    try:
-        sweep_stale_boards(kwargs.get("directory", "/dev/shm"))
-    except OSError:
-        pass
+    sweep_stale_boards(kwargs.get("directory", "/dev/shm"))  # never raises: best effort per file
     try:
         return HostBoard(name, rank, incarnation, **kwargs)
     except (OSError, InvalidArgument) as exc:

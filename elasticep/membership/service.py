@@ -520,13 +520,13 @@ class MembershipService:
         phase = _phase()
         board = self.board
         core = self.core
+        # each board beat at the time its writer stamped it (the host's monotonic clock, the one
+        # this service runs on by default), as a bus heartbeat arrives when it is sent
+        at_stamp = self.clock is time.monotonic
+        window = 2 * self.config.heartbeat_interval_ms / 1e3
         while not core.stopped:
             now = self.clock()
             if board is not None:
-                # each beat at the time its writer stamped it (the host's monotonic clock, the
-                # one this service runs on by default), as a bus heartbeat arrives when it is sent
-                at_stamp = self.clock is time.monotonic
-                window = 2 * self.config.heartbeat_interval_ms / 1e3
                 actions: list = []
                 for env in self._board_beats(now):
                     at = env.mono_ns / 1e9 if at_stamp else now

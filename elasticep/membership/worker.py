@@ -67,7 +67,7 @@ async def run(args: argparse.Namespace) -> int:
     if config.host_board:
         from elasticep.detect.board import open_board
 
-        board = open_board(f"{os.environ.get('ELASTICEP_CLUSTER', '')}@{args.store}", args.rank, transport.incarnation)
+        board = open_board(f"worker@{args.store}", args.rank, transport.incarnation)  # one cluster per store
     service = MembershipService(args.rank, bus, view_store, config, initial_members=initial, join=args.join,
                                 on_install=on_install, board=board)
     await bus.start()
