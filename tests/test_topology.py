@@ -108,3 +108,63 @@ def test_monitor_startup_grace_applies_to_the_first_view_only() -> None:
     monitor.watch([1], 0.0)
     monitor.watch([1, 2], 0.0, joining=True)
     assert monitor.joining() == {2}  # rank 1 was already watched as a running peer
+
+
+def test_the_transports_peer_filter_agrees_with_the_core_on_every_rank(tcp_store) -> None:
+    """The service hands its bus transport a filter built once per view (a set of neighbours);
+    it must select exactly the ranks the core hears, for members, departed ranks and joiners
+    alike, and follow each new view."""
+    from elasticep.bus import ClusterKeys, EventBus, ZmqTransport
+    from elasticep.membership.service import MembershipService
+    from elasticep.membership.store import TCPStoreViewStore
+
+    n, rank = 40, 9
+    cfg = Config.local(detection_topology="ring", monitors_per_rank=6)
+    keys = ClusterKeys.generate(n + 4)
+    transport = ZmqTransport(rank, keys.for_rank(rank), tcp_store)
+    bus = EventBus(transport, rank)
+    svc = MembershipService(rank, bus, TCPStoreViewStore(store=tcp_store), cfg, initial_members=tuple(range(n)))
+    assert svc._hook_topology()
+    wanted = transport._wanted
+    core = svc.core
+
+    asked: list[int] = []
+    hears = core.hears
+
+    def counted(peer: int) -> bool:
+        asked.append(peer)
+        return hears(peer)
+
+    def agree(label: str) -> None:
+        asked.clear()
+        core.hears = counted
+        try:
+            chosen = {p for p in range(n + 4) if wanted(p)}
+        finally:
+            del core.hears
+        assert chosen == {p for p in range(n + 4) if core.hears(p)}, label
+        assert chosen, label
+        members = core.view.members if core.view is not None else core.initial
+        if rank in members:  # a member's filter answers for members from its set, not peer by peer
+            assert not set(asked) & set(members), label
+
+    agree("bootstrap members, no view yet")
+    views = [
+        View.of(1, range(n), reason="bootstrap"),
+        View.of(2, [r for r in range(n) if r not in (7, 8, 11)], reason="evict 7, 8, 11"),  # neighbours gone
+        View.of(3, [r for r in range(n) if r not in (7, 8, 11, 9)], reason="this rank evicted"),
+        View.of(4, [r for r in range(n + 3) if r not in (7, 8, 11)], reason="joiners beyond the ring's end"),
+    ]
+    for view in views:
+        core.view = view  # each view as the core installs it
+        agree(view.reason)
+
+
+def test_view_lookups_of_non_members() -> None:
+    view = View.of(3, [2, 5, 9], incarnations={5: 4}, reason="r")
+    assert view.incarnation_of(5) == 4 and view.incarnation_of(9) == 0
+    assert view.has(5, 4) and not view.has(5) and view.has(2) and not view.has(3) and not view.has(10)
+    with pytest.raises(ValueError):
+        view.incarnation_of(3)
+    assert view.incarnation_map() == {2: 0, 5: 4, 9: 0}
+    assert View.of(1, [1, 4]).incarnation_map() == {1: 0, 4: 0}

@@ -686,8 +686,8 @@ class MembershipCore:
         for r in old - new:
             self.fusion.forget(r)
             self._seen_incarnation.pop(r, None)
-        for r in new:
-            if self._joiners.get(r) == view.incarnation_of(r):
+        for r, inc in list(self._joiners.items()):  # admitted joiners (not a walk of every member)
+            if r in new and view.incarnation_of(r) == inc:
                 del self._joiners[r]
                 self.fusion.forget(r)
         added = tuple(sorted(new - old))

@@ -408,9 +408,21 @@ class MembershipService:
         if self.core.topology.everyone or not callable(getattr(transport, "set_peer_filter", None)):
             return False
         core = self.core
+        # The members this rank hears, as a set built once per view: the transport asks about
+        # every rank it knows each time the view changes, hundreds of ranks at deployment scale.
+        # A rank outside the member set (a joiner, a departed rank) is asked of the core itself.
+        heard: list = [object(), frozenset(), frozenset()]  # [for view, neighbours, members]
 
         def wanted(peer: int) -> bool:
-            return (core.view is not None or core.initial is not None) and core.hears(peer)
+            view = core.view
+            if view is None and core.initial is None:
+                return False
+            if heard[0] is not view:
+                members = view.members if view is not None else core.initial
+                heard[:] = [view, frozenset(core.topology.neighbors(members, self.rank)), frozenset(members)]
+            if peer in heard[2] and self.rank in heard[2]:
+                return peer in heard[1]
+            return core.hears(peer)
 
         # the next ring out: its records are read ahead, so a neighbour's death costs the ranks
         # beyond it a CURVE handshake, not a store read, before they hear each other
@@ -711,7 +723,8 @@ class MembershipService:
         for change in diff.changes:
             if change.kind is not ChangeKind.JOINED:
                 metrics.EVICTIONS.labels(change.cause.value).inc()
-        log.info("rank %d installed %s (%s)", self.rank, view.describe(), view.reason)
+        if log.isEnabledFor(logging.INFO):  # (describing hundreds of members is not free)
+            log.info("rank %d installed %s (%s)", self.rank, view.describe(), view.reason)
         for queue in self._streams:
             try:
                 queue.put_nowait(view)

@@ -10,6 +10,7 @@ commits, so every rank reads the same causes, including ranks that saw none of t
 from __future__ import annotations
 
 import enum
+from bisect import bisect_left
 from typing import Iterable
 
 import msgspec
@@ -173,14 +174,24 @@ class View(msgspec.Struct, frozen=True, kw_only=True):
         """The incarnation the view admitted ``rank`` with (0: the initial process)."""
         if not self.incarnations:
             return 0
-        return self.incarnations[self.members.index(rank)]
+        # members is sorted: a bisection, not a scan (every rank asks about every member
+        # when it installs a view of hundreds)
+        i = bisect_left(self.members, rank)
+        if i == len(self.members) or self.members[i] != rank:
+            raise ValueError(f"rank {rank} is not a member of view {self.epoch}")
+        return self.incarnations[i]
 
     def has(self, rank: int, incarnation: int = 0) -> bool:
         """Whether process ``(rank, incarnation)`` is a member (``incarnation`` 0: initial process)."""
-        return rank in self.members and self.incarnation_of(rank) == incarnation
+        i = bisect_left(self.members, rank)
+        if i == len(self.members) or self.members[i] != rank:
+            return False
+        return (self.incarnations[i] if self.incarnations else 0) == incarnation
 
     def incarnation_map(self) -> dict[int, int]:
-        return {r: self.incarnation_of(r) for r in self.members}
+        if not self.incarnations:
+            return dict.fromkeys(self.members, 0)
+        return dict(zip(self.members, self.incarnations))
 
     def describe(self) -> str:
         return f"view {self.epoch} members={','.join(map(str, self.members))} leader={self.leader}"
@@ -201,7 +212,8 @@ class View(msgspec.Struct, frozen=True, kw_only=True):
         old = previous.incarnation_map() if previous is not None else {}
         new = self.incarnation_map()
         out: list[MemberChange] = []
-        for rank in sorted(old.keys() | new.keys()):
+        # only the ranks that differ (a set operation on the item views, not a walk of every member)
+        for rank in sorted({r for r, _ in old.items() ^ new.items()}):
             gone = rank in old and (rank not in new or old[rank] != new[rank])
             came = rank in new and (rank not in old or old[rank] != new[rank])
             if gone:
