@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <limits>
 #include <numeric>
+#include <set>
 #include <stdexcept>
 #include <vector>
 
@@ -40,6 +41,7 @@ namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr float kInfF = std::numeric_limits<float>::infinity();
 constexpr double kMinGain = 1e-9;  // planner._MIN_GAIN
+constexpr double kReseatSlack[] = {0.0, 0.05, 0.1, 0.15, 0.2};  // planner._RESEAT_SLACK (the first is 0)
 
 using IVec = std::vector<int64_t>;
 using DVec = std::vector<double>;
@@ -521,9 +523,30 @@ void repack_batch(const Prob& pr, int B, int64_t* P, const double* W, const int6
         double sf = kInf, lg = -kInf;
         int cf = 0, cl = 0;
         bool any_fit = false;
+        // with slack, the rank's largest replica stays when its others make up the excess
+        int top = -1;
+        if (tau[b] > 0) {
+          double tv = -kInf, rest[64];
+          std::vector<double> rest_big;
+          double* rv = rest;
+          if (S > 64) {
+            rest_big.resize(S);
+            rv = rest_big.data();
+          }
+          int tc = 0;
+          for (int j = 0; j < S; ++j) {
+            double val = p[r * S + j] >= 0 ? slot_u[r * S + j] : -kInf;
+            if (val > tv) {
+              tv = val;
+              tc = j;
+            }
+          }
+          for (int j = 0; j < S; ++j) rv[j] = (j != tc && p[r * S + j] >= 0) ? slot_u[r * S + j] : 0.0;
+          if (np_sum(rv, S) >= excess[r]) top = tc;
+        }
         for (int j = 0; j < S; ++j) {
           int s = r * S + j;
-          bool occ = p[s] >= 0;
+          bool occ = p[s] >= 0 && j != top;
           double su = slot_u[s];
           bool fits = occ && su >= excess[r];
           any_fit |= fits;
@@ -568,38 +591,45 @@ void repack_batch(const Prob& pr, int B, int64_t* P, const double* W, const int6
       for (int j = 0; j < S; ++j) nfree[r] += (p[r * S + j] < 0 && pr.target[r]);
     std::vector<int> vcol(R);
     DVec v(R);
+    // each rank's smallest replica (first slot on ties; inf when it holds none), kept up to date
+    // as its slots change: the smallest replica lighter than x is that one or none
+    DVec rmin(R);
+    std::vector<int> rmin_col(R);
+    auto rank_min = [&](int r) {
+      double vm = kInf;
+      int vc = 0;
+      for (int j = 0; j < S; ++j) {
+        int s = r * S + j;
+        if (p[s] >= 0 && slot_u[s] < vm) {
+          vm = slot_u[s];
+          vc = j;
+        }
+      }
+      rmin[r] = vm;
+      rmin_col[r] = vc;
+    };
+    for (int r = 0; r < R; ++r) rank_min(r);
     int64_t todo = 0;
-    std::vector<int> waiting;  // experts with replicas in the pool, ascending
+    // experts with replicas in the pool, heaviest replica first (ties: lowest id), as the
+    // reference's argmax over the pool
+    auto heavier = [&](int a, int c) { return u[a] > u[c] || (u[a] == u[c] && a < c); };
+    std::set<int, decltype(heavier)> waiting(heavier);
     for (int e = 0; e < E; ++e) {
       todo += pl[e];
-      if (pl[e] > 0) waiting.push_back(e);
+      if (pl[e] > 0) waiting.insert(e);
     }
     for (int64_t it = 0; it < iters; ++it) {
       if (todo <= 0) break;
-      double x = -kInf;
-      int e_star = 0;
-      for (int e : waiting)
-        if (u[e] > x) {
-          x = u[e];
-          e_star = e;
-        }
-      x = u[e_star];
+      const int e_star = *waiting.begin();
+      const double x = u[e_star];
       double best_free = kInf, best_bump = kInf;
       int r_free = 0, r_bump = 0;
       for (int r = 0; r < R; ++r) {
         bool has_free = nfree[r] > 0;
         bool can_bump = false;
         if (bumps_left[b] > 0 && !has_free && pr.target[r]) {
-          double vm = kInf;
-          int vc = 0;
-          for (int j = 0; j < S; ++j) {
-            int s = r * S + j;
-            double val = (p[s] >= 0 && slot_u[s] < x * (1 - 1e-9)) ? slot_u[s] : kInf;
-            if (val < vm) {
-              vm = val;
-              vc = j;
-            }
-          }
+          const bool lighter = rmin[r] < x * (1 - 1e-9);
+          const int vc = lighter ? rmin_col[r] : 0;
           vcol[r] = vc;
           v[r] = slot_u[r * S + vc];
           can_bump = !has_free && std::isfinite(v[r]) && pr.target[r];
@@ -635,15 +665,16 @@ void repack_batch(const Prob& pr, int B, int64_t* P, const double* W, const int6
       int s = r * S + col;
       int64_t old = p[s];
       if (ub) {
-        if (pl[old]++ == 0) waiting.insert(std::lower_bound(waiting.begin(), waiting.end(), (int)old), (int)old);
+        if (pl[old]++ == 0) waiting.insert((int)old);
         bumps_left[b] -= 1;
         ++todo;
       }
       load[r] += x - (ub ? slot_u[s] : 0.0);
       p[s] = e_star;
       slot_u[s] = x;
+      rank_min(r);
       if (!ub) nfree[r] -= 1;
-      if (--pl[e_star] == 0) waiting.erase(std::lower_bound(waiting.begin(), waiting.end(), e_star));
+      if (--pl[e_star] == 0) waiting.erase(e_star);
       --todo;
     }
     for (int e = 0; e < E; ++e)
@@ -1053,7 +1084,11 @@ void reseat_stuck(const Prob& pr, IVec& P, const IVec& START, const IVec& CUR, c
   const int64_t allowed = has_budget ? lb + budget - moves_rest : 0;
   std::vector<uint8_t> take(nb, 0);
   auto q_balance = [&](int i) { return balance_row(pr, q.p.data() + (int64_t)i * N, q.w.data() + (int64_t)i * E, nb); };
-  if (!has_budget || allowed >= q_moves_sum) {
+  const bool fits = !has_budget || allowed >= q_moves_sum;
+  IVec out;  // the full repacks' result, where they fit (empty: P itself)
+  IVec q0;   // the repacks without slack, kept for the options below
+  if (has_budget) q0 = q.p;
+  if (fits) {
     const int64_t sub_budget = has_budget ? allowed - q_moves_sum : -1;
     if (sub_budget != 0 || !has_budget) rebalance(pr, q, sub_budget, has_budget ? 2 : 8);
     if (has_budget) {
@@ -1084,43 +1119,120 @@ void reseat_stuck(const Prob& pr, IVec& P, const IVec& START, const IVec& CUR, c
         }
       take = take_now;
     }
-  } else {
-    int64_t spare = allowed - moves_sub;
-    DVec eff(nb), gain(nb);
-    IVec extra(nb);
-    for (int i = 0; i < nb; ++i) {
-      extra[i] = q_moves[i] - moves[sub[i]];
-      gain[i] = bal[sub[i]] - q_balance(i);
-      eff[i] = extra[i] > 0 ? gain[i] / (double)std::max<int64_t>(extra[i], 1) : kInf;
+    if (!has_budget) {
+      for (int i = 0; i < nb; ++i)
+        if (take[i])
+          std::copy(q.p.begin() + (int64_t)i * N, q.p.begin() + (int64_t)(i + 1) * N, P.begin() + (int64_t)sub[i] * N);
+      return;
     }
-    std::vector<int> order = stable_order(nb, [&](int i) { return -eff[i]; });
-    std::vector<int> ci;
-    for (int i : order)
-      if (extra[i] <= spare && gain[i] > 1e-12) {
-        take[i] = 1;
-        spare -= extra[i];
-      }
+    out = P;
     for (int i = 0; i < nb; ++i)
-      if (take[i]) ci.push_back(i);
-    if (ci.empty()) return;
-    Batch qc;
-    qc.B = (int)ci.size();
-    for (int i : ci) {
-      qc.p.insert(qc.p.end(), q.p.begin() + (int64_t)i * N, q.p.begin() + (int64_t)(i + 1) * N);
-      qc.cur.insert(qc.cur.end(), q.cur.begin() + (int64_t)i * N, q.cur.begin() + (int64_t)(i + 1) * N);
-      qc.w.insert(qc.w.end(), q.w.begin() + (int64_t)i * E, q.w.begin() + (int64_t)(i + 1) * E);
-    }
-    int64_t qm_ci = 0;
-    for (int i : ci) qm_ci += q_moves[i];
-    rebalance(pr, qc, spare, 2);
-    spare -= total_moves(pr, qc) - qm_ci;
-    if (spare > 0) rebalance(pr, qc, spare, 8);
-    for (size_t m = 0; m < ci.size(); ++m)
-      std::copy(qc.p.begin() + (int64_t)m * N, qc.p.begin() + (int64_t)(m + 1) * N, q.p.begin() + (int64_t)ci[m] * N);
+      if (take[i])
+        std::copy(q.p.begin() + (int64_t)i * N, q.p.begin() + (int64_t)(i + 1) * N, out.begin() + (int64_t)sub[i] * N);
   }
+  // under a budget: the repacks at every slack (planner._RESEAT_SLACK), taken by gain per extra
+  // move while they fit
+  int64_t spare = allowed - moves_sub;
+  const int T = (int)(sizeof(kReseatSlack) / sizeof(kReseatSlack[0]));
+  const int nt = nb * T, T1 = T - 1, nr = nb * T1;
+  Batch base = gather(pr, START, CUR, W, sub);
+  // the slacks past the first are repacked here, as one batch of [layer, slack] rows
+  IVec rp((size_t)nr * N), rc((size_t)nr * E);
+  DVec rw((size_t)nr * E), taus(nr);
   for (int i = 0; i < nb; ++i)
-    if (take[i])
-      std::copy(q.p.begin() + (int64_t)i * N, q.p.begin() + (int64_t)(i + 1) * N, P.begin() + (int64_t)sub[i] * N);
+    for (int t = 0; t < T1; ++t) {
+      const int k = i * T1 + t;
+      std::copy(base.p.begin() + (int64_t)i * N, base.p.begin() + (int64_t)(i + 1) * N, rp.begin() + (int64_t)k * N);
+      std::copy(base.w.begin() + (int64_t)i * E, base.w.begin() + (int64_t)(i + 1) * E, rw.begin() + (int64_t)k * E);
+      std::copy(c.begin() + (int64_t)i * E, c.begin() + (int64_t)(i + 1) * E, rc.begin() + (int64_t)k * E);
+      taus[k] = kReseatSlack[t + 1];
+    }
+  repack_batch(pr, nr, rp.data(), rw.data(), rc.data(), taus, -1);
+  Batch qt;
+  qt.B = nt;
+  qt.p.resize((size_t)nt * N);
+  qt.cur.resize((size_t)nt * N);
+  qt.w.resize((size_t)nt * E);
+  for (int i = 0; i < nb; ++i)
+    for (int t = 0; t < T; ++t) {
+      const int k = i * T + t;
+      const int64_t* src = t == 0 ? q0.data() + (int64_t)i * N : rp.data() + (int64_t)(i * T1 + t - 1) * N;
+      std::copy(src, src + N, qt.p.begin() + (int64_t)k * N);
+      std::copy(base.cur.begin() + (int64_t)i * N, base.cur.begin() + (int64_t)(i + 1) * N, qt.cur.begin() + (int64_t)k * N);
+      std::copy(base.w.begin() + (int64_t)i * E, base.w.begin() + (int64_t)(i + 1) * E, qt.w.begin() + (int64_t)k * E);
+    }
+  IVec qm_t(nt), extra_t(nt);
+  DVec gain_t(nt);
+  for (int k = 0; k < nt; ++k) {
+    const int i = k / T;
+    qm_t[k] = moves_row(pr, qt.p.data() + (int64_t)k * N, qt.cur.data() + (int64_t)k * N);
+    extra_t[k] = qm_t[k] - moves[sub[i]];
+    gain_t[k] = bal[sub[i]] - balance_row(pr, qt.p.data() + (int64_t)k * N, qt.w.data() + (int64_t)k * E, nt);
+  }
+  std::vector<int> pick(nb, -1);
+  DVec g_now(nb, 0.0);
+  IVec x_now(nb, 0);
+  for (;;) {
+    double best = -kInf;
+    int kb = -1;
+    for (int k = 0; k < nt; ++k) {
+      const int i = k / T;
+      const double dg = gain_t[k] - g_now[i];
+      const int64_t dx = extra_t[k] - x_now[i];
+      if (!(dg > 1e-12 && dx <= spare)) continue;
+      const double ratio = dx > 0 ? dg / (double)std::max<int64_t>(dx, 1) : kInf;
+      if (ratio > best) {
+        best = ratio;
+        kb = k;
+      }
+    }
+    if (kb < 0) break;
+    const int i = kb / T;
+    spare -= extra_t[kb] - x_now[i];
+    pick[i] = kb % T;
+    g_now[i] = gain_t[kb];
+    x_now[i] = extra_t[kb];
+  }
+  std::vector<int> ci;
+  for (int i = 0; i < nb; ++i)
+    if (pick[i] >= 0) ci.push_back(i);
+  if (ci.empty()) {
+    if (fits) P = out;
+    return;
+  }
+  Batch qc;
+  qc.B = (int)ci.size();
+  int64_t qm_ci = 0;
+  for (int i : ci) {
+    const int k = i * T + pick[i];
+    qc.p.insert(qc.p.end(), qt.p.begin() + (int64_t)k * N, qt.p.begin() + (int64_t)(k + 1) * N);
+    qc.cur.insert(qc.cur.end(), qt.cur.begin() + (int64_t)k * N, qt.cur.begin() + (int64_t)(k + 1) * N);
+    qc.w.insert(qc.w.end(), qt.w.begin() + (int64_t)k * E, qt.w.begin() + (int64_t)(k + 1) * E);
+    qm_ci += qm_t[k];
+  }
+  rebalance(pr, qc, spare, 2);
+  spare -= total_moves(pr, qc) - qm_ci;
+  if (spare > 0) rebalance(pr, qc, spare, 8);
+  if (fits) {
+    // the better of the two over the stuck layers (sums of their balances, as numpy's)
+    DVec b_out(nb), b_alt(nb);
+    IVec alt_rows(P.begin(), P.end());
+    for (size_t m = 0; m < ci.size(); ++m)
+      std::copy(qc.p.begin() + (int64_t)m * N, qc.p.begin() + (int64_t)(m + 1) * N, alt_rows.begin() + (int64_t)sub[ci[m]] * N);
+    for (int i = 0; i < nb; ++i) {
+      const double* w = W + (int64_t)sub[i] * E;
+      b_out[i] = balance_row(pr, out.data() + (int64_t)sub[i] * N, w, nb);
+      b_alt[i] = balance_row(pr, alt_rows.data() + (int64_t)sub[i] * N, w, nb);
+    }
+    if (!(np_sum(b_alt.data(), nb) < np_sum(b_out.data(), nb) - 1e-12)) {
+      P = out;
+      return;
+    }
+    P = alt_rows;
+    return;
+  }
+  for (size_t m = 0; m < ci.size(); ++m)
+    std::copy(qc.p.begin() + (int64_t)m * N, qc.p.begin() + (int64_t)(m + 1) * N, P.begin() + (int64_t)sub[ci[m]] * N);
 }
 
 // planner._fill_in_order for one row (from the start placement)

@@ -62,8 +62,9 @@ def test_initial_packs_a_very_skewed_zipf_load():
     assert balance(initial(load, 32, 9), load) < 1.01
 
 
+@pytest.mark.parametrize("tau", [0.0, 0.1])
 @pytest.mark.parametrize("seed", range(6))
-def test_repack_fills_every_target_slot_with_the_counts(seed):
+def test_repack_fills_every_target_slot_with_the_counts(seed, tau):
     rng = np.random.default_rng(seed)
     B, E, R, S = 3, 12, 4, 4
     w = rng.lognormal(0.0, 1.5, (B, E))
@@ -74,13 +75,40 @@ def test_repack_fills_every_target_slot_with_the_counts(seed):
     cc = _repack._counts(np.where(p0 < 0, E, p0), E + 1)[:, :E]
     c = _repack.keep_counts(cc, w, live)
     assert (c >= 1).all() and (c.sum(1) == live).all()
-    out = _repack.repack(p0, w, c, target, np.ones(R), S, np.zeros(B))
+    out = _repack.repack(p0, w, c, target, np.ones(R), S, np.full(B, tau))
     for b in range(B):
         row = out[b].tolist()
         for s, e in enumerate(row):
             assert (e >= 0) == bool(target[s // S])
         for e in range(E):
             assert row.count(e) == c[b, e]
+
+
+def test_repack_with_slack_keeps_a_hot_replica_whose_neighbours_make_up_the_excess():
+    # rank 0 holds a replica of the hot expert 0 (3.0) and two of 0.5: 4.0 against a cap of
+    # 1.02 x 10/3; no light replica covers the excess alone, both together do: they leave and
+    # the hot replica stays (without slack the rule evicts the smallest replica that covers the
+    # excess, which here is the hot one)
+    w = np.array([[6.0, 0.5, 0.5, 0.1, 0.1, 2.0, 0.8]])
+    c = np.array([[2, 1, 1, 1, 1, 2, 1]])
+    p0 = np.array([[0, 1, 2, 0, 3, 4, 5, 6, -1]])
+    target = np.ones(3, dtype=bool)
+    out = _repack.repack(p0, w, c, target, np.ones(3), 3, np.array([0.02]))
+    assert out[0, 0] == 0
+    assert sorted(out[0].tolist()) == [0, 0, 1, 2, 3, 4, 5, 5, 6]
+
+
+def test_two_dead_zipf_at_twice_the_lower_bound_at_deepseek_v3_shape():
+    # the budgeted reseat picks, per layer, a repack at the slack that gains most per move
+    from elasticep.bench.plan import family_load
+    load = family_load("zipf", 1.0, 58, 256, 0)
+    start = initial(load, 32, 9)
+    alive = torch.ones(32, dtype=torch.bool)
+    alive[[8, 24]] = False
+    lb = lower_bound(start, alive)
+    plan = replan(start, load, alive, max_moves=lb)
+    assert moved_slots(start, plan.placement, alive) <= 2 * lb
+    assert balance(plan.placement, load, alive) <= 1.15
 
 
 @pytest.mark.timeout(240)

@@ -105,7 +105,9 @@ def repack(
         tau: ``[B]`` slack: a rank may carry ``(1 + tau) * speed * mean`` before it sheds load.
 
     Steps: surplus replicas leave the most loaded ranks; a rank over its target load then evicts,
-    per round, its smallest replica that brings it under (else its largest); every replica left
+    per round, its smallest replica that brings it under (else its largest; where ``tau`` > 0
+    and the rank's other replicas add up to its excess, the largest stays and the choice is
+    among the others); every replica left
     to place (lost experts, new replicas, evicted ones), heaviest first, goes to the least loaded
     rank with a free slot where it fits under the target, else to a full rank where it fits in
     place of a smaller replica (which is then placed in turn), else wherever it lands lowest.
@@ -147,6 +149,7 @@ def repack(
     pool = c - _counts(idx, E + 1)[:, :E]  # [B, E] replicas still to place (>= 0)
 
     # 2. ranks over their target load evict
+    keep_top = tau > 0
     for _ in range(S):
         excess = load - cap  # [B, R]
         over = (excess > 1e-12 * mean[:, None]) & target[None, :]
@@ -154,6 +157,14 @@ def repack(
             break
         su = slot_u.reshape(B, R, S)
         occ = (p.reshape(B, R, S) >= 0)
+        if keep_top.any():
+            # with slack, a rank whose other replicas can make up its excess keeps its largest
+            # (a hot expert's replica would only land on another loaded rank)
+            top = np.where(occ, su, -_INF).argmax(-1)
+            rest = occ.copy()
+            np.put_along_axis(rest, top[:, :, None], False, -1)
+            rest_sum = np.where(rest, su, 0.0).sum(-1)
+            occ = np.where(((rest_sum >= excess) & keep_top[:, None])[:, :, None], rest, occ)
         fits = occ & (su >= excess[:, :, None])
         smallest_fit = np.where(fits, su, _INF).argmin(-1)
         largest = np.where(occ, su, -_INF).argmax(-1)

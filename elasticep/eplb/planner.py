@@ -80,6 +80,9 @@ __all__ = [
 _INF = np.inf
 # relative improvement below which a move is not worth a weight transfer
 _MIN_GAIN = 1e-9
+# slack of the repack options tried for the stuck layers when their full repacks do not fit the
+# budget: a rank sheds load only above (1 + slack) x the mean, so a larger slack moves fewer slots
+_RESEAT_SLACK = (0.0, 0.05, 0.1, 0.15, 0.2)
 
 
 def _native_core():
@@ -1239,7 +1242,10 @@ def _reseat_stuck(
     q = _repack.repack(st0, w[sub], c, target, speed, S, np.zeros(sub.size))
     q_moves = ((q != cur_p[sub]) & (q >= 0)).sum(1)
     allowed = None if budget is None else lb + budget - int(moves[~stuck].sum())  # for the stuck layers
-    if allowed is None or allowed >= int(q_moves.sum()):
+    fits = allowed is None or allowed >= int(q_moves.sum())
+    out = p
+    q0 = q  # the repacks without slack (the search below works on copies)
+    if fits:
         # every repack fits: search on from all of them, then keep the layers that gained
         sub_budget = None if allowed is None else allowed - int(q_moves.sum())
         q = _rebalance(q, cur_p[sub], w[sub], tslot, target, speed, S, sub_budget, tolerance, 8 if budget is None else 2)
@@ -1262,33 +1268,61 @@ def _reseat_stuck(
                     take_now[i] = True
                     spare -= int(extra[i])
             take = take_now
-    else:
-        # the repacks do not all fit: the layers whose repack gains most per extra move are
-        # repacked while they fit, and the search spends what is left on those; it never lifts
-        # a layer's peak, so every chosen layer stays better than before (and a chosen layer
-        # whose repack costs fewer moves than its plan now is always taken: the budget holds)
-        spare = allowed - int(moves[sub].sum())
-        extra = q_moves - moves[sub]
-        gain = bal[sub] - _layer_balance(_rank_loads(q, w[sub], S)[0], target, speed)
-        eff = np.where(extra > 0, gain / np.maximum(extra, 1), _INF)
-        chosen = np.zeros(sub.size, dtype=bool)
-        for i in np.argsort(-eff, kind="stable"):
-            if extra[i] <= spare and gain[i] > 1e-12:
-                chosen[i] = True
-                spare -= int(extra[i])
-        if not chosen.any():
-            return p
-        ci = np.flatnonzero(chosen)
-        q = q.copy()
-        q[ci] = _rebalance(q[ci], cur_p[sub[ci]], w[sub[ci]], tslot, target, speed, S, spare, tolerance, 2)
-        spare -= int(((q[ci] != cur_p[sub[ci]]) & (q[ci] >= 0)).sum()) - int(q_moves[ci].sum())
-        if spare > 0:
-            q[ci] = _rebalance(q[ci], cur_p[sub[ci]], w[sub[ci]], tslot, target, speed, S, spare, tolerance)
-        take = chosen
-    if take.any():
-        p = p.copy()
-        p[sub[take]] = q[take]
-    return p
+        if take.any():
+            out = p.copy()
+            out[sub[take]] = q[take]
+        if allowed is None:
+            return out
+    # under a budget: each stuck layer is repacked at several slacks (a larger slack sheds less
+    # load and moves fewer slots), and the options are taken by gain per extra move over all
+    # layers while they fit (a layer may trade up to a dearer option); the search spends what is
+    # left on the chosen layers. It never lifts a layer's peak, so every chosen layer stays
+    # better than before (and an option that costs fewer moves than the layer's plan now is
+    # always taken first: the budget holds). Where the full repacks fit too, the better of the
+    # two results (over the stuck layers) is kept.
+    spare = allowed - int(moves[sub].sum())
+    n, T = sub.size, len(_RESEAT_SLACK)
+    q_t = np.empty((n, T, q0.shape[1]), dtype=q0.dtype)
+    q_t[:, 0] = q0  # _RESEAT_SLACK[0] is 0: the repacks above
+    q_t[:, 1:] = _repack.repack(np.repeat(st0, T - 1, axis=0), np.repeat(w[sub], T - 1, axis=0),
+                                np.repeat(c, T - 1, axis=0), target, speed, S,
+                                np.tile(np.asarray(_RESEAT_SLACK[1:]), n)).reshape(n, T - 1, -1)
+    q_t = q_t.reshape(n * T, -1)
+    qm_t = ((q_t != np.repeat(cur_p[sub], T, axis=0)) & (q_t >= 0)).sum(1).reshape(n, T)
+    qb_t = _layer_balance(_rank_loads(q_t, np.repeat(w[sub], T, axis=0), S)[0], target, speed).reshape(n, T)
+    extra_t = qm_t - moves[sub][:, None]
+    gain_t = bal[sub][:, None] - qb_t
+    pick = np.full(n, -1)
+    g_now = np.zeros(n)
+    x_now = np.zeros(n, dtype=np.int64)
+    while True:
+        dg = gain_t - g_now[:, None]
+        dx = extra_t - x_now[:, None]
+        fit = (dg > 1e-12) & (dx <= spare)
+        if not fit.any():
+            break
+        ratio = np.where(fit, np.where(dx > 0, dg / np.maximum(dx, 1), _INF), -_INF)
+        k = int(ratio.argmax())
+        i, t = divmod(k, T)
+        spare -= int(dx[i, t])
+        pick[i], g_now[i], x_now[i] = t, gain_t[i, t], extra_t[i, t]
+    ci = np.flatnonzero(pick >= 0)
+    if ci.size == 0:
+        return out
+    q = q_t.reshape(n, T, -1)[ci, pick[ci]]
+    q_moves = qm_t[ci, pick[ci]]
+    q = _rebalance(q, cur_p[sub[ci]], w[sub[ci]], tslot, target, speed, S, spare, tolerance, 2)
+    spare -= int(((q != cur_p[sub[ci]]) & (q >= 0)).sum()) - int(q_moves.sum())
+    if spare > 0:
+        q = _rebalance(q, cur_p[sub[ci]], w[sub[ci]], tslot, target, speed, S, spare, tolerance)
+    alt = p.copy()
+    alt[sub[ci]] = q
+    if fits:
+        b_out = _layer_balance(_rank_loads(out[sub], w[sub], S)[0], target, speed).sum()
+        b_alt = _layer_balance(_rank_loads(alt[sub], w[sub], S)[0], target, speed).sum()
+        if not b_alt < b_out - 1e-12:
+            return out
+    return alt
 
 
 def _slot_cost(cur: np.ndarray, now: np.ndarray, new: np.ndarray) -> np.ndarray:
