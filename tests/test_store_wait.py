@@ -144,9 +144,14 @@ async def test_shared_views_read_each_committed_epoch_once_for_every_store_of_a_
     shared = SharedViews(keep=2)
     stores = [TCPStoreViewStore(store=server, shared=shared) for _ in range(20)]
     assert await asyncio.gather(*(s.read(1) for s in stores)) == [None] * 20  # not committed: not kept
+    assert shared.reads == 1  # the twenty reads joined one
     view = View(epoch=1, members=(0, 1), leader=0, proposer=0, reason="bootstrap")
     other = TCPStoreViewStore(store=server)  # another process's store commits it
     assert await other.compare_and_set(view) == view
+    # for absent_s, "not committed" is answered from the last read (as if that read were slower)
+    assert await stores[5].read(1) is None and shared.reads == 1 and shared.absent_answers == 1
+    # the store's push of the commit to any rank's wait ends that at once
+    assert await asyncio.wait_for(stores[9].wait_committed(1), 5.0)
     before = shared.reads
     got = await asyncio.gather(*(s.read(1) for s in stores))
     assert got == [view] * 20 and shared.reads == before + 1  # one read for twenty ranks
@@ -155,6 +160,37 @@ async def test_shared_views_read_each_committed_epoch_once_for_every_store_of_a_
     assert await stores[7].read(2) == v2 and shared.reads == before + 1
     await stores[0].compare_and_set(View(epoch=3, members=(0, 2), leader=0, proposer=0, reason="+2"))
     assert sorted(shared.views) == [2, 3]  # the newest `keep`
+    # a not-committed answer is shared for absent_s only, then the store is asked again
+    assert await stores[1].read(4) is None and await stores[2].read(4) is None
+    reads = shared.reads
+    await asyncio.sleep(shared.absent_s * 1.5)
+    assert await stores[1].read(4) is None and shared.reads == reads + 1
+    for s in stores + [other]:
+        await s.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_reading_an_epoch_not_committed_yet_wakes_no_wait_for_it() -> None:
+    # The server answers every WAIT on a key a compare_set names, even one that wrote nothing:
+    # a read must not name a missing key that way, or each rank's poll of the next epoch wakes
+    # every other rank's wait for it (and each woken rank's read wakes the rest again).
+    server = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, use_libuv=True)
+    reader = TCPStoreViewStore(store=TCPStore("127.0.0.1", server.port, is_master=False, use_libuv=True,
+                                              wait_for_workers=False))
+    watcher = TCPStoreViewStore("127.0.0.1", server.port)
+    woken = asyncio.ensure_future(watcher.wait_committed(2))
+    await asyncio.sleep(0.2)
+    for _ in range(3):
+        assert await reader.read(2) is None
+    await asyncio.sleep(0.3)
+    assert not woken.done()  # nothing was committed: nothing to wake for
+    view = View(epoch=2, members=(0, 1), leader=0, proposer=0, reason="r")
+    assert await reader.compare_and_set(view) == view
+    assert await asyncio.wait_for(woken, 5.0) is True
+    assert await watcher.read(2) == view
+    await reader.close()
+    await watcher.close()
 
 
 @pytest.mark.asyncio

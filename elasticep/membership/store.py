@@ -42,7 +42,6 @@ from elasticep.bus.store_wait import KeyWaiter, StoreWaitFailed, WaitHub
 from elasticep.errors import ElasticEPError
 from elasticep.membership.view import View, decode_view, encode_view
 
-_ABSENT = b"\x00elasticep-absent"
 
 WAIT_BOUND_S = 60.0
 """Longest one ``wait_committed`` of the in-process and etcd view stores lasts before it returns
@@ -221,35 +220,72 @@ class SharedViews:
     """Committed views read once for many :class:`TCPStoreViewStore` objects of one process and
     event loop (the scale harness's ranks): a committed epoch never changes, so a view read by
     one is the view for all, and a read in flight is joined rather than repeated. Pass the same
-    object as ``shared`` to each store. Keeps the newest ``keep`` epochs."""
+    object as ``shared`` to each store. Keeps the newest ``keep`` epochs.
 
-    def __init__(self, keep: int = 64) -> None:
+    A read that found an epoch not committed yet answers the others' reads of it for
+    ``absent_s`` (every rank of the process polls the next epoch, and each reads it again as
+    soon as it installs a view): such an answer is at most ``absent_s`` old, as if the read had
+    been that much slower, which the membership core already tolerates (it reads again at
+    ``store_poll_ms``). Any sign that the epoch was committed (a view read or written through
+    any of the stores, or a commit the store pushed to any of their waits: :meth:`committed`)
+    ends that at once, and a read that raced such a sign is never kept as absent. A failed
+    read is never shared: each rank still learns for itself that the store is gone."""
+
+    def __init__(self, keep: int = 64, absent_s: float = 0.05) -> None:
+        if absent_s < 0:
+            raise ValueError(f"absent_s must be >= 0, not {absent_s}")
         self.keep = keep
+        self.absent_s = absent_s
         self.views: dict[int, View] = {}
         self.inflight: dict[int, asyncio.Future] = {}
         self.reads = 0
         """Reads that went to the store."""
+        self.absent_answers = 0
+        """Reads answered "not committed yet" from another read's answer."""
+        self._absent: dict[int, float] = {}  # epoch -> when a read that found it absent began
+        self._committed: set[int] = set()  # epochs known committed (a push), their view maybe unread
 
     def put(self, view: View) -> None:
         self.views[view.epoch] = view
+        self.committed(view.epoch)
         if len(self.views) > self.keep:
             for epoch in sorted(self.views)[: len(self.views) - self.keep]:
                 del self.views[epoch]
+
+    def committed(self, epoch: int) -> None:
+        """``epoch`` is committed (its key exists): no read answers it absent any more."""
+        self._absent.pop(epoch, None)
+        self._committed.add(epoch)
+        if len(self._committed) > 2 * self.keep:
+            newest = sorted(self._committed)[-self.keep:]
+            self._committed = set(newest)
 
     async def read(self, epoch: int, fetch) -> View | None:
         view = self.views.get(epoch)
         if view is not None:
             return view
+        loop = asyncio.get_running_loop()
+        since = self._absent.get(epoch)
+        if since is not None and loop.time() - since < self.absent_s:
+            self.absent_answers += 1
+            return None
         future = self.inflight.get(epoch)
         if future is None:
             self.reads += 1
             future = self.inflight[epoch] = asyncio.ensure_future(fetch())
+            began = loop.time()
 
             def done(f: asyncio.Future, epoch: int = epoch) -> None:
                 if self.inflight.get(epoch) is f:
                     del self.inflight[epoch]
-                if not f.cancelled() and f.exception() is None and f.result() is not None:
+                if f.cancelled() or f.exception() is not None:
+                    return
+                if f.result() is not None:
                     self.put(f.result())
+                elif epoch not in self._committed:
+                    self._absent[epoch] = began
+                    if len(self._absent) > self.keep:
+                        del self._absent[min(self._absent)]
 
             future.add_done_callback(done)
         return await asyncio.shield(future)
@@ -272,9 +308,13 @@ class TCPStoreViewStore(ViewStore):
         shared: a :class:`SharedViews` shared with other ranks of this process: each committed
             view is read once for all of them.
 
-    Keys are ``{prefix}/view/{epoch}`` holding JSON views. A read is one ``compare_set`` with an
-    expected value no view can have, so it never writes and costs one round trip whether the key
-    exists or not (``get`` would block until the key appears). Blocking calls run on a worker
+    Keys are ``{prefix}/view/{epoch}`` holding JSON views. A read asks whether the key exists
+    (``check``, one round trip) and only then gets it (``get`` alone would block until the key
+    appears). It must not touch a missing key otherwise: the store server answers every
+    ``WAIT`` on a key that a ``compare_set`` names, whether or not it wrote, so a read by
+    ``compare_set`` woke every rank's wait for the next epoch, each woken rank read that epoch
+    in turn, and the reads kept one another going (every rank read the next epoch every
+    ``store_poll_ms`` instead of every ``store_idle_poll_ms``). Blocking calls run on a worker
     thread, one at a time per object. :meth:`wait_committed` is the server's ``WAIT`` on the
     epoch's key, on an asyncio connection of its own (:class:`~elasticep.bus.store_wait.KeyWaiter`).
     """
@@ -334,13 +374,15 @@ class TCPStoreViewStore(ViewStore):
 
     def read_nowait(self, epoch: int, *, rank: int = -1) -> View | None:
         """Blocking read (bounded by ``timeout_s``); see :meth:`ViewStore.read`."""
+        key = self._key(epoch)
         with self._lock:
             try:
-                data = self._client().compare_set(self._key(epoch), _ABSENT, _ABSENT)
+                client = self._client()
+                if not client.check([key]):  # (never a compare_set on a missing key: see the class)
+                    return None
+                data = client.get(key)  # committed views are never removed: this returns at once
             except (RuntimeError, TimeoutError) as exc:
                 raise StoreUnavailable(f"view store read failed: {exc}") from None
-        if data == _ABSENT:
-            return None
         return decode_view(data)
 
     def _in_thread(self, fn, *args, **kwargs):
@@ -382,9 +424,12 @@ class TCPStoreViewStore(ViewStore):
             if self._waiter is None:  # a store object of another kind: one read, as the base does
                 return await super().wait_committed(epoch)
         try:
-            return await self._waiter.wait(self._key(epoch))
+            found = await self._waiter.wait(self._key(epoch))
         except StoreWaitFailed as exc:
             raise StoreUnavailable(str(exc)) from None
+        if found and self._shared is not None:
+            self._shared.committed(epoch)
+        return found
 
     def end_waits(self) -> None:
         if self._waiter is not None and self._owns_waiter:
