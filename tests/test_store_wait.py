@@ -141,7 +141,7 @@ async def test_shared_views_read_each_committed_epoch_once_for_every_store_of_a_
     from elasticep.membership.store import SharedViews
 
     server = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, use_libuv=True)
-    shared = SharedViews(keep=2)
+    shared = SharedViews(keep=2, absent_s=1.0)  # (long enough that no step below outlasts it)
     stores = [TCPStoreViewStore(store=server, shared=shared) for _ in range(20)]
     assert await asyncio.gather(*(s.read(1) for s in stores)) == [None] * 20  # not committed: not kept
     assert shared.reads == 1  # the twenty reads joined one
@@ -195,6 +195,34 @@ async def test_reading_an_epoch_not_committed_yet_wakes_no_wait_for_it() -> None
 
 @pytest.mark.asyncio
 @pytest.mark.timeout(30)
+async def test_a_view_read_runs_on_the_event_loop_beside_a_wait() -> None:
+    # CHECK then GET on an asyncio connection: no worker thread, one round trip for a missing
+    # epoch, and a wait in progress on the same store (its own connection) does not hold it up.
+    from elasticep.membership.store import StoreUnavailable
+
+    server = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, use_libuv=True)
+    store = TCPStoreViewStore("127.0.0.1", server.port, timeout_s=2.0)
+    pending = asyncio.ensure_future(store.wait_committed(2))
+    assert await store.read(1) is None
+    view = View(epoch=1, members=(0, 3), leader=0, proposer=0, reason="bootstrap", incarnations=(0, 7))
+    writer = TCPStoreViewStore(store=server)
+    assert await writer.compare_and_set(view) == view
+    assert await store.read(1) == view and await store.read(1) == view
+    assert not pending.done()
+    assert store._thread is None  # reads started no worker thread
+    assert store.read_nowait(1) == view and store.read_nowait(5) is None  # the blocking twin agrees
+    pending.cancel()
+    await store.close()
+    await writer.close()
+    del writer, server  # the store goes away: a read fails with the typed error, it does not hang
+    gone = TCPStoreViewStore("127.0.0.1", free_port(), timeout_s=1.0, connect_timeout_s=1.0)
+    with pytest.raises(StoreUnavailable):
+        await gone.read(1)
+    await gone.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
 async def test_a_waiter_closed_while_it_connects_ends_its_wait() -> None:
     # close() while the connection is being opened: the wait must end, not go on to wait on a
     # connection nobody will close (a lost cancellation left a transport's close() waiting).
@@ -204,3 +232,26 @@ async def test_a_waiter_closed_while_it_connects_ends_its_wait() -> None:
     await asyncio.sleep(0)  # it is connecting now
     waiter.close()
     assert await asyncio.wait_for(pending, 5.0) is False
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("libuv", [True, False])
+async def test_a_key_is_read_on_the_waiters_connection_on_both_servers(libuv: bool) -> None:
+    from elasticep.bus.store_wait import WaitHub
+
+    server = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, use_libuv=libuv)
+    server.set("k/bin", b"\x00\xffvalue\x00")
+    waiter = KeyWaiter.for_store(server)
+    hub = WaitHub.for_store(server)
+    assert await waiter.read("k/bin") == b"\x00\xffvalue\x00"
+    assert await waiter.read("k/missing") is None  # answered at once: a GET would wait for it
+    assert await hub.read("k/bin") == b"\x00\xffvalue\x00" and await hub.read("k/none") is None
+    later = asyncio.ensure_future(waiter.wait("k/later"))  # the same connection then waits
+    await asyncio.sleep(0.05)
+    server.set("k/later", "1")
+    assert await asyncio.wait_for(later, 5.0) is True
+    waiter.close()
+    hub.close()
+    with pytest.raises(StoreWaitFailed):
+        await waiter.read("k/bin")

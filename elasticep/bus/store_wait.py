@@ -13,6 +13,11 @@ own: a validation message (query type 0 with the store's magic number), then ``W
 one byte (0: every key is set). All integers are little-endian (the byte order of the hosts torch
 runs on). Both of torch's servers (libuv and the classic one) speak it. Cancelling a wait closes
 its connection, which the server drops with the wait.
+
+The same connection reads a key without a thread (:meth:`KeyWaiter.read`): ``CHECK`` (query type
+5, keys as for ``WAIT``, answered by one byte, 0: set), then, only for a key that is set, ``GET``
+(query type 3, one key; answered by a length and the value). A ``GET`` of a missing key would
+wait for it, so it is never sent for one.
 """
 
 from __future__ import annotations
@@ -24,8 +29,12 @@ from elasticep.errors import ElasticEPError
 
 _MAGIC = 0x3C85F7CE  # the TCPStore protocol's validation number
 _VALIDATE = 0
+_GET = 3
+_CHECK = 5
 _WAIT = 6
 _STOP_WAITING = 0
+_READY = 0
+_MAX_VALUE_BYTES = 64 << 20  # a longer answer to a GET is not the store's
 _KEY_PREFIX = "/"  # torch's client stores every key under this prefix
 
 def _server_of(store: object) -> tuple[str, int] | None:
@@ -117,6 +126,37 @@ class KeyWaiter:
             raise StoreWaitFailed(f"store answered a wait with {answer!r}")
         return True
 
+    async def read(self, key: str) -> bytes | None:
+        """``key``'s value, or None when it is not set; one round trip for a missing key, two
+        for a set one. Not while a wait is in progress on this waiter (one request at a time).
+        Raises :class:`StoreWaitFailed` when the store cannot be reached or answers outside
+        the protocol. Cancelling it closes the connection."""
+        if self._closed:
+            raise StoreWaitFailed("the waiter is closed")
+        name = (_KEY_PREFIX + key).encode()
+        try:
+            reader, writer = await self._connect()
+            writer.write(struct.pack("<BQQ", _CHECK, 1, len(name)) + name)
+            await writer.drain()
+            ready = (await reader.readexactly(1))[0]
+            if ready != _READY:
+                return None
+            writer.write(struct.pack("<BQ", _GET, len(name)) + name)
+            await writer.drain()
+            size = struct.unpack("<Q", await reader.readexactly(8))[0]
+            if size > _MAX_VALUE_BYTES:
+                raise StoreWaitFailed(f"store answered a read of {key!r} with {size} bytes")
+            return await reader.readexactly(size)
+        except StoreWaitFailed:
+            self.reset()
+            raise
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            self.reset()
+            raise StoreWaitFailed(f"store read of {key!r} failed: {exc!r}") from None
+        except BaseException:  # cancelled: the answer would come on a connection nobody reads
+            self.reset()
+            raise
+
     def reset(self) -> None:
         """Close the connection (a wait in progress ends; the next one connects again)."""
         if self._streams is not None:
@@ -184,6 +224,25 @@ class WaitHub:
                     waiter.close()
                 else:
                     self._spare.append(waiter)  # after a failure it connects again on its next wait
+
+    async def read(self, key: str) -> bytes | None:
+        """``key``'s value, or None when it is not set (:meth:`KeyWaiter.read`), on one of the
+        hub's connections. Raises :class:`StoreWaitFailed` when the store cannot be reached or
+        the hub is closed."""
+        if self._closed:
+            raise StoreWaitFailed("the hub is closed")
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.connections)
+        async with self._slots:
+            waiter = self._spare.pop() if self._spare else KeyWaiter(self.host, self.port,
+                                                                     connect_timeout_s=self.connect_timeout_s)
+            try:
+                return await waiter.read(key)
+            finally:
+                if self._closed:
+                    waiter.close()
+                else:
+                    self._spare.append(waiter)
 
     async def wait(self, key: str) -> bool:
         """True once ``key`` is set; False when the hub is closed. Raises

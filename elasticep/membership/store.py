@@ -38,7 +38,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from elasticep.bus.store_wait import KeyWaiter, StoreWaitFailed, WaitHub
+from elasticep.bus.store_wait import KeyWaiter, StoreWaitFailed, WaitHub, _server_of
 from elasticep.errors import ElasticEPError
 from elasticep.membership.view import View, decode_view, encode_view
 
@@ -314,9 +314,13 @@ class TCPStoreViewStore(ViewStore):
     ``WAIT`` on a key that a ``compare_set`` names, whether or not it wrote, so a read by
     ``compare_set`` woke every rank's wait for the next epoch, each woken rank read that epoch
     in turn, and the reads kept one another going (every rank read the next epoch every
-    ``store_poll_ms`` instead of every ``store_idle_poll_ms``). Blocking calls run on a worker
-    thread, one at a time per object. :meth:`wait_committed` is the server's ``WAIT`` on the
-    epoch's key, on an asyncio connection of its own (:class:`~elasticep.bus.store_wait.KeyWaiter`).
+    ``store_poll_ms`` instead of every ``store_idle_poll_ms``). :meth:`read` speaks ``CHECK``
+    and ``GET`` itself on an asyncio connection (:meth:`KeyWaiter.read
+    <elasticep.bus.store_wait.KeyWaiter.read>`, or the ``waits`` hub's), with no thread;
+    :meth:`read_nowait` does the same through the torch client. A compare-and-set runs on a
+    worker thread, one at a time per object. :meth:`wait_committed` is the server's ``WAIT`` on
+    the epoch's key, on an asyncio connection of its own
+    (:class:`~elasticep.bus.store_wait.KeyWaiter`).
     """
 
     pushes = True
@@ -340,6 +344,7 @@ class TCPStoreViewStore(ViewStore):
         self._lock = threading.Lock()
         self._waiter: KeyWaiter | WaitHub | None = waits
         self._owns_waiter = waits is None
+        self._keys: KeyWaiter | None = None  # reads' own connection (a wait may hold the waiter's)
         self._thread: ThreadPoolExecutor | None = None
 
     def connect(self) -> None:
@@ -413,8 +418,34 @@ class TCPStoreViewStore(ViewStore):
 
     async def read(self, epoch: int, *, rank: int = -1) -> View | None:
         if self._shared is not None:
-            return await self._shared.read(epoch, lambda: self._run(self.read_nowait, epoch, rank=rank))
-        return await self._run(self.read_nowait, epoch, rank=rank)
+            return await self._shared.read(epoch, lambda: self._read(epoch, rank))
+        return await self._read(epoch, rank)
+
+    async def _read(self, epoch: int, rank: int) -> View | None:
+        # On the event loop (the waits' hub, or an asyncio connection of this store's own), not
+        # a thread: every rank polls the next epoch, and after a commit every rank reads it at
+        # once; a thread per read costs a hand-over of the interpreter each way, tens of ms on a
+        # busy process, where the read itself is one round trip.
+        reader = self._reader()
+        if reader is None:  # a store object of another kind: its own blocking client
+            return await self._run(self.read_nowait, epoch, rank=rank)
+        try:
+            data = await asyncio.wait_for(reader.read(self._key(epoch)), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise StoreUnavailable(f"view store did not answer a read within {self.timeout_s:g} s") from None
+        except StoreWaitFailed as exc:
+            raise StoreUnavailable(f"view store read failed: {exc}") from None
+        return None if data is None else decode_view(data)
+
+    def _reader(self) -> KeyWaiter | WaitHub | None:
+        if isinstance(self._waiter, WaitHub):
+            return self._waiter
+        if self._keys is None:
+            server = _server_of(self._store) if self._store is not None else (self.host, self.port)
+            if server is None:
+                return None
+            self._keys = KeyWaiter(*server, connect_timeout_s=self.connect_timeout_s)
+        return self._keys
 
     async def wait_committed(self, epoch: int) -> bool:
         if self._waiter is None:
@@ -438,6 +469,8 @@ class TCPStoreViewStore(ViewStore):
     async def close(self) -> None:
         if self._waiter is not None and self._owns_waiter:
             self._waiter.close()
+        if self._keys is not None:
+            self._keys.close()
         if self._thread is not None:
             self._thread.shutdown(wait=False)
             self._thread = None
