@@ -329,6 +329,37 @@ _records = st.one_of(
 
 
 @pytest.mark.timeout(120)
+def test_a_record_read_again_is_not_verified_again_and_a_changed_one_is(tcp_store):
+    """A rank reads its own record back every second: the same bytes are checked once. Any
+    other bytes under the key (a forged or damaged record) go through the whole check."""
+    keys = ClusterKeys.generate(2)
+    StoreRendezvous(tcp_store, keys=keys.for_rank(0)).register(0, "tcp://127.0.0.1:5000", 7)
+    reader = StoreRendezvous(tcp_store, keys=keys.for_rank(1))
+    calls: list[int] = []
+
+    class Counting:  # the reader's keys, counting signature checks
+        def __init__(self, inner: ClusterKeys) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str):
+            return getattr(self.inner, name)
+
+        def verify(self, rank: int, message: bytes, signature: bytes) -> bool:
+            calls.append(rank)
+            return self.inner.verify(rank, message, signature)
+
+    reader.keys = Counting(reader.keys)
+    first = reader.lookup(0)
+    assert first is not None and first.incarnation == 7 and calls == [0]
+    for _ in range(5):
+        assert reader.lookup(0) == first
+    assert calls == [0]  # checked once
+    record = json.loads(tcp_store.get(f"{DEFAULT_PREFIX}rank/0"))
+    record["incarnation"] = 8  # the old signature over new contents
+    tcp_store.set(f"{DEFAULT_PREFIX}rank/0", json.dumps(record).encode())
+    assert reader.lookup(0) is None and calls == [0, 0] and reader.refused["bad_signature"] == 1
+
+
 def test_fuzzed_store_records_never_break_the_rendezvous(tcp_store):
     """Whatever lies under a rank's key or in the log: no exception, each refusal counted, the
     honest records (ranks 0 and 1) still read."""

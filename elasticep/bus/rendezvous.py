@@ -101,6 +101,10 @@ class RecordRefused(ValueError):
         self.reason = reason
 
 
+_ACCEPTED_KEPT = 4096
+"""Checked records a rendezvous remembers (by rank and exact bytes) before it forgets them all."""
+
+
 class StoreRendezvous:
     """Register and look up bus endpoints on a store with ``set/get/add/check`` (``TCPStore``).
 
@@ -120,6 +124,7 @@ class StoreRendezvous:
         self.refused: collections.Counter[str] = collections.Counter()
         """Records refused so far, by reason (see :data:`REFUSAL_REASONS`)."""
         self._last_log = -1e9
+        self._accepted: dict[tuple[int, bytes], Registration] = {}  # records that passed parse()
 
     def record(self, rank: int, endpoint: str, incarnation: int) -> bytes:
         """The value this rank stores under its key (signed when this holder has its secret key)."""
@@ -152,6 +157,18 @@ class StoreRendezvous:
         raw = value.encode() if isinstance(value, str) else bytes(value)
         if len(raw) > MAX_RECORD_BYTES:
             raise RecordRefused("oversize", f"{len(raw)} bytes")
+        # The same bytes checked before check the same way (a rank reads its own record back
+        # every second): no second JSON parse and signature verification for them.
+        known = self._accepted.get((rank, raw))
+        if known is not None:
+            return known
+        reg = self._parse(rank, raw)
+        if len(self._accepted) >= _ACCEPTED_KEPT:
+            self._accepted.clear()
+        self._accepted[(rank, raw)] = reg
+        return reg
+
+    def _parse(self, rank: int, raw: bytes) -> Registration:
         try:
             data = json.loads(raw)
             endpoint, incarnation = data["endpoint"], data["incarnation"]
