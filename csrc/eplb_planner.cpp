@@ -26,7 +26,6 @@
 #include <cstdint>
 #include <limits>
 #include <numeric>
-#include <set>
 #include <stdexcept>
 #include <vector>
 
@@ -41,7 +40,7 @@ namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr float kInfF = std::numeric_limits<float>::infinity();
 constexpr double kMinGain = 1e-9;  // planner._MIN_GAIN
-constexpr double kReseatSlack[] = {0.0, 0.05, 0.1, 0.15, 0.2};  // planner._RESEAT_SLACK (the first is 0)
+constexpr double kReseatSlack[] = {0.0, 0.05, 0.1, 0.2};  // planner._RESEAT_SLACK (the first is 0)
 
 using IVec = std::vector<int64_t>;
 using DVec = std::vector<double>;
@@ -590,7 +589,6 @@ void repack_batch(const Prob& pr, int B, int64_t* P, const double* W, const int6
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < S; ++j) nfree[r] += (p[r * S + j] < 0 && pr.target[r]);
     std::vector<int> vcol(R);
-    DVec v(R);
     // each rank's smallest replica (first slot on ties; inf when it holds none), kept up to date
     // as its slots change: the smallest replica lighter than x is that one or none
     DVec rmin(R);
@@ -610,47 +608,47 @@ void repack_batch(const Prob& pr, int B, int64_t* P, const double* W, const int6
     };
     for (int r = 0; r < R; ++r) rank_min(r);
     int64_t todo = 0;
-    // experts with replicas in the pool, heaviest replica first (ties: lowest id), as the
-    // reference's argmax over the pool
-    auto heavier = [&](int a, int c) { return u[a] > u[c] || (u[a] == u[c] && a < c); };
-    std::set<int, decltype(heavier)> waiting(heavier);
+    // experts with replicas in the pool, a heap with the heaviest replica on top (ties: lowest
+    // id), as the reference's argmax over the pool; an expert is in it while its pool count is
+    // positive, and only the top's count ever falls
+    auto lighter = [&](int a, int c) { return u[a] < u[c] || (u[a] == u[c] && a > c); };
+    std::vector<int> waiting;
     for (int e = 0; e < E; ++e) {
       todo += pl[e];
-      if (pl[e] > 0) waiting.insert(e);
+      if (pl[e] > 0) waiting.push_back(e);
     }
+    std::make_heap(waiting.begin(), waiting.end(), lighter);
     for (int64_t it = 0; it < iters; ++it) {
       if (todo <= 0) break;
-      const int e_star = *waiting.begin();
+      const int e_star = waiting.front();
       const double x = u[e_star];
+      // the best free slot and the best bump over the ranks, in two branch-free passes (the
+      // reference's scores, the first rank on ties)
       double best_free = kInf, best_bump = kInf;
       int r_free = 0, r_bump = 0;
       for (int r = 0; r < R; ++r) {
-        bool has_free = nfree[r] > 0;
-        bool can_bump = false;
-        if (bumps_left[b] > 0 && !has_free && pr.target[r]) {
-          const bool lighter = rmin[r] < x * (1 - 1e-9);
-          const int vc = lighter ? rmin_col[r] : 0;
-          vcol[r] = vc;
-          v[r] = slot_u[r * S + vc];
-          can_bump = !has_free && std::isfinite(v[r]) && pr.target[r];
+        const double nf = load[r] + x;
+        const double sf = (nf <= cap[r] ? 0.0 : 2.0 * BIG) + (pr.uniform ? nf : nf / pr.speed[r]);
+        const double sfree = nfree[r] > 0 ? sf : kInf;
+        const bool lt = sfree < best_free;
+        best_free = lt ? sfree : best_free;
+        r_free = lt ? r : r_free;
+      }
+      const double lighter_than = x * (1 - 1e-9);
+      if (bumps_left[b] > 0) {
+        for (int r = 0; r < R; ++r) {
+          // a full target rank bumps its smallest replica lighter than x (else, as the
+          // reference's argmin over no candidate, its first slot's)
+          const double vr = rmin[r] < lighter_than ? rmin[r] : slot_u[r * S];
+          const bool can = nfree[r] == 0 && pr.target[r] && std::isfinite(vr);
+          const double nb = load[r] + x - vr;
+          const double sb = (nb <= cap[r] ? BIG : 2.0 * BIG) + (pr.uniform ? nb : nb / pr.speed[r]);
+          const double sbump = can ? sb : kInf;
+          const bool lt = sbump < best_bump;
+          best_bump = lt ? sbump : best_bump;
+          r_bump = lt ? r : r_bump;
         }
-        double spd = pr.speed[r];
-        if (has_free) {
-          double nf = load[r] + x;
-          double sfree = (nf <= cap[r] ? 0.0 : 2.0 * BIG) + (pr.uniform ? nf : nf / spd);
-          if (sfree < best_free) {
-            best_free = sfree;
-            r_free = r;
-          }
-        }
-        if (can_bump) {
-          double nb = load[r] + x - (std::isfinite(v[r]) ? v[r] : 0.0);
-          double sbump = (nb <= cap[r] ? BIG : 2.0 * BIG) + (pr.uniform ? nb : nb / spd);
-          if (sbump < best_bump) {
-            best_bump = sbump;
-            r_bump = r;
-          }
-        }
+        vcol[r_bump] = rmin[r_bump] < lighter_than ? rmin_col[r_bump] : 0;
       }
       if (!(std::isfinite(best_free) || std::isfinite(best_bump))) break;  // nothing changes any more
       bool ub = best_bump < best_free;
@@ -664,18 +662,24 @@ void repack_batch(const Prob& pr, int B, int64_t* P, const double* W, const int6
       int col = ub ? vcol[r] : fcol;
       int s = r * S + col;
       int64_t old = p[s];
-      if (ub) {
-        if (pl[old]++ == 0) waiting.insert((int)old);
-        bumps_left[b] -= 1;
-        ++todo;
-      }
       load[r] += x - (ub ? slot_u[s] : 0.0);
       p[s] = e_star;
       slot_u[s] = x;
       rank_min(r);
       if (!ub) nfree[r] -= 1;
-      if (--pl[e_star] == 0) waiting.erase(e_star);
+      if (--pl[e_star] == 0) {
+        std::pop_heap(waiting.begin(), waiting.end(), lighter);
+        waiting.pop_back();
+      }
       --todo;
+      if (ub) {
+        if (pl[old]++ == 0) {
+          waiting.push_back((int)old);
+          std::push_heap(waiting.begin(), waiting.end(), lighter);
+        }
+        bumps_left[b] -= 1;
+        ++todo;
+      }
     }
     for (int e = 0; e < E; ++e)
       if (pl[e] > 0) throw std::logic_error("repack left replicas unplaced");

@@ -82,7 +82,7 @@ _INF = np.inf
 _MIN_GAIN = 1e-9
 # slack of the repack options tried for the stuck layers when their full repacks do not fit the
 # budget: a rank sheds load only above (1 + slack) x the mean, so a larger slack moves fewer slots
-_RESEAT_SLACK = (0.0, 0.05, 0.1, 0.15, 0.2)
+_RESEAT_SLACK = (0.0, 0.05, 0.1, 0.2)
 
 
 def _native_core():
