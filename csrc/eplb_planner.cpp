@@ -1055,7 +1055,7 @@ void reseat_stuck(const Prob& pr, IVec& P, const IVec& START, const IVec& CUR, c
                   int64_t lb) {
   const int E = pr.E, N = pr.N, S = pr.S;
   DVec bal = balances(pr, P, W, L);
-  const double lim = 1.0 + std::max(3.0 * pr.tol, 0.02);
+  const double lim = 1.0 + std::max(1.5 * pr.tol, 0.015);
   std::vector<int> sub;
   IVec moves(L);
   int64_t moves_rest = 0;

@@ -29,12 +29,15 @@ Replanning after a membership change works in two phases, each vectorised over a
    ``tolerance`` of perfect balance or nothing improves it. Its peak never rises, so the result is never less balanced
    than the repair alone; and where filling the holes in id order happens to do better on a
    layer, that layer takes it (it costs the lower bound only).
-3. **Reseat** (skewed loads): a layer the search leaves more than ``max(3 * tolerance, 0.02)``
+3. **Reseat** (skewed loads): a layer the search leaves more than ``max(1.5 * tolerance, 0.015)``
    off balance is repacked from the current placement (:mod:`elasticep.eplb._repack`: replica
    counts first, then every replica stays unless its rank is over the mean) and searched again;
-   it takes the result where that is better balanced and the budget allows. When the repacks of
-   all such layers do not fit the budget, the layers that gain most per extra move are repacked
-   while they fit and the search spends what is left on them.
+   it takes the result where that is better balanced and the budget allows. Under a budget, each
+   such layer is also repacked with slacks of 5, 10 and 20 % (a rank sheds load only above
+   that much over the mean, keeping its largest replica where its others make up the excess:
+   fewer moves), the options of all layers are taken by gain per extra move while they fit and
+   the search spends what is left on the chosen layers; where the plain repacks all fit, the
+   better of the two results is kept.
 
 Phases 1 to 3 are written twice: in numpy here (:func:`_plan_reference`, the reference, which
 documents the semantics) and in C++ (``csrc/eplb_planner.cpp``, ``elasticep._C.eplb_plan_core``),
@@ -1229,7 +1232,7 @@ def _reseat_stuck(
     L, E = w.shape
     rank_load, _ = _rank_loads(p, w, S)
     bal = _layer_balance(rank_load, target, speed)
-    stuck = bal > 1.0 + max(3.0 * tolerance, 0.02)
+    stuck = bal > 1.0 + max(1.5 * tolerance, 0.015)
     if not stuck.any():
         return p
     moves = ((p != cur_p) & (p >= 0)).sum(1)
