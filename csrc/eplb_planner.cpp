@@ -1151,7 +1151,7 @@ void reseat_stuck(const Prob& pr, IVec& P, const IVec& START, const IVec& CUR, c
       std::copy(c.begin() + (int64_t)i * E, c.begin() + (int64_t)(i + 1) * E, rc.begin() + (int64_t)k * E);
       taus[k] = kReseatSlack[t + 1];
     }
-  repack_batch(pr, nr, rp.data(), rw.data(), rc.data(), taus, -1);
+  repack_batch(pr, nr, rp.data(), rw.data(), rc.data(), taus, 0);  // no bumps
   Batch qt;
   qt.B = nt;
   qt.p.resize((size_t)nt * N);

@@ -1287,9 +1287,10 @@ def _reseat_stuck(
     n, T = sub.size, len(_RESEAT_SLACK)
     q_t = np.empty((n, T, q0.shape[1]), dtype=q0.dtype)
     q_t[:, 0] = q0  # _RESEAT_SLACK[0] is 0: the repacks above
+    # (with slack and no bumps: what does not fit goes to the free slots, fewer moves)
     q_t[:, 1:] = _repack.repack(np.repeat(st0, T - 1, axis=0), np.repeat(w[sub], T - 1, axis=0),
                                 np.repeat(c, T - 1, axis=0), target, speed, S,
-                                np.tile(np.asarray(_RESEAT_SLACK[1:]), n)).reshape(n, T - 1, -1)
+                                np.tile(np.asarray(_RESEAT_SLACK[1:]), n), max_bumps=0).reshape(n, T - 1, -1)
     q_t = q_t.reshape(n * T, -1)
     qm_t = ((q_t != np.repeat(cur_p[sub], T, axis=0)) & (q_t >= 0)).sum(1).reshape(n, T)
     qb_t = _layer_balance(_rank_loads(q_t, np.repeat(w[sub], T, axis=0), S)[0], target, speed).reshape(n, T)
