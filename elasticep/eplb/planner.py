@@ -1227,7 +1227,10 @@ def _reseat_stuck(
     Those layers are repacked from ``start`` (sticky: replicas stay where they are unless their
     rank is over the mean; see :mod:`elasticep.eplb._repack`), the local search runs again from
     there within what the budget leaves, and each such layer takes the result if it is better
-    balanced; under a budget, layers are switched best gain first while the total fits.
+    balanced; under a budget, layers are switched best gain first while the total fits. Under a
+    budget each such layer is also repacked at the slacks of ``_RESEAT_SLACK`` (without bumps),
+    options are taken by gain per extra move over all layers while they fit, and the search
+    spends the rest on the chosen layers; where both were computed, the better is kept.
     """
     L, E = w.shape
     rank_load, _ = _rank_loads(p, w, S)
