@@ -79,8 +79,8 @@ class ViewStore(abc.ABC):
         return await self.read(epoch) is not None
 
     def end_waits(self) -> None:
-        """Release what :meth:`wait_committed` keeps open between waits (a later wait opens it
-        again); the membership service calls it when it stops (default: nothing)."""
+        """Release what :meth:`wait_committed` and :meth:`read` keep open between calls (a later
+        call opens it again); the membership service calls it when it stops (default: nothing)."""
 
     async def close(self) -> None:
         """Release connections (default: nothing)."""
@@ -465,6 +465,8 @@ class TCPStoreViewStore(ViewStore):
     def end_waits(self) -> None:
         if self._waiter is not None and self._owns_waiter:
             self._waiter.reset()
+        if self._keys is not None:  # the reads' idle connection goes with it (a later read reopens it)
+            self._keys.reset()
 
     async def close(self) -> None:
         if self._waiter is not None and self._owns_waiter:
