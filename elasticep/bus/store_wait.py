@@ -23,6 +23,7 @@ wait for it, so it is never sent for one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 
 from elasticep.errors import ElasticEPError
@@ -210,20 +211,26 @@ class WaitHub:
         server = _server_of(store)
         return None if server is None else cls(*server, **kwargs)
 
-    async def _one(self, key: str) -> bool:
+    @contextlib.asynccontextmanager
+    async def _connection(self):
+        """One of the hub's connections for one request (at most ``connections`` at once)."""
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.connections)
         async with self._slots:
             waiter = self._spare.pop() if self._spare else KeyWaiter(self.host, self.port,
                                                                      connect_timeout_s=self.connect_timeout_s)
-            self.requests += 1
             try:
-                return await waiter.wait(key)
+                yield waiter
             finally:
                 if self._closed:
                     waiter.close()
                 else:
-                    self._spare.append(waiter)  # after a failure it connects again on its next wait
+                    self._spare.append(waiter)  # after a failure it connects again on its next request
+
+    async def _one(self, key: str) -> bool:
+        async with self._connection() as waiter:
+            self.requests += 1
+            return await waiter.wait(key)
 
     async def read(self, key: str) -> bytes | None:
         """``key``'s value, or None when it is not set (:meth:`KeyWaiter.read`), on one of the
@@ -231,18 +238,8 @@ class WaitHub:
         the hub is closed."""
         if self._closed:
             raise StoreWaitFailed("the hub is closed")
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.connections)
-        async with self._slots:
-            waiter = self._spare.pop() if self._spare else KeyWaiter(self.host, self.port,
-                                                                     connect_timeout_s=self.connect_timeout_s)
-            try:
-                return await waiter.read(key)
-            finally:
-                if self._closed:
-                    waiter.close()
-                else:
-                    self._spare.append(waiter)
+        async with self._connection() as waiter:
+            return await waiter.read(key)
 
     async def wait(self, key: str) -> bool:
         """True once ``key`` is set; False when the hub is closed. Raises
