@@ -44,6 +44,7 @@ from elasticep.membership import (
     decode_view,
     encode_view,
 )
+from elasticep.membership.core import PUSHED_REREADS
 from elasticep.testing.fixtures import free_port
 
 CFG = Config.local()
@@ -508,6 +509,35 @@ def test_core_ring_with_a_pushing_store_polls_at_the_idle_cadence_and_reads_on_a
     assert core._read is None
     core.step(Committed(3), 2.03)
     assert not [a for a in core.step(Committed(3), 2.031) if isinstance(a, ReadView)]
+
+
+def test_core_a_read_that_raced_a_pushed_commit_reads_again_at_once() -> None:
+    cfg = POLL.replace(detection_topology="ring", monitors_per_rank=4)
+    core = _member_with(cfg, members=tuple(range(8)))
+    core.store_pushes = True
+    _serve(core, 0.0, 1.0, peers=(1, 2, 6, 7))
+    # A poll of epoch 2 is in flight when the store pushes epoch 2's commit: no second read yet.
+    (poll,) = [a for a in core.step(Tick(), 1.5) if isinstance(a, ReadView)]
+    assert poll.epoch == 2
+    assert not [a for a in core.step(Committed(2), 1.501) if isinstance(a, ReadView)]
+    # The poll began before the commit and found nothing: read again now, not at the next poll.
+    (again,) = [a for a in core.step(ViewRead(2, None), 1.502) if isinstance(a, ReadView)]
+    assert again.epoch == 2
+    # Bounded: a store that keeps answering "absent" for a pushed epoch is read at the poll cadence.
+    rereads = 1
+    while True:
+        acts = [a for a in core.step(ViewRead(2, None), 1.503) if isinstance(a, ReadView)]
+        if not acts:
+            break
+        rereads += 1
+    assert rereads == PUSHED_REREADS
+    # The next poll finds the view; the walk's read of epoch 3, never pushed, finding nothing is
+    # just an absent answer.
+    (poll,) = [a for a in core.step(Tick(), 3.0) if isinstance(a, ReadView)]
+    acts = core.step(ViewRead(poll.epoch, View.of(2, [0, 1, 2, 3, 5, 6, 7], proposer=3, reason="-4 (exit)")), 3.001)
+    assert any(isinstance(a, Install) for a in acts) and core.view.epoch == 2
+    (walk,) = [a for a in acts if isinstance(a, ReadView)]
+    assert walk.epoch == 3 and not [a for a in core.step(ViewRead(3, None), 3.002) if isinstance(a, ReadView)]
 
 
 @pytest.mark.asyncio

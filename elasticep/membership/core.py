@@ -199,6 +199,10 @@ def rank_id(name: str, value: object) -> int:
 JOIN_RETRY_INTERVALS = 5
 """A joining rank repeats its JoinRequest every this many heartbeat intervals."""
 
+PUSHED_REREADS = 3
+"""Reads of an epoch the store pushed as committed that may find nothing (each began before the
+commit) and be repeated at once; past these, the next poll reads it."""
+
 
 class MembershipCore:
     """One rank's membership state machine. Pure: ``now`` is seconds on a monotonic clock.
@@ -267,6 +271,8 @@ class MembershipCore:
         self._started = False
         self._cas: View | None = None
         self._read: int | None = None
+        self._pushed = 0  # the newest epoch the store pushed as committed
+        self._pushed_rereads = 0  # reads of it that found nothing (they raced the commit)
         self._last_poll_s = -1e18
         self._last_store_ok_s: float | None = None
         self._last_heartbeat_s = -1e18
@@ -458,8 +464,12 @@ class MembershipCore:
 
     def _committed(self, epoch: int, now: float) -> list[Action]:
         """The store pushed a commit at ``epoch``: read the next view now (a read in flight walks
-        on to the head by itself). The store is trusted; this costs one read, never a view."""
+        on to the head by itself, or, if it began before the commit and found nothing, reads
+        again at once: :meth:`_view_read`). The store is trusted; this costs one read, never a
+        view."""
         current = self.view.epoch if self.view else 0
+        if epoch > self._pushed:
+            self._pushed, self._pushed_rereads = epoch, 0
         if epoch > current and self._read is None and self._cas is None and self.status != Status.SYNCING:
             return [self._read_next(now)]
         return []
@@ -642,6 +652,12 @@ class MembershipCore:
         if read.view is None:
             if self.status == Status.SYNCING and read.epoch == current + 1:
                 out += self._synced(now)
+            # The store pushed this epoch as committed, so the read raced the commit: read again
+            # now rather than at the next poll (up to 500 ms away when quiet). Bounded per epoch.
+            if (read.epoch <= self._pushed and self._pushed_rereads < PUSHED_REREADS and not self.stopped
+                    and self._read is None and self._cas is None):
+                self._pushed_rereads += 1
+                out.append(self._read_next(now))
             return out
         if read.view.epoch != read.epoch:
             return [Refused("corrupt_store", f"key for epoch {read.epoch} holds epoch {read.view.epoch}")]
