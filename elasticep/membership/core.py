@@ -719,7 +719,10 @@ class MembershipCore:
             if self.status != Status.SYNCING:
                 self.status = Status.MEMBER
             out.append(Install(view, previous, removed, added, lost_race))
-            if self.status == Status.MEMBER:
+            # Announce it to the peers that hear this rank, so they read the store at once; a
+            # store that pushes each commit (store_pushes) has already told every rank, and an
+            # announcement per installer would be N publications and k*N receptions per change.
+            if self.status == Status.MEMBER and not self.store_pushes:
                 out.append(Publish(ViewInstalled(epoch=view.epoch, members=view.members, leader=view.leader,
                                                  rank=self.rank, reason=view.reason)))
         elif was_member:
