@@ -19,6 +19,7 @@ from elasticep.events import (
     JoinRequest,
     ProcessExit,
     Suspicion,
+    ViewInstalled,
     ViewProposal,
 )
 from elasticep.membership import (
@@ -501,6 +502,11 @@ def test_core_ring_with_a_pushing_store_polls_at_the_idle_cadence_and_reads_on_a
     assert read.epoch == 2
     acts = core.step(ViewRead(2, View.of(2, [0, 1, 2, 3, 5, 6, 7], proposer=3, reason="-4 (exit)")), 2.011)
     assert any(isinstance(a, Install) for a in acts) and core.view.epoch == 2
+    # the store told every rank: no announcement on the bus (a store that cannot push gets one)
+    assert not [a for a in acts if isinstance(a, Publish) and isinstance(a.event, ViewInstalled)]
+    quiet = _member_with(cfg, members=tuple(range(8)))
+    acts = quiet.step(ViewRead(2, View.of(2, [0, 1, 2, 3, 5, 6, 7], proposer=3, reason="-4 (exit)")), 2.011)
+    assert [a.event.epoch for a in acts if isinstance(a, Publish) and isinstance(a.event, ViewInstalled)] == [2]
     for a in acts:
         if isinstance(a, ReadView):
             core.step(ViewRead(a.epoch, None), 2.012)
