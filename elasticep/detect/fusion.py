@@ -117,6 +117,8 @@ class FusionPolicy:
 
     def verdicts(self, now: float, members: tuple[int, ...] | set[int]) -> list[Verdict]:
         """Every member of ``members`` that should leave the view at ``now``, in rank order."""
+        if not self._evidence and not self._certain:
+            return []  # the common case, every tick of every rank
         cfg = self.config
         self._expire(now)
         out: list[Verdict] = []
@@ -162,6 +164,11 @@ class FusionPolicy:
     def pending(self) -> dict[int, str]:
         """Suspects with evidence that does not (yet) evict, with a readable summary."""
         return {r: _sources(per) for r, per in self._evidence.items() if r not in self._certain}
+
+    def any_pending(self) -> bool:
+        """Whether :meth:`pending` would name anyone (asked every tick; builds nothing)."""
+        certain = self._certain
+        return any(r not in certain for r in self._evidence)
 
     def _expire(self, now: float) -> None:
         window_s = self.config.corroboration_window_ms / 1e3

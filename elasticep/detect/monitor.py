@@ -59,6 +59,7 @@ class HeartbeatMonitor:
     config: Config
     _peers: dict[int, _Peer] = field(default_factory=dict)
     _last_check_s: float | None = None
+    _order: tuple[int, ...] = ()  # the watched peers, sorted (set by watch, read every tick)
     stalls: int = 0
     """How many times ``check`` found the observer itself had stalled."""
     _checks: int = 0
@@ -80,6 +81,7 @@ class HeartbeatMonitor:
         for p in wanted:
             if p not in self._peers:
                 self._peers[p] = _Peer(last_s=now, window=ArrivalWindow(self.config.history_size), joining=joining)
+        self._order = tuple(sorted(self._peers))
 
     def heartbeat(self, peer: int, now: float, incarnation: int = 0) -> list[Event]:
         """Record a heartbeat from ``peer`` received at ``now``; returns a Refute if it was suspected."""
@@ -122,7 +124,7 @@ class HeartbeatMonitor:
                 for state in self._peers.values():
                     state.last_s = min(now, state.last_s + late_s)
         self._last_check_s = now
-        for peer in sorted(self._peers):
+        for peer in self._order:
             state = self._peers[peer]
             if state.suspected:
                 continue
@@ -152,7 +154,7 @@ class HeartbeatMonitor:
 
     @property
     def peers(self) -> tuple[int, ...]:
-        return tuple(sorted(self._peers))
+        return self._order
 
     def silence_ms(self, peer: int, now: float) -> float:
         """Milliseconds since ``peer`` was last heard (or watched), stalls of this observer excluded."""
@@ -166,6 +168,10 @@ class HeartbeatMonitor:
 
     def suspected(self) -> set[int]:
         return {p for p, s in self._peers.items() if s.suspected}
+
+    def any_suspected(self) -> bool:
+        """Whether some watched peer is suspected (asked every tick; no set is built)."""
+        return any(s.suspected for s in self._peers.values())
 
     def gray(self) -> set[int]:
         return {p for p, s in self._peers.items() if s.gray}

@@ -389,7 +389,7 @@ class MembershipCore:
         quarter of it (at most 10 ms) while some rank is under suspicion, so that an eviction is
         proposed within milliseconds of its silence reaching ``grace_ms``."""
         interval = self.config.heartbeat_interval_ms / 1e3
-        if self.status == Status.MEMBER and (self.fusion.pending() or self.monitor.suspected()):
+        if self.status == Status.MEMBER and (self.fusion.any_pending() or self.monitor.any_suspected()):
             return min(interval / 4, 0.01)
         return interval
 
@@ -434,7 +434,7 @@ class MembershipCore:
         peer is heard, nobody asks to join or leave, and the store answered its last operation."""
         return (self.status == Status.MEMBER and (self.topology.everyone or self.store_pushes) and not self._leaving
                 and not self._joiners and self._change_since_s is None and "store" not in self._notes
-                and not self.fusion.pending() and not self.monitor.suspected())
+                and not self.fusion.any_pending() and not self.monitor.any_suspected())
 
     def _poll_interval_s(self) -> float:
         """``store_idle_poll_ms`` while :meth:`_quiet`, ``store_poll_ms`` otherwise. Quiet polling

@@ -168,6 +168,7 @@ class MembershipService:
         self._subscribed_disconnects = False
         self._filtered_view: View | None = None
         self._filtering = False
+        self._watchers: tuple[View | None, tuple[int, ...]] = (None, ())  # (view, who watches this rank in it)
         self.board = board
         self.board_heartbeats = 0
         """Heartbeats read from the host board (each one a bus message saved)."""
@@ -583,12 +584,11 @@ class MembershipService:
         view = core.view
         if view is None or core.status != "member" or not core.is_member:
             return False
-        if core.topology.everyone:
-            watchers: tuple[int, ...] = view.members
-        else:
-            watchers = core.topology.neighbors(view.members, self.rank)
+        if self._watchers[0] is not view:  # once per view, not every tick
+            members = view.members if core.topology.everyone else core.topology.neighbors(view.members, self.rank)
+            self._watchers = (view, tuple(w for w in members if w != self.rank))
         board, within = self.board, self.config.grace_ms / 1e3
-        return all(w == self.rank or board.fresh(w, now, within) for w in watchers)
+        return all(board.fresh(w, now, within) for w in self._watchers[1])
 
     async def _commit_watch(self) -> None:
         """Hand the core each commit the store pushes (:meth:`ViewStore.wait_committed`), so a
