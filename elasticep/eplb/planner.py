@@ -38,8 +38,13 @@ Replanning after a membership change works in two phases, each vectorised over a
    fewer moves), the options of all layers are taken by gain per extra move while they fit and
    the search spends what is left on the chosen layers; where the plain repacks all fit, the
    better of the two results is kept.
+4. **Descent** (under a budget, uniform rank speed): from the repaired placement, each layer
+   works its most loaded rank step by step (replicate one of its experts into, or swap it with,
+   a slot of one of the least loaded ranks: the largest drop per changed slot), recording moves
+   and balance after each step; each layer then keeps its plan or takes a point of its descent,
+   chosen by gain per extra move over all layers while the budget allows (:func:`_descend`).
 
-Phases 1 to 3 are written twice: in numpy here (:func:`_plan_reference`, the reference, which
+Phases 1 to 4 are written twice: in numpy here (:func:`_plan_reference`, the reference, which
 documents the semantics) and in C++ (``csrc/eplb_planner.cpp``, ``elasticep._C.eplb_plan_core``),
 which :func:`replan` runs. The C++ core loops per layer instead of vectorising over layers and
 computes the same plans to the bit (its sums run in numpy's order, its candidate scores in
