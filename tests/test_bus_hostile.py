@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from elasticep import metrics
 from elasticep.bus import ClusterKeys, EventBus, StoreRendezvous, ZmqTransport
 from elasticep.bus.rendezvous import DEFAULT_PREFIX
+from elasticep.bus.zmq_transport import KIND_EVENTS
 from elasticep.events import Codec, Heartbeat, envelope
 
 KEY = DEFAULT_PREFIX + "rank/{}"
@@ -215,8 +216,8 @@ async def test_an_absurd_incarnation_or_sequence_number_does_not_poison_a_sender
         await honest.round_trip()
         assert sender._pub is not None
         frame = honest.frame(seq=honest.seq + 1)
-        sender._pub.send(struct.pack("<QI", (1 << 64) - 1, len(frame)) + frame)
-        sender._pub.send(struct.pack("<QI", sender.incarnation - 1, len(frame)) + frame)  # below the registration
+        sender._pub.send(KIND_EVENTS + struct.pack("<QI", (1 << 64) - 1, len(frame)) + frame)
+        sender._pub.send(KIND_EVENTS + struct.pack("<QI", sender.incarnation - 1, len(frame)) + frame)  # below the registration
         sender.send(honest.frame(seq=1 << 62))
         for _ in range(3):
             await honest.round_trip()
@@ -289,7 +290,7 @@ def test_a_64_mib_message_is_refused_before_it_is_read(tcp_store, tmp_path):
                 await asyncio.sleep(0.02)
             assert sender._pub is not None
             big = bytes(64 << 20)
-            sender._pub.send(struct.pack("<QI", sender.incarnation, len(big)) + big)
+            sender._pub.send(KIND_EVENTS + struct.pack("<QI", sender.incarnation, len(big)) + big)
             del big
             # The receiver dropped the connection; ZeroMQ reconnects and honest traffic resumes.
             while not tcp_store.check(["t/result"]):
@@ -427,13 +428,13 @@ def test_fuzzed_raw_messages_at_a_running_bus(tcp_store):
         if kind == "bytes":
             raw = message[1]
         elif kind == "body":
-            raw = struct.pack("<Q", incarnation(message[1])) + message[2]
+            raw = KIND_EVENTS + struct.pack("<Q", incarnation(message[1])) + message[2]
         elif kind == "lengths":
-            raw = struct.pack("<QI", incarnation(message[1]), message[2]) + message[3]
+            raw = KIND_EVENTS + struct.pack("<QI", incarnation(message[1]), message[2]) + message[3]
         else:
             _, inc, seq, claimed = message
             data = codec.encode(envelope(Heartbeat(rank=claimed, step=-5), sender=claimed, epoch=0, seq=seq))
-            raw = struct.pack("<QI", incarnation(inc), len(data)) + data
+            raw = KIND_EVENTS + struct.pack("<QI", incarnation(inc), len(data)) + data
             if claimed == 0 and incarnation(inc) == sender.incarnation and 0 < seq - honest.seq <= 1 << 32:
                 accepted_seq = seq  # a real heartbeat after a gap (or from a "restarted" sender)
         before, received = counted(), receiver.statistics().received

@@ -27,6 +27,7 @@ from elasticep.bus import (
     StoreRendezvous,
     ZmqTransport,
 )
+from elasticep.bus.zmq_transport import KIND_EVENTS
 from elasticep.events import Codec, Heartbeat, SequenceGap, Suspicion, envelope
 
 BURST = 100
@@ -128,7 +129,7 @@ async def _intruder_publisher(store, stop_at: float) -> int:
         while time.monotonic() < stop_at:
             seq += 1
             env = codec.encode(envelope(Heartbeat(rank=INTRUDER_RANK), sender=INTRUDER_RANK, epoch=0, seq=seq))
-            pub.send(struct.pack("<QI", 1, len(env)) + env)
+            pub.send(KIND_EVENTS + struct.pack("<QI", 1, len(env)) + env)
             await asyncio.sleep(0.01)
     finally:
         pub.close()
@@ -371,14 +372,65 @@ async def test_malformed_messages_from_a_member_are_counted(tcp_store):
             before = receiver.statistics().refused.get("malformed", 0)
             assert sender._pub is not None
             sender._pub.send(b"short")  # no room for the header
-            sender._pub.send(struct.pack("<QI", sender.incarnation, 999) + good)  # length overruns
-            sender._pub.send(struct.pack("<QI", sender.incarnation, 3) + b"\xc1\xc1\xc1")  # not msgpack
+            sender._pub.send(KIND_EVENTS + struct.pack("<QI", sender.incarnation, 999) + good)  # length overruns
+            sender._pub.send(KIND_EVENTS + struct.pack("<QI", sender.incarnation, 3) + b"\xc1\xc1\xc1")  # not msgpack
             while receiver.statistics().refused.get("malformed", 0) - before < 3:
                 await asyncio.sleep(0.01)
                 assert time.monotonic() < deadline
             assert receiver.running
     finally:
         await sender.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_a_subscriber_can_take_a_peers_events_without_its_heartbeats(tcp_store):
+    """set_beats(peer, False): the peer's socket stops sending this subscriber its heartbeats
+    (the B topic) while its other events (E) still arrive, with no hole reported in them, since
+    heartbeats are numbered apart; set_beats(peer, True) brings the beats back, and the ones
+    left out are not reported lost. Another subscriber of the same peer keeps both all along."""
+    keys = ClusterKeys.generate(3)
+    buses = [EventBus(ZmqTransport(r, keys.for_rank(r), tcp_store, poll_interval_s=0.01), r) for r in range(3)]
+    async with buses[0], buses[1], buses[2]:
+        beats = [b.subscribe(Heartbeat, maxsize=10_000) for b in buses]
+        events = [b.subscribe(Suspicion, maxsize=10_000) for b in buses]
+        gaps = [b.subscribe(SequenceGap, maxsize=100) for b in buses]
+        while not (buses[1].heard_from() >= {0} and buses[2].heard_from() >= {0}):
+            await buses[0].publish(Heartbeat(rank=0, step=-1))
+            await asyncio.sleep(0.01)
+
+        async def drain(sub) -> list:
+            out = []
+            while True:
+                try:
+                    out.append(sub.receive_nowait())
+                except Exception:
+                    return out
+
+        async def exchange(rounds: int) -> tuple[list, list, list, list]:
+            for i in range(rounds):
+                buses[0].publish_nowait(Heartbeat(rank=0, step=i))
+                await asyncio.sleep(0.005)
+                buses[0].publish_nowait(Suspicion(observer=0, suspect=9, source="test", phi=float(i)))
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.2)
+            return (await drain(beats[1]), await drain(events[1]), await drain(beats[2]), await drain(events[2]))
+
+        assert buses[1].set_beats(0, False)
+        await asyncio.sleep(0.2)  # the subscription change reaches rank 0's socket
+        for sub in (*beats, *events):
+            await drain(sub)
+        b1, e1, b2, e2 = await exchange(50)
+        assert b1 == [] and [e.event.phi for e in e1] == [float(i) for i in range(50)]
+        assert [e.event.step for e in b2] == list(range(50)) and len(e2) == 50
+        assert [e.seq for e in e1] == list(range(e1[0].seq, e1[0].seq + 50))  # no holes...
+        assert await drain(gaps[1]) == [] and buses[1].statistics().gaps == 0  # ...and none reported
+        assert buses[1].set_beats(0, True)
+        await asyncio.sleep(0.2)
+        b1, e1, b2, e2 = await exchange(20)
+        assert [e.event.step for e in b1] == list(range(20)) and len(e1) == 20 and len(b2) == 20
+        assert [e.seq for e in b1] == list(range(b1[0].seq, b1[0].seq + 20))
+        assert await drain(gaps[1]) == [] and buses[1].statistics().gaps == buses[2].statistics().gaps == 0
 
 
 @pytest.mark.asyncio

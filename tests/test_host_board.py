@@ -233,11 +233,19 @@ def test_a_rank_without_a_board_hears_and_is_heard_over_the_bus() -> None:
         time.sleep(0.5)
         sent = [_published(a) for a in agents]
         spared = [a.service.bus_heartbeats_spared for a in agents]
+        heard = [a.bus.statistics().senders for a in agents]
         time.sleep(1.0)
         for i, a in enumerate(agents):
             # every rank is watched by rank 2, which reads no board: all of them heartbeat on the bus
             assert _published(a) - sent[i] >= 15
             assert a.service.bus_heartbeats_spared == spared[i]
+        # ...but ranks 0 and 1 read each other's beats on the board, so neither subscribes to the
+        # other's beats on the bus (only rank 2's), and their sockets do not send them
+        assert agents[0].bus.transport.beats_left_out() == {1} and agents[1].bus.transport.beats_left_out() == {0}
+        assert agents[2].bus.transport.beats_left_out() == set()
+        now = [a.bus.statistics().senders for a in agents]
+        assert now[0][1] == heard[0][1] and now[1][0] == heard[1][0]  # no beat of the other arrived
+        assert now[0][2][1] - heard[0][2][1] >= 15 and now[2][0][1] - heard[2][0][1] >= 15
         assert all(a.epoch == 1 and a.service.current.members == (0, 1, 2) for a in agents)
     finally:
         for a in agents:

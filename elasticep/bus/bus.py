@@ -57,6 +57,7 @@ from elasticep.events import (
     Envelope,
     Event,
     FrameRefused,
+    Heartbeat,
     SequenceGap,
 )
 
@@ -136,7 +137,8 @@ class BusStatistics:
     refused: dict[str, int]
     """Refused frames by reason, duplicates included."""
     senders: dict[int, tuple[int, int]]
-    """Per sender rank: ``(incarnation, last accepted seq)``."""
+    """Per sender rank: ``(incarnation, last accepted seq)``, the higher of its two numberings
+    (heartbeats are numbered apart from its other events)."""
 
 
 class Subscription:
@@ -376,6 +378,7 @@ class EventBus:
         self._encode = self.codec.encoder.encode
         self.subscriber_maxsize = subscriber_maxsize
         self._seq = 0
+        self._beat_seq = 0  # heartbeats are numbered apart (a peer may not subscribe to them)
         self._subscriptions: list[Subscription] = []
         self._routes: dict[type, tuple[Subscription, ...]] = {t: () for t in EVENT_TYPES}
         # User-defined event types (register_event_type): kind <-> type, one decoder per kind,
@@ -384,7 +387,8 @@ class EventBus:
         self._user_kinds: dict[str, tuple[type, msgspec.msgpack.Decoder]] = {}
         self._user_routes: dict[type, tuple[Subscription, ...]] = {}
         self._user_encoder = msgspec.msgpack.Encoder()
-        # Per sender rank: [incarnation, next expected seq].
+        # Per sender rank: [incarnation, next expected seq of its events, of its heartbeats]
+        # (0: none seen yet from this incarnation).
         self._tracks: dict[int, list[int]] = {}
         self._task: asyncio.Task[None] | None = None
         self._state = "new"
@@ -402,8 +406,12 @@ class EventBus:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outbox: list[bytes] = []
         self._outbox_bytes = 0
+        self._outbox_beats = True  # every frame in the outbox is a heartbeat
         self._flush_scheduled = False
         self._send = self.transport.send
+        # a transport that can send heartbeats under a topic of their own (so that peers which
+        # take them elsewhere are not sent them) has send_beats; any other sends them as events
+        self._send_beats = getattr(self.transport, "send_beats", None) or self.transport.send_many
         self._has_block = False
         self._stall_task: asyncio.Task[None] | None = None
         self._push = False
@@ -489,8 +497,11 @@ class EventBus:
         """The wire envelope of ``event`` (a registered user event travels as its ``Custom``)."""
         if type(event) not in EVENT_TAGS:
             event = self._wrap_user(event)
-        self._seq += 1
-        return Envelope(SCHEMA_VERSION, self.rank, self._epoch, self._seq, time.time_ns(), time.monotonic_ns(), event)
+        if type(event) is Heartbeat:
+            self._beat_seq = seq = self._beat_seq + 1
+        else:
+            self._seq = seq = self._seq + 1
+        return Envelope(SCHEMA_VERSION, self.rank, self._epoch, seq, time.time_ns(), time.monotonic_ns(), event)
 
     def publish_nowait(self, event: Event) -> Envelope:
         """Publish without waiting; returns the envelope sent.
@@ -512,17 +523,24 @@ class EventBus:
             for sub in subs:
                 if sub.overflow == "block" and sub._full():
                     raise WouldBlock
-        self._seq = seq = self._seq + 1
+        beat = t is Heartbeat
+        if beat:
+            self._beat_seq = seq = self._beat_seq + 1
+        else:
+            self._seq = seq = self._seq + 1
         env = Envelope(SCHEMA_VERSION, self.rank, self._epoch, seq, time.time_ns(), time.monotonic_ns(), event)
         frame = self._encode(env)
         if len(frame) > self.codec.max_frame_bytes:
             # every peer would refuse it as oversize while local subscribers got it: refuse here
-            self._seq = seq - 1
+            if beat:
+                self._beat_seq = seq - 1
+            else:
+                self._seq = seq - 1
             metrics.FRAMES_REFUSED.labels("oversize_publish").inc()
             raise EventTooLarge(EVENT_TAGS[t], len(frame), self.codec.max_frame_bytes)
         counts = self._published_counts
         counts[t] = counts.get(t, 0) + 1
-        self._queue_frame(frame)
+        self._queue_frame(frame, beat)
         for sub in subs:
             sub._offer(env)
         if self._handlers:
@@ -628,7 +646,7 @@ class EventBus:
         for sub in subs:
             sub._offer(user_env) or sub._push(user_env)
 
-    def _queue_frame(self, frame: bytes) -> None:
+    def _queue_frame(self, frame: bytes, beat: bool = False) -> None:
         if not self._flush_scheduled:
             # The first frame published in an event-loop iteration leaves at once (a lone event
             # waits for nothing); frames published after it in the same iteration leave together
@@ -638,12 +656,16 @@ class EventBus:
             assert self._loop is not None
             self._loop.call_soon(self._flush_scheduled_cb)
             try:
-                self._send(frame)
+                if beat:
+                    self._send_beats([frame])
+                else:
+                    self._send(frame)
             except TransportClosed:
                 log.warning("bus rank %d: event not sent, transport closed", self.rank)
             return
         self._outbox.append(frame)
         self._outbox_bytes += len(frame)
+        self._outbox_beats = self._outbox_beats and beat
         if self._outbox_bytes >= _FLUSH_BYTES:
             self._flush()
 
@@ -655,8 +677,12 @@ class EventBus:
         """Hand queued frames to the transport, as one call."""
         if self._outbox:
             frames, self._outbox, self._outbox_bytes = self._outbox, [], 0
+            beats, self._outbox_beats = self._outbox_beats, True
             try:
-                self.transport.send_many(frames)
+                if beats:
+                    self._send_beats(frames)
+                else:
+                    self.transport.send_many(frames)
             except TransportClosed:
                 log.warning("bus rank %d: %d events not sent, transport closed", self.rank, len(frames))
 
@@ -695,17 +721,17 @@ class EventBus:
             raise self._not_running()
         encode = self.codec.encode
         events = list(events)
-        seq0 = self._seq
+        seq0, beat_seq0 = self._seq, self._beat_seq
         try:
             envs = [self._envelope(e) for e in events]
         except NotAnEventType:
-            self._seq = seq0
+            self._seq, self._beat_seq = seq0, beat_seq0
             raise
         frames = [encode(env) for env in envs]
         limit = self.codec.max_frame_bytes
         for env, frame in zip(envs, frames):
             if len(frame) > limit:  # nothing of the batch is sent
-                self._seq = seq0
+                self._seq, self._beat_seq = seq0, beat_seq0
                 metrics.FRAMES_REFUSED.labels("oversize_publish").inc()
                 ev = env.event
                 raise EventTooLarge(ev.kind if isinstance(ev, Custom) else EVENT_TAGS[type(ev)], len(frame), limit)
@@ -714,7 +740,7 @@ class EventBus:
         for event, env, frame in zip(events, envs, frames):
             t = type(env.event)
             counts[t] = counts.get(t, 0) + 1
-            self._queue_frame(frame)
+            self._queue_frame(frame, t is Heartbeat)
             for sub in self._routes.get(t, ()):
                 if not sub._offer(env):
                     sub._buffer.popleft()
@@ -854,6 +880,7 @@ class EventBus:
                 continue
             seq = env.seq
             t = type(env.event)
+            stream = 2 if t is Heartbeat else 1  # heartbeats are numbered apart from the rest
             track = tracks.get(sender)
             gap_from = 0
             if track is None or incarnation > track[0]:
@@ -866,8 +893,12 @@ class EventBus:
                 continue
             else:
                 new_sender = False
-                expected = track[1]
-                if seq != expected:
+                expected = track[stream]
+                if expected == 0:  # the first of this stream from this incarnation
+                    if seq > MAX_FIRST_SEQ:
+                        self._refuse("seq_out_of_bounds", sender)
+                        continue
+                elif seq != expected:
                     if seq < expected:
                         self._duplicates += 1
                         self._refuse("duplicate", sender)
@@ -883,12 +914,13 @@ class EventBus:
                         self._run_handlers(handled)
                     return index, blocked
             if new_sender:
-                tracks[sender] = [incarnation, seq + 1]
+                track = tracks[sender] = [incarnation, 0, 0]
+                track[stream] = seq + 1
                 assert self._sender_event is not None
                 self._sender_event.set()
             else:
                 assert track is not None
-                track[1] = seq + 1
+                track[stream] = seq + 1
                 if gap_from:
                     gap = self._report_gap(sender, gap_from, seq)
                     if handled is not None:
@@ -958,6 +990,22 @@ class EventBus:
                 await stalled[1]._wait_space()
                 stalled = self._accept(frames, stalled[0])
 
+    def set_beats(self, rank: int, wanted: bool) -> bool:
+        """Whether to receive ``rank``'s heartbeats (default True), on a transport that can
+        leave them out (:meth:`ZmqTransport.set_beats <elasticep.bus.ZmqTransport.set_beats>`);
+        its other events keep coming. For a peer whose beats this rank reads elsewhere (the host
+        board). Taken back, the beats resume without a gap report for the ones left out.
+        Returns False (and changes nothing) on a transport that cannot."""
+        set_beats = getattr(self.transport, "set_beats", None)
+        if set_beats is None:
+            return False
+        if wanted:
+            track = self._tracks.get(rank)
+            if track is not None:
+                track[2] = 0  # the next beat starts the count again: the skipped ones were not lost
+        set_beats(rank, wanted)
+        return True
+
     # --- introspection -----------------------------------------------------------------------
 
     def heard_from(self) -> set[int]:
@@ -999,7 +1047,7 @@ class EventBus:
             gaps=self._gaps,
             lost=self._lost,
             refused=dict(self._refused),
-            senders={r: (t[0], t[1] - 1) for r, t in self._tracks.items()},
+            senders={r: (t[0], max(t[1], t[2], 1) - 1) for r, t in self._tracks.items()},
         )
 
     def subscriptions(self) -> list[Subscription]:

@@ -27,8 +27,13 @@ The store is not authenticated, so nothing read from it is taken on trust:
 * a rank that finds its own record overwritten (or gone) writes it again, at once when the
   registration log shows the write, and otherwise within :data:`SELF_CHECK_S`.
 
-Wire message: the sending transport's incarnation (8 bytes, little-endian), then one or more
-envelopes, each as a 4-byte little-endian length and the encoded envelope. The bus hands all
+Wire message: a kind byte (``B`` when every envelope in it is a heartbeat, ``E`` otherwise), the
+sending transport's incarnation (8 bytes, little-endian), then one or more envelopes, each as a
+4-byte little-endian length and the encoded envelope. The kind byte is the ZeroMQ topic: a
+subscriber that has the peer's heartbeats from elsewhere (the host board, for a peer on its own
+host) subscribes to ``E`` only (:meth:`ZmqTransport.set_beats`), and the peer's socket never
+sends it the beats; every other subscriber takes both. A message of any other kind is refused
+as ``malformed``. The bus hands all
 envelopes it published in one event-loop iteration to :meth:`ZmqTransport.send_many` and they
 leave as one ZeroMQ message (up to ``MAX_MESSAGE_BYTES``): per-message costs in libzmq (pipe
 signalling, CURVE boxing, a syscall) are paid once per batch, not per event. The incarnation lets
@@ -107,14 +112,21 @@ its own is read at once; one in a burst waits at most this long)."""
 def max_message_bytes(max_frame_bytes: int = MAX_FRAME_BYTES) -> int:
     """The longest ZeroMQ message a sender makes when every envelope is at most
     ``max_frame_bytes``: a batch of :data:`MAX_MESSAGE_BYTES`, or one envelope with its
-    12-byte header. Subscriber sockets refuse anything longer (``ZMQ_MAXMSGSIZE``)."""
-    return max(MAX_MESSAGE_BYTES, 12 + max_frame_bytes)
+    13-byte header. Subscriber sockets refuse anything longer (``ZMQ_MAXMSGSIZE``)."""
+    return max(MAX_MESSAGE_BYTES, HEADER_BYTES + max_frame_bytes)
 
 _RECEIVE_BATCH = 4096
 _RECONNECT_S = 0.02  # the sockets' reconnect_ivl
 _CLOSE_WAIT_S = 2.0  # how long close() waits for each of the transport's tasks to end
 _INCARNATION = struct.Struct("<Q")
 _LENGTH = struct.Struct("<I")
+KIND_BEATS = b"B"
+"""Topic (first byte) of a message that holds heartbeats only."""
+KIND_EVENTS = b"E"
+"""Topic (first byte) of any other message."""
+_KINDS = frozenset((KIND_BEATS[0], KIND_EVENTS[0]))
+HEADER_BYTES = 1 + 8 + 4
+"""A one-envelope message's bytes beyond the envelope: kind, incarnation, length."""
 # pyzmq's constants are enums; an int & an enum flag goes through the enum machinery (about 2 us
 # a call on the receive path, twice per message)
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
@@ -247,7 +259,9 @@ class ZmqTransport(Transport):
         self._ipc_path: str | None = None
         self.endpoint: str | None = None
         """The endpoint this rank's PUB socket listens on, once started."""
-        self._prefix = _INCARNATION.pack(self.incarnation)
+        self._prefix = KIND_EVENTS + _INCARNATION.pack(self.incarnation)
+        self._beats_prefix = KIND_BEATS + _INCARNATION.pack(self.incarnation)
+        self._no_beats: set[int] = set()  # peers whose heartbeats this rank does not subscribe to
         self._ctx: zmq.Context | None = None
         self._auth: zmq.auth.thread.ThreadAuthenticator | None = None
         self._pub: zmq.Socket | None = None
@@ -631,7 +645,7 @@ class ZmqTransport(Transport):
         # Reconnect fast to a restarted peer, back off from one that keeps failing.
         sock.reconnect_ivl = 20
         sock.reconnect_ivl_max = 1000
-        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock.setsockopt(zmq.SUBSCRIBE, KIND_EVENTS if reg.rank in self._no_beats else b"")
         monitor = sock.get_monitor_socket(_SUB_MONITOR_EVENTS)
         sock.connect(reg.endpoint)
         peer = _Peer(reg.rank, sock, monitor, reg.endpoint, reg.incarnation)
@@ -838,7 +852,7 @@ class ZmqTransport(Transport):
     def send(self, frame: bytes) -> None:
         # One envelope, one message: the lone event's path, kept to one call into libzmq.
         pub = self._pub
-        if pub is None or len(frame) + 12 > MAX_MESSAGE_BYTES:
+        if pub is None or len(frame) + HEADER_BYTES > MAX_MESSAGE_BYTES:
             self.send_many([frame])  # raises for a transport that cannot send
             return
         try:
@@ -847,25 +861,60 @@ class ZmqTransport(Transport):
             pass  # PUB drops past its high-water mark; receivers see the gap
 
     def send_many(self, frames: list[bytes]) -> None:
+        self._send_frames(frames, self._prefix)
+
+    def send_beats(self, frames: list[bytes]) -> None:
+        """Send frames that are all heartbeats, under the ``B`` topic: subscribers that take
+        this rank's beats elsewhere (:meth:`set_beats`) are not sent them."""
+        self._send_frames(frames, self._beats_prefix)
+
+    def _send_frames(self, frames: list[bytes], prefix: bytes) -> None:
         pub = self._pub
         if pub is None:
             if self.read_only:
                 raise PermissionError("a monitor transport is read-only")
             raise TransportClosed("transport is not started")
         pack = _LENGTH.pack
-        parts = [self._prefix]
-        size = 8
+        parts = [prefix]
+        size = len(prefix)
         for frame in frames:
             if size + 4 + len(frame) > MAX_MESSAGE_BYTES and len(parts) > 1:
                 # Flush first, so a message is a batch within the bound or one envelope alone.
                 self._send_message(pub, b"".join(parts))
-                parts = [self._prefix]
-                size = 8
+                parts = [prefix]
+                size = len(prefix)
             parts.append(pack(len(frame)))
             parts.append(frame)
             size += 4 + len(frame)
         if len(parts) > 1:
             self._send_message(pub, b"".join(parts))
+
+    def beats_left_out(self) -> frozenset[int]:
+        """The peers whose heartbeats this rank does not subscribe to (:meth:`set_beats`)."""
+        return frozenset(self._no_beats)
+
+    def set_beats(self, rank: int, wanted: bool) -> None:
+        """Whether to receive ``rank``'s heartbeats on the bus (default True). With False its
+        subscription takes the ``E`` topic only: its publisher's socket filters the beats out,
+        so they cost neither side anything past the publisher's one send (for a peer whose
+        beats this rank reads on its host board). Its other events keep coming. Remembered for
+        the peer's later connections too."""
+        if wanted == (rank not in self._no_beats):
+            return
+        if wanted:
+            self._no_beats.discard(rank)
+        else:
+            self._no_beats.add(rank)
+        for peer in (self._peers.get(rank), self._pending.get(rank)):
+            if peer is None or peer.sock.closed:
+                continue
+            # the new subscription first, then the old one off: no event is missed in between
+            if wanted:
+                peer.sock.setsockopt(zmq.SUBSCRIBE, b"")
+                peer.sock.setsockopt(zmq.UNSUBSCRIBE, KIND_EVENTS)
+            else:
+                peer.sock.setsockopt(zmq.SUBSCRIBE, KIND_EVENTS)
+                peer.sock.setsockopt(zmq.UNSUBSCRIBE, b"")
 
     @staticmethod
     def _send_message(pub: zmq.Socket, message: bytes) -> None:
@@ -936,15 +985,15 @@ class ZmqTransport(Transport):
             else:
                 data = recv(_NOBLOCK)
             end = len(data)
-            if end < 12:
-                out.append((rank, peer.incarnation, b""))  # no room for a header: malformed
+            if end < HEADER_BYTES or data[0] not in _KINDS:
+                out.append((rank, peer.incarnation, b""))  # no room for a header, or no kind: malformed
                 continue
-            incarnation = _INCARNATION.unpack_from(data)[0]
+            incarnation = _INCARNATION.unpack_from(data, 1)[0]
             if incarnation != peer.incarnation:
                 reason = "stale_incarnation" if incarnation < peer.incarnation else "unregistered_incarnation"
                 self._refuse_message(peer, reason, incarnation)
                 continue
-            offset = 8
+            offset = 9
             while offset < end:
                 if offset + 4 > end:
                     out.append((rank, incarnation, b""))

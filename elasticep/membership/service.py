@@ -169,6 +169,10 @@ class MembershipService:
         self._filtered_view: View | None = None
         self._filtering = False
         self._watchers: tuple[View | None, tuple[int, ...]] = (None, ())  # (view, who watches this rank in it)
+        # peers whose bus heartbeats this rank does not subscribe to (it reads them on the board)
+        self._beats_off: set[int] = set()
+        self._set_beats = (bus.set_beats if board is not None and callable(getattr(bus, "set_beats", None))
+                           and callable(getattr(getattr(bus, "transport", None), "set_beats", None)) else None)
         self.board = board
         self.board_heartbeats = 0
         """Heartbeats read from the host board (each one a bus message saved)."""
@@ -546,6 +550,7 @@ class MembershipService:
                     actions += core.step(env, at if now - window <= at <= now else now, decide=False)
                 actions += core.step(Tick(), now)
                 self._apply(actions)
+                self._take_beats_from_board(now)
             else:
                 self._apply(core.step(Tick(), now))
             # The next tick on this process's grid (a stall skips the ticks it missed, never
@@ -576,6 +581,23 @@ class MembershipService:
         return [Envelope(schema=SCHEMA_VERSION, sender=peer, epoch=slot.epoch, seq=0, wall_ns=0, mono_ns=slot.beat,
                          event=Heartbeat(rank=peer, incarnation=slot.incarnation))
                 for peer, slot in moved]
+
+    def _take_beats_from_board(self, now: float) -> None:
+        """Subscribe to no bus heartbeats from a watched peer seen beating on the board within
+        ``grace_ms`` (its beats are read there; its other events keep coming), and to them again
+        once its slot goes quiet. Only a change touches the subscription."""
+        set_beats = self._set_beats
+        if set_beats is None:
+            return
+        board, within, off = self.board, self.config.grace_ms / 1e3, self._beats_off
+        for peer in self.core.watched():
+            fresh = board.fresh(peer, now, within)
+            if fresh != (peer in off):
+                set_beats(peer, not fresh)
+                if fresh:
+                    off.add(peer)
+                else:
+                    off.discard(peer)
 
     def _board_covers(self, now: float) -> bool:
         """Whether every rank that watches this one was seen beating on the board within

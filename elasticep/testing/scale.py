@@ -26,6 +26,7 @@ import itertools
 import random
 from typing import Callable
 
+from elasticep.bus.zmq_transport import HEADER_BYTES
 from elasticep.config import Config
 from elasticep.events import SCHEMA_VERSION, Codec, Envelope, ProcessExit
 from elasticep.membership.core import (
@@ -98,7 +99,7 @@ class SimCluster:
     def _size_of(self, env: Envelope) -> int:
         t = type(env.event)
         if t not in self._size:
-            self._size[t] = len(self._codec.encode(env)) + 12  # + the transport's framing
+            self._size[t] = len(self._codec.encode(env)) + HEADER_BYTES  # + the transport's framing
         return self._size[t]
 
     def _apply(self, rank: int, actions: list) -> None:
@@ -229,7 +230,7 @@ class _LossyTransport:
 
     def _deliver(self, frames: list) -> None:
         self.frames += len(frames)
-        self.bytes += sum(len(f[2]) for f in frames) + 12 * len(frames)
+        self.bytes += sum(len(f[2]) for f in frames) + HEADER_BYTES * len(frames)
         if self.loss:
             rnd = self.rng.random
             frames = [f for f in frames if rnd() >= self.loss]
