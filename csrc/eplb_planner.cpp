@@ -40,6 +40,7 @@ namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr float kInfF = std::numeric_limits<float>::infinity();
 constexpr double kMinGain = 1e-9;  // planner._MIN_GAIN
+constexpr int kDescentPartners = 16;  // planner._DESCENT_PARTNERS
 constexpr double kReseatSlack[] = {0.0, 0.05, 0.1, 0.2};  // planner._RESEAT_SLACK (the first is 0)
 
 using IVec = std::vector<int64_t>;
@@ -1239,6 +1240,225 @@ void reseat_stuck(const Prob& pr, IVec& P, const IVec& START, const IVec& CUR, c
     std::copy(qc.p.begin() + (int64_t)m * N, qc.p.begin() + (int64_t)(m + 1) * N, P.begin() + (int64_t)sub[ci[m]] * N);
 }
 
+// planner._descend: the descent on each layer's most loaded rank from the repaired placement
+// (uniform rank speed, under a budget), then the choice per layer between its plan and a point
+// of its descent by gain per move. The reference runs the layers in rounds; each layer's descent
+// depends on that layer alone, so here each runs to its end in turn.
+struct DescentStep {
+  int sj, nj, si, ni;  // slot j takes expert nj; on a swap slot si takes ni (si < 0: none)
+};
+
+double row_peak(const Prob& pr, const int64_t* p, const double* w, DVec& rl, IVec& cnt) {
+  rank_loads_row(pr, p, w, rl.data(), cnt.data());
+  double mx = -kInf;
+  for (int r : pr.tgt) mx = std::max(mx, rl[r]);
+  return mx;
+}
+
+void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, const double* W, int L, int64_t budget,
+             int64_t lb) {
+  const int E = pr.E, N = pr.N, S = pr.S, R = pr.R, E1 = E + 1;
+  if (budget <= 0 || pr.tgt.size() < 2 || !pr.uniform) return;
+  DVec rl(R);
+  IVec cnt(E);
+  IVec cnti(E1);
+  DVec u(E1), slot_u(N), load(R), hm(E1), lq(N), xpk(N), uxv(N);
+  std::vector<uint8_t> holds((size_t)R * E1), okj(N), partner(R);
+  const int kpart = std::min<int>(kDescentPartners, (int)pr.tgt.size() - 1);
+  std::vector<int> a(S), anow(S);
+  DVec ua(S), up(S), newh0(S);
+  IVec q(N), trial(N);
+  const int64_t avg = (budget + L - 1) / L;
+  const int64_t add = avg + avg / 2 + 4;
+  std::vector<std::vector<DescentStep>> steps(L);
+  std::vector<IVec> hist_m(L);
+  std::vector<DVec> hist_b(L);
+  DVec mean(L);
+  for (int l = 0; l < L; ++l) {
+    const double* w = W + (int64_t)l * E;
+    const int64_t* cur = CUR.data() + (int64_t)l * N;
+    mean[l] = np_sum(w, E) / pr.spd_sum;
+    const double eps = kMinGain * std::max(mean[l], 1e-300);
+    const double lim = (1.0 + pr.tol) * mean[l];
+    std::copy(REPAIRED.begin() + (int64_t)l * N, REPAIRED.begin() + (int64_t)(l + 1) * N, q.begin());
+    int64_t moves_now = moves_row(pr, q.data(), cur);
+    const int64_t cap = moves_now + add;
+    double peak_now = row_peak(pr, q.data(), w, rl, cnt);
+    hist_m[l].push_back(moves_now);
+    auto bal = [&](double pk) { return mean[l] > 0 ? pk / mean[l] : 1.0; };
+    hist_b[l].push_back(bal(peak_now));
+    while (peak_now > lim && moves_now < cap) {
+      // the state of q: counts, loads per replica, rank loads, holders
+      std::fill(cnti.begin(), cnti.end(), 0);
+      for (int s = 0; s < N; ++s) ++cnti[q[s] < 0 ? E : q[s]];
+      cnti[E] = 0;
+      for (int e = 0; e < E; ++e) u[e] = w[e] / std::max(1.0, (double)cnti[e]);
+      u[E] = 0.0;
+      for (int s = 0; s < N; ++s) slot_u[s] = u[q[s] < 0 ? E : q[s]];
+      int h = -1;
+      double pk = -kInf;
+      for (int r = 0; r < R; ++r) {
+        load[r] = np_sum(slot_u.data() + (int64_t)r * S, S);
+        if (pr.target[r] && (h < 0 || load[r] > pk)) {
+          pk = load[r];
+          h = r;
+        }
+      }
+      std::fill(holds.begin(), holds.end(), 0);
+      std::fill(hm.begin(), hm.end(), -kInf);
+      for (int s = 0; s < N; ++s) {
+        const int e = q[s] < 0 ? E : (int)q[s];
+        if (e < E) holds[(size_t)(s / S) * E1 + e] = 1;
+        hm[e] = std::max(hm[e], load[s / S]);
+      }
+      for (int s = 0; s < N; ++s) {
+        const int x = q[s] < 0 ? E : (int)q[s];
+        const int r = s / S;
+        lq[s] = load[r];
+        uxv[s] = slot_u[s];
+        const double cx = (double)cnti[x];
+        const double rise = cx >= 2.0 ? w[x] / (cx - 1.0) - slot_u[s] : 0.0;
+        xpk[s] = x < E ? hm[x] + rise : -kInf;
+        okj[s] = pr.target[r] && r != h && !(x < E && holds[(size_t)h * E1 + x]);
+      }
+      for (int i = 0; i < S; ++i) {
+        const int64_t v = q[h * S + i];
+        anow[i] = (int)v;
+        a[i] = v < 0 ? E : (int)v;
+        ua[i] = u[a[i]];
+        const double wa = a[i] < E ? w[a[i]] : 0.0;
+        up[i] = wa / ((double)cnti[a[i]] + 1.0);
+      }
+      for (int i = 0; i < S; ++i) {
+        int nah = 0;
+        for (int i2 = 0; i2 < S; ++i2) nah += a[i2] == a[i];
+        newh0[i] = pk - (double)nah * (ua[i] - up[i]);
+      }
+      static const double kMult[5] = {2.0, 2.0, 2.0, 1.0, 0.5};
+      // partners: the coldest target ranks (stable: ties to the lower rank id)
+      std::vector<int> order = stable_order(R, [&](int r) { return pr.target[r] ? load[r] : kInf; });
+      std::fill(partner.begin(), partner.end(), 0);
+      for (int k = 0; k < kpart; ++k) partner[order[k]] = 1;
+      // the reference scores [kind, i, j] and takes the first maximum: the best of each kind
+      // here, kind 0 first on ties
+      double best0 = -kInf, best1 = -kInf;
+      int bi0 = -1, bj0 = -1, bi1 = -1, bj1 = -1;
+      // candidates that cannot beat the best so far are skipped (ties keep the first, so the
+      // choice is the reference's): a replicate scores at most 2 (pk - newh0[i]); a swap with
+      // rank r at most 2 g, and g <= (pk - load[r]) / 2 up to rounding (the margin covers it)
+      for (int i = 0; i < S; ++i) {
+        const int ai = a[i];
+        if (ai >= E) continue;
+        const int64_t ci_cur = cur[h * S + i];
+        const bool try0 = 2.0 * (pk - newh0[i]) > best0;
+        for (int r = 0; r < R; ++r) {
+          if (!partner[r] || holds[(size_t)r * E1 + ai]) continue;
+          const bool try1 = (pk - load[r]) + 1e-12 * std::fabs(pk) > best1;
+          if (!try0 && !try1) continue;
+          for (int j = r * S; j < r * S + S; ++j) {
+            if (!okj[j]) continue;
+            const int x = q[j] < 0 ? E : (int)q[j];
+            if (x == ai) continue;
+            const int64_t cj = slot_cost(cur[j], q[j], anow[i]);
+            if (try0 && (x == E || cnti[x] >= 2)) {
+              const double nq = lq[j] - uxv[j] + up[i];
+              const double g = pk - std::max(std::max(newh0[i], nq), xpk[j]);
+              const double sc = g * kMult[std::min<int64_t>(std::max<int64_t>(cj, -2), 2) + 2];
+              if (g > eps && sc > best0) {
+                best0 = sc;
+                bi0 = i;
+                bj0 = j;
+              }
+            }
+            if (try1 && x != E) {
+              const double d = ua[i] - uxv[j];
+              const double g = pk - std::max(pk - d, lq[j] + d);
+              const int64_t c2 = cj + slot_cost(ci_cur, anow[i], q[j]);
+              const double sc = g * kMult[std::min<int64_t>(std::max<int64_t>(c2, -2), 2) + 2];
+              if (g > eps && sc > best1) {
+                best1 = sc;
+                bi1 = i;
+                bj1 = j;
+              }
+            }
+          }
+        }
+      }
+      int bk = -1, bi = -1, bj = -1;
+      if (bi0 >= 0 && !(bi1 >= 0 && best1 > best0)) {
+        bk = 0;
+        bi = bi0;
+        bj = bj0;
+      } else if (bi1 >= 0) {
+        bk = 1;
+        bi = bi1;
+        bj = bj1;
+      }
+      if (bk < 0) break;
+      trial = q;
+      const int ea = anow[bi], ex = (int)q[bj];
+      trial[bj] = ea;
+      if (bk == 1) trial[h * S + bi] = ex;
+      const double t_pk = row_peak(pr, trial.data(), w, rl, cnt);
+      if (!(t_pk <= pk)) break;
+      q = trial;
+      peak_now = t_pk;
+      moves_now = moves_row(pr, q.data(), cur);
+      steps[l].push_back({bj, ea, bk == 1 ? h * S + bi : -1, ex});
+      hist_m[l].push_back(moves_now);
+      hist_b[l].push_back(bal(peak_now));
+    }
+  }
+  bool any = false;
+  for (int l = 0; l < L; ++l) any = any || !steps[l].empty();
+  if (!any) return;
+  IVec m_l(L);
+  DVec b_l(L);
+  int64_t spare = lb + budget;
+  for (int l = 0; l < L; ++l) {
+    const int64_t* pl = P.data() + (int64_t)l * N;
+    m_l[l] = moves_row(pr, pl, CUR.data() + (int64_t)l * N);
+    const double pk = row_peak(pr, pl, W + (int64_t)l * E, rl, cnt);
+    b_l[l] = mean[l] > 0 ? pk / mean[l] : 1.0;
+    spare -= m_l[l];
+  }
+  std::vector<int> pick(L, -1);
+  DVec g_now(L, 0.0);
+  IVec x_now(L, 0);
+  for (;;) {
+    double bestr = -kInf;
+    int bl = -1, bt = -1;
+    for (int l = 0; l < L; ++l)
+      for (size_t t = 0; t < hist_m[l].size(); ++t) {
+        const double dg = (b_l[l] - hist_b[l][t]) - g_now[l];
+        const int64_t dx = (hist_m[l][t] - m_l[l]) - x_now[l];
+        if (!(dg > 1e-12 && dx <= spare)) continue;
+        const double ratio = dx > 0 ? dg / (double)std::max<int64_t>(dx, 1) : kInf;
+        if (ratio > bestr) {
+          bestr = ratio;
+          bl = l;
+          bt = (int)t;
+        }
+      }
+    if (bl < 0) break;
+    const int64_t ex = hist_m[bl][bt] - m_l[bl];
+    spare -= ex - x_now[bl];
+    pick[bl] = bt;
+    g_now[bl] = b_l[bl] - hist_b[bl][bt];
+    x_now[bl] = ex;
+  }
+  for (int l = 0; l < L; ++l) {
+    if (pick[l] < 0) continue;
+    int64_t* pl = P.data() + (int64_t)l * N;
+    std::copy(REPAIRED.begin() + (int64_t)l * N, REPAIRED.begin() + (int64_t)(l + 1) * N, pl);
+    for (int t = 0; t < pick[l]; ++t) {
+      const DescentStep& st = steps[l][t];
+      pl[st.sj] = st.nj;
+      if (st.si >= 0) pl[st.si] = st.ni;
+    }
+  }
+}
+
 // planner._fill_in_order for one row (from the start placement)
 void fill_in_order_row(const Prob& pr, int64_t* p, bool prefer_empty) {
   const int E = pr.E, N = pr.N, S = pr.S;
@@ -1346,6 +1566,7 @@ py::tuple plan_core(py::array_t<int64_t, py::array::c_style | py::array::forceca
       }
     }
     reseat_stuck(pr, P, START, CUR, W, L, budget, lb);
+    descend(pr, P, REPAIRED, CUR, W, L, budget, lb);
     for (bool prefer_empty : {true, false}) {
       for (int l = 0; l < L; ++l) {
         IVec plain(START.begin() + (int64_t)l * N, START.begin() + (int64_t)(l + 1) * N);

@@ -38,8 +38,13 @@ Replanning after a membership change works in two phases, each vectorised over a
    fewer moves), the options of all layers are taken by gain per extra move while they fit and
    the search spends what is left on the chosen layers; where the plain repacks all fit, the
    better of the two results is kept.
+4. **Descent** (under a budget, uniform rank speed): from the repaired placement, each layer
+   works its most loaded rank step by step (replicate one of its experts into, or swap it with,
+   a slot of one of the least loaded ranks: the largest drop per changed slot), recording moves
+   and balance after each step; each layer then keeps its plan or takes a point of its descent,
+   chosen by gain per extra move over all layers while the budget allows (:func:`_descend`).
 
-Phases 1 to 3 are written twice: in numpy here (:func:`_plan_reference`, the reference, which
+Phases 1 to 4 are written twice: in numpy here (:func:`_plan_reference`, the reference, which
 documents the semantics) and in C++ (``csrc/eplb_planner.cpp``, ``elasticep._C.eplb_plan_core``),
 which :func:`replan` runs. The C++ core loops per layer instead of vectorising over layers and
 computes the same plans to the bit (its sums run in numpy's order, its candidate scores in
@@ -86,6 +91,8 @@ _MIN_GAIN = 1e-9
 # slack of the repack options tried for the stuck layers when their full repacks do not fit the
 # budget: a rank sheds load only above (1 + slack) x the mean, so a larger slack moves fewer slots
 _RESEAT_SLACK = (0.0, 0.05, 0.1, 0.2)
+# ranks a descent step may trade with: the least loaded target ranks of the layer
+_DESCENT_PARTNERS = 16
 
 
 def _native_core():
@@ -785,6 +792,7 @@ def _plan_reference(
                     _layer_balance(_rank_loads(p, w, S)[0], target, speed).mean() - 1e-12:
                 p = wide
     p = _reseat_stuck(p, start, cur_p, w, tslot, target, speed, S, budget, lb, tolerance)
+    p = _descend(p, repaired, cur_p, w, target, speed, S, budget, lb, tolerance)
     # a safety net: where simply filling the holes in order happens to balance a layer better
     # than the search did (small layers with few ranks, where a greedy step can get stuck), take
     # it; it costs the lower bound only, so the budget still holds
@@ -1330,6 +1338,208 @@ def _reseat_stuck(
         if not b_alt < b_out - 1e-12:
             return out
     return alt
+
+
+def _descend(
+    p: np.ndarray,
+    repaired: np.ndarray,
+    cur_p: np.ndarray,
+    w: np.ndarray,
+    target: np.ndarray,
+    speed: np.ndarray,
+    S: int,
+    budget: int | None,
+    lb: int,
+    tolerance: float,
+) -> np.ndarray:
+    """Under a budget (uniform rank speed only): a descent on each layer's most loaded rank from
+    the repaired placement, and the budget spread over the layers by gain per move.
+
+    Each step works on the layer's most loaded target rank ``h`` (the first on ties) and takes,
+    over every expert ``a`` of ``h`` and every slot ``j`` of one of the ``_DESCENT_PARTNERS``
+    least loaded target ranks ``q``, the best of two steps: *replicate* ``a`` into ``j`` (empty,
+    or holding an expert with a replica to spare: one changed slot; every host of ``a`` sheds
+    load, the evicted expert's hosts take its share) and *swap* ``a`` with the expert of ``j``
+    (two changed slots; replica counts stay). A step may not involve an expert already on the
+    other rank. Its gain is how far the largest of the ranks it changes ends below ``h``'s load
+    now (the evicted expert's hosts counted at their most loaded one); gains are taken per
+    changed slot (a slot returning to its expert counts as half a move). Each layer records the
+    moves and the balance (peak over mean) after every step, until it is within ``tolerance``,
+    nothing gains, or it has spent ``1.5 * ceil(budget / L) + 4`` moves beyond its repair.
+
+    Then each layer either keeps what the earlier phases gave it or takes a point of its descent:
+    options are taken by gain in balance per extra move, over all layers, while the budget allows
+    (a layer may trade up to a dearer point, and a point that costs fewer moves than the layer
+    spends now is always taken first), as the reseat chooses its options."""
+    L, N = p.shape
+    E = w.shape[1]
+    R = N // S
+    tgt = np.flatnonzero(target)
+    if budget is None or budget == 0 or tgt.size < 2 or not (speed == 1.0).all():
+        return p
+    E1 = E + 1
+    mean = w.sum(1) / speed[target].sum()  # [L]
+    eps = _MIN_GAIN * np.maximum(mean, 1e-300)
+    lim = (1.0 + tolerance) * mean
+    rank_of = np.arange(N) // S
+    tslot = np.repeat(target, S)
+    ar_s = np.arange(S)
+    avg = -(-budget // L)
+    cap = ((repaired != cur_p) & (repaired >= 0)).sum(1) + avg + avg // 2 + 4
+
+    def peaks(x: np.ndarray, wx: np.ndarray) -> np.ndarray:
+        rl, _ = _rank_loads(x, wx, S)
+        return np.where(target[None, :], rl, -_INF).max(1)
+
+    def bal(pk: np.ndarray) -> np.ndarray:  # a layer without load has balance 1.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(mean > 0, pk / mean, 1.0)
+
+    q = repaired.copy()
+    moves_now = ((q != cur_p) & (q >= 0)).sum(1)
+    peak_now = peaks(q, w)
+    hist_m, hist_b = [moves_now.copy()], [bal(peak_now)]
+    hist_steps: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    active = np.ones(L, dtype=bool)
+    mult = np.array([2.0, 2.0, 2.0, 1.0, 0.5])  # per changed slots -2..2: powers of two, exact
+    while True:
+        active &= (peak_now > lim) & (moves_now < cap)
+        if not active.any():
+            break
+        sub = np.flatnonzero(active)
+        Ls = sub.size
+        rows = np.arange(Ls)
+        qs, ws, cs = q[sub], w[sub], cur_p[sub]
+        idx = np.where(qs < 0, E, qs)
+        cnt = _counts(idx, E1)
+        cnt[:, E] = 0
+        cntf = cnt.astype(np.float64)
+        w_ext = np.concatenate([ws, np.zeros((Ls, 1))], 1)
+        u = w_ext / np.maximum(cntf, 1.0)
+        slot_u = _take(u, idx)
+        load = slot_u.reshape(Ls, R, S).sum(-1)
+        eff = np.where(target[None, :], load, -_INF)
+        h = eff.argmax(1)
+        pk = eff[rows, h]
+        # which rank holds which expert, and each expert's most loaded host
+        holds = np.zeros((Ls, R, E1), dtype=bool)
+        holds[rows[:, None], rank_of[None, :], idx] = True
+        holds[:, :, E] = False  # an empty slot holds no expert
+        slot_load = load[:, rank_of]  # [Ls, N]
+        hm = np.full((Ls, E1), -_INF)
+        np.maximum.at(hm, (np.broadcast_to(rows[:, None], (Ls, N)), idx), slot_load)
+        hs = h[:, None] * S + ar_s  # [Ls, S]
+        a = _take(idx, hs)  # [Ls, S]
+        a_now = _take(qs, hs)
+        ua = _take(u, a)
+        x = idx  # [Ls, N]
+        ux = slot_u
+        cx = _take(cntf, x)
+        # partners: the least loaded target ranks
+        eff_c = np.where(target[None, :], load, _INF)
+        cold = np.argsort(eff_c, axis=1, kind="stable")[:, :min(_DESCENT_PARTNERS, tgt.size - 1)]
+        partner = np.zeros((Ls, R), dtype=bool)
+        partner[rows[:, None], cold] = True
+        # steps never touch an expert already on the other rank
+        ok = (a[:, :, None] < E) & (a[:, :, None] != x[:, None, :])
+        ok &= tslot[None, None, :] & partner[:, rank_of][:, None, :] & (rank_of[None, None, :] != h[:, None, None])
+        ok &= ~holds[rows[:, None, None], rank_of[None, None, :], a[:, :, None]]
+        ok &= ~_take(holds.reshape(Ls, R * E1), h[:, None] * E1 + x)[:, None, :]
+        pk3 = pk[:, None, None]
+        lq = slot_load[:, None, :]
+        # replicate a into j
+        up = _take(w_ext, a) / (_take(cntf, a) + 1.0)
+        da = ua - up
+        nah = (a[:, :, None] == a[:, None, :]).sum(-1).astype(np.float64)
+        new_h0 = pk[:, None] - nah * da  # [Ls, S]
+        new_q0 = lq - ux[:, None, :] + up[:, :, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rise = np.where(cx >= 2.0, _take(w_ext, x) / (cx - 1.0) - ux, 0.0)
+        x_pk = np.where(x < E, _take(hm, x) + rise, -_INF)  # [Ls, N]
+        ok0 = ok & ((x == E) | (cx >= 2.0))[:, None, :]
+        g0 = pk3 - np.maximum(np.maximum(new_h0[:, :, None], new_q0), x_pk[:, None, :])
+        # swap a and x
+        d = ua[:, :, None] - ux[:, None, :]
+        g1 = pk3 - np.maximum(pk3 - d, lq + d)
+        ok1 = ok & (x < E)[:, None, :]
+        # changed slots of each step
+        a_b = np.broadcast_to(a_now[:, :, None], (Ls, S, N))
+        cj = _slot_cost(np.broadcast_to(cs[:, None, :], (Ls, S, N)), np.broadcast_to(qs[:, None, :], (Ls, S, N)), a_b)
+        ci = _slot_cost(np.broadcast_to(_take(cs, hs)[:, :, None], (Ls, S, N)), a_b,
+                        np.broadcast_to(qs[:, None, :], (Ls, S, N)))
+        sc0 = g0 * mult[np.clip(cj, -2, 2) + 2]
+        sc1 = g1 * mult[np.clip(cj + ci, -2, 2) + 2]
+        eps3 = eps[sub][:, None, None]
+        score = np.empty((Ls, 2, S, N))
+        score[:, 0] = np.where(ok0 & (g0 > eps3), sc0, -_INF)
+        score[:, 1] = np.where(ok1 & (g1 > eps3), sc1, -_INF)
+        score = score.reshape(Ls, -1)
+        arg = score.argmax(1)  # the first best: [kind, i, j] in that order
+        found = score[rows, arg] > -_INF
+        kind = arg // (S * N)
+        i_col = (arg % (S * N)) // N
+        j = arg % N
+        slot_i = hs[rows, i_col]
+        e_a = a_now[rows, i_col]
+        e_x = qs[rows, j]
+        trial = qs.copy()
+        trial[rows, j] = np.where(found, e_a, e_x)
+        trial[rows, slot_i] = np.where(found & (kind == 1), e_x, e_a)
+        t_pk = peaks(trial, ws)
+        passed = found & (t_pk <= pk)
+        # a layer whose best step finds nothing (or fails the exact check) is done
+        active[sub[~passed]] = False
+        if not passed.any():
+            break
+        sj = np.full(L, -1)
+        si = np.full(L, -1)
+        nj = np.full(L, -1)
+        ni = np.full(L, -1)
+        sj[sub[passed]] = j[passed]
+        nj[sub[passed]] = e_a[passed]
+        swp = passed & (kind == 1)
+        si[sub[swp]] = slot_i[swp]
+        ni[sub[swp]] = e_x[swp]
+        q[sub[passed]] = trial[passed]
+        peak_now[sub[passed]] = t_pk[passed]
+        moves_now[sub[passed]] = ((trial[passed] != cs[passed]) & (trial[passed] >= 0)).sum(1)
+        hist_steps.append((sj, nj, si, ni))
+        hist_m.append(moves_now.copy())
+        hist_b.append(bal(peak_now))
+    if not hist_steps:
+        return p
+    # each layer: its plan now, or a point of its descent, by gain per extra move
+    m_l = ((p != cur_p) & (p >= 0)).sum(1)
+    b_l = bal(peaks(p, w))
+    extra = np.stack(hist_m, 1) - m_l[:, None]  # [L, steps + 1]
+    gain = b_l[:, None] - np.stack(hist_b, 1)
+    K1 = extra.shape[1]
+    spare = lb + budget - int(m_l.sum())
+    pick = np.full(L, -1)
+    g_now = np.zeros(L)
+    x_now = np.zeros(L, dtype=np.int64)
+    while True:
+        dg = gain - g_now[:, None]
+        dx = extra - x_now[:, None]
+        fit = (dg > 1e-12) & (dx <= spare)
+        if not fit.any():
+            break
+        ratio = np.where(fit, np.where(dx > 0, dg / np.maximum(dx, 1), _INF), -_INF)
+        k = int(ratio.argmax())
+        i, t = divmod(k, K1)
+        spare -= int(dx[i, t])
+        pick[i], g_now[i], x_now[i] = t, gain[i, t], extra[i, t]
+    chosen = np.flatnonzero(pick >= 0)
+    if chosen.size == 0:
+        return p
+    out = p.copy()
+    out[chosen] = repaired[chosen]
+    for t, (sj, nj, si, ni) in enumerate(hist_steps):
+        do = chosen[(pick[chosen] > t) & (sj[chosen] >= 0)]
+        out[do, sj[do]] = nj[do]
+        sw = do[si[do] >= 0]
+        out[sw, si[sw]] = ni[sw]
+    return out
 
 
 def _slot_cost(cur: np.ndarray, now: np.ndarray, new: np.ndarray) -> np.ndarray:
