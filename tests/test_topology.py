@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import random
 
 import pytest
@@ -158,6 +160,23 @@ def test_the_transports_peer_filter_agrees_with_the_core_on_every_rank(tcp_store
     for view in views:
         core.view = view  # each view as the core installs it
         agree(view.reason)
+
+    # Applying the filter after a view change asks it about the ranks outside the member set
+    # only; the members' answer comes as one set (`selected`), not a call per known rank.
+    transport._started = True
+    transport._known = {}
+    transport._unread = set(range(n + 4)) - {rank}
+    core.view = views[1]
+    calls: list[int] = []
+    transport._wanted = lambda peer: (calls.append(peer), wanted(peer))[1]
+    transport._filter_task = asyncio.Future(loop=asyncio.new_event_loop())  # a read in flight: no new one
+    try:
+        transport.apply_peer_filter()
+    finally:
+        transport._started = False
+        transport._filter_task.get_loop().close()
+        transport._filter_task = None
+    assert set(calls) == set(range(n + 4)) - set(views[1].members) - {rank}  # the departed and the unknown
 
 
 def test_view_lookups_of_non_members() -> None:

@@ -95,10 +95,13 @@ class Transport(abc.ABC):
         """Look for peers that registered since the last look and connect to them (default: none)."""
 
     def set_peer_filter(self, wanted: Callable[[int], bool] | None, *,
-                        prefetch: Callable[[int], bool] | None = None) -> bool:
+                        prefetch: Callable[[int], bool] | None = None,
+                        selected: Callable[[], tuple[frozenset[int], frozenset[int]] | None] | None = None) -> bool:
         """Offer to receive only from the ranks ``wanted(rank)`` selects (``None``: every rank);
         ``prefetch(rank)``: ranks likely to be wanted soon, whose endpoints a transport may look
-        up ahead (so that taking them on after a view change costs no store read).
+        up ahead (so that taking them on after a view change costs no store read);
+        ``selected()``: ``wanted``'s answer for a whole set of ranks at once, ``(ranks, chosen)``,
+        or None (a transport may use it instead of asking ``wanted`` rank by rank).
 
         The membership service passes its detection topology's predicate (with the ring, a
         rank's ``monitors_per_rank`` neighbours and the joiners beside it), so a rank's sockets

@@ -270,6 +270,7 @@ class ZmqTransport(Transport):
         self._pending: dict[int, _Peer] = {}  # a new endpoint, until its handshake succeeds
         self._wanted: Callable[[int], bool] | None = None  # the peer filter; None: every rank
         self._prefetch: Callable[[int], bool] | None = None  # records read ahead of being wanted
+        self._selected: Callable[[], tuple[frozenset[int], frozenset[int]] | None] | None = None
         self._known: dict[int, Registration] = {}  # checked records of ranks not subscribed to
         self._unread: set[int] = set()  # registered ranks whose record was not read (filtered out)
         self._filter_task: asyncio.Task[None] | None = None
@@ -450,20 +451,26 @@ class ZmqTransport(Transport):
     # --- the peer filter ---------------------------------------------------------------------
 
     def set_peer_filter(self, wanted: Callable[[int], bool] | None, *,
-                        prefetch: Callable[[int], bool] | None = None) -> bool:
+                        prefetch: Callable[[int], bool] | None = None,
+                        selected: Callable[[], tuple[frozenset[int], frozenset[int]] | None] | None = None) -> bool:
         """Subscribe only to ranks for which ``wanted(rank)`` is true (``None``: every rank).
 
         ``prefetch(rank)``: ranks not wanted yet whose records are read and checked anyway as
         they register (the next ring out), so that when a view change makes them neighbours the
         subscription opens at once, without a store read first. ``wanted`` and ``prefetch`` run
         on the event loop and on the store-reading worker thread; they must be cheap and must
-        not block. Takes effect at once on a started transport (as
-        :meth:`apply_peer_filter`), else at :meth:`start`. Returns True (this transport filters).
+        not block. ``selected()``: ``wanted``'s answers for a whole set at once, as ``(ranks,
+        chosen)``: of ``ranks`` it wants exactly ``chosen`` (None when it has no such answer
+        now); :meth:`apply_peer_filter` then asks ``wanted`` only of the ranks outside ``ranks``,
+        so a view change costs set operations over the hundreds of ranks it knows, not a call
+        per rank. Takes effect at once on a started transport (as :meth:`apply_peer_filter`),
+        else at :meth:`start`. Returns True (this transport filters).
         """
         if self.read_only and wanted is not None:
             raise ValueError("a monitor transport subscribes to every rank; it takes no peer filter")
         self._wanted = wanted
         self._prefetch = prefetch
+        self._selected = selected if wanted is not None else None
         if self._started and not self._closed:
             self.apply_peer_filter()
         return True
@@ -477,9 +484,19 @@ class ZmqTransport(Transport):
         for rank in list(self._peers):
             if wanted is not None and not wanted(rank):
                 self._drop_peer(rank)
-        for rank in [r for r in self._known if wanted is None or wanted(r)]:
-            self._connect(self._known.pop(rank))
-        need = sorted(r for r in self._unread if wanted is None or wanted(r))
+        known, unread = self._known, self._unread
+        answer = self._selected() if self._selected is not None else None
+        if wanted is None:
+            connect, need = list(known), sorted(unread)
+        elif answer is None:
+            connect = [r for r in known if wanted(r)]
+            need = sorted(r for r in unread if wanted(r))
+        else:
+            ranks, chosen = answer
+            connect = [r for r in chosen if r in known] + [r for r in known.keys() - ranks if wanted(r)]
+            need = sorted([r for r in chosen if r in unread] + [r for r in unread - ranks if wanted(r)])
+        for rank in connect:
+            self._connect(known.pop(rank))
         if need and (self._filter_task is None or self._filter_task.done()):
             assert self._loop is not None
             self._filter_task = self._loop.create_task(self._read_wanted(), name=f"elasticep-bus-filter-{self.rank}")

@@ -418,16 +418,28 @@ class MembershipService:
         # A rank outside the member set (a joiner, a departed rank) is asked of the core itself.
         heard: list = [object(), frozenset(), frozenset()]  # [for view, neighbours, members]
 
-        def wanted(peer: int) -> bool:
+        def refresh() -> bool:
             view = core.view
             if view is None and core.initial is None:
                 return False
             if heard[0] is not view:
                 members = view.members if view is not None else core.initial
                 heard[:] = [view, frozenset(core.topology.neighbors(members, self.rank)), frozenset(members)]
+            return True
+
+        def wanted(peer: int) -> bool:
+            if not refresh():
+                return False
             if peer in heard[2] and self.rank in heard[2]:
                 return peer in heard[1]
             return core.hears(peer)
+
+        def selected() -> tuple[frozenset[int], frozenset[int]] | None:
+            # of the members, exactly the neighbours (asked of a member only: a joiner's
+            # sponsors are the core's to say)
+            if not refresh() or self.rank not in heard[2]:
+                return None
+            return heard[2], heard[1]
 
         # the next ring out: its records are read ahead, so a neighbour's death costs the ranks
         # beyond it a CURVE handshake, not a store read, before they hear each other
@@ -438,7 +450,7 @@ class MembershipService:
             return bool(members) and ahead.hears(members, self.rank, peer)
 
         self._filtered_view = core.view
-        return bool(transport.set_peer_filter(wanted, prefetch=prefetch))
+        return bool(transport.set_peer_filter(wanted, prefetch=prefetch, selected=selected))
 
     async def _await_peers(self, members: tuple[int, ...], timeout: float) -> bool:
         """Heartbeat until every one of ``members`` was heard; True if all were in time."""
