@@ -1259,21 +1259,37 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
              int64_t lb) {
   const int E = pr.E, N = pr.N, S = pr.S, R = pr.R, E1 = E + 1;
   if (budget <= 0 || pr.tgt.size() < 2 || !pr.uniform) return;
+  const int T = (int)pr.tgt.size();
   DVec rl(R);
   IVec cnt(E);
+  // the state of the layer's placement q, kept up to date step by step: a step changes the
+  // replica counts of two experts at most, so only the ranks holding them (and the two ranks it
+  // touches) change load; each such rank's load is summed again over its slots, as the reference
+  // sums it from scratch, so every value is the reference's to the bit
   IVec cnti(E1);
-  DVec u(E1), slot_u(N), load(R), hm(E1), lq(N), xpk(N), uxv(N);
-  std::vector<uint8_t> holds((size_t)R * E1), okj(N), partner(R);
-  const int kpart = std::min<int>(kDescentPartners, (int)pr.tgt.size() - 1);
+  DVec u(E1), rise(E1), slot_u(N), load(R), hm(E1);
+  std::vector<int> idx(N);
+  std::vector<uint8_t> hc((size_t)R * E1), mark(R);
+  const int kpart = std::min<int>(kDescentPartners, T - 1);
+  std::vector<int> order(T), parts;
+  parts.reserve(kpart);
   std::vector<int> a(S), anow(S);
   DVec ua(S), up(S), newh0(S);
-  IVec q(N), trial(N);
+  // per partner slot: its expert, its rank's load, its load per replica, the evicted expert's
+  // most loaded host after a replicate, whether a step may use it, its cost terms
+  const int PS = kpart * S;
+  std::vector<int> pj(PS), px(PS), prk(PS);
+  std::vector<uint8_t> pok(PS);
+  DVec plq(PS), pux(PS), pxpk(PS);
+  IVec q(N);
   const int64_t avg = (budget + L - 1) / L;
   const int64_t add = avg + avg / 2 + 4;
   std::vector<std::vector<DescentStep>> steps(L);
   std::vector<IVec> hist_m(L);
   std::vector<DVec> hist_b(L);
   DVec mean(L);
+  static const double kMult[5] = {2.0, 2.0, 2.0, 1.0, 0.5};
+  auto before = [&](int r1, int r2) { return load[r1] < load[r2] || (load[r1] == load[r2] && r1 < r2); };
   for (int l = 0; l < L; ++l) {
     const double* w = W + (int64_t)l * E;
     const int64_t* cur = CUR.data() + (int64_t)l * N;
@@ -1287,39 +1303,63 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
     hist_m[l].push_back(moves_now);
     auto bal = [&](double pk) { return mean[l] > 0 ? pk / mean[l] : 1.0; };
     hist_b[l].push_back(bal(peak_now));
-    while (peak_now > lim && moves_now < cap) {
-      // the state of q: counts, loads per replica, rank loads, holders
-      std::fill(cnti.begin(), cnti.end(), 0);
-      for (int s = 0; s < N; ++s) ++cnti[q[s] < 0 ? E : q[s]];
-      cnti[E] = 0;
-      for (int e = 0; e < E; ++e) u[e] = w[e] / std::max(1.0, (double)cnti[e]);
-      u[E] = 0.0;
-      for (int s = 0; s < N; ++s) slot_u[s] = u[q[s] < 0 ? E : q[s]];
+    if (!(peak_now > lim && moves_now < cap)) continue;
+    // the state from scratch
+    std::fill(cnti.begin(), cnti.end(), 0);
+    std::fill(hc.begin(), hc.end(), 0);
+    for (int s = 0; s < N; ++s) {
+      idx[s] = q[s] < 0 ? E : (int)q[s];
+      ++cnti[idx[s]];
+      if (idx[s] < E) ++hc[(size_t)(s / S) * E1 + idx[s]];
+    }
+    cnti[E] = 0;
+    auto set_u = [&](int e) {
+      u[e] = w[e] / std::max(1.0, (double)cnti[e]);
+      const double cx = (double)cnti[e];
+      rise[e] = cx >= 2.0 ? w[e] / (cx - 1.0) - u[e] : 0.0;
+    };
+    for (int e = 0; e < E; ++e) set_u(e);
+    u[E] = 0.0;
+    rise[E] = 0.0;
+    for (int s = 0; s < N; ++s) slot_u[s] = u[idx[s]];
+    for (int r = 0; r < R; ++r) load[r] = np_sum(slot_u.data() + (int64_t)r * S, S);
+    for (int k = 0; k < T; ++k) order[k] = pr.tgt[k];
+    while (true) {
+      // partners: the coldest target ranks (ties to the lower rank id); the order of the step
+      // before is nearly sorted, so insertion sort
+      for (int k = 1; k < T; ++k) {
+        const int v = order[k];
+        int m = k - 1;
+        while (m >= 0 && before(v, order[m])) {
+          order[m + 1] = order[m];
+          --m;
+        }
+        order[m + 1] = v;
+      }
       int h = -1;
       double pk = -kInf;
-      for (int r = 0; r < R; ++r) {
-        load[r] = np_sum(slot_u.data() + (int64_t)r * S, S);
-        if (pr.target[r] && (h < 0 || load[r] > pk)) {
+      for (int r : pr.tgt)
+        if (h < 0 || load[r] > pk) {
           pk = load[r];
           h = r;
         }
-      }
-      std::fill(holds.begin(), holds.end(), 0);
       std::fill(hm.begin(), hm.end(), -kInf);
-      for (int s = 0; s < N; ++s) {
-        const int e = q[s] < 0 ? E : (int)q[s];
-        if (e < E) holds[(size_t)(s / S) * E1 + e] = 1;
-        hm[e] = std::max(hm[e], load[s / S]);
-      }
-      for (int s = 0; s < N; ++s) {
-        const int x = q[s] < 0 ? E : (int)q[s];
-        const int r = s / S;
-        lq[s] = load[r];
-        uxv[s] = slot_u[s];
-        const double cx = (double)cnti[x];
-        const double rise = cx >= 2.0 ? w[x] / (cx - 1.0) - slot_u[s] : 0.0;
-        xpk[s] = x < E ? hm[x] + rise : -kInf;
-        okj[s] = pr.target[r] && r != h && !(x < E && holds[(size_t)h * E1 + x]);
+      for (int s = 0; s < N; ++s) hm[idx[s]] = std::max(hm[idx[s]], load[s / S]);
+      parts.assign(order.begin(), order.begin() + kpart);
+      std::sort(parts.begin(), parts.end());
+      int np = 0;
+      for (int r : parts) {
+        for (int j = r * S; j < r * S + S; ++j) {
+          const int x = idx[j];
+          pj[np] = j;
+          px[np] = x;
+          prk[np] = r;
+          plq[np] = load[r];
+          pux[np] = slot_u[j];
+          pxpk[np] = x < E ? hm[x] + rise[x] : -kInf;
+          pok[np] = r != h && !(x < E && hc[(size_t)h * E1 + x]);
+          ++np;
+        }
       }
       for (int i = 0; i < S; ++i) {
         const int64_t v = q[h * S + i];
@@ -1334,35 +1374,32 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
         for (int i2 = 0; i2 < S; ++i2) nah += a[i2] == a[i];
         newh0[i] = pk - (double)nah * (ua[i] - up[i]);
       }
-      static const double kMult[5] = {2.0, 2.0, 2.0, 1.0, 0.5};
-      // partners: the coldest target ranks (stable: ties to the lower rank id)
-      std::vector<int> order = stable_order(R, [&](int r) { return pr.target[r] ? load[r] : kInf; });
-      std::fill(partner.begin(), partner.end(), 0);
-      for (int k = 0; k < kpart; ++k) partner[order[k]] = 1;
       // the reference scores [kind, i, j] and takes the first maximum: the best of each kind
-      // here, kind 0 first on ties
+      // here, kind 0 first on ties; candidates that cannot beat the best so far are skipped
+      // (ties keep the first, so the choice is the reference's): a replicate scores at most
+      // 2 (pk - newh0[i]); a swap with rank r at most 2 g, and g <= (pk - load[r]) / 2 up to
+      // rounding (the margin covers it)
       double best0 = -kInf, best1 = -kInf;
       int bi0 = -1, bj0 = -1, bi1 = -1, bj1 = -1;
-      // candidates that cannot beat the best so far are skipped (ties keep the first, so the
-      // choice is the reference's): a replicate scores at most 2 (pk - newh0[i]); a swap with
-      // rank r at most 2 g, and g <= (pk - load[r]) / 2 up to rounding (the margin covers it)
       for (int i = 0; i < S; ++i) {
         const int ai = a[i];
         if (ai >= E) continue;
         const int64_t ci_cur = cur[h * S + i];
         const bool try0 = 2.0 * (pk - newh0[i]) > best0;
-        for (int r = 0; r < R; ++r) {
-          if (!partner[r] || holds[(size_t)r * E1 + ai]) continue;
-          const bool try1 = (pk - load[r]) + 1e-12 * std::fabs(pk) > best1;
+        for (int k0 = 0; k0 < np; k0 += S) {
+          const int r = prk[k0];
+          if (hc[(size_t)r * E1 + ai]) continue;
+          const bool try1 = (pk - plq[k0]) + 1e-12 * std::fabs(pk) > best1;
           if (!try0 && !try1) continue;
-          for (int j = r * S; j < r * S + S; ++j) {
-            if (!okj[j]) continue;
-            const int x = q[j] < 0 ? E : (int)q[j];
+          for (int k = k0; k < k0 + S; ++k) {
+            if (!pok[k]) continue;
+            const int x = px[k];
             if (x == ai) continue;
+            const int j = pj[k];
             const int64_t cj = slot_cost(cur[j], q[j], anow[i]);
             if (try0 && (x == E || cnti[x] >= 2)) {
-              const double nq = lq[j] - uxv[j] + up[i];
-              const double g = pk - std::max(std::max(newh0[i], nq), xpk[j]);
+              const double nq = plq[k] - pux[k] + up[i];
+              const double g = pk - std::max(std::max(newh0[i], nq), pxpk[k]);
               const double sc = g * kMult[std::min<int64_t>(std::max<int64_t>(cj, -2), 2) + 2];
               if (g > eps && sc > best0) {
                 best0 = sc;
@@ -1371,8 +1408,8 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
               }
             }
             if (try1 && x != E) {
-              const double d = ua[i] - uxv[j];
-              const double g = pk - std::max(pk - d, lq[j] + d);
+              const double d = ua[i] - pux[k];
+              const double g = pk - std::max(pk - d, plq[k] + d);
               const int64_t c2 = cj + slot_cost(ci_cur, anow[i], q[j]);
               const double sc = g * kMult[std::min<int64_t>(std::max<int64_t>(c2, -2), 2) + 2];
               if (g > eps && sc > best1) {
@@ -1395,18 +1432,57 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
         bj = bj1;
       }
       if (bk < 0) break;
-      trial = q;
+      // the step, applied in place (a step that fails the exact check ends the layer, and its
+      // state is not used again)
       const int ea = anow[bi], ex = (int)q[bj];
-      trial[bj] = ea;
-      if (bk == 1) trial[h * S + bi] = ex;
-      const double t_pk = row_peak(pr, trial.data(), w, rl, cnt);
+      const int xe = ex < 0 ? E : ex;
+      const int rj = bj / S, si = h * S + bi;
+      auto moved = [&](int s) { return (int64_t)(q[s] != cur[s] && q[s] >= 0); };
+      int64_t dm = -moved(bj);
+      q[bj] = ea;
+      idx[bj] = ea;
+      dm += moved(bj);
+      ++hc[(size_t)rj * E1 + ea];
+      if (xe < E) --hc[(size_t)rj * E1 + xe];
+      std::fill(mark.begin(), mark.end(), 0);
+      mark[rj] = 1;
+      if (bk == 1) {
+        dm -= moved(si);
+        q[si] = ex;
+        idx[si] = xe;
+        dm += moved(si);
+        --hc[(size_t)h * E1 + ea];
+        ++hc[(size_t)h * E1 + xe];
+        slot_u[bj] = u[ea];
+        slot_u[si] = u[xe];
+        mark[h] = 1;
+      } else {
+        ++cnti[ea];
+        set_u(ea);
+        if (xe < E) {
+          --cnti[xe];
+          set_u(xe);
+        }
+        for (int s = 0; s < N; ++s) {
+          const int e = idx[s];
+          if (e == ea || (e == xe && xe < E)) {
+            slot_u[s] = u[e];
+            mark[s / S] = 1;
+          }
+        }
+        slot_u[bj] = u[ea];
+      }
+      for (int r = 0; r < R; ++r)
+        if (mark[r]) load[r] = np_sum(slot_u.data() + (int64_t)r * S, S);
+      double t_pk = -kInf;
+      for (int r : pr.tgt) t_pk = std::max(t_pk, load[r]);
       if (!(t_pk <= pk)) break;
-      q = trial;
       peak_now = t_pk;
-      moves_now = moves_row(pr, q.data(), cur);
-      steps[l].push_back({bj, ea, bk == 1 ? h * S + bi : -1, ex});
+      moves_now += dm;
+      steps[l].push_back({bj, ea, bk == 1 ? si : -1, ex});
       hist_m[l].push_back(moves_now);
       hist_b[l].push_back(bal(peak_now));
+      if (!(peak_now > lim && moves_now < cap)) break;
     }
   }
   bool any = false;
@@ -1425,27 +1501,48 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
   std::vector<int> pick(L, -1);
   DVec g_now(L, 0.0);
   IVec x_now(L, 0);
+  // each layer's best option under the spare moves now (the first on ties); while the spare
+  // shrinks, a layer's best stays its best as long as it fits and the layer is not changed
+  std::vector<int> best_t(L, -1);
+  DVec best_r(L, -kInf);
+  auto layer_best = [&](int l) {
+    best_t[l] = -1;
+    best_r[l] = -kInf;
+    for (size_t t = 0; t < hist_m[l].size(); ++t) {
+      const double dg = (b_l[l] - hist_b[l][t]) - g_now[l];
+      const int64_t dx = (hist_m[l][t] - m_l[l]) - x_now[l];
+      if (!(dg > 1e-12 && dx <= spare)) continue;
+      const double ratio = dx > 0 ? dg / (double)std::max<int64_t>(dx, 1) : kInf;
+      if (ratio > best_r[l]) {
+        best_r[l] = ratio;
+        best_t[l] = (int)t;
+      }
+    }
+  };
+  for (int l = 0; l < L; ++l) layer_best(l);
   for (;;) {
     double bestr = -kInf;
-    int bl = -1, bt = -1;
-    for (int l = 0; l < L; ++l)
-      for (size_t t = 0; t < hist_m[l].size(); ++t) {
-        const double dg = (b_l[l] - hist_b[l][t]) - g_now[l];
-        const int64_t dx = (hist_m[l][t] - m_l[l]) - x_now[l];
-        if (!(dg > 1e-12 && dx <= spare)) continue;
-        const double ratio = dx > 0 ? dg / (double)std::max<int64_t>(dx, 1) : kInf;
-        if (ratio > bestr) {
-          bestr = ratio;
-          bl = l;
-          bt = (int)t;
-        }
+    int bl = -1;
+    for (int l = 0; l < L; ++l) {
+      if (best_t[l] >= 0 && (hist_m[l][best_t[l]] - m_l[l]) - x_now[l] > spare) layer_best(l);
+      if (best_t[l] >= 0 && best_r[l] > bestr) {
+        bestr = best_r[l];
+        bl = l;
       }
+    }
     if (bl < 0) break;
+    const int bt = best_t[bl];
     const int64_t ex = hist_m[bl][bt] - m_l[bl];
+    const bool freed = ex < x_now[bl];
     spare -= ex - x_now[bl];
     pick[bl] = bt;
     g_now[bl] = b_l[bl] - hist_b[bl][bt];
     x_now[bl] = ex;
+    if (freed) {  // a cheaper point gives moves back: every layer may afford more
+      for (int l = 0; l < L; ++l) layer_best(l);
+    } else {
+      layer_best(bl);
+    }
   }
   for (int l = 0; l < L; ++l) {
     if (pick[l] < 0) continue;
