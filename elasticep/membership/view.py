@@ -209,11 +209,20 @@ class View(msgspec.Struct, frozen=True, kw_only=True):
         if previous is not None and not isinstance(previous, View):
             raise InvalidArgument(f"previous must be a View or None, got {type(previous).__name__}")
         recorded = {(c.rank, c.kind is ChangeKind.JOINED): c for c in self.changes}
-        old = previous.incarnation_map() if previous is not None else {}
-        new = self.incarnation_map()
         out: list[MemberChange] = []
-        # only the ranks that differ (a set operation on the item views, not a walk of every member)
-        for rank in sorted({r for r, _ in old.items() ^ new.items()}):
+        # only the ranks that differ (a set operation, not a walk of every member); with no
+        # process recorded on either side (every member the one that first served it) a rank
+        # differs exactly when it is in one member set only
+        if previous is not None and not previous.incarnations and not self.incarnations:
+            before = set(previous.members)
+            differ = before.symmetric_difference(self.members)
+            old = {r: 0 for r in differ if r in before}
+            new = {r: 0 for r in differ if r not in before}
+        else:
+            old = previous.incarnation_map() if previous is not None else {}
+            new = self.incarnation_map()
+            differ = {r for r, _ in old.items() ^ new.items()}
+        for rank in sorted(differ):
             gone = rank in old and (rank not in new or old[rank] != new[rank])
             came = rank in new and (rank not in old or old[rank] != new[rank])
             if gone:
