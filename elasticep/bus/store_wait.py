@@ -127,26 +127,31 @@ class KeyWaiter:
             raise StoreWaitFailed(f"store answered a wait with {answer!r}")
         return True
 
-    async def read(self, key: str) -> bytes | None:
+    async def read(self, key: str, *, known_set: bool = False) -> bytes | None:
         """``key``'s value, or None when it is not set; one round trip for a missing key, two
-        for a set one. Not while a wait is in progress on this waiter (one request at a time).
-        Raises :class:`StoreWaitFailed` when the store cannot be reached or answers outside
-        the protocol. Cancelling it closes the connection."""
+        for a set one, one with ``known_set`` (the key is known to exist, e.g. a wait on it
+        returned: no ``CHECK`` first; should it be missing after all, the server answers an
+        empty value, read as None, or drops the connection). Not while a wait is in progress on
+        this waiter (one request at a time). Raises :class:`StoreWaitFailed` when the store
+        cannot be reached or answers outside the protocol. Cancelling it closes the connection."""
         if self._closed:
             raise StoreWaitFailed("the waiter is closed")
         name = (_KEY_PREFIX + key).encode()
         try:
             reader, writer = await self._connect()
-            writer.write(struct.pack("<BQQ", _CHECK, 1, len(name)) + name)
-            await writer.drain()
-            ready = (await reader.readexactly(1))[0]
-            if ready != _READY:
-                return None
+            if not known_set:
+                writer.write(struct.pack("<BQQ", _CHECK, 1, len(name)) + name)
+                await writer.drain()
+                ready = (await reader.readexactly(1))[0]
+                if ready != _READY:
+                    return None
             writer.write(struct.pack("<BQ", _GET, len(name)) + name)
             await writer.drain()
             size = struct.unpack("<Q", await reader.readexactly(8))[0]
             if size > _MAX_VALUE_BYTES:
                 raise StoreWaitFailed(f"store answered a read of {key!r} with {size} bytes")
+            if size == 0 and known_set:
+                return None  # not there after all (a value this module reads is never empty)
             return await reader.readexactly(size)
         except StoreWaitFailed:
             self.reset()
@@ -232,14 +237,14 @@ class WaitHub:
             self.requests += 1
             return await waiter.wait(key)
 
-    async def read(self, key: str) -> bytes | None:
+    async def read(self, key: str, *, known_set: bool = False) -> bytes | None:
         """``key``'s value, or None when it is not set (:meth:`KeyWaiter.read`), on one of the
         hub's connections. Raises :class:`StoreWaitFailed` when the store cannot be reached or
         the hub is closed."""
         if self._closed:
             raise StoreWaitFailed("the hub is closed")
         async with self._connection() as waiter:
-            return await waiter.read(key)
+            return await waiter.read(key, known_set=known_set)
 
     async def wait(self, key: str) -> bool:
         """True once ``key`` is set; False when the hub is closed. Raises

@@ -252,6 +252,10 @@ class SharedViews:
             for epoch in sorted(self.views)[: len(self.views) - self.keep]:
                 del self.views[epoch]
 
+    def is_committed(self, epoch: int) -> bool:
+        """Whether ``epoch`` is known committed (read, written, or pushed by a wait)."""
+        return epoch in self._committed or epoch in self.views
+
     def committed(self, epoch: int) -> None:
         """``epoch`` is committed (its key exists): no read answers it absent any more."""
         self._absent.pop(epoch, None)
@@ -345,6 +349,7 @@ class TCPStoreViewStore(ViewStore):
         self._waiter: KeyWaiter | WaitHub | None = waits
         self._owns_waiter = waits is None
         self._keys: KeyWaiter | None = None  # reads' own connection (a wait may hold the waiter's)
+        self._pushed = 0  # the newest epoch a wait of this store found committed
         self._thread: ThreadPoolExecutor | None = None
 
     def connect(self) -> None:
@@ -429,8 +434,10 @@ class TCPStoreViewStore(ViewStore):
         reader = self._reader()
         if reader is None:  # a store object of another kind: its own blocking client
             return await self._run(self.read_nowait, epoch, rank=rank)
+        # a key a wait found set is fetched at once, without asking whether it is there
+        known = epoch <= self._pushed or (self._shared is not None and self._shared.is_committed(epoch))
         try:
-            data = await asyncio.wait_for(reader.read(self._key(epoch)), self.timeout_s)
+            data = await asyncio.wait_for(reader.read(self._key(epoch), known_set=known), self.timeout_s)
         except asyncio.TimeoutError:
             raise StoreUnavailable(f"view store did not answer a read within {self.timeout_s:g} s") from None
         except StoreWaitFailed as exc:
@@ -458,8 +465,10 @@ class TCPStoreViewStore(ViewStore):
             found = await self._waiter.wait(self._key(epoch))
         except StoreWaitFailed as exc:
             raise StoreUnavailable(str(exc)) from None
-        if found and self._shared is not None:
-            self._shared.committed(epoch)
+        if found:
+            self._pushed = max(self._pushed, epoch)
+            if self._shared is not None:
+                self._shared.committed(epoch)
         return found
 
     def end_waits(self) -> None:
