@@ -27,6 +27,7 @@ from elasticep.bus import (
     StoreRendezvous,
     ZmqTransport,
 )
+from elasticep.bus.transport import TransportClosed
 from elasticep.bus.zmq_transport import KIND_EVENTS
 from elasticep.events import Codec, Heartbeat, SequenceGap, Suspicion, envelope
 
@@ -431,6 +432,37 @@ async def test_a_subscriber_can_take_a_peers_events_without_its_heartbeats(tcp_s
         assert [e.event.step for e in b1] == list(range(20)) and len(e1) == 20 and len(b2) == 20
         assert [e.seq for e in b1] == list(range(b1[0].seq, b1[0].seq + 20))
         assert await drain(gaps[1]) == [] and buses[1].statistics().gaps == buses[2].statistics().gaps == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_a_severed_transport_is_seen_disconnected_at_once_and_still_closes(tcp_store):
+    """sever() closes the publishing socket as a killed process's kernel would: a subscriber
+    hears 'disconnected' within a moment, nothing more can be sent, and close() then ends the
+    transport as usual."""
+    keys = ClusterKeys.generate(2)
+    victim = ZmqTransport(0, keys.for_rank(0), tcp_store)
+    watcher = ZmqTransport(1, keys.for_rank(1), tcp_store)
+    await victim.start()
+    await watcher.start()
+    heard: list[tuple[int, str, float]] = []
+    watcher.add_listener(lambda rank, kind: heard.append((rank, kind, time.monotonic())))
+    try:
+        await watcher.refresh()
+        await watcher.wait_connected([0], timeout=10)
+        t0 = time.monotonic()
+        victim.sever()
+        async with asyncio.timeout(5):
+            while (0, "disconnected") not in [(r, k) for r, k, _ in heard]:
+                await asyncio.sleep(0.001)
+        assert next(t for r, k, t in heard if k == "disconnected") - t0 < 1.0
+        with pytest.raises(TransportClosed):
+            victim.send(b"late")
+        await victim.close()
+        assert victim.socket_count() == 0
+    finally:
+        await victim.close()
+        await watcher.close()
 
 
 @pytest.mark.asyncio

@@ -779,6 +779,21 @@ class ZmqTransport(Transport):
         self._receiver = receiver
         return True
 
+    def sever(self) -> None:
+        """Close this rank's publishing socket now, as the kernel does when its process dies:
+        every subscriber sees the disconnect at once, not after :meth:`close` has wound down
+        the transport's tasks. For harnesses that stand in for a killed process; :meth:`close`
+        still releases the rest, and nothing can be sent in between."""
+        if self._pub_monitor is not None:
+            self._unwatch(self._pub_monitor)
+        if self._pub is not None:
+            self._pub.disable_monitor()
+            self._pub.close(linger=0)
+            self._pub = None
+        if self._pub_monitor is not None:
+            self._pub_monitor.close(linger=0)
+            self._pub_monitor = None
+
     def pause_receiving(self) -> None:
         self._paused = True
 

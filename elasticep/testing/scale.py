@@ -334,7 +334,8 @@ def _worker(conn, ranks: list[int], n: int, config: Config, keys_json: str, stor
                 svc = services[r]
                 t0 = time.monotonic()
                 state[r] = "dead"
-                if op == "kill":  # the process is gone: its sockets close
+                if op == "kill":  # the process is gone: its sockets close at once, as the kernel closes them
+                    svc.bus.transport.sever()
                     await svc.close()
                     await svc.bus.close()
                 else:  # SIGSTOP: silent, its connections stay open
@@ -427,7 +428,8 @@ class RealCluster:
     ``shared_context`` (the default), so is each process's ZeroMQ context and ZAP handler
     (:class:`~elasticep.bus.zmq_transport.SharedContext`): one I/O thread per process instead
     of two threads per rank. A *kill*
-    closes the rank's sockets (as the kernel does for a killed process; no launcher report), a
+    closes the rank's publishing socket at once (as the kernel does for a killed process; no
+    launcher report), then stops its service and the rest of its transport; a
     *hang* stops its service and its reading with its connections left open (SIGSTOP).
     Loss (:meth:`set_loss`) is modeled at the receiver, each envelope dropped independently.
     With ``ranks_per_host`` H, ranks ``r // H`` form a host: each host's ranks heartbeat each
