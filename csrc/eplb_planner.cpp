@@ -1271,16 +1271,16 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
   std::vector<int> idx(N);
   std::vector<uint8_t> hc((size_t)R * E1), mark(R);
   const int kpart = std::min<int>(kDescentPartners, T - 1);
-  std::vector<int> order(T), parts;
-  parts.reserve(kpart);
+  std::vector<int> order(T);
   std::vector<int> a(S), anow(S);
   DVec ua(S), up(S), newh0(S);
   // per partner slot: its expert, its rank's load, its load per replica, the evicted expert's
   // most loaded host after a replicate, whether a step may use it, its cost terms
   const int PS = kpart * S;
-  std::vector<int> pj(PS), px(PS), prk(PS);
-  std::vector<uint8_t> pok(PS);
-  DVec plq(PS), pux(PS), pxpk(PS);
+  std::vector<int> pj(PS), px(PS), prk(PS), io(S);
+  std::vector<uint8_t> pel0(PS), pel1(PS);
+  DVec plq(PS), pux(PS), plqu(PS), pxpk(PS), pmul0(PS), rmq(kpart), rmx(kpart), rlo(kpart), rhi(kpart), rm0(kpart);
+  std::vector<int> plj(PS), rlj(kpart);
   IVec q(N);
   const int64_t avg = (budget + L - 1) / L;
   const int64_t add = avg + avg / 2 + 4;
@@ -1344,22 +1344,51 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
           h = r;
         }
       std::fill(hm.begin(), hm.end(), -kInf);
-      for (int s = 0; s < N; ++s) hm[idx[s]] = std::max(hm[idx[s]], load[s / S]);
-      parts.assign(order.begin(), order.begin() + kpart);
-      std::sort(parts.begin(), parts.end());
+      for (int r = 0; r < R; ++r)
+        for (int s = r * S; s < r * S + S; ++s) hm[idx[s]] = std::max(hm[idx[s]], load[r]);
+      // the partner slots, rank by rank from the coldest
       int np = 0;
-      for (int r : parts) {
+      double minux = kInf;
+      for (int k1 = 0; k1 < kpart; ++k1) {
+        const int r = order[k1];
         for (int j = r * S; j < r * S + S; ++j) {
           const int x = idx[j];
+          const bool ok = r != h && !(x < E && hc[(size_t)h * E1 + x]);
           pj[np] = j;
           px[np] = x;
           prk[np] = r;
           plq[np] = load[r];
           pux[np] = slot_u[j];
+          plqu[np] = load[r] - slot_u[j];
           pxpk[np] = x < E ? hm[x] + rise[x] : -kInf;
-          pok[np] = r != h && !(x < E && hc[(size_t)h * E1 + x]);
+          pel0[np] = ok && (x == E || cnti[x] >= 2);
+          pel1[np] = ok && x < E;
+          pmul0[np] = q[j] == cur[j] ? 1.0 : 2.0;  // a replicate's multiplier is at most this
+          plj[np] = q[j] == cur[j] ? 1 : -1;        // and slot_cost(cur[j], q[j], .) at least this
+          if (x < E) minux = std::min(minux, slot_u[j]);
           ++np;
         }
+        // bounds per rank over its slots that a step may use
+        double mq = kInf, mx = kInf, lo = kInf, hi = -kInf, mm = 0.0;
+        int lj = 2;
+        for (int k = np - S; k < np; ++k) {
+          if (pel0[k]) {
+            mq = std::min(mq, plqu[k]);
+            mx = std::min(mx, pxpk[k]);
+            mm = std::max(mm, pmul0[k]);
+          }
+          if (pel1[k]) {
+            lo = std::min(lo, pux[k]);
+            hi = std::max(hi, pux[k]);
+            lj = std::min(lj, plj[k]);
+          }
+        }
+        rm0[k1] = mm;
+        rlj[k1] = lj;
+        rmq[k1] = mq;
+        rmx[k1] = mx;
+        rlo[k1] = lo;
+        rhi[k1] = hi;
       }
       for (int i = 0; i < S; ++i) {
         const int64_t v = q[h * S + i];
@@ -1374,49 +1403,78 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
         for (int i2 = 0; i2 < S; ++i2) nah += a[i2] == a[i];
         newh0[i] = pk - (double)nah * (ua[i] - up[i]);
       }
-      // the reference scores [kind, i, j] and takes the first maximum: the best of each kind
-      // here, kind 0 first on ties; candidates that cannot beat the best so far are skipped
-      // (ties keep the first, so the choice is the reference's): a replicate scores at most
-      // 2 (pk - newh0[i]); a swap with rank r at most 2 g, and g <= (pk - load[r]) / 2 up to
-      // rounding (the margin covers it)
+      // The reference scores every [kind, i, j] and takes the first maximum. Here the candidates
+      // are visited from the most promising (slots of h by their bound, partner ranks from the
+      // coldest) and skipped wherever an upper bound of their score cannot reach the best so far;
+      // a tie goes to the lower (i, j), so the choice is the reference's. A replicate of a[i]
+      // scores at most 2 g and g <= pk - newh0[i]; a swap scores at most 2 g, with
+      // g <= (pk - load[r]) / 2 and g <= ua[i] - ux (up to rounding: the margin covers it). A
+      // swap matters only if it beats the best replicate (kind 0 first on ties).
+      // a candidate (i, j) whose score is at most `bound` can still be chosen
+      auto reach = [](double bound, double best, int bi, int bj, int i, int j) {
+        return bound > best || (bound == best && bi >= 0 && (i < bi || (i == bi && j < bj)));
+      };
+      const double margin = 1e-12 * std::fabs(pk);
+      auto mult = [](int64_t c) { return kMult[std::min<int64_t>(std::max<int64_t>(c, -2), 2) + 2]; };
+      double m0 = 0.0;
+      for (int k1 = 0; k1 < kpart; ++k1) m0 = std::max(m0, rm0[k1]);
+      for (int i = 0; i < S; ++i) io[i] = i;
+      std::stable_sort(io.begin(), io.end(), [&](int x, int y) { return newh0[x] < newh0[y]; });
       double best0 = -kInf, best1 = -kInf;
       int bi0 = -1, bj0 = -1, bi1 = -1, bj1 = -1;
-      for (int i = 0; i < S; ++i) {
+      for (int i : io) {
+        const int ai = a[i];
+        if (ai >= E || !reach(m0 * (pk - newh0[i]), best0, bi0, bj0, i, -1)) continue;
+        for (int k0 = 0, k1 = 0; k0 < np; k0 += S, ++k1) {
+          const double rb = rm0[k1] * (pk - std::max(std::max(newh0[i], rmq[k1] + up[i]), rmx[k1]));
+          if (!reach(rb, best0, bi0, bj0, i, prk[k0] * S)) continue;
+          if (hc[(size_t)prk[k0] * E1 + ai]) continue;
+          for (int k = k0; k < k0 + S; ++k) {
+            if (!pel0[k] || px[k] == ai) continue;
+            const double g = pk - std::max(std::max(newh0[i], plqu[k] + up[i]), pxpk[k]);
+            const int j = pj[k];
+            if (!(g > eps) || !reach(pmul0[k] * g, best0, bi0, bj0, i, j)) continue;
+            const double sc = g * mult(slot_cost(cur[j], q[j], anow[i]));
+            if (bi0 < 0 || reach(sc, best0, bi0, bj0, i, j)) {
+              best0 = sc;
+              bi0 = i;
+              bj0 = j;
+            }
+          }
+        }
+      }
+      const double floor1 = bi0 >= 0 ? best0 : -kInf;
+      for (int i = 0; i < S; ++i) io[i] = i;
+      std::stable_sort(io.begin(), io.end(), [&](int x, int y) { return ua[x] > ua[y]; });
+      for (int i : io) {
         const int ai = a[i];
         if (ai >= E) continue;
         const int64_t ci_cur = cur[h * S + i];
-        const bool try0 = 2.0 * (pk - newh0[i]) > best0;
-        for (int k0 = 0; k0 < np; k0 += S) {
-          const int r = prk[k0];
-          if (hc[(size_t)r * E1 + ai]) continue;
-          const bool try1 = (pk - plq[k0]) + 1e-12 * std::fabs(pk) > best1;
-          if (!try0 && !try1) continue;
+        const int li = anow[i] == ci_cur ? 1 : -1;  // the least slot_cost of h's slot i
+        const double bound = 2.0 * (ua[i] - minux + margin);
+        if (!(bound > floor1) || !reach(bound, best1, bi1, bj1, i, -1)) continue;
+        for (int k0 = 0, k1 = 0; k0 < np; k0 += S, ++k1) {
+          const double rb = (pk - plq[k0]) + margin;
+          if (!(rb > floor1) || rb < best1) break;  // the ranks come from the coldest
+          // g <= d and g <= pk - load[r] - d (up to rounding), d = ua[i] - ux over the rank's slots
+          const double rb2 =
+              mult(rlj[k1] + li) *
+              (std::min(0.5 * (pk - plq[k0]), std::min(ua[i] - rlo[k1], (pk - plq[k0]) - (ua[i] - rhi[k1]))) + margin);
+          if (!(rb2 > floor1) || !reach(rb2, best1, bi1, bj1, i, prk[k0] * S)) continue;
+          if (hc[(size_t)prk[k0] * E1 + ai]) continue;
           for (int k = k0; k < k0 + S; ++k) {
-            if (!pok[k]) continue;
-            const int x = px[k];
-            if (x == ai) continue;
+            if (!pel1[k] || px[k] == ai) continue;
+            const double d = ua[i] - pux[k];
+            const double g = pk - std::max(pk - d, plq[k] + d);
             const int j = pj[k];
-            const int64_t cj = slot_cost(cur[j], q[j], anow[i]);
-            if (try0 && (x == E || cnti[x] >= 2)) {
-              const double nq = plq[k] - pux[k] + up[i];
-              const double g = pk - std::max(std::max(newh0[i], nq), pxpk[k]);
-              const double sc = g * kMult[std::min<int64_t>(std::max<int64_t>(cj, -2), 2) + 2];
-              if (g > eps && sc > best0) {
-                best0 = sc;
-                bi0 = i;
-                bj0 = j;
-              }
-            }
-            if (try1 && x != E) {
-              const double d = ua[i] - pux[k];
-              const double g = pk - std::max(pk - d, plq[k] + d);
-              const int64_t c2 = cj + slot_cost(ci_cur, anow[i], q[j]);
-              const double sc = g * kMult[std::min<int64_t>(std::max<int64_t>(c2, -2), 2) + 2];
-              if (g > eps && sc > best1) {
-                best1 = sc;
-                bi1 = i;
-                bj1 = j;
-              }
+            if (!(g > eps)) continue;
+            const double gb = mult(plj[k] + li) * g;
+            if (!(gb > floor1) || !reach(gb, best1, bi1, bj1, i, j)) continue;
+            const double sc = g * mult(slot_cost(cur[j], q[j], anow[i]) + slot_cost(ci_cur, anow[i], q[j]));
+            if (sc > floor1 && (bi1 < 0 || reach(sc, best1, bi1, bj1, i, j))) {
+              best1 = sc;
+              bi1 = i;
+              bj1 = j;
             }
           }
         }
