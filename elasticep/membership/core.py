@@ -664,7 +664,12 @@ class MembershipCore:
         if read.epoch == current + 1:
             out += self._adopt(read.view, now)
             if not self.stopped and self._read is None and self._cas is None:
-                out.append(self._read_next(now))  # keep walking the chain to its head
+                if self.store_pushes and self.status == Status.MEMBER and self._pushed <= read.epoch:
+                    # a store that pushes tells of the next commit (the driver waits on it):
+                    # no read of it now, which would find nothing on all but the rarest change
+                    self._last_poll_s = now
+                else:
+                    out.append(self._read_next(now))  # keep walking the chain to its head
         return out
 
     def _store_failed(self, failed: StoreFailed, now: float) -> list[Action]:
