@@ -40,7 +40,7 @@ namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr float kInfF = std::numeric_limits<float>::infinity();
 constexpr double kMinGain = 1e-9;  // planner._MIN_GAIN
-constexpr int kDescentPartners = 16;  // planner._DESCENT_PARTNERS
+constexpr int kDescentPartners = 8;  // planner._DESCENT_PARTNERS
 constexpr double kReseatSlack[] = {0.0, 0.05, 0.1, 0.2};  // planner._RESEAT_SLACK (the first is 0)
 
 using IVec = std::vector<int64_t>;
@@ -1267,7 +1267,8 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
   // touches) change load; each such rank's load is summed again over its slots, as the reference
   // sums it from scratch, so every value is the reference's to the bit
   IVec cnti(E1);
-  DVec u(E1), rise(E1), slot_u(N), load(R), hm(E1);
+  DVec u(E1), rise(E1), slot_u(N), load(R);
+  std::vector<std::vector<int>> hl(E);  // the slots of each expert
   std::vector<int> idx(N);
   std::vector<uint8_t> hc((size_t)R * E1), mark(R);
   const int kpart = std::min<int>(kDescentPartners, T - 1);
@@ -1289,6 +1290,14 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
   std::vector<DVec> hist_b(L);
   DVec mean(L);
   static const double kMult[5] = {2.0, 2.0, 2.0, 1.0, 0.5};
+  auto isort = [](std::vector<int>& v, auto less) {  // stable, no buffer
+    for (size_t k = 1; k < v.size(); ++k) {
+      const int x = v[k];
+      size_t m = k;
+      for (; m > 0 && less(x, v[m - 1]); --m) v[m] = v[m - 1];
+      v[m] = x;
+    }
+  };
   auto before = [&](int r1, int r2) { return load[r1] < load[r2] || (load[r1] == load[r2] && r1 < r2); };
   for (int l = 0; l < L; ++l) {
     const double* w = W + (int64_t)l * E;
@@ -1307,10 +1316,14 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
     // the state from scratch
     std::fill(cnti.begin(), cnti.end(), 0);
     std::fill(hc.begin(), hc.end(), 0);
+    for (int e = 0; e < E; ++e) hl[e].clear();
     for (int s = 0; s < N; ++s) {
       idx[s] = q[s] < 0 ? E : (int)q[s];
       ++cnti[idx[s]];
-      if (idx[s] < E) ++hc[(size_t)(s / S) * E1 + idx[s]];
+      if (idx[s] < E) {
+        ++hc[(size_t)(s / S) * E1 + idx[s]];
+        hl[idx[s]].push_back(s);
+      }
     }
     cnti[E] = 0;
     auto set_u = [&](int e) {
@@ -1343,9 +1356,12 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
           pk = load[r];
           h = r;
         }
-      std::fill(hm.begin(), hm.end(), -kInf);
-      for (int r = 0; r < R; ++r)
-        for (int s = r * S; s < r * S + S; ++s) hm[idx[s]] = std::max(hm[idx[s]], load[r]);
+      // each expert's most loaded host, from its slots
+      auto host_max = [&](int e) {
+        double m = -kInf;
+        for (int s2 : hl[e]) m = std::max(m, load[s2 / S]);
+        return m;
+      };
       // the partner slots, rank by rank from the coldest
       int np = 0;
       double minux = kInf;
@@ -1360,7 +1376,7 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
           plq[np] = load[r];
           pux[np] = slot_u[j];
           plqu[np] = load[r] - slot_u[j];
-          pxpk[np] = x < E ? hm[x] + rise[x] : -kInf;
+          pxpk[np] = x < E ? host_max(x) + rise[x] : -kInf;
           pel0[np] = ok && (x == E || cnti[x] >= 2);
           pel1[np] = ok && x < E;
           pmul0[np] = q[j] == cur[j] ? 1.0 : 2.0;  // a replicate's multiplier is at most this
@@ -1419,7 +1435,7 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
       double m0 = 0.0;
       for (int k1 = 0; k1 < kpart; ++k1) m0 = std::max(m0, rm0[k1]);
       for (int i = 0; i < S; ++i) io[i] = i;
-      std::stable_sort(io.begin(), io.end(), [&](int x, int y) { return newh0[x] < newh0[y]; });
+      isort(io, [&](int x, int y) { return newh0[x] < newh0[y]; });
       double best0 = -kInf, best1 = -kInf;
       int bi0 = -1, bj0 = -1, bi1 = -1, bj1 = -1;
       for (int i : io) {
@@ -1445,7 +1461,7 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
       }
       const double floor1 = bi0 >= 0 ? best0 : -kInf;
       for (int i = 0; i < S; ++i) io[i] = i;
-      std::stable_sort(io.begin(), io.end(), [&](int x, int y) { return ua[x] > ua[y]; });
+      isort(io, [&](int x, int y) { return ua[x] > ua[y]; });
       for (int i : io) {
         const int ai = a[i];
         if (ai >= E) continue;
@@ -1514,6 +1530,8 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
         slot_u[bj] = u[ea];
         slot_u[si] = u[xe];
         mark[h] = 1;
+        *std::find(hl[ea].begin(), hl[ea].end(), si) = bj;
+        *std::find(hl[xe].begin(), hl[xe].end(), bj) = si;
       } else {
         ++cnti[ea];
         set_u(ea);
@@ -1521,11 +1539,16 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
           --cnti[xe];
           set_u(xe);
         }
-        for (int s = 0; s < N; ++s) {
-          const int e = idx[s];
-          if (e == ea || (e == xe && xe < E)) {
-            slot_u[s] = u[e];
-            mark[s / S] = 1;
+        hl[ea].push_back(bj);
+        for (int s2 : hl[ea]) {
+          slot_u[s2] = u[ea];
+          mark[s2 / S] = 1;
+        }
+        if (xe < E) {
+          hl[xe].erase(std::find(hl[xe].begin(), hl[xe].end(), bj));
+          for (int s2 : hl[xe]) {
+            slot_u[s2] = u[xe];
+            mark[s2 / S] = 1;
           }
         }
         slot_u[bj] = u[ea];

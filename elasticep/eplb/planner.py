@@ -92,7 +92,7 @@ _MIN_GAIN = 1e-9
 # budget: a rank sheds load only above (1 + slack) x the mean, so a larger slack moves fewer slots
 _RESEAT_SLACK = (0.0, 0.05, 0.1, 0.2)
 # ranks a descent step may trade with: the least loaded target ranks of the layer
-_DESCENT_PARTNERS = 16
+_DESCENT_PARTNERS = 8
 
 
 def _native_core():
