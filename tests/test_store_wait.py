@@ -259,6 +259,14 @@ async def test_a_key_is_read_on_the_waiters_connection_on_both_servers(libuv: bo
         with pytest.raises(StoreWaitFailed):
             await waiter.read("k/gone", known_set=True)
     assert await waiter.read("k/bin") == b"\x00\xffvalue\x00"
+    # compare-and-set in one round trip: the first writer of a new key wins, the second is told
+    assert await waiter.compare_set("k/cas", b"", b"first") == b"first"
+    assert await hub.compare_set("k/cas", b"", b"second") == b"first" and server.get("k/cas") == b"first"
+    assert await hub.compare_set("k/cas", b"first", b"third") == b"third" and server.get("k/cas") == b"third"
+    # on one waiter, reads and compare-and-sets started together take turns on its connection
+    got = await asyncio.gather(*(waiter.compare_set(f"k/c{i}", b"", b"v%d" % i) if i % 2 else waiter.read("k/bin")
+                                 for i in range(12)))
+    assert got == [b"v%d" % i if i % 2 else b"\x00\xffvalue\x00" for i in range(12)]
     later = asyncio.ensure_future(waiter.wait("k/later"))  # the same connection then waits
     await asyncio.sleep(0.05)
     server.set("k/later", "1")

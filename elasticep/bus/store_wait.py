@@ -30,6 +30,7 @@ from elasticep.errors import ElasticEPError
 
 _MAGIC = 0x3C85F7CE  # the TCPStore protocol's validation number
 _VALIDATE = 0
+_COMPARE_SET = 2
 _GET = 3
 _CHECK = 5
 _WAIT = 6
@@ -76,6 +77,7 @@ class KeyWaiter:
         self.bound_s = bound_s
         self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self._closed = False
+        self._turn: asyncio.Lock | None = None  # reads and compare-and-sets take turns on the connection
 
     @classmethod
     def for_store(cls, store: object, **kwargs) -> "KeyWaiter | None":
@@ -131,11 +133,20 @@ class KeyWaiter:
         """``key``'s value, or None when it is not set; one round trip for a missing key, two
         for a set one, one with ``known_set`` (the key is known to exist, e.g. a wait on it
         returned: no ``CHECK`` first; should it be missing after all, the server answers an
-        empty value, read as None, or drops the connection). Not while a wait is in progress on
-        this waiter (one request at a time). Raises :class:`StoreWaitFailed` when the store
+        empty value, read as None, or drops the connection). Reads and compare-and-sets on one
+        waiter take turns; not while a wait is in progress on it. Raises :class:`StoreWaitFailed` when the store
         cannot be reached or answers outside the protocol. Cancelling it closes the connection."""
         if self._closed:
             raise StoreWaitFailed("the waiter is closed")
+        async with self._taking_turns():
+            return await self._read(key, known_set)
+
+    def _taking_turns(self) -> asyncio.Lock:
+        if self._turn is None:
+            self._turn = asyncio.Lock()
+        return self._turn
+
+    async def _read(self, key: str, known_set: bool) -> bytes | None:
         name = (_KEY_PREFIX + key).encode()
         try:
             reader, writer = await self._connect()
@@ -159,6 +170,38 @@ class KeyWaiter:
         except (OSError, asyncio.IncompleteReadError) as exc:
             self.reset()
             raise StoreWaitFailed(f"store read of {key!r} failed: {exc!r}") from None
+        except BaseException:  # cancelled: the answer would come on a connection nobody reads
+            self.reset()
+            raise
+
+    async def compare_set(self, key: str, expected: bytes, desired: bytes) -> bytes:
+        """Set ``key`` to ``desired`` if it holds ``expected`` (``b""``: if it is not set);
+        returns what it holds afterwards (``desired`` when this call set it), in one round trip
+        on this connection (the ``COMPARE_SET`` request). Takes turns with reads on this
+        waiter; not while a wait is in progress on it. Raises :class:`StoreWaitFailed` when the store cannot be reached or
+        answers outside the protocol. Cancelling it closes the connection."""
+        if self._closed:
+            raise StoreWaitFailed("the waiter is closed")
+        async with self._taking_turns():
+            return await self._compare_set(key, expected, desired)
+
+    async def _compare_set(self, key: str, expected: bytes, desired: bytes) -> bytes:
+        name = (_KEY_PREFIX + key).encode()
+        try:
+            reader, writer = await self._connect()
+            writer.write(struct.pack("<BQ", _COMPARE_SET, len(name)) + name + struct.pack("<Q", len(expected))
+                         + expected + struct.pack("<Q", len(desired)) + desired)
+            await writer.drain()
+            size = struct.unpack("<Q", await reader.readexactly(8))[0]
+            if size > _MAX_VALUE_BYTES:
+                raise StoreWaitFailed(f"store answered a compare-and-set of {key!r} with {size} bytes")
+            return await reader.readexactly(size)
+        except StoreWaitFailed:
+            self.reset()
+            raise
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            self.reset()
+            raise StoreWaitFailed(f"store compare-and-set of {key!r} failed: {exc!r}") from None
         except BaseException:  # cancelled: the answer would come on a connection nobody reads
             self.reset()
             raise
@@ -245,6 +288,13 @@ class WaitHub:
             raise StoreWaitFailed("the hub is closed")
         async with self._connection() as waiter:
             return await waiter.read(key, known_set=known_set)
+
+    async def compare_set(self, key: str, expected: bytes, desired: bytes) -> bytes:
+        """:meth:`KeyWaiter.compare_set` on one of the hub's connections."""
+        if self._closed:
+            raise StoreWaitFailed("the hub is closed")
+        async with self._connection() as waiter:
+            return await waiter.compare_set(key, expected, desired)
 
     async def wait(self, key: str) -> bool:
         """True once ``key`` is set; False when the hub is closed. Raises

@@ -321,8 +321,10 @@ class TCPStoreViewStore(ViewStore):
     ``store_poll_ms`` instead of every ``store_idle_poll_ms``). :meth:`read` speaks ``CHECK``
     and ``GET`` itself on an asyncio connection (:meth:`KeyWaiter.read
     <elasticep.bus.store_wait.KeyWaiter.read>`, or the ``waits`` hub's), with no thread;
-    :meth:`read_nowait` does the same through the torch client. A compare-and-set runs on a
-    worker thread, one at a time per object. :meth:`wait_committed` is the server's ``WAIT`` on
+    :meth:`read_nowait` does the same through the torch client. A view known committed (a
+    wait found it) is fetched with ``GET`` alone. :meth:`compare_and_set` speaks
+    ``COMPARE_SET`` on the same connection (one round trip, no thread);
+    :meth:`compare_and_set_nowait` goes through the torch client. :meth:`wait_committed` is the server's ``WAIT`` on
     the epoch's key, on an asyncio connection of its own
     (:class:`~elasticep.bus.store_wait.KeyWaiter`).
     """
@@ -416,7 +418,20 @@ class TCPStoreViewStore(ViewStore):
             raise StoreUnavailable(f"view store did not answer within {self.timeout_s:g} s") from None
 
     async def compare_and_set(self, view: View, *, rank: int = -1) -> View:
-        committed = await self._run(self.compare_and_set_nowait, view, rank=rank)
+        # On the event loop as a read is (one round trip), not a thread: a commit is what every
+        # rank waits for, and handing it to a thread and back took tens of ms on a busy process.
+        reader = self._reader()
+        if reader is None:  # a store object of another kind: its own blocking client
+            committed = await self._run(self.compare_and_set_nowait, view, rank=rank)
+        else:
+            try:
+                data = await asyncio.wait_for(reader.compare_set(self._key(view.epoch), b"", encode_view(view)),
+                                              self.timeout_s)
+            except asyncio.TimeoutError:
+                raise StoreUnavailable(f"view store did not answer a compare-and-set within {self.timeout_s:g} s") from None
+            except StoreWaitFailed as exc:
+                raise StoreUnavailable(f"view store compare_set failed: {exc}") from None
+            committed = decode_view(data)
         if self._shared is not None:
             self._shared.put(committed)
         return committed
