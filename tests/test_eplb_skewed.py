@@ -121,3 +121,57 @@ def test_bench_plan_families_at_a_tiny_size(tmp_path, capsys):
         assert r["elasticep_2x_moved_slots"] <= 2 * r["lower_bound_moves"]
         assert r["elasticep_4x_moved_slots"] <= 4 * r["lower_bound_moves"]
         assert "balance_2x_max_1.15" in r["targets"]
+
+
+def _repaired_case(kind: str, param: float, layers: int, experts: int, ranks: int, slots: int, dead: list[int]):
+    from elasticep.eplb import planner
+
+    load = skewed(kind, param, layers, experts, seed=3)
+    start = initial(load, ranks, slots)
+    target = np.ones(ranks, dtype=bool)
+    target[dead] = False
+    cur = start.phy2log.numpy()
+    w = load.numpy()
+    _, repaired, lb, *_ = planner._plan_core(cur, w, target, np.ones(ranks), slots, 0, 0.01, native=False)
+    return cur, w, target, repaired, lb
+
+
+@pytest.mark.parametrize("kind,param", FAMILIES)
+def test_descent_keeps_the_budget_and_never_unbalances_a_layer(kind, param, monkeypatch):
+    # the whole replan (the C++ core where built) against the reference without the descent: the
+    # budget holds and no layer ends less balanced than the earlier phases left it
+    from elasticep.eplb import planner
+
+    load = skewed(kind, param, 6, 64, seed=2)
+    start = initial(load, 16, 5)
+    alive = torch.ones(16, dtype=torch.bool)
+    alive[[4, 12]] = False
+    lb = lower_bound(start, alive)
+    for max_moves in (lb, 3 * lb):
+        plan = replan(start, load, alive, max_moves=max_moves)
+        assert moved_slots(start, plan.placement, alive) <= lb + max_moves
+        with monkeypatch.context() as m:
+            m.setattr(planner, "_NATIVE", None)
+            m.setattr(planner, "_descend", lambda p, *a, **k: p)
+            without = replan(start, load, alive, max_moves=max_moves)
+        got = layer_balance(plan.placement, load, alive)
+        assert bool((got <= layer_balance(without.placement, load, alive) + 1e-12).all())
+
+
+@pytest.mark.parametrize("kind,param", [("zipf", 1.0), ("lognormal", 2.0), ("hot", 0.2)])
+def test_a_layers_descent_gains_more_balance_with_more_moves(kind, param):
+    # one layer, the descent alone from the repaired placement: a larger budget never ends less
+    # balanced, and the moves never pass the lower bound plus the budget
+    from elasticep.eplb import planner
+
+    cur, w, target, repaired, lb = _repaired_case(kind, param, 1, 64, 16, 5, [4])
+    speed = np.ones(target.size)
+    last = np.inf
+    for budget in range(0, 41, 2):
+        p = planner._descend(repaired, repaired, cur, w, target, speed, 5, budget, lb, 0.01)
+        moves = int(((p != cur) & (p >= 0)).sum())
+        assert moves <= lb + budget
+        bal = float(planner._layer_balance(planner._rank_loads(p, w, 5)[0], target, speed)[0])
+        assert bal <= last + 1e-12
+        last = bal
+    assert last < float(planner._layer_balance(planner._rank_loads(repaired, w, 5)[0], target, speed)[0])
