@@ -1269,6 +1269,8 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
   IVec cnti(E1);
   DVec u(E1), rise(E1), slot_u(N), load(R);
   std::vector<std::vector<int>> hl(E);  // the slots of each expert
+  std::vector<int> rank_of(N);
+  for (int s = 0; s < N; ++s) rank_of[s] = s / S;
   std::vector<int> idx(N);
   std::vector<uint8_t> hc((size_t)R * E1), mark(R);
   const int kpart = std::min<int>(kDescentPartners, T - 1);
@@ -1312,7 +1314,8 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
     hist_m[l].push_back(moves_now);
     auto bal = [&](double pk) { return mean[l] > 0 ? pk / mean[l] : 1.0; };
     hist_b[l].push_back(bal(peak_now));
-    if (!(peak_now > lim && moves_now < cap)) continue;
+    // only the layers that the earlier phases left off balance descend
+    if (!(peak_now > lim && moves_now < cap) || !(row_peak(pr, P.data() + (int64_t)l * N, w, rl, cnt) > lim)) continue;
     // the state from scratch
     std::fill(cnti.begin(), cnti.end(), 0);
     std::fill(hc.begin(), hc.end(), 0);
@@ -1359,7 +1362,7 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
       // each expert's most loaded host, from its slots
       auto host_max = [&](int e) {
         double m = -kInf;
-        for (int s2 : hl[e]) m = std::max(m, load[s2 / S]);
+        for (int s2 : hl[e]) m = std::max(m, load[rank_of[s2]]);
         return m;
       };
       // the partner slots, rank by rank from the coldest
@@ -1376,7 +1379,7 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
           plq[np] = load[r];
           pux[np] = slot_u[j];
           plqu[np] = load[r] - slot_u[j];
-          pxpk[np] = x < E ? host_max(x) + rise[x] : -kInf;
+          pxpk[np] = x < E && cnti[x] >= 2 ? host_max(x) + rise[x] : -kInf;  // replicates only
           pel0[np] = ok && (x == E || cnti[x] >= 2);
           pel1[np] = ok && x < E;
           pmul0[np] = q[j] == cur[j] ? 1.0 : 2.0;  // a replicate's multiplier is at most this
@@ -1422,44 +1425,20 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
       // The reference scores every [kind, i, j] and takes the first maximum. Here the candidates
       // are visited from the most promising (slots of h by their bound, partner ranks from the
       // coldest) and skipped wherever an upper bound of their score cannot reach the best so far;
-      // a tie goes to the lower (i, j), so the choice is the reference's. A replicate of a[i]
-      // scores at most 2 g and g <= pk - newh0[i]; a swap scores at most 2 g, with
-      // g <= (pk - load[r]) / 2 and g <= ua[i] - ux (up to rounding: the margin covers it). A
-      // swap matters only if it beats the best replicate (kind 0 first on ties).
+      // a tie goes to the lower (i, j), so the choice is the reference's. A score is g times a
+      // multiplier of at most 2, bounded per slot and rank by which slots are changed already. A
+      // swap has g <= (pk - load[r]) / 2 and g <= ua[i] - ux (up to rounding: the margin covers
+      // it); a replicate of a[i] has g <= pk - newh0[i], and matters only if it scores at least
+      // the best swap (kind 0 first on ties).
       // a candidate (i, j) whose score is at most `bound` can still be chosen
       auto reach = [](double bound, double best, int bi, int bj, int i, int j) {
         return bound > best || (bound == best && bi >= 0 && (i < bi || (i == bi && j < bj)));
       };
       const double margin = 1e-12 * std::fabs(pk);
       auto mult = [](int64_t c) { return kMult[std::min<int64_t>(std::max<int64_t>(c, -2), 2) + 2]; };
-      double m0 = 0.0;
-      for (int k1 = 0; k1 < kpart; ++k1) m0 = std::max(m0, rm0[k1]);
-      for (int i = 0; i < S; ++i) io[i] = i;
-      isort(io, [&](int x, int y) { return newh0[x] < newh0[y]; });
       double best0 = -kInf, best1 = -kInf;
       int bi0 = -1, bj0 = -1, bi1 = -1, bj1 = -1;
-      for (int i : io) {
-        const int ai = a[i];
-        if (ai >= E || !reach(m0 * (pk - newh0[i]), best0, bi0, bj0, i, -1)) continue;
-        for (int k0 = 0, k1 = 0; k0 < np; k0 += S, ++k1) {
-          const double rb = rm0[k1] * (pk - std::max(std::max(newh0[i], rmq[k1] + up[i]), rmx[k1]));
-          if (!reach(rb, best0, bi0, bj0, i, prk[k0] * S)) continue;
-          if (hc[(size_t)prk[k0] * E1 + ai]) continue;
-          for (int k = k0; k < k0 + S; ++k) {
-            if (!pel0[k] || px[k] == ai) continue;
-            const double g = pk - std::max(std::max(newh0[i], plqu[k] + up[i]), pxpk[k]);
-            const int j = pj[k];
-            if (!(g > eps) || !reach(pmul0[k] * g, best0, bi0, bj0, i, j)) continue;
-            const double sc = g * mult(slot_cost(cur[j], q[j], anow[i]));
-            if (bi0 < 0 || reach(sc, best0, bi0, bj0, i, j)) {
-              best0 = sc;
-              bi0 = i;
-              bj0 = j;
-            }
-          }
-        }
-      }
-      const double floor1 = bi0 >= 0 ? best0 : -kInf;
+      // swaps first (nearly every step is one): the best swap, the first on ties
       for (int i = 0; i < S; ++i) io[i] = i;
       isort(io, [&](int x, int y) { return ua[x] > ua[y]; });
       for (int i : io) {
@@ -1467,30 +1446,56 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
         if (ai >= E) continue;
         const int64_t ci_cur = cur[h * S + i];
         const int li = anow[i] == ci_cur ? 1 : -1;  // the least slot_cost of h's slot i
-        const double bound = 2.0 * (ua[i] - minux + margin);
-        if (!(bound > floor1) || !reach(bound, best1, bi1, bj1, i, -1)) continue;
+        if (!reach(2.0 * (ua[i] - minux + margin), best1, bi1, bj1, i, -1)) continue;
         for (int k0 = 0, k1 = 0; k0 < np; k0 += S, ++k1) {
-          const double rb = (pk - plq[k0]) + margin;
-          if (!(rb > floor1) || rb < best1) break;  // the ranks come from the coldest
+          if ((pk - plq[k0]) + margin < best1) break;  // the ranks come from the coldest
           // g <= d and g <= pk - load[r] - d (up to rounding), d = ua[i] - ux over the rank's slots
           const double rb2 =
               mult(rlj[k1] + li) *
               (std::min(0.5 * (pk - plq[k0]), std::min(ua[i] - rlo[k1], (pk - plq[k0]) - (ua[i] - rhi[k1]))) + margin);
-          if (!(rb2 > floor1) || !reach(rb2, best1, bi1, bj1, i, prk[k0] * S)) continue;
+          if (!reach(rb2, best1, bi1, bj1, i, prk[k0] * S)) continue;
           if (hc[(size_t)prk[k0] * E1 + ai]) continue;
           for (int k = k0; k < k0 + S; ++k) {
             if (!pel1[k] || px[k] == ai) continue;
             const double d = ua[i] - pux[k];
             const double g = pk - std::max(pk - d, plq[k] + d);
             const int j = pj[k];
-            if (!(g > eps)) continue;
-            const double gb = mult(plj[k] + li) * g;
-            if (!(gb > floor1) || !reach(gb, best1, bi1, bj1, i, j)) continue;
+            if (!(g > eps) || !reach(mult(plj[k] + li) * g, best1, bi1, bj1, i, j)) continue;
             const double sc = g * mult(slot_cost(cur[j], q[j], anow[i]) + slot_cost(ci_cur, anow[i], q[j]));
-            if (sc > floor1 && (bi1 < 0 || reach(sc, best1, bi1, bj1, i, j))) {
+            if (bi1 < 0 || reach(sc, best1, bi1, bj1, i, j)) {
               best1 = sc;
               bi1 = i;
               bj1 = j;
+            }
+          }
+        }
+      }
+      // then replicates: one is taken only if it scores at least the best swap (kind 0 first on
+      // ties), so the bounds start from there
+      double m0 = 0.0;
+      for (int k1 = 0; k1 < kpart; ++k1) m0 = std::max(m0, rm0[k1]);
+      const double floor0 = bi1 >= 0 ? best1 : -kInf;
+      for (int i = 0; i < S; ++i) io[i] = i;
+      isort(io, [&](int x, int y) { return newh0[x] < newh0[y]; });
+      for (int i : io) {
+        const int ai = a[i];
+        if (ai >= E) continue;
+        const double ib = m0 * (pk - newh0[i]);
+        if (ib < floor0 || !reach(ib, best0, bi0, bj0, i, -1)) continue;
+        for (int k0 = 0, k1 = 0; k0 < np; k0 += S, ++k1) {
+          const double rb = rm0[k1] * (pk - std::max(std::max(newh0[i], rmq[k1] + up[i]), rmx[k1]));
+          if (!(rb >= floor0) || !reach(rb, best0, bi0, bj0, i, prk[k0] * S)) continue;
+          if (hc[(size_t)prk[k0] * E1 + ai]) continue;
+          for (int k = k0; k < k0 + S; ++k) {
+            if (!pel0[k] || px[k] == ai) continue;
+            const double g = pk - std::max(std::max(newh0[i], plqu[k] + up[i]), pxpk[k]);
+            const int j = pj[k];
+            if (!(g > eps) || pmul0[k] * g < floor0 || !reach(pmul0[k] * g, best0, bi0, bj0, i, j)) continue;
+            const double sc = g * mult(slot_cost(cur[j], q[j], anow[i]));
+            if (sc >= floor0 && (bi0 < 0 || reach(sc, best0, bi0, bj0, i, j))) {
+              best0 = sc;
+              bi0 = i;
+              bj0 = j;
             }
           }
         }
@@ -1542,13 +1547,13 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
         hl[ea].push_back(bj);
         for (int s2 : hl[ea]) {
           slot_u[s2] = u[ea];
-          mark[s2 / S] = 1;
+          mark[rank_of[s2]] = 1;
         }
         if (xe < E) {
           hl[xe].erase(std::find(hl[xe].begin(), hl[xe].end(), bj));
           for (int s2 : hl[xe]) {
             slot_u[s2] = u[xe];
-            mark[s2 / S] = 1;
+            mark[rank_of[s2]] = 1;
           }
         }
         slot_u[bj] = u[ea];

@@ -1365,7 +1365,8 @@ def _descend(
     now (the evicted expert's hosts counted at their most loaded one); gains are taken per
     changed slot (a slot returning to its expert counts as half a move). Each layer records the
     moves and the balance (peak over mean) after every step, until it is within ``tolerance``,
-    nothing gains, or it has spent ``1.5 * ceil(budget / L) + 4`` moves beyond its repair.
+    nothing gains, or it has spent ``1.5 * ceil(budget / L) + 4`` moves beyond its repair. Only
+    the layers that the earlier phases (``p``) left above ``tolerance`` descend.
 
     Then each layer either keeps what the earlier phases gave it or takes a point of its descent:
     options are taken by gain in balance per extra move, over all layers, while the budget allows
@@ -1400,7 +1401,8 @@ def _descend(
     peak_now = peaks(q, w)
     hist_m, hist_b = [moves_now.copy()], [bal(peak_now)]
     hist_steps: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-    active = np.ones(L, dtype=bool)
+    # only the layers the earlier phases left off balance descend
+    active = peaks(p, w) > lim
     mult = np.array([2.0, 2.0, 2.0, 1.0, 0.5])  # per changed slots -2..2: powers of two, exact
     while True:
         active &= (peak_now > lim) & (moves_now < cap)
