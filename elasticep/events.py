@@ -39,11 +39,15 @@ class Heartbeat(msgspec.Struct, tag="heartbeat", **_STRUCT):
 
     ``incarnation`` grows each time the rank's process restarts, so a rejoining rank is told
     apart from its dead predecessor. ``step`` is the engine step the rank last finished.
+    ``events`` is set by the sending bus: the sequence number of the last other event it sent
+    (heartbeats are numbered apart, and a peer may take no heartbeats), so a receiver that
+    takes them learns of events it lost even when no later event comes.
     """
 
     rank: int
     incarnation: int = 0
     step: int = 0
+    events: int = 0
 
 
 class PeerTimeout(msgspec.Struct, tag="peer_timeout", **_STRUCT):

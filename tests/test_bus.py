@@ -75,6 +75,40 @@ async def test_publish_reaches_peers_and_local_subscribers_with_envelope():
 
 
 @pytest.mark.asyncio
+async def test_a_heartbeat_reveals_events_lost_before_it_and_numbers_apart_from_them():
+    """Heartbeats are numbered apart from a sender's other events and each names the last
+    other event sent: one lost alone (no event after it) is reported at the next heartbeat,
+    a heartbeat sets the baseline of the events (so a lost first event is seen too), and
+    heartbeats alone, or lost alone, never report events lost."""
+    net = InProcessNetwork(seed=3)
+    async with cluster(net, 2) as (b0, b1):
+        gaps = b1.subscribe(SequenceGap)
+        events = b1.subscribe(Suspicion)
+        beats = b1.subscribe(Heartbeat)
+        await b0.publish(Heartbeat(rank=0, step=1))  # the first: no event yet, baseline 0
+        env = await asyncio.wait_for(beats.receive(), 2)
+        assert (env.seq, env.event.events) == (1, 0)
+        net.partition({0}, {1})
+        await b0.publish(Suspicion(observer=0, suspect=9, source="test"))  # event 1, lost
+        await b0.publish(Heartbeat(rank=0, step=2))  # beat 2, lost
+        await asyncio.sleep(0.05)  # (both left before the heal)
+        net.heal()
+        await b0.publish(Heartbeat(rank=0, step=3))  # beat 3: names event 1
+        env = await asyncio.wait_for(beats.receive(), 2)
+        assert (env.seq, env.event.events) == (3, 1)
+        got = [await asyncio.wait_for(gaps.receive(), 2) for _ in range(2)]
+        assert sorted((g.event.expected, g.event.got) for g in got) == [(1, 2), (2, 3)]  # event 1; beat 2
+        await b0.publish(Suspicion(observer=0, suspect=9, source="test"))  # event 2: no hole
+        env = await asyncio.wait_for(events.receive(), 2)
+        assert env.seq == 2
+        for step in range(4, 9):
+            await b0.publish(Heartbeat(rank=0, step=step))
+        for _ in range(5):
+            await asyncio.wait_for(beats.receive(), 2)
+        assert b1.statistics().gaps == 2 and b1.statistics().lost == 2
+
+
+@pytest.mark.asyncio
 async def test_per_sender_fifo_and_sequence_numbers():
     net = InProcessNetwork(seed=1, delay_ms=1.0, jitter_ms=3.0)
     async with cluster(net, 2) as (b0, b1):

@@ -499,6 +499,8 @@ class EventBus:
             event = self._wrap_user(event)
         if type(event) is Heartbeat:
             self._beat_seq = seq = self._beat_seq + 1
+            if event.events != self._seq:
+                event = msgspec.structs.replace(event, events=self._seq)
         else:
             self._seq = seq = self._seq + 1
         return Envelope(SCHEMA_VERSION, self.rank, self._epoch, seq, time.time_ns(), time.monotonic_ns(), event)
@@ -526,6 +528,8 @@ class EventBus:
         beat = t is Heartbeat
         if beat:
             self._beat_seq = seq = self._beat_seq + 1
+            if event.events != self._seq:  # the last other event sent: a receiver checks it has it
+                event = msgspec.structs.replace(event, events=self._seq)
         else:
             self._seq = seq = self._seq + 1
         env = Envelope(SCHEMA_VERSION, self.rank, self._epoch, seq, time.time_ns(), time.monotonic_ns(), event)
@@ -923,6 +927,17 @@ class EventBus:
                 track[stream] = seq + 1
                 if gap_from:
                     gap = self._report_gap(sender, gap_from, seq)
+                    if handled is not None:
+                        handled.append(gap)
+            if stream == 2:
+                # the beat names the last other event its sender sent: any not here were lost
+                sent = env.event.events
+                if track[1] == 0:
+                    if 0 <= sent <= MAX_FIRST_SEQ:
+                        track[1] = sent + 1
+                elif sent >= track[1] and sent - track[1] < MAX_SEQ_JUMP:
+                    gap = self._report_gap(sender, track[1], sent + 1)
+                    track[1] = sent + 1
                     if handled is not None:
                         handled.append(gap)
             counts[t] = counts.get(t, 0) + 1
