@@ -1258,7 +1258,7 @@ double row_peak(const Prob& pr, const int64_t* p, const double* w, DVec& rl, IVe
 void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, const double* W, int L, int64_t budget,
              int64_t lb) {
   const int E = pr.E, N = pr.N, S = pr.S, R = pr.R, E1 = E + 1;
-  if (budget <= 0 || pr.tgt.size() < 2 || !pr.uniform) return;
+  if (budget <= 0 || budget < 2 * lb || pr.tgt.size() < 2 || !pr.uniform) return;
   const int T = (int)pr.tgt.size();
   DVec rl(R);
   IVec cnt(E);

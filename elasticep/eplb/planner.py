@@ -1352,8 +1352,9 @@ def _descend(
     lb: int,
     tolerance: float,
 ) -> np.ndarray:
-    """Under a budget (uniform rank speed only): a descent on each layer's most loaded rank from
-    the repaired placement, and the budget spread over the layers by gain per move.
+    """Under a budget of at least twice the repair's moves (``lb``; uniform rank speed only): a
+    descent on each layer's most loaded rank from the repaired placement, and the budget spread
+    over the layers by gain per move.
 
     Each step works on the layer's most loaded target rank ``h`` (the first on ties) and takes,
     over every expert ``a`` of ``h`` and every slot ``j`` of one of the ``_DESCENT_PARTNERS``
@@ -1376,7 +1377,9 @@ def _descend(
     E = w.shape[1]
     R = N // S
     tgt = np.flatnonzero(target)
-    if budget is None or budget == 0 or tgt.size < 2 or not (speed == 1.0).all():
+    # a budget under twice the repair's moves goes to the earlier phases: the descent's points
+    # cost more than they leave room for there
+    if budget is None or budget == 0 or budget < 2 * lb or tgt.size < 2 or not (speed == 1.0).all():
         return p
     E1 = E + 1
     mean = w.sum(1) / speed[target].sum()  # [L]
