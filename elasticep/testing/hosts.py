@@ -46,6 +46,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import json
+import logging
 import os
 import random
 import shutil
@@ -60,6 +61,8 @@ from typing import Sequence
 
 __all__ = ["ControlPlane", "Host", "HostNet", "HostCluster", "NetnsError", "enter_netns", "host_launcher_class",
            "netns_available", "placement_profile", "run_rank_on_host"]
+
+log = logging.getLogger(__name__)
 
 _STATE_DIR = "/run/elasticep-hosts"
 _DELAY_MARK = 0x2A  # firewall mark of the delaying relay's own connections
@@ -433,6 +436,10 @@ class HostNet:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                try:
+                    proc.wait(timeout=5)  # reaped: no zombie, and poll() says it ended
+                except subprocess.TimeoutExpired:
+                    log.warning("process %d on a torn-down host did not end after SIGKILL", proc.pid)
         for relay in self._delays.values():
             if relay.stdout is not None:
                 relay.stdout.close()
