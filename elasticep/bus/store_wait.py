@@ -134,8 +134,9 @@ class KeyWaiter:
         for a set one, one with ``known_set`` (the key is known to exist, e.g. a wait on it
         returned: no ``CHECK`` first; should it be missing after all, the server answers an
         empty value, read as None, or drops the connection). Reads and compare-and-sets on one
-        waiter take turns; not while a wait is in progress on it. Raises :class:`StoreWaitFailed` when the store
-        cannot be reached or answers outside the protocol. Cancelling it closes the connection."""
+        waiter take turns; not while a wait is in progress on it. Raises :class:`StoreWaitFailed`
+        when the store cannot be reached or answers outside the protocol. Cancelling it closes
+        the connection."""
         if self._closed:
             raise StoreWaitFailed("the waiter is closed")
         async with self._taking_turns():
@@ -178,8 +179,9 @@ class KeyWaiter:
         """Set ``key`` to ``desired`` if it holds ``expected`` (``b""``: if it is not set);
         returns what it holds afterwards (``desired`` when this call set it), in one round trip
         on this connection (the ``COMPARE_SET`` request). Takes turns with reads on this
-        waiter; not while a wait is in progress on it. Raises :class:`StoreWaitFailed` when the store cannot be reached or
-        answers outside the protocol. Cancelling it closes the connection."""
+        waiter; not while a wait is in progress on it. Raises :class:`StoreWaitFailed` when the
+        store cannot be reached or answers outside the protocol. Cancelling it closes the
+        connection."""
         if self._closed:
             raise StoreWaitFailed("the waiter is closed")
         async with self._taking_turns():

@@ -324,8 +324,8 @@ class TCPStoreViewStore(ViewStore):
     :meth:`read_nowait` does the same through the torch client. A view known committed (a
     wait found it) is fetched with ``GET`` alone. :meth:`compare_and_set` speaks
     ``COMPARE_SET`` on the same connection (one round trip, no thread);
-    :meth:`compare_and_set_nowait` goes through the torch client. :meth:`wait_committed` is the server's ``WAIT`` on
-    the epoch's key, on an asyncio connection of its own
+    :meth:`compare_and_set_nowait` goes through the torch client. :meth:`wait_committed` is the
+    server's ``WAIT`` on the epoch's key, on an asyncio connection of its own
     (:class:`~elasticep.bus.store_wait.KeyWaiter`).
     """
 
@@ -428,7 +428,8 @@ class TCPStoreViewStore(ViewStore):
                 data = await asyncio.wait_for(reader.compare_set(self._key(view.epoch), b"", encode_view(view)),
                                               self.timeout_s)
             except asyncio.TimeoutError:
-                raise StoreUnavailable(f"view store did not answer a compare-and-set within {self.timeout_s:g} s") from None
+                raise StoreUnavailable(
+                    f"view store did not answer a compare-and-set within {self.timeout_s:g} s") from None
             except StoreWaitFailed as exc:
                 raise StoreUnavailable(f"view store compare_set failed: {exc}") from None
             committed = decode_view(data)
