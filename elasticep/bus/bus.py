@@ -497,13 +497,19 @@ class EventBus:
         """The wire envelope of ``event`` (a registered user event travels as its ``Custom``)."""
         if type(event) not in EVENT_TAGS:
             event = self._wrap_user(event)
+        event, seq = self._numbered(event)
+        return Envelope(SCHEMA_VERSION, self.rank, self._epoch, seq, time.time_ns(), time.monotonic_ns(), event)
+
+    def _numbered(self, event: Event) -> tuple[Event, int]:
+        """The next sequence number for ``event``: heartbeats are numbered apart, and each names
+        the last other event sent (a receiver checks it has it)."""
         if type(event) is Heartbeat:
-            self._beat_seq = seq = self._beat_seq + 1
+            self._beat_seq += 1
             if event.events != self._seq:
                 event = msgspec.structs.replace(event, events=self._seq)
-        else:
-            self._seq = seq = self._seq + 1
-        return Envelope(SCHEMA_VERSION, self.rank, self._epoch, seq, time.time_ns(), time.monotonic_ns(), event)
+            return event, self._beat_seq
+        self._seq += 1
+        return event, self._seq
 
     def publish_nowait(self, event: Event) -> Envelope:
         """Publish without waiting; returns the envelope sent.
@@ -526,12 +532,7 @@ class EventBus:
                 if sub.overflow == "block" and sub._full():
                     raise WouldBlock
         beat = t is Heartbeat
-        if beat:
-            self._beat_seq = seq = self._beat_seq + 1
-            if event.events != self._seq:  # the last other event sent: a receiver checks it has it
-                event = msgspec.structs.replace(event, events=self._seq)
-        else:
-            self._seq = seq = self._seq + 1
+        event, seq = self._numbered(event)
         env = Envelope(SCHEMA_VERSION, self.rank, self._epoch, seq, time.time_ns(), time.monotonic_ns(), event)
         frame = self._encode(env)
         if len(frame) > self.codec.max_frame_bytes:

@@ -137,20 +137,8 @@ class KeyWaiter:
         waiter take turns; not while a wait is in progress on it. Raises :class:`StoreWaitFailed`
         when the store cannot be reached or answers outside the protocol. Cancelling it closes
         the connection."""
-        if self._closed:
-            raise StoreWaitFailed("the waiter is closed")
-        async with self._taking_turns():
-            return await self._read(key, known_set)
-
-    def _taking_turns(self) -> asyncio.Lock:
-        if self._turn is None:
-            self._turn = asyncio.Lock()
-        return self._turn
-
-    async def _read(self, key: str, known_set: bool) -> bytes | None:
         name = (_KEY_PREFIX + key).encode()
-        try:
-            reader, writer = await self._connect()
+        async with self._request("read", key) as (reader, writer):
             if not known_set:
                 writer.write(struct.pack("<BQQ", _CHECK, 1, len(name)) + name)
                 await writer.drain()
@@ -159,21 +147,9 @@ class KeyWaiter:
                     return None
             writer.write(struct.pack("<BQ", _GET, len(name)) + name)
             await writer.drain()
-            size = struct.unpack("<Q", await reader.readexactly(8))[0]
-            if size > _MAX_VALUE_BYTES:
-                raise StoreWaitFailed(f"store answered a read of {key!r} with {size} bytes")
-            if size == 0 and known_set:
-                return None  # not there after all (a value this module reads is never empty)
-            return await reader.readexactly(size)
-        except StoreWaitFailed:
-            self.reset()
-            raise
-        except (OSError, asyncio.IncompleteReadError) as exc:
-            self.reset()
-            raise StoreWaitFailed(f"store read of {key!r} failed: {exc!r}") from None
-        except BaseException:  # cancelled: the answer would come on a connection nobody reads
-            self.reset()
-            raise
+            value = await self._value(reader, "read", key)
+            # not there after all (a value this module reads is never empty)
+            return None if known_set and not value else value
 
     async def compare_set(self, key: str, expected: bytes, desired: bytes) -> bytes:
         """Set ``key`` to ``desired`` if it holds ``expected`` (``b""``: if it is not set);
@@ -182,31 +158,42 @@ class KeyWaiter:
         waiter; not while a wait is in progress on it. Raises :class:`StoreWaitFailed` when the
         store cannot be reached or answers outside the protocol. Cancelling it closes the
         connection."""
-        if self._closed:
-            raise StoreWaitFailed("the waiter is closed")
-        async with self._taking_turns():
-            return await self._compare_set(key, expected, desired)
-
-    async def _compare_set(self, key: str, expected: bytes, desired: bytes) -> bytes:
         name = (_KEY_PREFIX + key).encode()
-        try:
-            reader, writer = await self._connect()
+        async with self._request("compare-and-set", key) as (reader, writer):
             writer.write(struct.pack("<BQ", _COMPARE_SET, len(name)) + name + struct.pack("<Q", len(expected))
                          + expected + struct.pack("<Q", len(desired)) + desired)
             await writer.drain()
-            size = struct.unpack("<Q", await reader.readexactly(8))[0]
-            if size > _MAX_VALUE_BYTES:
-                raise StoreWaitFailed(f"store answered a compare-and-set of {key!r} with {size} bytes")
-            return await reader.readexactly(size)
-        except StoreWaitFailed:
-            self.reset()
-            raise
-        except (OSError, asyncio.IncompleteReadError) as exc:
-            self.reset()
-            raise StoreWaitFailed(f"store compare-and-set of {key!r} failed: {exc!r}") from None
-        except BaseException:  # cancelled: the answer would come on a connection nobody reads
-            self.reset()
-            raise
+            return await self._value(reader, "compare-and-set", key)
+
+    @contextlib.asynccontextmanager
+    async def _request(self, what: str, key: str):
+        """The connection for one request, in turn with the others (reads, compare-and-sets);
+        a request that fails or is cancelled closes it (its answer would come on a connection
+        nobody reads), and a failure is a :class:`StoreWaitFailed`."""
+        if self._closed:
+            raise StoreWaitFailed("the waiter is closed")
+        if self._turn is None:
+            self._turn = asyncio.Lock()
+        async with self._turn:
+            try:
+                yield await self._connect()
+            except StoreWaitFailed:
+                self.reset()
+                raise
+            except (OSError, asyncio.IncompleteReadError) as exc:
+                self.reset()
+                raise StoreWaitFailed(f"store {what} of {key!r} failed: {exc!r}") from None
+            except BaseException:
+                self.reset()
+                raise
+
+    @staticmethod
+    async def _value(reader: asyncio.StreamReader, what: str, key: str) -> bytes:
+        """A value as the server answers it: its length (8 bytes), then its bytes."""
+        size = struct.unpack("<Q", await reader.readexactly(8))[0]
+        if size > _MAX_VALUE_BYTES:
+            raise StoreWaitFailed(f"store answered a {what} of {key!r} with {size} bytes")
+        return await reader.readexactly(size)
 
     def reset(self) -> None:
         """Close the connection (a wait in progress ends; the next one connects again)."""

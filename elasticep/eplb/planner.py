@@ -1307,20 +1307,7 @@ def _reseat_stuck(
     qb_t = _layer_balance(_rank_loads(q_t, np.repeat(w[sub], T, axis=0), S)[0], target, speed).reshape(n, T)
     extra_t = qm_t - moves[sub][:, None]
     gain_t = bal[sub][:, None] - qb_t
-    pick = np.full(n, -1)
-    g_now = np.zeros(n)
-    x_now = np.zeros(n, dtype=np.int64)
-    while True:
-        dg = gain_t - g_now[:, None]
-        dx = extra_t - x_now[:, None]
-        fit = (dg > 1e-12) & (dx <= spare)
-        if not fit.any():
-            break
-        ratio = np.where(fit, np.where(dx > 0, dg / np.maximum(dx, 1), _INF), -_INF)
-        k = int(ratio.argmax())
-        i, t = divmod(k, T)
-        spare -= int(dx[i, t])
-        pick[i], g_now[i], x_now[i] = t, gain_t[i, t], extra_t[i, t]
+    pick, spare = _pick_by_gain(gain_t, extra_t, spare)
     ci = np.flatnonzero(pick >= 0)
     if ci.size == 0:
         return out
@@ -1518,22 +1505,7 @@ def _descend(
     b_l = bal(peaks(p, w))
     extra = np.stack(hist_m, 1) - m_l[:, None]  # [L, steps + 1]
     gain = b_l[:, None] - np.stack(hist_b, 1)
-    K1 = extra.shape[1]
-    spare = lb + budget - int(m_l.sum())
-    pick = np.full(L, -1)
-    g_now = np.zeros(L)
-    x_now = np.zeros(L, dtype=np.int64)
-    while True:
-        dg = gain - g_now[:, None]
-        dx = extra - x_now[:, None]
-        fit = (dg > 1e-12) & (dx <= spare)
-        if not fit.any():
-            break
-        ratio = np.where(fit, np.where(dx > 0, dg / np.maximum(dx, 1), _INF), -_INF)
-        k = int(ratio.argmax())
-        i, t = divmod(k, K1)
-        spare -= int(dx[i, t])
-        pick[i], g_now[i], x_now[i] = t, gain[i, t], extra[i, t]
+    pick, _ = _pick_by_gain(gain, extra, lb + budget - int(m_l.sum()))
     chosen = np.flatnonzero(pick >= 0)
     if chosen.size == 0:
         return p
@@ -1545,6 +1517,27 @@ def _descend(
         sw = do[si[do] >= 0]
         out[sw, si[sw]] = ni[sw]
     return out
+
+
+def _pick_by_gain(gain: np.ndarray, extra: np.ndarray, spare: int) -> tuple[np.ndarray, int]:
+    """Per layer (row), one option (column) or none (-1): options are taken greedily by the
+    balance they gain per extra move over the layer's option so far, while the extra moves fit
+    in ``spare`` (an option with no extra move goes first). Returns the picks and what is left
+    of ``spare``."""
+    n, width = gain.shape
+    pick = np.full(n, -1)
+    g_now = np.zeros(n)
+    x_now = np.zeros(n, dtype=np.int64)
+    while True:
+        dg = gain - g_now[:, None]
+        dx = extra - x_now[:, None]
+        fit = (dg > 1e-12) & (dx <= spare)
+        if not fit.any():
+            return pick, spare
+        ratio = np.where(fit, np.where(dx > 0, dg / np.maximum(dx, 1), _INF), -_INF)
+        i, t = divmod(int(ratio.argmax()), width)
+        spare -= int(dx[i, t])
+        pick[i], g_now[i], x_now[i] = t, gain[i, t], extra[i, t]
 
 
 def _slot_cost(cur: np.ndarray, now: np.ndarray, new: np.ndarray) -> np.ndarray:
