@@ -10,6 +10,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import elasticep.detect as detect
 from elasticep.config import Config
@@ -178,6 +180,30 @@ def test_monitor_ignores_unwatched_peers_and_resets_on_a_new_incarnation() -> No
     _beat(mon, [1], 0.0, 0.5)
     mon.heartbeat(1, 0.6, incarnation=5)
     assert len(mon._peers[1].window) == 0
+
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["beat", "check", "watch", "restart"]), st.integers(1, 5),
+                          st.floats(0.0, 0.6)), max_size=60))
+def test_monitor_any_suspected_agrees_with_the_suspected_set(ops) -> None:
+    """``any_suspected`` (a count kept as peers are suspected, refuted and unwatched, asked every
+    tick) always answers as the set of suspected peers would."""
+    mon = HeartbeatMonitor(0, CFG)
+    mon.watch([1, 2, 3], 0.0)
+    now = 0.0
+    for op, peer, dt in ops:
+        now += dt
+        if op == "beat":
+            mon.heartbeat(peer, now)
+        elif op == "restart":
+            mon.heartbeat(peer, now, incarnation=int(now * 10) + 1)
+        elif op == "check":
+            mon.check(now)
+        else:
+            mon.watch([p for p in range(1, 6) if p != peer], now)
+        assert mon.any_suspected() == bool(mon.suspected())
+        assert mon._n_suspected == len(mon.suspected())
 
 
 # --- fusion --------------------------------------------------------------------------------------

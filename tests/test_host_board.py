@@ -43,6 +43,10 @@ def test_a_beat_is_seen_once_with_the_writers_epoch_and_incarnation(tmp_path: Pa
     assert b.changed([0], now=2.01) == []  # not moved since
     assert b.fresh(0, now=2.1, within_s=0.2) and not b.fresh(0, now=2.3, within_s=0.2)
     assert not b.fresh(5, now=2.1, within_s=0.2)  # never seen
+    # stale(): the watch list's peers that are not fresh, in one call
+    assert b.stale([0, 5], now=2.1, within_s=0.2) == {5}
+    assert b.stale([0, 5], now=2.3, within_s=0.2) == {0, 5}
+    assert b.stale([], now=2.3, within_s=0.2) == set()
     a.close()
     b.close()
 

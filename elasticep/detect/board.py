@@ -188,19 +188,27 @@ class HostBoard:
         before this rank looked (perhaps by a process long gone) is no heartbeat.
         """
         out: list[tuple[int, BoardBeat]] = []
-        seen = self._seen
-        for peer in peers:
-            if peer == self.rank:
+        if self.closed:
+            return out
+        seen, words, slots = self._seen, self._words, self.slots
+        for peer in peers:  # (every tick of every rank: read() inlined, a slot left unread unless it moved)
+            if peer == self.rank or not 0 <= peer < slots:
                 continue
-            slot = self.read(peer)
-            if slot is None:
+            b = _HEADER_WORDS + _SLOT_WORDS * peer
+            beat = words[b]
+            if not beat:
                 continue
             last = seen.get(peer)
+            if last is not None and beat == last[0]:
+                continue
+            pid, inc, epoch = words[b + _PID], words[b + _INC], words[b + _EPOCH]
+            if words[b] != beat:
+                continue  # rewritten while we read: next time
             if last is None:
-                seen[peer] = (slot.beat, -1e18)
-            elif slot.beat != last[0]:
-                seen[peer] = (slot.beat, now)
-                out.append((peer, slot))
+                seen[peer] = (beat, -1e18)
+            else:
+                seen[peer] = (beat, now)
+                out.append((peer, BoardBeat(beat, pid, inc, epoch)))
         return out
 
     def fresh(self, peer: int, now: float, within_s: float) -> bool:
@@ -208,6 +216,17 @@ class HostBoard:
         :meth:`changed`): the proof that ``peer`` reads this board as this rank does."""
         last = self._seen.get(peer)
         return last is not None and now - last[1] <= within_s
+
+    def stale(self, peers: Iterable[int], now: float, within_s: float) -> set[int]:
+        """The peers of ``peers`` that are not :meth:`fresh` (one call for a rank's watch list,
+        every tick)."""
+        seen = self._seen
+        out: set[int] = set()
+        for peer in peers:
+            last = seen.get(peer)
+            if last is None or now - last[1] > within_s:
+                out.add(peer)
+        return out
 
     # --- end -------------------------------------------------------------------------------
 

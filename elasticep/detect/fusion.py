@@ -167,6 +167,8 @@ class FusionPolicy:
 
     def any_pending(self) -> bool:
         """Whether :meth:`pending` would name anyone (asked every tick; builds nothing)."""
+        if not self._evidence:  # the common case, every tick of every rank
+            return False
         certain = self._certain
         return any(r not in certain for r in self._evidence)
 

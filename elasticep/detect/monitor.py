@@ -60,6 +60,7 @@ class HeartbeatMonitor:
     _peers: dict[int, _Peer] = field(default_factory=dict)
     _last_check_s: float | None = None
     _order: tuple[int, ...] = ()  # the watched peers, sorted (set by watch, read every tick)
+    _n_suspected: int = 0  # how many watched peers are suspected (asked every tick)
     stalls: int = 0
     """How many times ``check`` found the observer itself had stalled."""
     _checks: int = 0
@@ -77,7 +78,7 @@ class HeartbeatMonitor:
         wanted = {p for p in peers if p != self.rank}
         for p in list(self._peers):
             if p not in wanted:
-                del self._peers[p]
+                self._n_suspected -= self._peers.pop(p).suspected
         for p in wanted:
             if p not in self._peers:
                 self._peers[p] = _Peer(last_s=now, window=ArrivalWindow(self.config.history_size), joining=joining)
@@ -103,6 +104,7 @@ class HeartbeatMonitor:
         state.incarnation = incarnation
         if state.suspected:
             state.suspected = False
+            self._n_suspected -= 1
             return [Refute(observer=self.rank, suspect=peer, source="heartbeat")]
         return []
 
@@ -136,6 +138,7 @@ class HeartbeatMonitor:
             level = self.phi(peer, now)
             if level >= cfg.phi_threshold or state.joining:
                 state.suspected = True
+                self._n_suspected += 1
                 out.append(
                     Suspicion(
                         observer=self.rank,
@@ -170,8 +173,9 @@ class HeartbeatMonitor:
         return {p for p, s in self._peers.items() if s.suspected}
 
     def any_suspected(self) -> bool:
-        """Whether some watched peer is suspected (asked every tick; no set is built)."""
-        return any(s.suspected for s in self._peers.values())
+        """Whether some watched peer is suspected (asked every tick: a count, kept as peers are
+        suspected, refuted and unwatched)."""
+        return self._n_suspected > 0
 
     def gray(self) -> set[int]:
         return {p for p, s in self._peers.items() if s.gray}

@@ -178,6 +178,8 @@ class MembershipService:
         """Heartbeats read from the host board (each one a bus message saved)."""
         self.bus_heartbeats_spared = 0
         """Own heartbeats not sent on the bus because every watcher reads them on the board."""
+        # this rank's series of the per-rank gauges, looked up once (every install sets them)
+        self._view_gauges = (metrics.VIEW_EPOCH.labels(str(rank)), metrics.VIEW_MEMBERS.labels(str(rank)))
 
     # --- public API -------------------------------------------------------------------------
 
@@ -601,9 +603,10 @@ class MembershipService:
         set_beats = self._set_beats
         if set_beats is None:
             return
-        board, within, off = self.board, self.config.grace_ms / 1e3, self._beats_off
-        for peer in self.core.watched():
-            fresh = board.fresh(peer, now, within)
+        watched, off = self.core.watched(), self._beats_off
+        stale = self.board.stale(watched, now, self.config.grace_ms / 1e3)
+        for peer in watched:
+            fresh = peer not in stale
             if fresh != (peer in off):
                 set_beats(peer, not fresh)
                 if fresh:
@@ -621,8 +624,7 @@ class MembershipService:
         if self._watchers[0] is not view:  # once per view, not every tick
             members = view.members if core.topology.everyone else core.topology.neighbors(view.members, self.rank)
             self._watchers = (view, tuple(w for w in members if w != self.rank))
-        board, within = self.board, self.config.grace_ms / 1e3
-        return all(board.fresh(w, now, within) for w in self._watchers[1])
+        return not self.board.stale(self._watchers[1], now, self.config.grace_ms / 1e3)
 
     async def _commit_watch(self) -> None:
         """Hand the core each commit the store pushes (:meth:`ViewStore.wait_committed`), so a
@@ -656,8 +658,9 @@ class MembershipService:
                     break
                 self._changed.clear()
                 try:
-                    await asyncio.wait_for(self._changed.wait(), remaining)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(remaining):  # (no task per wait, as wait_for makes)
+                        await self._changed.wait()
+                except TimeoutError:
                     break
 
     def _on_peer(self, rank: int, kind: str) -> None:
@@ -751,9 +754,9 @@ class MembershipService:
         self.history.append(view)
         diff = view.diff(action.previous)
         self._last_diff = diff
-        label = str(self.rank)
-        metrics.VIEW_EPOCH.labels(label).set(view.epoch)
-        metrics.VIEW_MEMBERS.labels(label).set(len(view.members))
+        epoch_gauge, members_gauge = self._view_gauges
+        epoch_gauge.set(view.epoch)
+        members_gauge.set(len(view.members))
         for change in diff.changes:
             if change.kind is not ChangeKind.JOINED:
                 metrics.EVICTIONS.labels(change.cause.value).inc()
