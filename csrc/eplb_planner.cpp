@@ -1290,7 +1290,7 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
   std::vector<std::vector<DescentStep>> steps(L);
   std::vector<IVec> hist_m(L);
   std::vector<DVec> hist_b(L);
-  DVec mean(L);
+  DVec mean(L), peak_p(L);  // the mean load and the earlier phases' peak of each layer
   static const double kMult[5] = {2.0, 2.0, 2.0, 1.0, 0.5};
   auto isort = [](std::vector<int>& v, auto less) {  // stable, no buffer
     for (size_t k = 1; k < v.size(); ++k) {
@@ -1314,8 +1314,9 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
     hist_m[l].push_back(moves_now);
     auto bal = [&](double pk) { return mean[l] > 0 ? pk / mean[l] : 1.0; };
     hist_b[l].push_back(bal(peak_now));
+    peak_p[l] = row_peak(pr, P.data() + (int64_t)l * N, w, rl, cnt);
     // only the layers that the earlier phases left off balance descend
-    if (!(peak_now > lim && moves_now < cap) || !(row_peak(pr, P.data() + (int64_t)l * N, w, rl, cnt) > lim)) continue;
+    if (!(peak_now > lim && moves_now < cap) || !(peak_p[l] > lim)) continue;
     // the state from scratch
     std::fill(cnti.begin(), cnti.end(), 0);
     std::fill(hc.begin(), hc.end(), 0);
@@ -1580,8 +1581,7 @@ void descend(const Prob& pr, IVec& P, const IVec& REPAIRED, const IVec& CUR, con
   for (int l = 0; l < L; ++l) {
     const int64_t* pl = P.data() + (int64_t)l * N;
     m_l[l] = moves_row(pr, pl, CUR.data() + (int64_t)l * N);
-    const double pk = row_peak(pr, pl, W + (int64_t)l * E, rl, cnt);
-    b_l[l] = mean[l] > 0 ? pk / mean[l] : 1.0;
+    b_l[l] = mean[l] > 0 ? peak_p[l] / mean[l] : 1.0;
     spare -= m_l[l];
   }
   std::vector<int> pick(L, -1);

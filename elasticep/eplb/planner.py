@@ -1392,7 +1392,8 @@ def _descend(
     hist_m, hist_b = [moves_now.copy()], [bal(peak_now)]
     hist_steps: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     # only the layers the earlier phases left off balance descend
-    active = peaks(p, w) > lim
+    peak_p = peaks(p, w)
+    active = peak_p > lim
     mult = np.array([2.0, 2.0, 2.0, 1.0, 0.5])  # per changed slots -2..2: powers of two, exact
     while True:
         active &= (peak_now > lim) & (moves_now < cap)
@@ -1502,7 +1503,7 @@ def _descend(
         return p
     # each layer: its plan now, or a point of its descent, by gain per extra move
     m_l = ((p != cur_p) & (p >= 0)).sum(1)
-    b_l = bal(peaks(p, w))
+    b_l = bal(peak_p)
     extra = np.stack(hist_m, 1) - m_l[:, None]  # [L, steps + 1]
     gain = b_l[:, None] - np.stack(hist_b, 1)
     pick, _ = _pick_by_gain(gain, extra, lb + budget - int(m_l.sum()))

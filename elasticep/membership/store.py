@@ -424,14 +424,8 @@ class TCPStoreViewStore(ViewStore):
         if reader is None:  # a store object of another kind: its own blocking client
             committed = await self._run(self.compare_and_set_nowait, view, rank=rank)
         else:
-            try:
-                data = await asyncio.wait_for(reader.compare_set(self._key(view.epoch), b"", encode_view(view)),
-                                              self.timeout_s)
-            except asyncio.TimeoutError:
-                raise StoreUnavailable(
-                    f"view store did not answer a compare-and-set within {self.timeout_s:g} s") from None
-            except StoreWaitFailed as exc:
-                raise StoreUnavailable(f"view store compare_set failed: {exc}") from None
+            data = await self._bounded(reader.compare_set(self._key(view.epoch), b"", encode_view(view)),
+                                       "compare-and-set", "compare_set")
             committed = decode_view(data)
         if self._shared is not None:
             self._shared.put(committed)
@@ -452,13 +446,18 @@ class TCPStoreViewStore(ViewStore):
             return await self._run(self.read_nowait, epoch, rank=rank)
         # a key a wait found set is fetched at once, without asking whether it is there
         known = epoch <= self._pushed or (self._shared is not None and self._shared.is_committed(epoch))
-        try:
-            data = await asyncio.wait_for(reader.read(self._key(epoch), known_set=known), self.timeout_s)
-        except asyncio.TimeoutError:
-            raise StoreUnavailable(f"view store did not answer a read within {self.timeout_s:g} s") from None
-        except StoreWaitFailed as exc:
-            raise StoreUnavailable(f"view store read failed: {exc}") from None
+        data = await self._bounded(reader.read(self._key(epoch), known_set=known), "read", "read")
         return None if data is None else decode_view(data)
+
+    async def _bounded(self, request, what: str, op: str):
+        """``request`` (a coroutine on the store's own protocol connection) within ``timeout_s``;
+        no answer in time, or a failed connection, is :class:`StoreUnavailable`."""
+        try:
+            return await asyncio.wait_for(request, self.timeout_s)
+        except asyncio.TimeoutError:
+            raise StoreUnavailable(f"view store did not answer a {what} within {self.timeout_s:g} s") from None
+        except StoreWaitFailed as exc:
+            raise StoreUnavailable(f"view store {op} failed: {exc}") from None
 
     def _reader(self) -> KeyWaiter | WaitHub | None:
         if isinstance(self._waiter, WaitHub):
